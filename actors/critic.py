@@ -1,0 +1,42 @@
+"""The critic: a scalar-head model predicting per-token values, trained with the clipped value loss under
+DeepSpeed ZeRO. Initialised from the reward model (InstructGPT) unless `models.critic` names another."""
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.base import DeepSpeedRole
+from rlhf_ray.algos import value_loss
+from rlhf_ray.batch import Batch
+from rlhf_ray.models import load_scalar_model, token_values
+
+
+class Critic(DeepSpeedRole):
+    def __init__(self, rank: int, world_size: int, cfg, device: str):
+        super().__init__(rank, world_size, int(cfg.critic.cpus_per_rank), device)
+        self.cfg = cfg
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        super().init_process_group(master_addr, master_port)
+        c = self.cfg
+        path = c.models.critic or c.models.reward
+        self._init_engine(lambda: load_scalar_model(path, c.train.dtype, c.models.trust_remote_code, "critic"),
+                          c.critic, c.ppo.minibatch_size, c.train.dtype)
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        T = batch["response_mask"].size(1)
+        return self._forward_shard(
+            batch, lambda mb: token_values(self.model, mb["input_ids"], mb["attention_mask"], T), self.micro)
+
+    def train(self, exp: Batch, seed: int) -> dict:
+        ppo = self.cfg.ppo
+        T = exp["response_mask"].size(1)
+
+        def loss_fn(mb: Batch):
+            v = token_values(self.model, mb["input_ids"], mb["attention_mask"], T)
+            return value_loss(v, mb["values"], mb["returns"], mb["response_mask"], ppo.value_clip)
+
+        return self._ppo_updates(exp, ppo.epochs, ppo.minibatch_size, seed + 7, loss_fn)
+
+
+CriticActor = ray.remote(Critic)

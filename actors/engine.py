@@ -1,0 +1,84 @@
+"""Generation engines: vLLM (the CPU build here, CUDA on a cluster) with an in-place weight-loading extension.
+
+Environment for vLLM must exist before it is imported, so `engine_runtime_env` builds the actor's
+runtime_env: KV-cache size on CPU (unset, vLLM sizes ~12 GiB), in-process engine core, thread binding,
+and cache/socket directories inside the run directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from actors.base import RankActor
+
+
+def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
+    env = {
+        "VLLM_CACHE_ROOT": str(Path(run_dir, ".vllm", "cache").resolve()),
+        "VLLM_RPC_BASE_PATH": str(Path(run_dir, ".vllm", "rpc").resolve()),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.engine.kv_cache_gib)))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.engine.in_process else "1"
+    return {"env_vars": env}
+
+
+class Engine(RankActor):
+    def __init__(self, rank: int, world_size: int, cfg, device: str):
+        super().__init__(rank, world_size, int(cfg.engine.cpus_per_engine), device)
+        from vllm import LLM
+        e = cfg.engine
+        for d in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
+            if os.environ.get(d):
+                Path(os.environ[d]).mkdir(parents=True, exist_ok=True)
+        kwargs = dict(
+            model=cfg.models.policy, tokenizer=cfg.models.tokenizer or cfg.models.policy,
+            dtype=cfg.train.dtype, enforce_eager=e.enforce_eager, seed=cfg.run.seed + rank,
+            max_model_len=e.max_model_len, tensor_parallel_size=e.tensor_parallel_size,
+            trust_remote_code=cfg.models.trust_remote_code,
+            worker_extension_cls="actors.vllm_ext.WeightSyncExtension",
+            # logprobs of the distribution actually sampled (temperature applied), comparable to the policy's
+            logprobs_mode="processed_logprobs",
+        )
+        if self.device == "cuda":
+            kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+            if e.tensor_parallel_size > 1:
+                kwargs["distributed_executor_backend"] = "ray"
+        self.llm = LLM(**kwargs)
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> list[dict]:
+        """n samples per prompt, flattened prompt-major: [{"ids", "logprobs", "finished"}] of len(prompts)*n."""
+        from vllm import SamplingParams
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                seed=seed)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                samples.append({"ids": ids, "logprobs": [d[t].logprob for d, t in zip(c.logprobs, ids)],
+                                "finished": c.finish_reason == "stop"})
+        return samples
+
+    def prompt_logprobs(self, token_ids: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Temperature-1 logprobs the engine assigns to token_ids[i][starts[i]:] (verification, evaluation)."""
+        from vllm import SamplingParams
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": t} for t in token_ids], params, use_tqdm=False)
+        return [[o.prompt_logprobs[j][t[j]].logprob for j in range(s, len(t))]
+                for o, t, s in zip(outs, token_ids, starts)]
+
+    def load_weights(self, payload: bytes) -> int:
+        return sum(self.llm.collective_rpc("rlhf_load_weights", args=(payload,)))
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+
+EngineActor = ray.remote(Engine)

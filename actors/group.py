@@ -1,0 +1,57 @@
+"""Rank groups: N actors of one role on one placement group, with their rendezvous.
+
+A group places its ranks' bundles (CPUs, and GPUs on a cluster) with a Ray placement group, creates one
+actor per bundle, and — for trained roles — has them join one process group. It offers: call a method on
+every rank, and gather their results. Batches go by object-store reference; each rank slices its shard.
+"""
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+def bundle(cpus: float, gpus: float) -> dict:
+    b = {"CPU": cpus}
+    if gpus:
+        b["GPU"] = gpus
+    return b
+
+
+class RankGroup:
+    def __init__(self, actor_cls, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float,
+                 args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
+                 strategy: str = "PACK", ready_timeout: float = 600):
+        self.name = name
+        self.pg = placement_group([bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy=strategy,
+                                  name=f"rlhf-{name}")
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{name}: placement group of {num_ranks} x {bundle(cpus_per_rank, gpus_per_rank)} "
+                               f"could not be placed within {ready_timeout}s (cluster resources: "
+                               f"{ray.cluster_resources()})") from None
+        self.actors = [
+            actor_cls.options(
+                num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, runtime_env=runtime_env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i),
+            ).remote(i, num_ranks, *args)
+            for i in range(num_ranks)
+        ]
+        if distributed:
+            master = self.actors[0]
+            addr, port = ray.get([master.node_ip.remote(), master.free_port.remote()])
+            ray.get([a.init_process_group.remote(addr, port) for a in self.actors])
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Start `method` on every rank; returns the ObjectRefs (rank order)."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def run(self, method: str, *args, **kwargs) -> list:
+        return ray.get(self.call(method, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)

@@ -1,0 +1,61 @@
+"""The policy: a causal LM trained with the clipped PPO surrogate under DeepSpeed ZeRO, one actor per rank."""
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.base import DeepSpeedRole
+from rlhf_ray.algos import masked_mean, ppo_policy_loss
+from rlhf_ray.batch import Batch
+from rlhf_ray.models import load_causal_lm, response_logprobs
+
+
+class Policy(DeepSpeedRole):
+    def __init__(self, rank: int, world_size: int, cfg, device: str):
+        super().__init__(rank, world_size, int(cfg.policy.cpus_per_rank), device)
+        self.cfg = cfg
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        super().init_process_group(master_addr, master_port)
+        c = self.cfg
+        self._init_engine(lambda: load_causal_lm(c.models.policy, c.train.dtype, c.models.trust_remote_code, "policy"),
+                          c.policy, c.ppo.minibatch_size, c.train.dtype)
+
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """This rank's shard of response logprobs at the sampling temperature (PPO's old logprobs)."""
+        T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
+        return self._forward_shard(
+            batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
+            self.micro)
+
+    def train(self, exp: Batch, seed: int) -> dict:
+        ppo, temp = self.cfg.ppo, self.cfg.generation.temperature
+        T = exp["response_mask"].size(1)
+
+        def loss_fn(mb: Batch):
+            lp, ent = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp, with_entropy=True)
+            mask = mb["response_mask"]
+            loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip)
+            entropy = masked_mean(ent, mask)
+            if ppo.entropy_coef:
+                loss = loss - ppo.entropy_coef * entropy
+            return loss, {**stats, "entropy": entropy.detach()}
+
+        return self._ppo_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
+
+    def push_weights(self, engines: list, bucket_bytes: int) -> dict:
+        """Object-store weight sync: gather bucket by bucket (collective under ZeRO-3); rank 0 ships each bucket
+        as safetensors bytes to every engine and waits for them to load it."""
+        from safetensors.torch import save
+        n_tensors, n_bytes = 0, 0
+        for bucket in self._named_buckets(bucket_bytes):
+            if bucket is None:
+                continue
+            payload = ray.put(save(bucket))
+            ray.get([e.load_weights.remote(payload) for e in engines])
+            n_tensors += len(bucket)
+            n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
+        return {"tensors": n_tensors, "bytes": n_bytes}
+
+
+PolicyActor = ray.remote(Policy)

@@ -1,0 +1,26 @@
+"""The reference: the frozen starting policy, the anchor of the KL penalty."""
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.base import FrozenRole
+from rlhf_ray.batch import Batch
+from rlhf_ray.models import load_causal_lm, response_logprobs
+
+
+class Reference(FrozenRole):
+    def __init__(self, rank: int, world_size: int, cfg, device: str):
+        super().__init__(rank, world_size, int(cfg.reference.cpus_per_rank), device)
+        self.cfg = cfg
+        c = cfg.models
+        self._set_model(load_causal_lm(c.reference or c.policy, cfg.train.dtype, c.trust_remote_code, "reference"))
+
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
+        return self._forward_shard(
+            batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
+            self.cfg.reference.micro_batch_size)
+
+
+ReferenceActor = ray.remote(Reference)

@@ -1,0 +1,55 @@
+"""vLLM worker extension: in-place weight loading for RLHF weight sync.
+
+Loaded by vLLM inside each worker process (`LLM(worker_extension_cls="actors.vllm_ext.WeightSyncExtension")`),
+so this module imports nothing of Ray or of our actors. Method names are prefixed to stay clear of the
+Worker's own (`update_weights`, `reload_weights` exist there).
+
+Two traps this handles:
+- On CPU, vLLM repacks linear weights after the first load, and a second `model.load_weights` fails
+  (`'Parameter' object has no attribute 'weight_loader'`). The worker's `reload_weights(...,
+  is_checkpoint_format=True)` redoes the post-load processing and works on CPU and GPU.
+- `reload_weights` rebuilds each layer's parameters separately, which unties tied weights (a tied `lm_head`
+  keeps the old embedding: logprobs off by ~0.2 nats on the tiny model). We record which parameters are
+  shared before the reload, re-tie them after, and redo the tied module's post-load processing (on CPU
+  the LM head computes from a prepacked copy of its weight).
+"""
+from __future__ import annotations
+
+
+def _shared_parameters(model) -> list[tuple[str, str]]:
+    """(alias, owner) pairs of parameter names that are the same tensor (e.g. lm_head.weight -> embed_tokens)."""
+    owner_of: dict[int, str] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owner_of:
+            pairs.append((name, owner_of[id(p)]))
+        else:
+            owner_of[id(p)] = name
+    return pairs
+
+
+def _retie(model, pairs: list[tuple[str, str]]) -> None:
+    for alias, owner in pairs:
+        mod_path, _, attr = alias.rpartition(".")
+        module = model.get_submodule(mod_path)
+        setattr(module, attr, model.get_parameter(owner))
+        # The CPU build keeps a prepacked copy of linear weights (`cpu_linear`): rebuild it from the re-tied one.
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
+            quant_method.process_weights_after_loading(module)
+
+
+class WeightSyncExtension:
+    def rlhf_load_weights(self, payload: bytes) -> int:
+        """Load a bucket of HF-named tensors serialised with `safetensors.torch.save`; returns its tensor count.
+
+        Bytes, not tensors: in vLLM's multiprocess mode tensors inside collective_rpc args arrive as lists.
+        """
+        from safetensors.torch import load
+        tensors = load(payload)
+        model = self.model_runner.get_model()
+        if not hasattr(self, "_rlhf_tied"):
+            self._rlhf_tied = _shared_parameters(model)
+        self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+        _retie(self.model_runner.get_model(), self._rlhf_tied)
+        return len(tensors)

@@ -1,0 +1,38 @@
+"""`rlhf-ray` command line: one subcommand per entry point.
+
+    rlhf-ray tiny-world [--out assets/tiny]          build the offline tiny model world
+    rlhf-ray ppo --config C [--set k=v] [--resume]   run PPO (local Ray cluster, or the one it runs on)
+    rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "ppo":
+        from launch.ppo import main as ppo_main
+        return ppo_main(rest)
+    if cmd == "submit":
+        from launch.submit import main as submit_main
+        return submit_main(rest)
+    if cmd == "tiny-world":
+        ap = argparse.ArgumentParser(prog="rlhf-ray tiny-world")
+        ap.add_argument("--out", default="assets/tiny")
+        ap.add_argument("--pretrain-steps", type=int, default=300)
+        args = ap.parse_args(rest)
+        from rlhf_ray.tiny import TinySpec, build_tiny_world
+        build_tiny_world(args.out, TinySpec(pretrain_steps=args.pretrain_steps))
+        return 0
+    print(f"rlhf-ray: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The PPO driver: one readable loop per step, each phase named and timed.
+
+    python -m launch.ppo --config configs/tiny_ppo.yaml [--set ppo.kl_coef=0.1 ...] [--resume]
+
+With `ray.address` unset it starts a local Ray cluster on the spot; under `ray job submit` (or with
+`ray.address: auto`) it joins the cluster it runs on. The driver holds no model weights: it moves token ids
+and padded tensors between the actors and does the (cheap) advantage math.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from actors.critic import CriticActor
+from actors.engine import EngineActor, engine_runtime_env
+from actors.group import RankGroup
+from actors.policy import PolicyActor
+from actors.reference import ReferenceActor
+from actors.reward import RewardActor
+from actors.weight_sync import make_weight_sync
+from rlhf_ray import checkpoint as ckpt
+from rlhf_ray.algos import compute_experience, masked_mean
+from rlhf_ray.batch import build_rollout_batch
+from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resolve_paths
+from rlhf_ray.data import DataError, PromptStream, load_prompts
+from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.models import ModelLoadError, check_tokenizer_matches, load_tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def start_ray(cfg: Config, device: str) -> None:
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    if cfg.ray.address:                                     # join: ray job submit, or an existing cluster
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    needed = (cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
+              + cfg.reference.num_ranks * cfg.reference.cpus_per_rank + cfg.reward.num_ranks * cfg.reward.cpus_per_rank
+              + cfg.engine.num_engines * cfg.engine.cpus_per_engine)
+    # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
+    ray.init(num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
+             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def resolve_cluster_device(cfg: Config) -> str:
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    return "cuda" if cfg.policy.gpus_per_rank > 0 else "cpu"
+
+
+@dataclass
+class Actors:
+    policy: RankGroup
+    critic: RankGroup
+    reference: RankGroup
+    reward: RankGroup
+    engines: list
+
+    def shutdown(self) -> None:
+        for g in (self.policy, self.critic, self.reference, self.reward):
+            g.shutdown()
+        for e in self.engines:
+            ray.kill(e)
+
+
+def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
+    args = (cfg, device)
+    p, c, r, w, e = cfg.policy, cfg.critic, cfg.reference, cfg.reward, cfg.engine
+    policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args, distributed=True)
+    critic = RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args, distributed=True)
+    reference = RankGroup(ReferenceActor, "reference", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args)
+    reward = RankGroup(RewardActor, "reward", w.num_ranks, w.cpus_per_rank, w.gpus_per_rank, args)
+    engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
+                        e.gpus_per_engine * e.tensor_parallel_size, args,
+                        runtime_env=engine_runtime_env(cfg, device, str(run_dir)))
+    ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) for a in g.actors])
+    return Actors(policy, critic, reference, reward, engines.actors)
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_tokens:] for p in prompts]
+    for p, i in zip(prompts, ids):
+        if not i:
+            raise DataError(f"prompt tokenises to nothing: {p!r}")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int, pad_id: int):
+    """Split the prompts over the engines; n samples each; back as one padded batch (prompt-major)."""
+    g = cfg.generation
+    parts = [prompt_ids[i::len(engines)] for i in range(len(engines))]
+    refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p, cfg.run.seed * 100_003 + step * 101 + i)
+            for i, (e, part) in enumerate(zip(engines, parts)) if part]
+    by_engine = ray.get(refs)
+    samples: list[dict] = [None] * (len(prompt_ids) * g.n)     # restore the original prompt order
+    for i, out in enumerate(by_engine):
+        for j, s in enumerate(out):
+            prompt_index = i + (j // g.n) * len(engines)
+            samples[prompt_index * g.n + j % g.n] = s
+    prompts_rep = [p for p in prompt_ids for _ in range(g.n)]
+    batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
+    finished = sum(s["finished"] for s in samples) / len(samples)
+    return batch, {"response/finished_frac": finished}
+
+
+def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str) -> Path:
+    root = ckpt.checkpoint_root(run_dir)
+    staging = ckpt.begin(root, step)
+    ray.get(actors.policy.call("save_hf", str(staging / "policy"), tok_dir)
+            + actors.critic.call("save_hf", str(staging / "critic"), tok_dir)
+            + actors.policy.call("save_ds", str(staging / "policy_ds"))
+            + actors.critic.call("save_ds", str(staging / "critic_ds")))
+    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed})
+    ckpt.prune(root, cfg.checkpoint.keep)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.run.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    device = resolve_cluster_device(cfg)
+    torch.manual_seed(cfg.run.seed)
+
+    tok_dir = cfg.models.tokenizer or cfg.models.policy
+    tokenizer = load_tokenizer(tok_dir, cfg.models.trust_remote_code)
+    for what, path in (("policy", cfg.models.policy), ("reward", cfg.models.reward)):
+        check_tokenizer_matches(tokenizer, path, what)
+    stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key), cfg.generation.prompts_per_step,
+                          cfg.run.seed, cfg.data.shuffle)
+
+    start_ray(cfg, device)
+    actors = build_actors(cfg, device, run_dir)
+    sync = make_weight_sync(cfg, actors.policy, actors.engines)
+
+    start_step = 0
+    latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
+    if latest is not None:
+        state = ckpt.load_state(latest)
+        ray.get(actors.policy.call("load_ds", str(latest / "policy_ds"))
+                + actors.critic.call("load_ds", str(latest / "critic_ds")))
+        stream.load_state(state["data"])
+        start_step = state["step"]
+        sync.push()                                            # the engines start from the resumed policy
+        print(f"resumed from {latest} (step {start_step})", flush=True)
+
+    logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume=latest is not None)
+    last_ckpt = latest
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        timer = PhaseTimer()
+        t_step = time.perf_counter()
+
+        # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
+        with timer("generate"):
+            prompt_ids = tokenize_prompts(tokenizer, stream.next(), cfg.data.max_prompt_tokens)
+            batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
+        batch_ref = ray.put(batch)
+
+        # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values, RM scores
+        with timer("score"):
+            old_lp, ref_lp, values, scores = (
+                torch.cat(ray.get(refs)) for refs in (actors.policy.call("logprobs", batch_ref),
+                                                      actors.reference.call("logprobs", batch_ref),
+                                                      actors.critic.call("values", batch_ref),
+                                                      actors.reward.call("scores", batch_ref)))
+
+        # 3. advantages: per-token KL penalty folded into the reward, GAE, whitening
+        with timer("advantage"):
+            exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=cfg.ppo.kl_coef,
+                                                gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+                                                whiten_advantages=cfg.ppo.whiten_advantages)
+        exp_ref = ray.put(exp)
+
+        # 4. PPO epochs over minibatches: clipped surrogate on the policy, clipped value loss on the critic
+        with timer("train"):
+            p_refs, c_refs = actors.policy.call("train", exp_ref, step), actors.critic.call("train", exp_ref, step)
+            p_stats, c_stats = ray.get(p_refs)[0], ray.get(c_refs)[0]
+
+        # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
+        with timer("weight_sync"):
+            sync_stats = sync.push()
+
+        mask = batch["response_mask"]
+        n_tokens = int(mask.sum())
+        metrics = {
+            **exp_stats, **gen_stats,
+            "policy/loss": p_stats["loss"], "policy/clipfrac": p_stats["clipfrac"],
+            "policy/approx_kl": p_stats["approx_kl"], "policy/entropy": p_stats["entropy"],
+            "value/loss": c_stats["loss"], "value/clipfrac": c_stats["vf_clipfrac"],
+            "response/length_mean": mask.sum(-1).mean().item(),
+            "rollout/logprob_diff_max": ((batch["sample_logprobs"] - old_lp).abs() * mask).max().item(),
+            "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
+            "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
+            "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],
+            "time/advantage": timer.seconds["advantage"], "time/train": timer.seconds["train"],
+            "time/policy_update": p_stats["update_seconds"], "time/critic_update": c_stats["update_seconds"],
+            "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
+        }
+        logger.log(step, metrics)
+        print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
+              f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
+              f"  len {metrics['response/length_mean']:.1f}  | gen {metrics['time/generate']:.2f}s"
+              f" score {metrics['time/score']:.2f}s train {metrics['time/train']:.2f}s"
+              f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
+
+        if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            last_ckpt = save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir)
+
+    summary = {"run_dir": str(run_dir), "metrics": str(logger.path), "wandb": logger.wandb_dir,
+               "checkpoint": str(last_ckpt) if last_ckpt else None}
+    logger.close()
+    actors.shutdown()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf-ray ppo", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        t0 = time.time()
+        summary = train(cfg, resume=args.resume)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\ndone in {time.time() - t0:.0f}s\n  metrics:    {summary['metrics']}\n  W&B run:    {summary['wandb']}"
+          f"\n  checkpoint: {summary['checkpoint']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

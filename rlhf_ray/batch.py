@@ -1,0 +1,57 @@
+"""Padded tensor batches: what flows between the driver and the actors.
+
+A batch is a plain `dict[str, torch.Tensor]` whose tensors share the first (sequence) dimension. The driver
+puts it into the Ray object store once; every rank slices its own shard. No per-sample Python objects on
+the hot path.
+"""
+from __future__ import annotations
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                        sample_logprobs: list[list[float]], pad_id: int) -> Batch:
+    """Left-pad prompts to P, right-pad responses to T: input_ids [B, P+T], response_mask [B, T]."""
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    logprobs = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r, lp) in enumerate(zip(prompt_ids, response_ids, sample_logprobs)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p):P] = 1
+        if r:
+            input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, P:P + len(r)] = 1
+            response_mask[i, :len(r)] = 1.0
+            logprobs[i, :len(r)] = torch.tensor(lp, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "response_mask": response_mask, "sample_logprobs": logprobs}
+
+
+def batch_size(batch: Batch) -> int:
+    return next(iter(batch.values())).size(0)
+
+
+def select(batch: Batch, index) -> Batch:
+    return {k: v[index] for k, v in batch.items()}
+
+
+def shard(batch: Batch, rank: int, world_size: int) -> Batch:
+    """The contiguous slice of rank `rank` (sizes differ by at most one)."""
+    n = batch_size(batch)
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    return select(batch, slice(lo, hi))
+
+
+def chunks(batch: Batch, size: int) -> list[Batch]:
+    n = batch_size(batch)
+    return [select(batch, slice(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def concat(batches: list[Batch]) -> Batch:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

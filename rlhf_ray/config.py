@@ -1,0 +1,302 @@
+"""Typed run configuration: YAML -> a tree of dataclasses, with `--set a.b=c` overrides.
+
+Validation happens on load. An unknown key or a value of the wrong type is a one-line `ConfigError`
+naming the dotted key (and the file it came from), so a typo never silently falls back to a default.
+The same tree describes the tiny CPU world and a 70B cluster; only the values differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line naming it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "ppo"
+    output_dir: str = "runs/ppo"       # metrics.jsonl, W&B files, checkpoints, resolved config
+    seed: int = 42
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None      # None: start a local cluster here; "auto": join the one this job runs on
+    num_cpus: Optional[int] = None     # logical CPUs of a local cluster (None: enough for every actor)
+    dashboard: bool = False            # local cluster only; bound to 127.0.0.1 when on
+
+
+@dataclass
+class ModelsConfig:
+    policy: str = ""                   # HF-format directory (safetensors) the policy starts from (the SFT model)
+    reference: Optional[str] = None    # frozen KL anchor; None: the policy's starting weights
+    reward: str = ""                   # scalar-head model (AutoModelForSequenceClassification, num_labels=1)
+    critic: Optional[str] = None       # None: initialised from the reward model, as InstructGPT does
+    tokenizer: Optional[str] = None    # None: the policy's directory
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""                  # JSONL file, one object per line
+    prompt_key: str = "prompt"
+    max_prompt_tokens: int = 64
+    shuffle: bool = True
+
+
+@dataclass
+class TrainerRoleConfig:
+    """A role trained under DeepSpeed ZeRO (policy, critic)."""
+    num_ranks: int = 1
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0         # 0 on CPU; 1 per rank on a GPU cluster
+    zero_stage: int = 2
+    offload: bool = False              # ZeRO-Offload of optimizer states (and params at stage 3) to CPU
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4          # sequences per rank per forward/backward
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class InferenceRoleConfig:
+    """A frozen role (reference, reward): forward passes only."""
+    num_ranks: int = 1
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+    micro_batch_size: int = 16
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["vllm", "hf"] = "vllm"   # "hf": plain transformers generate, for debugging only
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: float = 1.0          # CPU build only (VLLM_CPU_KVCACHE_SPACE); unset it sizes ~12 GiB
+    max_model_len: int = 512
+    enforce_eager: bool = True
+    in_process: bool = True           # CPU: run the vLLM engine core inside the actor (faster load, less memory)
+
+
+@dataclass
+class GenerationConfig:
+    prompts_per_step: int = 8
+    n: int = 2                         # samples per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    epochs: int = 1                    # passes over each step's experience
+    minibatch_size: int = 8            # sequences per optimizer step (across all ranks)
+    clip: float = 0.2                  # ratio clip epsilon
+    value_clip: float = 0.2            # value-prediction clip around the rollout's values (0: off)
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05              # per-token KL penalty folded into the reward
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: Literal["offline", "online", "disabled"] = "offline"   # online needs WANDB_API_KEY in the environment
+    project: str = "rlhf-ray"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                     # steps between checkpoints (0: only at the end)
+    keep: int = 2                      # newest complete checkpoints kept on disk
+
+
+@dataclass
+class WeightSyncConfig:
+    backend: Literal["object_store"] = "object_store"
+    bucket_mb: float = 64.0            # parameters gathered (ZeRO-3) and shipped bucket by bucket
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
+    critic: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
+    reference: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
+    reward: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that types alone cannot express."""
+        def need(cond: bool, key: str, why: str):
+            if not cond:
+                raise ConfigError(f"config: {key} {why}")
+        need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
+        need(bool(self.models.reward), "models.reward", "is required (a scalar-head model directory)")
+        need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
+        for role in ("policy", "critic"):
+            r: TrainerRoleConfig = getattr(self, role)
+            need(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0-3, got {r.zero_stage}")
+            need(r.num_ranks >= 1, f"{role}.num_ranks", "must be >= 1")
+            need(len(r.betas) == 2, f"{role}.betas", "must be two numbers")
+        rollout = self.generation.prompts_per_step * self.generation.n
+        need(rollout % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
+             f"must divide prompts_per_step*n = {rollout}")
+        for role in ("policy", "critic"):
+            r = getattr(self, role)
+            per_rank, rem = divmod(self.ppo.minibatch_size, r.num_ranks)
+            need(rem == 0, "ppo.minibatch_size", f"must be a multiple of {role}.num_ranks ({r.num_ranks})")
+            need(per_rank % min(r.micro_batch_size, per_rank) == 0, f"{role}.micro_batch_size",
+                 f"must divide the per-rank minibatch ({per_rank})")
+        need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
+        need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats). Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config: {key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config: {key} must be true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"config: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"config: unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"config: --set expects key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: --set {dotted}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (optional), apply `a.b=c` overrides, build and validate the typed tree."""
+    tree: dict = {}
+    where = ""
+    if path is not None:
+        where = f" ({path})"
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    for o in overrides or []:
+        _apply_override(tree, o)
+    try:
+        return _build(Config, tree).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make local model/data paths absolute, so actors (whose working directory may differ, e.g. under
+    `ray job submit`) open the same files. Names that are not local paths (hub ids) are left as they are."""
+    def fix(p):
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+    m = cfg.models
+    m.policy, m.reference, m.reward, m.critic, m.tokenizer = map(fix, (m.policy, m.reference, m.reward, m.critic,
+                                                                    m.tokenizer))
+    cfg.data.prompts = fix(cfg.data.prompts)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

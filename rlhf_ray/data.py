@@ -1,0 +1,67 @@
+"""Prompt data: JSONL rows in, a seeded, resumable stream of prompt strings out."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A missing file or malformed row; the message is one line naming the file, row and field."""
+
+
+def load_prompts(path: str | Path, key: str = "prompt") -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    prompts = []
+    with p.open() as f:
+        for row, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{row}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{row}: expected a JSON object, got {type(obj).__name__}")
+            if key not in obj:
+                raise DataError(f"{path}:{row}: missing field '{key}'")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise DataError(f"{path}:{row}: field '{key}' must be a non-empty string")
+            prompts.append(obj[key])
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+class PromptStream:
+    """Endless batches of prompts: reshuffled each epoch with a seed; `state()`/`load_state()` for resume."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, shuffle: bool = True):
+        self.prompts, self.batch_size, self.seed, self.shuffle = prompts, batch_size, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next(self) -> list[str]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self.prompts[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()

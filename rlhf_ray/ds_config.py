@@ -1,0 +1,32 @@
+"""DeepSpeed config for a trained role, derived from the typed config (pure; unit-testable)."""
+from __future__ import annotations
+
+
+def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict:
+    """ZeRO config for one optimizer step per PPO minibatch of `minibatch_size` sequences across all ranks.
+
+    On CPU the plain torch AdamW is used (`torch_adam`), since DeepSpeed's FusedAdam JIT-builds a CUDA/C++
+    op (~2 min). With optimizer offload, DeepSpeedCPUAdam is what DeepSpeed runs.
+    """
+    per_rank = minibatch_size // role.num_ranks
+    micro = min(role.micro_batch_size, per_rank)
+    zero: dict = {"stage": role.zero_stage, "overlap_comm": device == "cuda", "contiguous_gradients": True}
+    if role.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+        if role.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if role.zero_stage == 3:
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_batch_size": minibatch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "gradient_clipping": role.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": role.lr, "betas": list(role.betas), "eps": 1e-8, "weight_decay": role.weight_decay,
+            "torch_adam": device == "cpu" and not role.offload}},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,120 @@
+"""Model and tokenizer helpers shared by every role.
+
+Every model is an HF-format directory opened with `from_pretrained` (safetensors only, remote code off
+unless the config says so). The policy and reference are causal LMs; the reward model and the critic are
+`AutoModelForSequenceClassification` with one label, whose `score` head we also apply per token for values.
+
+Batch layout (built by `rlhf_ray.batch`): prompts left-padded to P, responses right-padded to T, so the
+response occupies columns P..P+T-1 and the logits predicting it sit at columns P-1..P+T-2.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.algos import entropy_from_logits, logprobs_from_logits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model directory that is missing, not HF format, or does not match its tokenizer."""
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{what}: no HF model at {path} (missing config.json)")
+    if not any(p.glob("*.safetensors")):
+        raise ModelLoadError(f"{what}: {path} has no .safetensors weights (only safetensors are loaded)")
+    return p
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"tokenizer: directory not found: {path}")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str) -> None:
+    """One-line error when token ids of the tokenizer would index past the model's embedding."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelLoadError(f"{what}: tokenizer has {len(tokenizer)} tokens but {model_dir} embeds only {vocab} "
+                             f"(config.json vocab_size): tokenizer and model do not match")
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """RLHF trains without dropout: it would make the PPO ratio and the KL noisy (Huang et al. 2023)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy"):
+    from transformers import AutoModelForCausalLM
+    _check_dir(path, what)
+    return disable_dropout(AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code))
+
+
+def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+                      what: str = "reward"):
+    from transformers import AutoModelForSequenceClassification
+    _check_dir(path, what)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    if not hasattr(model, "score"):
+        raise ModelLoadError(f"{what}: {type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
+    return disable_dropout(model)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                      temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probabilities (and optionally entropies) of the response tokens under a causal LM: [B, T]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, -response_len - 1:-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = logprobs_from_logits(logits, input_ids[:, -response_len:])
+    if with_entropy:
+        return lp, entropy_from_logits(logits)
+    return lp
+
+
+def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
+    base = getattr(model, model.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask,
+               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Critic values V(s_t) for each response position: the score head on the state before token t. [B, T]."""
+    hidden = _backbone_hidden(model, input_ids, attention_mask)
+    values = model.score(hidden).squeeze(-1).float()
+    return values[:, -response_len - 1:-1]
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score of each whole sequence: the score head at its last real token. [B]."""
+    hidden = _backbone_hidden(model, input_ids, attention_mask)
+    scores = model.score(hidden).squeeze(-1).float()
+    # last real token: the highest column index where the mask is 1 (works for left and right padding)
+    idx = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = (attention_mask.long() * idx).argmax(-1)
+    return scores[torch.arange(scores.size(0), device=scores.device), last]
