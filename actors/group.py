@@ -23,8 +23,7 @@ class RankGroup:
                  args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
                  strategy: str = "PACK", ready_timeout: float = 600):
         self.name = name
-        self.pg = placement_group([bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy=strategy,
-                                  name=f"rlhf-{name}")
+        self.pg = placement_group([bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout)
         except ray.exceptions.GetTimeoutError:

@@ -38,22 +38,32 @@ from rlhf_ray.models import ModelLoadError, check_tokenizer_matches, load_tokeni
 
 # ------------------------------------------------------------------------------------------------ setup
 
-def start_ray(cfg: Config, device: str) -> None:
+def start_ray(cfg: Config) -> None:
+    """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one.
+
+    `address="local"` rather than None: with None, ray.init would silently join the latest `ray start`
+    cluster on this machine instead of starting the embedded one.
+    """
     if ray.is_initialized():
         return
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    if cfg.ray.address:                                     # join: ray job submit, or an existing cluster
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
         return
     needed = (cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
               + cfg.reference.num_ranks * cfg.reference.cpus_per_rank + cfg.reward.num_ranks * cfg.reward.cpus_per_rank
               + cfg.engine.num_engines * cfg.engine.cpus_per_engine)
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
-    ray.init(num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
-             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=True)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
+             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def actor_env(device: str) -> dict:
+    """Environment for every actor (merged into, not replacing, a submitted job's runtime_env)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def resolve_cluster_device(cfg: Config) -> str:
@@ -68,27 +78,34 @@ class Actors:
     critic: RankGroup
     reference: RankGroup
     reward: RankGroup
-    engines: list
+    engine_group: RankGroup
+
+    @property
+    def engines(self) -> list:
+        return self.engine_group.actors
 
     def shutdown(self) -> None:
-        for g in (self.policy, self.critic, self.reference, self.reward):
+        for g in (self.policy, self.critic, self.reference, self.reward, self.engine_group):
             g.shutdown()
-        for e in self.engines:
-            ray.kill(e)
 
 
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     args = (cfg, device)
+    renv = {"env_vars": actor_env(device)}
+    eng_env = engine_runtime_env(cfg, device, str(run_dir))
+    eng_env["env_vars"] = {**renv["env_vars"], **eng_env["env_vars"]}
     p, c, r, w, e = cfg.policy, cfg.critic, cfg.reference, cfg.reward, cfg.engine
-    policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args, distributed=True)
-    critic = RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args, distributed=True)
-    reference = RankGroup(ReferenceActor, "reference", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args)
-    reward = RankGroup(RewardActor, "reward", w.num_ranks, w.cpus_per_rank, w.gpus_per_rank, args)
+    policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args,
+                       distributed=True, runtime_env=renv)
+    critic = RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args,
+                       distributed=True, runtime_env=renv)
+    reference = RankGroup(ReferenceActor, "reference", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args,
+                          runtime_env=renv)
+    reward = RankGroup(RewardActor, "reward", w.num_ranks, w.cpus_per_rank, w.gpus_per_rank, args, runtime_env=renv)
     engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
-                        e.gpus_per_engine * e.tensor_parallel_size, args,
-                        runtime_env=engine_runtime_env(cfg, device, str(run_dir)))
+                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=eng_env)
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) for a in g.actors])
-    return Actors(policy, critic, reference, reward, engines.actors)
+    return Actors(policy, critic, reference, reward, engines)
 
 
 class PhaseTimer:
@@ -144,7 +161,8 @@ def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, strea
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
+    """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors)."""
     cfg = resolve_paths(cfg)
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +177,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key), cfg.generation.prompts_per_step,
                           cfg.run.seed, cfg.data.shuffle)
 
-    start_ray(cfg, device)
+    start_ray(cfg)
     actors = build_actors(cfg, device, run_dir)
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
 
@@ -239,7 +257,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     summary = {"run_dir": str(run_dir), "metrics": str(logger.path), "wandb": logger.wandb_dir,
                "checkpoint": str(last_ckpt) if last_ckpt else None}
     logger.close()
-    actors.shutdown()
+    if keep_actors:
+        summary["actors"] = actors
+    else:
+        actors.shutdown()
     return summary
 
 

@@ -1,0 +1,52 @@
+"""The typed config: YAML in, overrides, one-line errors naming the key."""
+import pytest
+
+from rlhf_ray.config import Config, ConfigError, load_config
+
+BASE = ["models.policy=p", "models.reward=r", "data.prompts=d.jsonl"]
+
+
+def test_tiny_config_loads_with_types(tmp_path):
+    cfg = load_config("configs/tiny_ppo.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.policy.num_ranks == 2 and cfg.policy.zero_stage == 2
+    assert isinstance(cfg.policy.lr, float) and cfg.generation.n == 2
+
+
+def test_set_overrides_nested_values_with_yaml_types():
+    cfg = load_config("configs/tiny_ppo.yaml", ["ppo.kl_coef=0.1", "policy.zero_stage=3", "models.critic=null",
+                                                "logging.wandb.mode=disabled"])
+    assert cfg.ppo.kl_coef == 0.1 and cfg.policy.zero_stage == 3 and cfg.models.critic is None
+    assert cfg.logging.wandb.mode == "disabled"
+
+
+def test_int_widens_to_float():
+    assert load_config(None, BASE + ["ppo.clip=1"]).ppo.clip == 1.0
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ppo.cliip=0.1", "unknown key 'ppo.cliip'"),
+    ("nosuch.x=1", "unknown key 'nosuch'"),
+    ("ppo.clip=abc", "ppo.clip must be float"),
+    ("policy.num_ranks=1.5", "policy.num_ranks must be int"),
+    ("train.dtype=float16", "train.dtype must be one of"),
+    ("data.shuffle=3", "data.shuffle must be true/false"),
+    ("policy.zero_stage=4", "policy.zero_stage must be 0-3"),
+    ("ppo.minibatch_size=7", "ppo.minibatch_size"),
+])
+def test_bad_values_give_one_line_error_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny_ppo.yaml", [override])
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and "configs/tiny_ppo.yaml" in msg
+
+
+def test_missing_file_and_required_fields(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="models.policy is required"):
+        load_config(None, [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

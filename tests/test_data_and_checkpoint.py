@@ -1,0 +1,81 @@
+"""Prompt data, padded batches, DeepSpeed config and atomic checkpoints (pure logic)."""
+import json
+
+import pytest
+import torch
+
+from rlhf_ray import checkpoint as ckpt
+from rlhf_ray.batch import build_rollout_batch, chunks, shard
+from rlhf_ray.config import load_config
+from rlhf_ray.data import DataError, PromptStream, load_prompts
+from rlhf_ray.ds_config import deepspeed_config
+
+
+def test_prompts_load_and_malformed_rows_name_file_row_field(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert load_prompts(f) == ["a", "b"]
+    for body, needle in [('{"prompt": "a"}\n{"text": "b"}\n', ":2: missing field 'prompt'"),
+                         ('{"prompt": "a"}\n{oops\n', ":2: not valid JSON"),
+                         ('{"prompt": 3}\n', ":1: field 'prompt' must be a non-empty string"),
+                         ('[1]\n', ":1: expected a JSON object")]:
+        f.write_text(body)
+        with pytest.raises(DataError) as e:
+            load_prompts(f)
+        assert str(e.value).startswith(str(f)) and needle in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="file not found"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_prompt_stream_is_seeded_and_resumable():
+    s = PromptStream([str(i) for i in range(10)], 4, seed=1)
+    first = [s.next() for _ in range(2)]
+    state = s.state()
+    after = [s.next() for _ in range(3)]
+    s2 = PromptStream([str(i) for i in range(10)], 4, seed=1)
+    assert [s2.next() for _ in range(2)] == first
+    s3 = PromptStream([str(i) for i in range(10)], 4, seed=1)
+    s3.load_state(state)
+    assert [s3.next() for _ in range(3)] == after
+
+
+def test_rollout_batch_layout_left_pads_prompts_right_pads_responses():
+    b = build_rollout_batch([[1, 2], [3]], [[7, 8, 9], [6]], [[-1.0, -2.0, -3.0], [-0.5]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 7, 8, 9], [0, 3, 6, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert b["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["sample_logprobs"][1].tolist() == [-0.5, 0, 0]
+    assert [x["input_ids"].shape[0] for x in chunks(b, 1)] == [1, 1]
+    assert shard(b, 1, 2)["input_ids"].tolist() == [[0, 3, 6, 0, 0]]
+
+
+def test_deepspeed_config_batch_arithmetic_and_cpu_optimizer():
+    cfg = load_config("configs/tiny_ppo.yaml", ["policy.micro_batch_size=4", "policy.zero_stage=3",
+                                                "policy.offload=true"])
+    ds = deepspeed_config(cfg.policy, cfg.ppo.minibatch_size, "float32", "cpu")
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2          # 16 / (2 ranks x 4)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # offload runs DeepSpeedCPUAdam
+    ds2 = deepspeed_config(load_config("configs/tiny_ppo.yaml").policy, 16, "float32", "cpu")
+    assert ds2["optimizer"]["params"]["torch_adam"] is True and "offload_param" not in ds2["zero_optimization"]
+
+
+def test_checkpoint_is_published_atomically_and_latest_skips_partial(tmp_path):
+    root = tmp_path / "checkpoints"
+    st = ckpt.begin(root, 1)
+    (st / "policy").mkdir()
+    ckpt.commit(root, 1, {"step": 1})
+    st2 = ckpt.begin(root, 2)                  # a crash here: step 2 never committed
+    (st2 / "policy").mkdir()
+    assert ckpt.latest(root).name == "step_000001"
+    assert ckpt.load_state(ckpt.latest(root)) == {"step": 1}
+    ckpt.commit(root, 2, {"step": 2})
+    ckpt.begin(root, 2)                        # re-saving a step replaces it only on commit
+    assert json.loads((root / "step_000002" / "state.json").read_text())["step"] == 2
+    ckpt.commit(root, 2, {"step": 2, "again": True})
+    assert ckpt.load_state(ckpt.latest(root))["again"] is True
+    ckpt.begin(root, 3)
+    ckpt.commit(root, 3, {"step": 3})
+    ckpt.prune(root, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]

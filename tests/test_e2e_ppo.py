@@ -1,0 +1,75 @@
+"""End to end on a local Ray cluster: DeepSpeed ZeRO policy (2 ranks) and critic, reference, reward model and
+one vLLM CPU engine; nothing mocked. Slow: each case starts every actor (about a minute)."""
+import json
+import math
+
+import pytest
+import ray
+import torch
+
+from conftest import tiny_overrides
+from launch.ppo import train
+from rlhf_ray.batch import build_rollout_batch
+from rlhf_ray.config import load_config
+from rlhf_ray.models import load_causal_lm, load_tokenizer, response_logprobs
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = ["reward/score_mean", "reward/score_std", "kl/ref_per_seq", "policy/loss", "value/loss", "policy/clipfrac",
+            "policy/entropy", "policy/approx_kl", "response/length_mean", "perf/tokens_per_s", "time/generate",
+            "time/score", "time/policy_update", "time/critic_update", "time/weight_sync"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_stage):
+    run_dir = tmp_path / "run"
+    cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [f"policy.zero_stage={zero_stage}"])
+    summary = train(cfg, keep_actors=True)
+    actors = summary["actors"]
+    try:
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        for r in rows:
+            missing = [k for k in REQUIRED if k not in r]
+            assert not missing, missing
+            assert all(math.isfinite(r[k]) for k in REQUIRED), r
+        assert rows[-1]["kl/ref_per_seq"] > 0                      # the policy moved away from the reference
+        assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3   # engine sampled from the synced policy
+
+        # the saved policy is an HF directory that from_pretrained opens, and it differs from the start
+        saved = load_causal_lm(summary["checkpoint"] + "/policy")
+        start = load_causal_lm(tiny_world["policy"])
+        diffs = [(a - b).abs().max().item() for a, b in zip(saved.state_dict().values(), start.state_dict().values())]
+        assert max(diffs) > 1e-4
+
+        # after the last sync, the engine scores a fixed prompt+response exactly as the policy's own forward pass
+        tok = load_tokenizer(tiny_world["policy"])
+        prompt = tok("The yield statement", add_special_tokens=False)["input_ids"]
+        response = tok(" can be used in a function body", add_special_tokens=False)["input_ids"]
+        engine_lp = torch.tensor(ray.get(actors.engines[0].prompt_logprobs.remote([prompt + response], [len(prompt)]))[0])
+        batch = build_rollout_batch([prompt] * 2, [response] * 2, [[0.0] * len(response)] * 2, tok.pad_token_id)
+        policy_lp = torch.cat(actors.policy.run("logprobs", batch))[0]        # both ZeRO ranks take a shard
+        hf_lp = response_logprobs(saved, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
+        start_lp = response_logprobs(start, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
+        assert (engine_lp - policy_lp).abs().max().item() < 1e-4
+        assert (engine_lp - hf_lp.detach()).abs().max().item() < 1e-4
+        assert (engine_lp - start_lp.detach()).abs().max().item() > 1e-3   # the engine no longer has the start weights
+
+        wandb_dir = summary["wandb"]
+        assert wandb_dir and list(__import__("pathlib").Path(wandb_dir).glob("*.wandb"))
+    finally:
+        actors.shutdown()
+
+    if zero_stage == 3:
+        # --resume: continue from the step-3 checkpoint to step 4 (DeepSpeed state, data position, engine weights)
+        cfg4 = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir)
+                           + [f"policy.zero_stage={zero_stage}", "train.steps=4"])
+        summary4 = train(cfg4, resume=True)
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        assert rows[-1]["rollout/logprob_diff_max"] < 1e-3          # engines got the resumed weights
+        assert summary4["checkpoint"].endswith("step_000004")
