@@ -18,7 +18,6 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
     env = {
         "VLLM_CACHE_ROOT": str(Path(run_dir, ".vllm", "cache").resolve()),
         "VLLM_RPC_BASE_PATH": str(Path(run_dir, ".vllm", "rpc").resolve()),
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "TOKENIZERS_PARALLELISM": "false",
     }
     if device == "cpu":

@@ -60,6 +60,7 @@ def start_ray(cfg: Config) -> None:
 def actor_env(device: str) -> dict:
     """Environment for every actor (merged into, not replacing, a submitted job's runtime_env)."""
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONWARNINGS": "ignore::FutureWarning"}
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
