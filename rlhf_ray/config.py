@@ -79,7 +79,7 @@ class InferenceRoleConfig:
 
 @dataclass
 class EngineConfig:
-    backend: Literal["vllm", "hf"] = "vllm"   # "hf": plain transformers generate, for debugging only
+    backend: Literal["vllm"] = "vllm"
     num_engines: int = 1
     tensor_parallel_size: int = 1
     cpus_per_engine: float = 1.0

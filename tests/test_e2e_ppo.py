@@ -2,6 +2,7 @@
 one vLLM CPU engine; nothing mocked. Slow: each case starts every actor (about a minute)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import ray
@@ -60,7 +61,7 @@ def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_s
         assert (engine_lp - start_lp.detach()).abs().max().item() > 1e-3   # the engine no longer has the start weights
 
         wandb_dir = summary["wandb"]
-        assert wandb_dir and list(__import__("pathlib").Path(wandb_dir).glob("*.wandb"))
+        assert wandb_dir and list(Path(wandb_dir).glob("*.wandb"))
     finally:
         actors.shutdown()
 
