@@ -49,6 +49,9 @@ class Engine(RankActor):
             if e.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"
         self.llm = LLM(**kwargs)
+        # The first generate pays a one-time setup (~10 s on CPU); pay it here so step 1's timings are honest.
+        from vllm import SamplingParams
+        self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
     def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
                  top_p: float, seed: int) -> list[dict]:

@@ -29,8 +29,17 @@ def submit(address: str, config: str, overrides: list[str], working_dir: str = "
         args += ["--set", o]
     entrypoint = " ".join(shlex.quote(a) for a in [python, *args])
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(Path(working_dir).resolve()), "excludes": EXCLUDES})
+    runtime_env = {"working_dir": str(Path(working_dir).resolve()), "excludes": EXCLUDES}
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            # A head that has just started answers the job API before its job agent is up.
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     echo(f"submitted {job_id}: {entrypoint}")
     if not wait:
         return job_id, str(client.get_job_status(job_id)), ""

@@ -231,6 +231,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return _build(tp, value, key + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string, not a float: accept such numerals.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config: {key} must be true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):

@@ -20,8 +20,9 @@ def test_set_overrides_nested_values_with_yaml_types():
     assert cfg.logging.wandb.mode == "disabled"
 
 
-def test_int_widens_to_float():
+def test_int_widens_to_float_and_yaml11_exponents_are_floats():
     assert load_config(None, BASE + ["ppo.clip=1"]).ppo.clip == 1.0
+    assert load_config(None, BASE + ["policy.lr=1e-4"]).policy.lr == 1e-4     # YAML 1.1 reads 1e-4 as a string
 
 
 @pytest.mark.parametrize("override, needle", [
