@@ -120,6 +120,11 @@ class PhaseTimer:
         self.seconds[name] = time.perf_counter() - t0
 
 
+def mean_over_ranks(stats: list[dict]) -> dict:
+    """Each rank reports means over its equal-sized shards; the group's figure is their mean."""
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_tokens:] for p in prompts]
     for p, i in zip(prompts, ids):
@@ -162,6 +167,71 @@ def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, strea
 
 # ------------------------------------------------------------------------------------------------ the loop
 
+def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream, logger: MetricsLogger, step: int,
+             run_dir: Path, tok_dir: str) -> Path | None:
+    """One PPO iteration; returns the checkpoint written at its end, if any."""
+    timer = PhaseTimer()
+    t_step = time.perf_counter()
+
+    # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
+    with timer("generate"):
+        prompt_ids = tokenize_prompts(tokenizer, stream.next(), cfg.data.max_prompt_tokens)
+        batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
+    batch_ref = ray.put(batch)
+
+    # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values, RM scores
+    with timer("score"):
+        old_lp, ref_lp, values, scores = (
+            torch.cat(ray.get(refs)) for refs in (actors.policy.call("logprobs", batch_ref),
+                                                  actors.reference.call("logprobs", batch_ref),
+                                                  actors.critic.call("values", batch_ref),
+                                                  actors.reward.call("scores", batch_ref)))
+
+    # 3. advantages: per-token KL penalty folded into the reward, GAE, whitening
+    with timer("advantage"):
+        exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=cfg.ppo.kl_coef,
+                                            gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+                                            whiten_advantages=cfg.ppo.whiten_advantages)
+    exp_ref = ray.put(exp)
+
+    # 4. PPO epochs over minibatches: clipped surrogate on the policy, clipped value loss on the critic
+    with timer("train"):
+        p_refs, c_refs = actors.policy.call("train", exp_ref, step), actors.critic.call("train", exp_ref, step)
+        p_stats, c_stats = mean_over_ranks(ray.get(p_refs)), mean_over_ranks(ray.get(c_refs))
+
+    # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
+    with timer("weight_sync"):
+        sync_stats = sync.push()
+
+    mask = batch["response_mask"]
+    n_tokens = int(mask.sum())
+    metrics = {
+        **exp_stats, **gen_stats,
+        "policy/loss": p_stats["loss"], "policy/clipfrac": p_stats["clipfrac"],
+        "policy/approx_kl": p_stats["approx_kl"], "policy/entropy": p_stats["entropy"],
+        "value/loss": c_stats["loss"], "value/clipfrac": c_stats["vf_clipfrac"],
+        "response/length_mean": mask.sum(-1).mean().item(),
+        "rollout/logprob_diff_max": ((batch["sample_logprobs"] - old_lp).abs() * mask).max().item(),
+        "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
+        "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
+        "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],
+        "time/advantage": timer.seconds["advantage"], "time/train": timer.seconds["train"],
+        "time/policy_update": p_stats["update_seconds"], "time/critic_update": c_stats["update_seconds"],
+        "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
+    }
+    logger.log(step, metrics)
+    print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
+          f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
+          f"  len {metrics['response/length_mean']:.1f}  | gen {metrics['time/generate']:.2f}s"
+          f" score {metrics['time/score']:.2f}s train {metrics['time/train']:.2f}s"
+          f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
+
+    if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir)
+    return None
+
+
+
 def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
     """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors)."""
     cfg = resolve_paths(cfg)
@@ -193,67 +263,15 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
         sync.push()                                            # the engines start from the resumed policy
         print(f"resumed from {latest} (step {start_step})", flush=True)
 
-    logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume=latest is not None)
+    logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
     last_ckpt = latest
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        timer = PhaseTimer()
-        t_step = time.perf_counter()
-
-        # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
-        with timer("generate"):
-            prompt_ids = tokenize_prompts(tokenizer, stream.next(), cfg.data.max_prompt_tokens)
-            batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
-        batch_ref = ray.put(batch)
-
-        # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values, RM scores
-        with timer("score"):
-            old_lp, ref_lp, values, scores = (
-                torch.cat(ray.get(refs)) for refs in (actors.policy.call("logprobs", batch_ref),
-                                                      actors.reference.call("logprobs", batch_ref),
-                                                      actors.critic.call("values", batch_ref),
-                                                      actors.reward.call("scores", batch_ref)))
-
-        # 3. advantages: per-token KL penalty folded into the reward, GAE, whitening
-        with timer("advantage"):
-            exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=cfg.ppo.kl_coef,
-                                                gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-                                                whiten_advantages=cfg.ppo.whiten_advantages)
-        exp_ref = ray.put(exp)
-
-        # 4. PPO epochs over minibatches: clipped surrogate on the policy, clipped value loss on the critic
-        with timer("train"):
-            p_refs, c_refs = actors.policy.call("train", exp_ref, step), actors.critic.call("train", exp_ref, step)
-            p_stats, c_stats = ray.get(p_refs)[0], ray.get(c_refs)[0]
-
-        # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
-        with timer("weight_sync"):
-            sync_stats = sync.push()
-
-        mask = batch["response_mask"]
-        n_tokens = int(mask.sum())
-        metrics = {
-            **exp_stats, **gen_stats,
-            "policy/loss": p_stats["loss"], "policy/clipfrac": p_stats["clipfrac"],
-            "policy/approx_kl": p_stats["approx_kl"], "policy/entropy": p_stats["entropy"],
-            "value/loss": c_stats["loss"], "value/clipfrac": c_stats["vf_clipfrac"],
-            "response/length_mean": mask.sum(-1).mean().item(),
-            "rollout/logprob_diff_max": ((batch["sample_logprobs"] - old_lp).abs() * mask).max().item(),
-            "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
-            "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
-            "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],
-            "time/advantage": timer.seconds["advantage"], "time/train": timer.seconds["train"],
-            "time/policy_update": p_stats["update_seconds"], "time/critic_update": c_stats["update_seconds"],
-            "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
-        }
-        logger.log(step, metrics)
-        print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
-              f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
-              f"  len {metrics['response/length_mean']:.1f}  | gen {metrics['time/generate']:.2f}s"
-              f" score {metrics['time/score']:.2f}s train {metrics['time/train']:.2f}s"
-              f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
-
-        if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            last_ckpt = save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir)
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir) or last_ckpt
+    except BaseException:
+        logger.close()
+        actors.shutdown()
+        raise
 
     summary = {"run_dir": str(run_dir), "metrics": str(logger.path), "wandb": logger.wandb_dir,
                "checkpoint": str(last_ckpt) if last_ckpt else None}

@@ -12,10 +12,17 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, cfg, run_name: str, resume: bool = False):
+    def __init__(self, run_dir: str | Path, cfg, run_name: str, resume_step: int | None = None):
+        """resume_step: continue an existing file, dropping rows logged after that step's checkpoint."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self._f = self.path.open("a" if resume else "w")
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self._f = self.path.open("a" if resume_step is not None else "w")
         self.wandb_run = None
         wb = cfg.logging.wandb
         if wb.enabled and wb.mode != "disabled":

@@ -79,3 +79,17 @@ def test_checkpoint_is_published_atomically_and_latest_skips_partial(tmp_path):
     ckpt.commit(root, 3, {"step": 3})
     ckpt.prune(root, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
+
+
+def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path):
+    from rlhf_ray.metrics import MetricsLogger
+    cfg = load_config("configs/tiny_ppo.yaml", ["logging.wandb.enabled=false"])
+    log = MetricsLogger(tmp_path, cfg, "t")
+    for step in (1, 2, 3, 4):                      # steps 4 was logged, but the last checkpoint is step 3
+        log.log(step, {"x": float(step)})
+    log.close()
+    log = MetricsLogger(tmp_path, cfg, "t", resume_step=3)
+    log.log(4, {"x": 40.0})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -23,13 +23,19 @@ def free_port() -> int:
 
 
 def test_tiny_job_via_ray_job_submit(tiny_world, tmp_path):
-    gcs, dash, client = free_port(), free_port(), free_port()
+    # Every listener on a free port: another Ray instance on this machine (e.g. the one the end-to-end tests
+    # started in this process) holds the defaults, and a dashboard agent that cannot bind its port disables
+    # the job API ("No available agent to submit job").
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                                            "object-manager-port")}
+    dash = ports["dashboard-port"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-         "--num-cpus=8", "--disable-usage-stats"],
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         *[f"--{flag}={port}" for flag, port in ports.items()], "--num-cpus=8", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         from ray.job_submission import JobSubmissionClient
