@@ -29,7 +29,7 @@ from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import compute_experience, masked_mean
-from rlhf_ray.batch import build_rollout_batch
+from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
 from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resolve_paths
 from rlhf_ray.data import DataError, PromptStream, load_prompts
 from rlhf_ray.metrics import MetricsLogger
@@ -138,15 +138,10 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[lis
 def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int, pad_id: int):
     """Split the prompts over the engines; n samples each; back as one padded batch (prompt-major)."""
     g = cfg.generation
-    parts = [prompt_ids[i::len(engines)] for i in range(len(engines))]
+    parts = split_round_robin(prompt_ids, len(engines))
     refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p, cfg.run.seed * 100_003 + step * 101 + i)
             for i, (e, part) in enumerate(zip(engines, parts)) if part]
-    by_engine = ray.get(refs)
-    samples: list[dict] = [None] * (len(prompt_ids) * g.n)     # restore the original prompt order
-    for i, out in enumerate(by_engine):
-        for j, s in enumerate(out):
-            prompt_index = i + (j // g.n) * len(engines)
-            samples[prompt_index * g.n + j % g.n] = s
+    samples = merge_round_robin(ray.get(refs), len(prompt_ids), g.n)
     prompts_rep = [p for p in prompt_ids for _ in range(g.n)]
     batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
     finished = sum(s["finished"] for s in samples) / len(samples)

@@ -55,3 +55,19 @@ def chunks(batch: Batch, size: int) -> list[Batch]:
 
 def concat(batches: list[Batch]) -> Batch:
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def split_round_robin(items: list, k: int) -> list[list]:
+    """Deal items to k workers: worker i gets items i, i+k, i+2k, ..."""
+    return [items[i::k] for i in range(k)]
+
+
+def merge_round_robin(by_worker: list[list], n_items: int, n: int) -> list:
+    """Inverse of `split_round_robin` when each item came back as n consecutive results (e.g. n samples per
+    prompt): returns the n_items*n results in the original item order."""
+    k = len(by_worker)
+    out = [None] * (n_items * n)
+    for w, results in enumerate(by_worker):
+        for j, r in enumerate(results):
+            out[(w + (j // n) * k) * n + j % n] = r
+    return out

@@ -93,3 +93,12 @@ def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path):
     log.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.parametrize("n_items, k, n", [(7, 3, 2), (8, 2, 1), (2, 4, 3), (5, 1, 4)])
+def test_round_robin_split_and_merge_restore_order(n_items, k, n):
+    from rlhf_ray.batch import merge_round_robin, split_round_robin
+    items = list(range(n_items))
+    parts = split_round_robin(items, k)
+    by_worker = [[(x, s) for x in part for s in range(n)] for part in parts if part]
+    assert merge_round_robin(by_worker, n_items, n) == [(x, s) for x in items for s in range(n)]

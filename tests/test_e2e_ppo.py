@@ -25,10 +25,11 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, num_engines", [(2, 2), (3, 1)])
+def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_stage, num_engines):
     run_dir = tmp_path / "run"
-    cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [f"policy.zero_stage={zero_stage}"])
+    cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir)
+                      + [f"policy.zero_stage={zero_stage}", f"engine.num_engines={num_engines}"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
@@ -51,14 +52,16 @@ def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_s
         tok = load_tokenizer(tiny_world["policy"])
         prompt = tok("The yield statement", add_special_tokens=False)["input_ids"]
         response = tok(" can be used in a function body", add_special_tokens=False)["input_ids"]
-        engine_lp = torch.tensor(ray.get(actors.engines[0].prompt_logprobs.remote([prompt + response], [len(prompt)]))[0])
         batch = build_rollout_batch([prompt] * 2, [response] * 2, [[0.0] * len(response)] * 2, tok.pad_token_id)
         policy_lp = torch.cat(actors.policy.run("logprobs", batch))[0]        # both ZeRO ranks take a shard
         hf_lp = response_logprobs(saved, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
         start_lp = response_logprobs(start, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
-        assert (engine_lp - policy_lp).abs().max().item() < 1e-4
-        assert (engine_lp - hf_lp.detach()).abs().max().item() < 1e-4
-        assert (engine_lp - start_lp.detach()).abs().max().item() > 1e-3   # the engine no longer has the start weights
+        assert len(actors.engines) == num_engines
+        for engine in actors.engines:                                        # every engine got the weights
+            engine_lp = torch.tensor(ray.get(engine.prompt_logprobs.remote([prompt + response], [len(prompt)]))[0])
+            assert (engine_lp - policy_lp).abs().max().item() < 1e-4
+            assert (engine_lp - hf_lp.detach()).abs().max().item() < 1e-4
+            assert (engine_lp - start_lp.detach()).abs().max().item() > 1e-3   # no longer the start weights
 
         wandb_dir = summary["wandb"]
         assert wandb_dir and list(Path(wandb_dir).glob("*.wandb"))

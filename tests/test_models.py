@@ -52,3 +52,14 @@ def test_left_padding_does_not_change_response_logprobs(tiny):
         a = response_logprobs(model, ids, torch.ones_like(ids), 2)
         b = response_logprobs(model, padded, mask, 2)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_critic_can_start_from_a_causal_lm_with_a_fresh_value_head(tiny):
+    from rlhf_ray.models import load_scalar_model, token_values
+    d, _, lm = tiny
+    critic = load_scalar_model(d, what="critic")                # a CausalLM checkpoint: backbone + new score head
+    assert torch.equal(critic.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        v = token_values(critic, ids, torch.ones_like(ids), 2)
+    assert v.shape == (1, 2)
