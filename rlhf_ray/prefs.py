@@ -1,0 +1,85 @@
+"""Preferences as pure functions: K-way rankings -> pairs, the Bradley-Terry loss, and per-response scores
+fitted from rankings (Bradley-Terry maximum likelihood, or Elo).
+
+InstructGPT (Ouyang et al. 2022) has labelers rank K in 4..9 answers per prompt and trains the reward model on
+all C(K, 2) pairs of each ranking, taken together as one batch element per prompt so that a prompt with many
+answers does not dominate. Bradley & Terry (1952): P(i beats j) = sigmoid(s_i - s_j).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def ranking_from_scores(scores: list[float]) -> list[int]:
+    """Indices ordered best first (higher score is better; ties keep the earlier index first)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def ranking_to_pairs(ranking: list[int]) -> list[tuple[int, int]]:
+    """All C(K, 2) (winner, loser) index pairs implied by a best-first ranking."""
+    return [(ranking[a], ranking[b]) for a, b in itertools.combinations(range(len(ranking)), 2)]
+
+
+def scores_to_pairs(scores: list[float]) -> list[tuple[int, int]]:
+    """Pairs from scores; equal scores give no pair (no preference was expressed)."""
+    return [(i, j) if scores[i] > scores[j] else (j, i)
+            for i, j in itertools.combinations(range(len(scores)), 2) if scores[i] != scores[j]]
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected [- margin]), mean over pairs (optionally weighted, e.g. 1/C(K,2))."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if weights is None:
+        return loss.mean()
+    return (loss * weights).sum() / weights.sum()
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    return (chosen > rejected).float().mean().item()
+
+
+def fit_bradley_terry(n_items: int, pairs: list[tuple[int, int]], l2: float = 1e-3, iters: int = 500) -> list[float]:
+    """Maximum-likelihood Bradley-Terry strengths for n_items from (winner, loser) pairs, centred to mean 0.
+
+    A small L2 term keeps the optimum finite when an item wins (or loses) every comparison.
+    """
+    if not pairs:
+        return [0.0] * n_items
+    w = torch.tensor([p[0] for p in pairs])
+    lo = torch.tensor([p[1] for p in pairs])
+    s = torch.zeros(n_items, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([s], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -F.logsigmoid(s[w] - s[lo]).sum() + l2 * (s ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    out = s.detach()
+    return (out - out.mean()).tolist()
+
+
+def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, base: float = 1000.0,
+                rounds: int = 20) -> list[float]:
+    """Elo ratings from (winner, loser) pairs, replayed `rounds` times so the order of games matters little."""
+    r = [base] * n_items
+    for _ in range(rounds):
+        for winner, loser in pairs:
+            expected = 1.0 / (1.0 + 10 ** ((r[loser] - r[winner]) / 400.0))
+            r[winner] += k * (1.0 - expected)
+            r[loser] -= k * (1.0 - expected)
+    return r
+
+
+def bt_win_probability(s_i: float, s_j: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(s_i - s_j)))
