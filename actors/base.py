@@ -95,9 +95,10 @@ class DeepSpeedRole(RankActor):
         self.device = self.engine.device
 
     # ------------------------------------------------------------------ PPO epochs over minibatches
-    def _ppo_updates(self, exp: Batch, epochs: int, minibatch_size: int, seed: int,
+    def _minibatch_updates(self, exp: Batch, epochs: int, minibatch_size: int, seed: int,
                      loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]]) -> dict:
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
+        A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
 
         The shuffle is seeded identically on every rank so the ranks agree on each minibatch. DeepSpeed
         averages gradients across ranks and accumulates over micro-batches; one optimizer step per minibatch.
@@ -109,6 +110,8 @@ class DeepSpeedRole(RankActor):
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
             for idx in perm.split(minibatch_size):
+                if len(idx) < minibatch_size:
+                    break
                 mb = shard(select(exp, idx), self.rank, self.world_size)
                 for micro in chunks(mb, self.micro):
                     loss, s = loss_fn(self._to_device(micro))

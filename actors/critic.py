@@ -36,7 +36,7 @@ class Critic(DeepSpeedRole):
             v = token_values(self.model, mb["input_ids"], mb["attention_mask"], T)
             return value_loss(v, mb["values"], mb["returns"], mb["response_mask"], ppo.value_clip)
 
-        return self._ppo_updates(exp, ppo.epochs, ppo.minibatch_size, seed + 7, loss_fn)
+        return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed + 7, loss_fn)
 
 
 CriticActor = ray.remote(Critic)

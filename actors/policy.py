@@ -41,7 +41,7 @@ class Policy(DeepSpeedRole):
                 loss = loss - ppo.entropy_coef * entropy
             return loss, {**stats, "entropy": entropy.detach()}
 
-        return self._ppo_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
+        return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
 
     def push_weights(self, engines: list, bucket_bytes: int) -> dict:
         """Object-store weight sync: gather bucket by bucket (collective under ZeRO-3); rank 0 ships each bucket

@@ -9,8 +9,6 @@ and padded tensors between the actors and does the (cheap) advantage math.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
+from launch.common import actor_env, mean_over_ranks, start_ray
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import compute_experience, masked_mean
 from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
@@ -37,35 +36,6 @@ from rlhf_ray.models import ModelLoadError, check_tokenizer_matches, load_tokeni
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-def start_ray(cfg: Config) -> None:
-    """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one.
-
-    `address="local"` rather than None: with None, ray.init would silently join the latest `ray start`
-    cluster on this machine instead of starting the embedded one.
-    """
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-        return
-    needed = (cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
-              + cfg.reference.num_ranks * cfg.reference.cpus_per_rank + cfg.reward.num_ranks * cfg.reward.cpus_per_rank
-              + cfg.engine.num_engines * cfg.engine.cpus_per_engine)
-    # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
-             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-def actor_env(device: str) -> dict:
-    """Environment for every actor (merged into, not replacing, a submitted job's runtime_env)."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONWARNINGS": "ignore::FutureWarning"}
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
 
 def resolve_cluster_device(cfg: Config) -> str:
     if cfg.train.device != "auto":
@@ -118,11 +88,6 @@ class PhaseTimer:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - t0
-
-
-def mean_over_ranks(stats: list[dict]) -> dict:
-    """Each rank reports means over its equal-sized shards; the group's figure is their mean."""
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
@@ -229,7 +194,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
 def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
     """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors)."""
-    cfg = resolve_paths(cfg)
+    cfg = resolve_paths(cfg.check_ppo())
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

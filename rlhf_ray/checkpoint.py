@@ -42,9 +42,13 @@ def commit(root: Path, step: int, state: dict) -> Path:
     tmp = staging / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     tmp.replace(staging / STATE_FILE)
-    final = step_dir(root, step)
-    if final.exists():                  # re-saving a step (e.g. after a resume): swap, then drop the old one
-        old = root / f".step_{step:06d}.old"
+    return publish_dir(staging, step_dir(root, step))
+
+
+def publish_dir(staging: Path, final: Path) -> Path:
+    """Rename a complete `staging` directory to `final`; an existing `final` is swapped out, then deleted."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
         if old.exists():
             shutil.rmtree(old)
         final.replace(old)

@@ -146,6 +146,21 @@ class WeightSyncConfig:
 
 
 @dataclass
+class StageConfig:
+    """A supervised stage (sft, rm, dpo) trained on the same DeepSpeed rank machinery as PPO."""
+    data: str = ""                     # JSONL / JSON / parquet / saved dataset dir (see rlhf_ray/formats.py)
+    format: str = "auto"               # sft: auto|alpaca|dolly|messages|text; rm/dpo: pairwise or K-way rankings
+    model: str = ""                    # HF directory the stage starts from
+    output: str = ""                   # where the trained HF model goes ("" -> <run.output_dir>/<stage>)
+    epochs: int = 1
+    batch_size: int = 16               # sequences (sft) or pairs (rm, dpo) per optimizer step, across ranks
+    max_len: int = 256
+    eval_fraction: float = 0.1         # held out by prompt, so no prompt is in both splits
+    beta: float = 0.1                  # DPO only: strength of the implicit KL constraint
+    trainer: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -162,18 +177,32 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    sft: StageConfig = field(default_factory=StageConfig)
+    rm: StageConfig = field(default_factory=StageConfig)
+    dpo: StageConfig = field(default_factory=StageConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_ppo(self) -> "Config":
+        """What a PPO run needs beyond a valid tree."""
+        _need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
+        _need(bool(self.models.reward), "models.reward", "is required (a scalar-head model directory)")
+        _need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
+        return self
+
+    def check_stage(self, name: str) -> "StageConfig":
+        st: StageConfig = getattr(self, name)
+        _need(bool(st.data), f"{name}.data", "is required (a data file or dataset directory)")
+        _need(bool(st.model), f"{name}.model", "is required (the HF model directory the stage starts from)")
+        _need(st.batch_size % st.trainer.num_ranks == 0, f"{name}.batch_size",
+              f"must be a multiple of {name}.trainer.num_ranks ({st.trainer.num_ranks})")
+        _need(0 < st.eval_fraction < 1, f"{name}.eval_fraction", "must lie in (0, 1)")
+        return st
+
     def validate(self) -> "Config":
         """Cross-field checks that types alone cannot express."""
-        def need(cond: bool, key: str, why: str):
-            if not cond:
-                raise ConfigError(f"config: {key} {why}")
-        need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
-        need(bool(self.models.reward), "models.reward", "is required (a scalar-head model directory)")
-        need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
+        need = _need
         for role in ("policy", "critic"):
             r: TrainerRoleConfig = getattr(self, role)
             need(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0-3, got {r.zero_stage}")
@@ -191,6 +220,11 @@ class Config:
         need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
         need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
         return self
+
+
+def _need(cond: bool, key: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key} {why}")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -301,6 +335,8 @@ def resolve_paths(cfg: Config) -> Config:
     m.policy, m.reference, m.reward, m.critic, m.tokenizer = map(fix, (m.policy, m.reference, m.reward, m.critic,
                                                                     m.tokenizer))
     cfg.data.prompts = fix(cfg.data.prompts)
+    for st in (cfg.sft, cfg.rm, cfg.dpo):
+        st.data, st.model, st.output = fix(st.data), fix(st.model), st.output and str(Path(st.output).resolve())
     return cfg
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, cfg, run_name: str, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, cfg, run_name: str, resume_step: int | None = None,
+                 filename: str = "metrics.jsonl"):
         """resume_step: continue an existing file, dropping rows logged after that step's checkpoint."""
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / filename
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]

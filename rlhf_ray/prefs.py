@@ -83,3 +83,19 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
 
 def bt_win_probability(s_i: float, s_j: float) -> float:
     return 1.0 / (1.0 + math.exp(-(s_i - s_j)))
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """Direct Preference Optimisation (Rafailov et al. 2023) on summed sequence logprobs.
+
+    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
+    The implicit rewards beta * (log pi - log ref) give the reward accuracy and margin.
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    with torch.no_grad():
+        stats = {"reward_acc": (chosen_reward > rejected_reward).float().mean(),
+                 "reward_margin": (chosen_reward - rejected_reward).mean()}
+    return loss, stats

@@ -46,7 +46,9 @@ def test_missing_file_and_required_fields(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="models.policy is required"):
-        load_config(None, [])
+        load_config(None, []).check_ppo()
+    with pytest.raises(ConfigError, match="sft.data is required"):
+        load_config(None, []).check_stage("sft")
     bad = tmp_path / "bad.yaml"
     bad.write_text("ppo: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

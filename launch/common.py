@@ -1,0 +1,44 @@
+"""What every driver shares: joining or starting the Ray cluster, the actors' environment, rank statistics."""
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+
+from rlhf_ray.config import Config
+
+
+def start_ray(cfg: Config) -> None:
+    """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one.
+
+    `address="local"` rather than None: with None, ray.init would silently join the latest `ray start`
+    cluster on this machine instead of starting the embedded one.
+    """
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    needed = max(cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
+                 + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
+                 + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine,
+                 *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
+    # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
+             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def actor_env(device: str) -> dict:
+    """Environment for every actor (merged into, not replacing, a submitted job's runtime_env)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def mean_over_ranks(stats: list[dict]) -> dict:
+    """Each rank reports means over its equal-sized shards; the group's figure is their mean."""
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}

@@ -1,0 +1,108 @@
+"""Supervised stages on the actor machinery: SFT, reward model from rankings, DPO.
+
+    rlhf-ray sft --config C      rlhf-ray rm --config C      rlhf-ray dpo --config C
+
+Each stage: rows -> tensors (held-out split by prompt) -> a DeepSpeed ZeRO rank group -> epochs, evaluated
+before training and after every epoch -> an HF-format model directory, published atomically, that the next
+stage opens with `from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from actors.group import RankGroup
+from actors.supervised import SupervisedActor
+from launch.common import actor_env, mean_over_ranks, start_ray
+from rlhf_ray.checkpoint import publish_dir
+from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resolve_paths
+from rlhf_ray.data import DataError
+from rlhf_ray.formats import load_preferences, load_sft
+from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.models import ModelLoadError, load_tokenizer
+from rlhf_ray.stage_data import pair_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
+
+STAGES = ("sft", "rm", "dpo")
+
+
+def stage_tensors(cfg: Config, name: str, tokenizer):
+    st = getattr(cfg, name)
+    if name == "sft":
+        rows = load_sft(st.data, st.format)
+        train, held = split_by_prompt(rows, sft_prompt_key, st.eval_fraction, cfg.run.seed)
+        return sft_batch(tokenizer, train, st.max_len), sft_batch(tokenizer, held, st.max_len)
+    prefs = load_preferences(st.data)
+    train, held = split_by_prompt(prefs, lambda p: p[0], st.eval_fraction, cfg.run.seed)
+    return pair_batch(tokenizer, train, st.max_len), pair_batch(tokenizer, held, st.max_len)
+
+
+def run_stage(cfg: Config, name: str) -> dict:
+    st = cfg.check_stage(name)
+    cfg = resolve_paths(cfg)
+    st = getattr(cfg, name)
+    run_dir = Path(cfg.run.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    out = Path(st.output) if st.output else run_dir / name
+    device = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and st.trainer.gpus_per_rank) else "cpu"
+    t0 = time.perf_counter()
+
+    tokenizer = load_tokenizer(st.model, cfg.models.trust_remote_code)
+    train, held = stage_tensors(cfg, name, tokenizer)
+    ranks = st.trainer.num_ranks
+    train, held = trim_to_multiple(train, ranks), trim_to_multiple(held, ranks)
+
+    start_ray(cfg)
+    group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
+                      (st, name, cfg.train.dtype, device, cfg.models.trust_remote_code), distributed=True,
+                      runtime_env={"env_vars": actor_env(device)})
+    try:
+        if name == "dpo":              # reference logprobs: the starting weights, before the first step
+            for batch in (train, held):
+                ref = torch.cat(group.run("pair_logprobs", ray.put(batch)))
+                batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0], ref[:, 1]
+        train_ref, held_ref = ray.put(train), ray.put(held)
+        logger = MetricsLogger(run_dir, cfg, f"{cfg.run.name}-{name}", filename=f"{name}_metrics.jsonl")
+        before = mean_over_ranks(group.run("evaluate", held_ref))
+        logger.log(0, {f"{name}/eval_{k}": v for k, v in before.items()})
+        print(f"{name}: {len(train['input_ids' if name == 'sft' else 'weight'])} train, "
+              f"{len(held['input_ids' if name == 'sft' else 'weight'])} held out; before: "
+              + "  ".join(f"{k} {v:.4f}" for k, v in before.items()), flush=True)
+        evaluation = before
+        for epoch in range(1, st.epochs + 1):
+            tr = mean_over_ranks(group.run("train", train_ref, cfg.run.seed + epoch))
+            evaluation = mean_over_ranks(group.run("evaluate", held_ref))
+            logger.log(epoch, {**{f"{name}/train_{k}": v for k, v in tr.items()},
+                               **{f"{name}/eval_{k}": v for k, v in evaluation.items()}})
+            print(f"{name} epoch {epoch}/{st.epochs}: train loss {tr['loss']:.4f}  eval "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in evaluation.items()), flush=True)
+        staging = out.with_name(f".{out.name}.partial")
+        group.run("save_hf", str(staging), st.model)
+        publish_dir(staging, out)
+        logger.close()
+    finally:
+        group.shutdown()
+    return {"model": str(out), "eval_before": before, "eval": evaluation, "seconds": time.perf_counter() - t0}
+
+
+def main(name: str, argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"rlhf-ray {name}", description=f"the {name} stage")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        result = run_stage(load_config(args.config, args.overrides), name)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{name}: model written to {result['model']} in {result['seconds']:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

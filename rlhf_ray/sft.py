@@ -1,0 +1,83 @@
+"""Supervised examples: chat template applied, loss on the assistant's tokens only (pure; unit-tested).
+
+Spans are found by rendering the conversation prefix by prefix: the tokens an assistant turn adds between
+"everything before it, with the generation prompt" and "everything up to and including it" are its loss
+tokens. A template that is not prefix-consistent is refused rather than silently mis-masked.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+# Used only when a tokenizer brings no chat template of its own (the tiny world sets this one on its tokenizer).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ready for the assistant's reply (what the engines generate from)."""
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def sft_example(tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE except on assistant tokens (or on all tokens for plain text)."""
+    if "text" in example:
+        ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = ids[:max_len]
+        return ids, list(ids)
+    messages = example["messages"]
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if full[:len(before)] != before or full[:len(upto)] != upto:
+            raise ValueError("chat template is not prefix-consistent: cannot mask the prompt tokens reliably")
+        labels[len(before):len(upto)] = full[len(before):len(upto)]
+    return full[:max_len], labels[:max_len]
+
+
+def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE on padding)."""
+    L = max(len(ids) for ids, _ in examples)
+    B = len(examples)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean next-token cross-entropy over labelled positions; returns (loss, number of tokens)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = (shift_labels != IGNORE).sum()
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss / n.clamp(min=1), n
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token logprobs over labelled positions, per sequence: log pi(response | prompt). [B]."""
+    from rlhf_ray.algos import logprobs_from_logits
+    shift_labels = labels[:, 1:]
+    mask = (shift_labels != IGNORE).float()
+    lp = logprobs_from_logits(logits[:, :-1], shift_labels.clamp(min=0))
+    return (lp * mask).sum(-1)
