@@ -24,12 +24,16 @@ class RankGroup:
                  strategy: str = "PACK", ready_timeout: float = 600):
         self.name = name
         self.pg = placement_group([bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy=strategy)
-        try:
-            ray.get(self.pg.ready(), timeout=ready_timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"{name}: placement group of {num_ranks} x {bundle(cpus_per_rank, gpus_per_rank)} "
-                               f"could not be placed within {ready_timeout}s (cluster resources: "
-                               f"{ray.cluster_resources()})") from None
+        waited, ready = 0.0, self.pg.ready()
+        while not ray.wait([ready], timeout=30)[0]:
+            waited += 30
+            what = f"{name}: placement group of {num_ranks} x {bundle(cpus_per_rank, gpus_per_rank)}"
+            if waited >= ready_timeout:
+                remove_placement_group(self.pg)
+                raise RuntimeError(f"{what} could not be placed within {ready_timeout:.0f}s "
+                                   f"(available: {ray.available_resources()})")
+            print(f"{what} still waiting for resources after {waited:.0f}s "
+                  f"(available: {ray.available_resources()})", flush=True)
         self.actors = [
             actor_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, runtime_env=runtime_env,

@@ -1,6 +1,7 @@
 """`rlhf-ray` command line: one subcommand per entry point.
 
     rlhf-ray tiny-world [--out assets/tiny]          build the offline tiny model world
+    rlhf-ray pipeline --config C [--set k=v]         the three stages end to end (+ DPO, evaluation)
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
     rlhf-ray ppo --config C [--set k=v] [--resume]   run PPO (local Ray cluster, or the one it runs on)
     rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "ppo":
         from launch.ppo import main as ppo_main
         return ppo_main(rest)
+    if cmd == "pipeline":
+        from launch.pipeline import main as pipeline_main
+        return pipeline_main(rest)
     if cmd in ("sft", "rm", "dpo"):
         from launch.stages import main as stage_main
         return stage_main(cmd, rest)

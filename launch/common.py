@@ -9,8 +9,9 @@ import ray
 from rlhf_ray.config import Config
 
 
-def start_ray(cfg: Config) -> None:
-    """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one.
+def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
+    """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one
+    with logical CPUs for every role (plus `extra_cpus` for actors a driver keeps besides them).
 
     `address="local"` rather than None: with None, ray.init would silently join the latest `ray start`
     cluster on this machine instead of starting the embedded one.
@@ -25,7 +26,7 @@ def start_ray(cfg: Config) -> None:
                  + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine,
                  *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed), os.cpu_count() or 1),
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1),
              include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 

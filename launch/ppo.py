@@ -33,6 +33,7 @@ from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resol
 from rlhf_ray.data import DataError, PromptStream, load_prompts
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.models import ModelLoadError, check_tokenizer_matches, load_tokenizer
+from rlhf_ray.sft import prompt_ids
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -90,8 +91,11 @@ class PhaseTimer:
         self.seconds[name] = time.perf_counter() - t0
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_tokens:] for p in prompts]
+def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int, chat: bool = False) -> list[list[int]]:
+    if chat:
+        ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}])[-max_tokens:] for p in prompts]
+    else:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_tokens:] for p in prompts]
     for p, i in zip(prompts, ids):
         if not i:
             raise DataError(f"prompt tokenises to nothing: {p!r}")
@@ -128,7 +132,7 @@ def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, strea
 # ------------------------------------------------------------------------------------------------ the loop
 
 def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream, logger: MetricsLogger, step: int,
-             run_dir: Path, tok_dir: str) -> Path | None:
+             run_dir: Path, tok_dir: str, gold_fn=None) -> Path | None:
     """One PPO iteration; returns the checkpoint written at its end, if any."""
     timer = PhaseTimer()
     t_step = time.perf_counter()
@@ -179,6 +183,12 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
         "time/policy_update": p_stats["update_seconds"], "time/critic_update": c_stats["update_seconds"],
         "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
     }
+    if gold_fn is not None:          # overoptimisation monitor: the true reward beside the proxy, every step
+        T = mask.size(1)
+        texts = tokenizer.batch_decode([row[m.bool()] for row, m in zip(batch["input_ids"][:, -T:], mask)],
+                                       skip_special_tokens=True)
+        gold = torch.tensor([gold_fn(t) for t in texts])
+        metrics["gold/mean"], metrics["gold/std"] = gold.mean().item(), gold.std().item()
     logger.log(step, metrics)
     print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
           f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
@@ -192,8 +202,9 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
 
 
-def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
-    """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors)."""
+def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=None) -> dict:
+    """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors).
+    gold_fn(text) -> float, when given, is logged beside the proxy reward every step (the tiny world's monitor)."""
     cfg = resolve_paths(cfg.check_ppo())
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +238,8 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False) -> dict:
     last_ckpt = latest
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
-            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir) or last_ckpt
+            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir,
+                                 gold_fn) or last_ckpt
     except BaseException:
         logger.close()
         actors.shutdown()

@@ -50,6 +50,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     max_prompt_tokens: int = 64
     shuffle: bool = True
+    apply_chat_template: bool = False  # render each prompt as a user turn (for chat/SFT models)
 
 
 @dataclass
@@ -161,6 +162,20 @@ class StageConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The tiny world's three stages end to end (launch/pipeline.py)."""
+    world_dir: str = "assets/tiny"     # the pretrained base model (built there if missing)
+    pretrain_steps: int = 300
+    sft_examples: int = 1000           # instruction pairs cut from the corpus
+    label_prompts: int = 256           # prompts whose K sampled answers the simulated labelers rank
+    k: int = 4                         # answers per prompt (InstructGPT: 4..9)
+    labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
+    ppo_prompts: int = 256
+    eval_prompts: int = 128            # held out from every stage
+    best_of_n: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -180,6 +195,7 @@ class Config:
     sft: StageConfig = field(default_factory=StageConfig)
     rm: StageConfig = field(default_factory=StageConfig)
     dpo: StageConfig = field(default_factory=StageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

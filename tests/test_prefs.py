@@ -52,3 +52,15 @@ def test_bt_fit_recovers_the_generating_order():
 def test_bt_fit_is_finite_for_an_undefeated_item():
     s = fit_bradley_terry(3, [(0, 1), (0, 2), (1, 2)])
     assert all(math.isfinite(x) for x in s) and s[0] > s[1] > s[2]
+
+
+def test_gold_and_noisy_labelers():
+    import random
+    from rlhf_ray.gold import gold_score, simulated_ranking
+    assert gold_score("") == 0.0
+    assert gold_score("The function returns an object.") == pytest.approx(10 * 2 / 5)
+    answers = ["a b c d", "the class has a method", "functions objects methods classes"]
+    assert simulated_ranking(answers, random.Random(0), noise=0.0) == [2, 1, 0]
+    rng = random.Random(0)
+    flips = sum(simulated_ranking(answers[:2], rng, noise=3.0) != [1, 0] for _ in range(200))
+    assert 10 < flips < 100                        # noisy labelers sometimes disagree with gold

@@ -1,0 +1,29 @@
+"""The tiny world's hidden gold reward and its simulated labelers (pure).
+
+The gold function stands in for what people actually want; the reward model never sees it, only rankings
+that noisy simulated labelers produce from it. Gold here: how much of an answer talks about Python's
+objects (the share of its words naming objects, functions, methods, classes, values, types, attributes,
+modules, names), scaled to [0, 10]. Common enough in the corpus (6.6 % of words) to vary between samples.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from rlhf_ray.prefs import ranking_from_scores
+
+TOPIC_WORDS = frozenset("""object objects function functions method methods class classes value values type types
+attribute attributes module modules name names""".split())
+_WORD = re.compile(r"[a-z]+")
+
+
+def gold_score(text: str) -> float:
+    words = _WORD.findall(text.lower())
+    if not words:
+        return 0.0
+    return 10.0 * sum(w in TOPIC_WORDS for w in words) / len(words)
+
+
+def simulated_ranking(responses: list[str], rng: random.Random, noise: float) -> list[int]:
+    """A labeler's best-first ranking: gold plus Gaussian noise of std `noise` per answer (Thurstone)."""
+    return ranking_from_scores([gold_score(r) + rng.gauss(0.0, noise) for r in responses])
