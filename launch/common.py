@@ -43,3 +43,9 @@ def actor_env(device: str) -> dict:
 def mean_over_ranks(stats: list[dict]) -> dict:
     """Each rank reports means over its equal-sized shards; the group's figure is their mean."""
     return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
+def engine_env(cfg: Config, device: str, run_dir: str) -> dict:
+    """runtime_env of a generation engine: the common actor environment plus vLLM's own settings."""
+    from actors.engine import engine_runtime_env
+    return {"env_vars": {**actor_env(device), **engine_runtime_env(cfg, device, run_dir)["env_vars"]}}

@@ -28,10 +28,10 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.engine import EngineActor, engine_runtime_env
+from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.reward import RewardActor
-from launch.common import actor_env, start_ray
+from launch.common import actor_env, engine_env, start_ray
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray.batch import build_rollout_batch
@@ -78,7 +78,7 @@ class Sampler:
 
     def __init__(self, cfg: Config, run_dir: Path, device: str):
         self.group = RankGroup(EngineActor, "eval-engine", 1, cfg.engine.cpus_per_engine, cfg.engine.gpus_per_engine,
-                               (cfg, device), runtime_env=engine_runtime_env(cfg, device, str(run_dir)))
+                               (cfg, device), runtime_env=engine_env(cfg, device, str(run_dir)))
         self.engine = self.group.actors[0]
         self.loaded = cfg.models.policy
 

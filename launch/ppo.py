@@ -19,13 +19,13 @@ import ray
 import torch
 
 from actors.critic import CriticActor
-from actors.engine import EngineActor, engine_runtime_env
+from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import actor_env, mean_over_ranks, start_ray
+from launch.common import actor_env, engine_env, mean_over_ranks, start_ray
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import compute_experience, masked_mean
 from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
@@ -64,8 +64,7 @@ class Actors:
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     args = (cfg, device)
     renv = {"env_vars": actor_env(device)}
-    eng_env = engine_runtime_env(cfg, device, str(run_dir))
-    eng_env["env_vars"] = {**renv["env_vars"], **eng_env["env_vars"]}
+    eng_env = engine_env(cfg, device, str(run_dir))
     p, c, r, w, e = cfg.policy, cfg.critic, cfg.reference, cfg.reward, cfg.engine
     policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args,
                        distributed=True, runtime_env=renv)

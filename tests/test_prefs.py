@@ -58,7 +58,7 @@ def test_gold_and_noisy_labelers():
     import random
     from rlhf_ray.gold import gold_score, simulated_ranking
     assert gold_score("") == 0.0
-    assert gold_score("The function returns an object.") == pytest.approx(10 * 2 / 5)
+    assert gold_score("The function returns an object.") == pytest.approx(10 * (2 + 0.5) / 5)
     answers = ["a b c d", "the class has a method", "functions objects methods classes"]
     assert simulated_ranking(answers, random.Random(0), noise=0.0) == [2, 1, 0]
     rng = random.Random(0)
