@@ -49,3 +49,25 @@ def engine_env(cfg: Config, device: str, run_dir: str) -> dict:
     """runtime_env of a generation engine: the common actor environment plus vLLM's own settings."""
     from actors.engine import engine_runtime_env
     return {"env_vars": {**actor_env(device), **engine_runtime_env(cfg, device, run_dir)["env_vars"]}}
+
+
+def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_flag: bool = False):
+    """Shared entry point: --config, repeatable --set, optional --resume; bad input -> one line, exit 2.
+    `run(cfg, args)` returns the result, or this returns the exit code 2 when the input was bad."""
+    import argparse
+    import sys
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.data import DataError
+    from rlhf_ray.models import ModelLoadError
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
+    if resume_flag:
+        ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        return run(load_config(args.config, args.overrides), args)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

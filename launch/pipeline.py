@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -31,14 +30,14 @@ import torch
 from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.reward import RewardActor
-from launch.common import actor_env, engine_env, start_ray
+from launch.common import actor_env, engine_env, run_cli, start_ray
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray.batch import build_rollout_batch
-from rlhf_ray.config import Config, ConfigError, dump_config, load_config
+from rlhf_ray.config import Config, dump_config
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
-from rlhf_ray.models import ModelLoadError, load_tokenizer
+from rlhf_ray.models import load_tokenizer
 from rlhf_ray.sft import prompt_ids
 from rlhf_ray.tiny import TinySpec, build_tiny_world, corpus_text
 
@@ -283,14 +282,8 @@ def run_pipeline(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlhf-ray pipeline", description="SFT -> RM from rankings -> PPO, and DPO")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    try:
-        summary = run_pipeline(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    summary = run_cli("rlhf-ray pipeline", "SFT -> RM from rankings -> PPO, and DPO", lambda cfg, _: run_pipeline(cfg), argv)
+    if summary == 2:
         return 2
     print(f"\nsummary: {Path(summary['plot']).parent / 'summary.md'}\ncurves:  {summary['plot']}", flush=True)
     return 0

@@ -8,7 +8,6 @@ and padded tensors between the actors and does the (cheap) advantage math.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from contextlib import contextmanager
@@ -25,14 +24,14 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import actor_env, engine_env, mean_over_ranks, start_ray
+from launch.common import actor_env, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
-from rlhf_ray.algos import compute_experience, masked_mean
+from rlhf_ray.algos import compute_experience
 from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
-from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resolve_paths
+from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import DataError, PromptStream, load_prompts
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.models import ModelLoadError, check_tokenizer_matches, load_tokenizer
+from rlhf_ray.models import check_tokenizer_matches, load_tokenizer
 from rlhf_ray.sft import prompt_ids
 
 
@@ -255,18 +254,10 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlhf-ray ppo", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        t0 = time.time()
-        summary = train(cfg, resume=args.resume)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    t0 = time.time()
+    summary = run_cli("rlhf-ray ppo", __doc__.splitlines()[0], lambda cfg, args: train(cfg, resume=args.resume), argv,
+                      resume_flag=True)
+    if summary == 2:
         return 2
     print(f"\ndone in {time.time() - t0:.0f}s\n  metrics:    {summary['metrics']}\n  W&B run:    {summary['wandb']}"
           f"\n  checkpoint: {summary['checkpoint']}", flush=True)

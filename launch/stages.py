@@ -8,7 +8,6 @@ stage opens with `from_pretrained`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,13 +17,12 @@ import torch
 
 from actors.group import RankGroup
 from actors.supervised import SupervisedActor
-from launch.common import actor_env, mean_over_ranks, start_ray
+from launch.common import actor_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray.checkpoint import publish_dir
-from rlhf_ray.config import Config, ConfigError, dump_config, load_config, resolve_paths
-from rlhf_ray.data import DataError
+from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.models import ModelLoadError, load_tokenizer
+from rlhf_ray.models import load_tokenizer
 from rlhf_ray.stage_data import pair_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
 
 STAGES = ("sft", "rm", "dpo")
@@ -91,14 +89,8 @@ def run_stage(cfg: Config, name: str) -> dict:
 
 
 def main(name: str, argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"rlhf-ray {name}", description=f"the {name} stage")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    try:
-        result = run_stage(load_config(args.config, args.overrides), name)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    result = run_cli(f"rlhf-ray {name}", f"the {name} stage", lambda cfg, _: run_stage(cfg, name), argv)
+    if result == 2:
         return 2
     print(f"{name}: model written to {result['model']} in {result['seconds']:.0f}s", flush=True)
     return 0

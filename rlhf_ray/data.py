@@ -10,11 +10,12 @@ class DataError(ValueError):
     """A missing file or malformed row; the message is one line naming the file, row and field."""
 
 
-def load_prompts(path: str | Path, key: str = "prompt") -> list[str]:
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a bad line is a one-line error naming file and row."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: file not found")
-    prompts = []
+    rows = []
     with p.open() as f:
         for row, line in enumerate(f, start=1):
             if not line.strip():
@@ -25,11 +26,18 @@ def load_prompts(path: str | Path, key: str = "prompt") -> list[str]:
                 raise DataError(f"{path}:{row}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{row}: expected a JSON object, got {type(obj).__name__}")
-            if key not in obj:
-                raise DataError(f"{path}:{row}: missing field '{key}'")
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                raise DataError(f"{path}:{row}: field '{key}' must be a non-empty string")
-            prompts.append(obj[key])
+            rows.append((row, obj))
+    return rows
+
+
+def load_prompts(path: str | Path, key: str = "prompt") -> list[str]:
+    prompts = []
+    for row, obj in read_jsonl(path):
+        if key not in obj:
+            raise DataError(f"{path}:{row}: missing field '{key}'")
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise DataError(f"{path}:{row}: field '{key}' must be a non-empty string")
+        prompts.append(obj[key])
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

@@ -12,10 +12,9 @@ Preference rows become (prompt, [responses], [(winner, loser), ...]):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from rlhf_ray.data import DataError
+from rlhf_ray.data import DataError, read_jsonl
 from rlhf_ray.prefs import ranking_to_pairs, scores_to_pairs
 
 SFT_FORMATS = ("alpaca", "dolly", "messages", "text")
@@ -34,18 +33,7 @@ def load_rows(path: str | Path) -> list[tuple[int, dict]]:
     if not p.exists():
         raise DataError(f"{path}: file not found")
     if p.suffix == ".jsonl":
-        rows = []
-        with p.open() as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                    rows.append((i, row))
-        return rows
+        return read_jsonl(p)
     datasets.disable_progress_bars()
     try:
         if p.is_dir():

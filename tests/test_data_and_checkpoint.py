@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, chunks, shard
