@@ -26,7 +26,7 @@ from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
 from launch.common import actor_env, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
-from rlhf_ray.algos import compute_experience
+from rlhf_ray.algos import adaptive_kl_coef, compute_experience
 from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import DataError, PromptStream, load_prompts
@@ -115,22 +115,34 @@ def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int,
     return batch, {"response/finished_frac": finished}
 
 
-def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str) -> Path:
+def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str,
+                    kl_coef: float) -> Path:
     root = ckpt.checkpoint_root(run_dir)
     staging = ckpt.begin(root, step)
     ray.get(actors.policy.call("save_hf", str(staging / "policy"), tok_dir)
             + actors.critic.call("save_hf", str(staging / "critic"), tok_dir)
             + actors.policy.call("save_ds", str(staging / "policy_ds"))
             + actors.critic.call("save_ds", str(staging / "critic_ds")))
-    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed})
+    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed, "kl_coef": kl_coef})
     ckpt.prune(root, cfg.checkpoint.keep)
     return final
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 
+class KLCoef:
+    """The KL penalty's coefficient: fixed, or adapted toward ppo.kl_target after every step."""
+
+    def __init__(self, ppo):
+        self.ppo, self.coef = ppo, ppo.kl_coef
+
+    def update(self, observed_kl: float) -> None:
+        if self.ppo.kl_target is not None:
+            self.coef = adaptive_kl_coef(self.coef, observed_kl, self.ppo.kl_target, self.ppo.kl_horizon)
+
+
 def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream, logger: MetricsLogger, step: int,
-             run_dir: Path, tok_dir: str, gold_fn=None) -> Path | None:
+             run_dir: Path, tok_dir: str, kl: KLCoef, gold_fn=None) -> Path | None:
     """One PPO iteration; returns the checkpoint written at its end, if any."""
     timer = PhaseTimer()
     t_step = time.perf_counter()
@@ -151,7 +163,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
     # 3. advantages: per-token KL penalty folded into the reward, GAE, whitening
     with timer("advantage"):
-        exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=cfg.ppo.kl_coef,
+        exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=kl.coef,
                                             gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
                                             whiten_advantages=cfg.ppo.whiten_advantages)
     exp_ref = ray.put(exp)
@@ -187,6 +199,8 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
                                        skip_special_tokens=True)
         gold = torch.tensor([gold_fn(t) for t in texts])
         metrics["gold/mean"], metrics["gold/std"] = gold.mean().item(), gold.std().item()
+    metrics["kl/coef"] = kl.coef
+    kl.update(exp_stats["kl/ref_per_seq"])
     logger.log(step, metrics)
     print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
           f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
@@ -195,7 +209,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
           f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
 
     if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir)
+        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir, kl.coef)
     return None
 
 
@@ -221,14 +235,14 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     actors = build_actors(cfg, device, run_dir)
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
 
-    start_step = 0
+    start_step, kl = 0, KLCoef(cfg.ppo)
     latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
     if latest is not None:
         state = ckpt.load_state(latest)
         ray.get(actors.policy.call("load_ds", str(latest / "policy_ds"))
                 + actors.critic.call("load_ds", str(latest / "critic_ds")))
         stream.load_state(state["data"])
-        start_step = state["step"]
+        start_step, kl.coef = state["step"], state.get("kl_coef", kl.coef)
         sync.push()                                            # the engines start from the resumed policy
         print(f"resumed from {latest} (step {start_step})", flush=True)
 
@@ -236,7 +250,7 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     last_ckpt = latest
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
-            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir,
+            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir, kl,
                                  gold_fn) or last_ckpt
     except BaseException:
         logger.close()

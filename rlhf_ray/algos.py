@@ -149,3 +149,10 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
         "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
     }
     return exp, stats
+
+
+def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: float, n_steps: int = 1) -> float:
+    """Ziegler et al. 2019's proportional controller: e = clip(KL / target - 1, -0.2, 0.2);
+    beta <- beta * (1 + e * n / horizon). Raises beta when the policy drifts past the target, lowers it below."""
+    error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)

@@ -109,7 +109,9 @@ class PPOConfig:
     value_clip: float = 0.2            # value-prediction clip around the rollout's values (0: off)
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05              # per-token KL penalty folded into the reward
+    kl_coef: float = 0.05              # per-token KL penalty folded into the reward (the initial value if adaptive)
+    kl_target: Optional[float] = None  # nats/sequence: adapt kl_coef toward it (Ziegler et al. 2019); None: fixed
+    kl_horizon: float = 10.0           # steps over which the adaptive controller acts
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
 

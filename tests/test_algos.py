@@ -123,3 +123,14 @@ def test_compute_experience_composes_kl_gae_whitening():
     assert exp["returns"][0].tolist() == pytest.approx([1.0 - 0.3, 1.0 - 0.2, 1.0 - 0.1])
     assert exp["returns"][1].tolist() == pytest.approx([-1.0 - 0.2, -1.0 - 0.1, 0.0])
     assert st["kl/ref_per_seq"] == pytest.approx((0.6 + 0.4) / 2)
+
+
+def test_adaptive_kl_controller_moves_toward_target_with_clipped_error():
+    from rlhf_ray.algos import adaptive_kl_coef
+    assert adaptive_kl_coef(0.1, observed_kl=2.0, target=1.0, horizon=10) == pytest.approx(0.1 * (1 + 0.2 / 10))
+    assert adaptive_kl_coef(0.1, observed_kl=0.9, target=1.0, horizon=10) == pytest.approx(0.1 * (1 - 0.1 / 10))
+    assert adaptive_kl_coef(0.1, observed_kl=1.0, target=1.0, horizon=10) == pytest.approx(0.1)
+    coef = 0.1
+    for _ in range(100):                       # persistently above target: the coefficient keeps growing
+        coef = adaptive_kl_coef(coef, 3.0, 1.0, 10)
+    assert coef > 0.1 * 1.02 ** 99
