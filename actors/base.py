@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -78,7 +79,6 @@ class DeepSpeedRole(RankActor):
 
     def _init_engine(self, load_model: Callable[[], torch.nn.Module], role_cfg, minibatch_size: int, dtype: str):
         import deepspeed
-        self.role_cfg = role_cfg
         ds_cfg = deepspeed_config(role_cfg, minibatch_size, dtype, self.device)
         self.zero_stage = role_cfg.zero_stage
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -94,9 +94,9 @@ class DeepSpeedRole(RankActor):
         self.model = self.engine.module
         self.device = self.engine.device
 
-    # ------------------------------------------------------------------ PPO epochs over minibatches
+    # ------------------------------------------------------------------ epochs over minibatches (PPO, stages)
     def _minibatch_updates(self, exp: Batch, epochs: int, minibatch_size: int, seed: int,
-                     loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]]) -> dict:
+                           loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]]) -> dict:
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
         A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
 
@@ -135,10 +135,10 @@ class DeepSpeedRole(RankActor):
         size = 0
 
         def emit(items):
-            if self.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None):
-                    return {n: p.detach().cpu().clone() for n, p in items} if self.rank == 0 else None
-            return {n: p.detach().cpu().clone() for n, p in items} if self.rank == 0 else None
+            gathered = (deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None)
+                        if self.zero_stage == 3 else nullcontext())
+            with gathered:
+                return {n: p.detach().cpu().clone() for n, p in items} if self.rank == 0 else None
 
         for name, p in params:
             numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -171,17 +171,3 @@ class DeepSpeedRole(RankActor):
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-
-    def state_checksum(self) -> float:
-        """Sum of all (gathered) weights: a cheap fingerprint for tests. Collective under ZeRO-3."""
-        total = 0.0
-        for bucket in self._named_buckets(64 << 20):
-            if bucket is not None:
-                total += sum(float(t.double().sum()) for t in bucket.values())
-        return total
-
-
-def gather_shards(results: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-rank outputs in rank order (the inverse of `shard`)."""
-    return torch.cat(results)
-

@@ -30,6 +30,13 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
              include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def cluster_device(cfg: Config, gpus_per_rank: float) -> str:
+    """Where a role runs: train.device when set, else CUDA exactly when the role asks for GPUs."""
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    return "cuda" if gpus_per_rank > 0 else "cpu"
+
+
 def actor_env(device: str) -> dict:
     """Environment for every actor (merged into, not replacing, a submitted job's runtime_env)."""
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error",

@@ -30,7 +30,7 @@ import torch
 from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.reward import RewardActor
-from launch.common import actor_env, engine_env, run_cli, start_ray
+from launch.common import actor_env, cluster_device, engine_env, run_cli, start_ray
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray.batch import build_rollout_batch
@@ -194,7 +194,7 @@ def run_pipeline(cfg: Config) -> dict:
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    device = "cuda" if cfg.policy.gpus_per_rank > 0 else "cpu"
+    device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     seconds, t_all = {}, time.perf_counter()
     bar = tqdm(total=7, desc="pipeline", unit="stage", dynamic_ncols=True)
 

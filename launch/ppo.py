@@ -24,7 +24,7 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import actor_env, engine_env, mean_over_ranks, run_cli, start_ray
+from launch.common import actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import adaptive_kl_coef, compute_experience
 from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
@@ -36,12 +36,6 @@ from rlhf_ray.sft import prompt_ids
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-def resolve_cluster_device(cfg: Config) -> str:
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    return "cuda" if cfg.policy.gpus_per_rank > 0 else "cpu"
-
 
 @dataclass
 class Actors:
@@ -221,7 +215,7 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    device = resolve_cluster_device(cfg)
+    device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     torch.manual_seed(cfg.run.seed)
 
     tok_dir = cfg.models.tokenizer or cfg.models.policy

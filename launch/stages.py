@@ -17,7 +17,8 @@ import torch
 
 from actors.group import RankGroup
 from actors.supervised import SupervisedActor
-from launch.common import actor_env, mean_over_ranks, run_cli, start_ray
+from launch.common import actor_env, cluster_device, mean_over_ranks, run_cli, start_ray
+from rlhf_ray.batch import batch_size
 from rlhf_ray.checkpoint import publish_dir
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.formats import load_preferences, load_sft
@@ -40,14 +41,14 @@ def stage_tensors(cfg: Config, name: str, tokenizer):
 
 
 def run_stage(cfg: Config, name: str) -> dict:
-    st = cfg.check_stage(name)
+    cfg.check_stage(name)
     cfg = resolve_paths(cfg)
     st = getattr(cfg, name)
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     out = Path(st.output) if st.output else run_dir / name
-    device = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and st.trainer.gpus_per_rank) else "cpu"
+    device = cluster_device(cfg, st.trainer.gpus_per_rank)
     t0 = time.perf_counter()
 
     tokenizer = load_tokenizer(st.model, cfg.models.trust_remote_code)
@@ -68,8 +69,7 @@ def run_stage(cfg: Config, name: str) -> dict:
         logger = MetricsLogger(run_dir, cfg, f"{cfg.run.name}-{name}", filename=f"{name}_metrics.jsonl")
         before = mean_over_ranks(group.run("evaluate", held_ref))
         logger.log(0, {f"{name}/eval_{k}": v for k, v in before.items()})
-        print(f"{name}: {len(train['input_ids' if name == 'sft' else 'weight'])} train, "
-              f"{len(held['input_ids' if name == 'sft' else 'weight'])} held out; before: "
+        print(f"{name}: {batch_size(train)} train, {batch_size(held)} held out; before: "
               + "  ".join(f"{k} {v:.4f}" for k, v in before.items()), flush=True)
         evaluation = before
         for epoch in range(1, st.epochs + 1):

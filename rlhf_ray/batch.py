@@ -53,10 +53,6 @@ def chunks(batch: Batch, size: int) -> list[Batch]:
     return [select(batch, slice(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def concat(batches: list[Batch]) -> Batch:
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-
-
 def split_round_robin(items: list, k: int) -> list[list]:
     """Deal items to k workers: worker i gets items i, i+k, i+2k, ..."""
     return [items[i::k] for i in range(k)]

@@ -18,7 +18,6 @@ from rlhf_ray.data import DataError, read_jsonl
 from rlhf_ray.prefs import ranking_to_pairs, scores_to_pairs
 
 SFT_FORMATS = ("alpaca", "dolly", "messages", "text")
-PREF_FORMATS = ("pairwise", "ranking")
 ROLES = ("system", "user", "assistant")
 
 

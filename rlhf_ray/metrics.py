@@ -6,7 +6,6 @@ W&B runs offline unless the config says online; the API key, if any, comes only 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -48,7 +47,3 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
-
-
-def all_finite(metrics: dict) -> bool:
-    return all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float)))

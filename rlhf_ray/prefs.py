@@ -8,7 +8,6 @@ answers does not dominate. Bradley & Terry (1952): P(i beats j) = sigmoid(s_i - 
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +78,6 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
             r[winner] += k * (1.0 - expected)
             r[loser] -= k * (1.0 - expected)
     return r
-
-
-def bt_win_probability(s_i: float, s_j: float) -> float:
-    return 1.0 / (1.0 + math.exp(-(s_i - s_j)))
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
