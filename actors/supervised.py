@@ -3,8 +3,9 @@ stage trains a scalar head with the Bradley-Terry loss. Same rank group, same mi
 
 Batches (built in `rlhf_ray/stage_data.py`):
     sft   input_ids, attention_mask, labels (IGNORE outside the assistant's tokens)
-    rm    {chosen,rejected}_{input_ids,attention_mask}, weight (1/#pairs of the prompt, mean 1)
-    dpo   {chosen,rejected}_{input_ids,attention_mask,labels}, ref_{chosen,rejected} (sequence logprobs)
+    rm    input_ids, attention_mask [G, K, L] (a prompt's K answers), pairs [G, K, K] (a preferred to b)
+    dpo   the same plus labels [G, K, L] and ref_logprobs [G, K] (the starting weights' sequence logprobs)
+Each answer runs through the model once; all the C(K, 2) pairs of its ranking are formed from those K values.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rlhf_ray.batch import Batch, chunks, shard
 from rlhf_ray.models import load_causal_lm, load_scalar_model, position_ids_from_mask, sequence_scores
 from rlhf_ray.prefs import bradley_terry_loss, dpo_loss
 from rlhf_ray.sft import sft_loss, sequence_logprobs
+from rlhf_ray.stage_data import listed_pairs
 
 
 class Supervised(DeepSpeedRole):
@@ -38,22 +40,30 @@ class Supervised(DeepSpeedRole):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).logits
 
-    def _pair_logprobs(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return (sequence_logprobs(self._logits(mb["chosen_input_ids"], mb["chosen_attention_mask"]), mb["chosen_labels"]),
-                sequence_logprobs(self._logits(mb["rejected_input_ids"], mb["rejected_attention_mask"]),
-                                  mb["rejected_labels"]))
+    def _per_answer(self, mb: Batch, fn) -> torch.Tensor:
+        """fn(ids, mask, labels) -> [n] over the real answers of [G, K, L] groups, back as [G, K]."""
+        G, K, _ = mb["input_ids"].shape
+        ids, mask, labels = (mb[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "labels"))
+        rows = mask.any(-1).nonzero(as_tuple=True)[0]
+        L = int(mask.sum(-1).max())                      # right-padded: drop the columns nobody uses
+        vals = fn(ids[rows, :L], mask[rows, :L], labels[rows, :L])
+        return vals.new_zeros(G * K).index_put((rows,), vals).view(G, K)
+
+    def _answer_logprobs(self, mb: Batch) -> torch.Tensor:
+        return self._per_answer(mb, lambda i, m, lab: sequence_logprobs(self._logits(i, m), lab))
 
     def _loss(self, mb: Batch) -> tuple[torch.Tensor, dict]:
         if self.objective == "sft":
             loss, n = sft_loss(self._logits(mb["input_ids"], mb["attention_mask"]), mb["labels"])
             return loss, {"tokens": n}
         if self.objective == "rm":
-            c = sequence_scores(self.model, mb["chosen_input_ids"], mb["chosen_attention_mask"])
-            r = sequence_scores(self.model, mb["rejected_input_ids"], mb["rejected_attention_mask"])
-            loss = bradley_terry_loss(c, r, weights=mb["weight"])
+            scores = self._per_answer(mb, lambda i, m, _: sequence_scores(self.model, i, m))
+            c, r, w = listed_pairs(scores, mb["pairs"])
+            loss = bradley_terry_loss(c, r, weights=w)
             return loss, {"accuracy": (c > r).float().mean().detach(), "margin": (c - r).mean().detach()}
-        pc, pr = self._pair_logprobs(mb)
-        return dpo_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], self.stage.beta)
+        pc, pr, w = listed_pairs(self._answer_logprobs(mb), mb["pairs"])
+        rc, rr, _ = listed_pairs(mb["ref_logprobs"], mb["pairs"])
+        return dpo_loss(pc, pr, rc, rr, self.stage.beta, weights=w)
 
     # ------------------------------------------------------------------ entry points (collective under ZeRO-3)
     def train(self, data: Batch, seed: int) -> dict:
@@ -71,10 +81,10 @@ class Supervised(DeepSpeedRole):
         return {k: v / len(batches) for k, v in sums.items()}
 
     @torch.no_grad()
-    def pair_logprobs(self, data: Batch) -> torch.Tensor:
-        """[n, 2] sequence logprobs of (chosen, rejected) for this rank's shard: before DPO's first step these
-        are the reference's (the starting weights *are* the reference), so no second model is held."""
-        return self._forward_shard(data, lambda mb: torch.stack(self._pair_logprobs(mb), dim=-1), self.micro)
+    def answer_logprobs(self, data: Batch) -> torch.Tensor:
+        """[G, K] sequence logprobs of every answer in this rank's shard: before DPO's first step these are the
+        reference's (the starting weights *are* the reference), so no second model is held."""
+        return self._forward_shard(data, self._answer_logprobs, self.micro)
 
 
 SupervisedActor = ray.remote(Supervised)

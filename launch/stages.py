@@ -24,7 +24,7 @@ from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.models import load_tokenizer
-from rlhf_ray.stage_data import pair_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
+from rlhf_ray.stage_data import ranking_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
 
 STAGES = ("sft", "rm", "dpo")
 
@@ -37,7 +37,7 @@ def stage_tensors(cfg: Config, name: str, tokenizer):
         return sft_batch(tokenizer, train, st.max_len), sft_batch(tokenizer, held, st.max_len)
     prefs = load_preferences(st.data)
     train, held = split_by_prompt(prefs, lambda p: p[0], st.eval_fraction, cfg.run.seed)
-    return pair_batch(tokenizer, train, st.max_len), pair_batch(tokenizer, held, st.max_len)
+    return ranking_batch(tokenizer, train, st.max_len), ranking_batch(tokenizer, held, st.max_len)
 
 
 def run_stage(cfg: Config, name: str) -> dict:
@@ -63,8 +63,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     try:
         if name == "dpo":              # reference logprobs: the starting weights, before the first step
             for batch in (train, held):
-                ref = torch.cat(group.run("pair_logprobs", ray.put(batch)))
-                batch["ref_chosen"], batch["ref_rejected"] = ref[:, 0], ref[:, 1]
+                batch["ref_logprobs"] = torch.cat(group.run("answer_logprobs", ray.put(batch)))
         train_ref, held_ref = ray.put(train), ray.put(held)
         logger = MetricsLogger(run_dir, cfg, f"{cfg.run.name}-{name}", filename=f"{name}_metrics.jsonl")
         before = mean_over_ranks(group.run("evaluate", held_ref))

@@ -156,7 +156,8 @@ class StageConfig:
     model: str = ""                    # HF directory the stage starts from
     output: str = ""                   # where the trained HF model goes ("" -> <run.output_dir>/<stage>)
     epochs: int = 1
-    batch_size: int = 16               # sequences (sft) or pairs (rm, dpo) per optimizer step, across ranks
+    batch_size: int = 16               # sequences (sft) or prompts with all their ranked answers (rm, dpo)
+                                       # per optimizer step, across ranks; micro_batch_size counts the same
     max_len: int = 256
     eval_fraction: float = 0.1         # held out by prompt, so no prompt is in both splits
     beta: float = 0.1                  # DPO only: strength of the implicit KL constraint

@@ -81,7 +81,7 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+             ref_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Direct Preference Optimisation (Rafailov et al. 2023) on summed sequence logprobs.
 
     loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
@@ -89,7 +89,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    loss = -F.logsigmoid(chosen_reward - rejected_reward)
+    loss = loss.mean() if weights is None else (loss * weights).sum() / weights.sum()
     with torch.no_grad():
         stats = {"reward_acc": (chosen_reward > rejected_reward).float().mean(),
                  "reward_margin": (chosen_reward - rejected_reward).mean()}

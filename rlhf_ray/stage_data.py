@@ -1,8 +1,9 @@
 """Tensors for the supervised stages, from normalised rows (rlhf_ray/formats.py). Pure; unit-tested.
 
 Held-out splits are by prompt, so no prompt (and none of its K answers) is in both train and eval.
-Preference pairs of one prompt share a weight 1/#pairs (InstructGPT: a prompt counts once, however many of
-its C(K, 2) pairs there are), rescaled to mean 1.
+Preferences keep a prompt's K answers together, each run once, with its pairs as a K x K matrix; the pairs of
+one prompt share a weight 1/#pairs (InstructGPT: a prompt counts once, however many of its C(K, 2) pairs
+there are), rescaled to mean 1.
 """
 from __future__ import annotations
 
@@ -35,31 +36,50 @@ def sft_batch(tokenizer, examples: list[dict], max_len: int) -> Batch:
     return collate_sft([sft_example(tokenizer, e, max_len) for e in examples], tokenizer.pad_token_id)
 
 
-def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
-    return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
+def _pad(seqs: list[list[int]], value: int, length: int) -> list[list[int]]:
+    return [s + [value] * (length - len(s)) for s in seqs]
 
 
-def pair_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, int]]]], max_len: int) -> Batch:
-    """Every (chosen, rejected) pair as right-padded chat sequences with response-only labels and weights."""
-    chosen, rejected, weights = [], [], []
-    for prompt, responses, pairs in prefs:
+def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, int]]]], max_len: int) -> Batch:
+    """One row per prompt, each of its K answers tokenised once (InstructGPT: a ranking of K answers is one
+    batch element whose C(K, 2) pairs share the K forward passes):
+
+        input_ids, attention_mask, labels   [G, K, L]  right-padded chat sequences, labels on the answer only
+        pairs                               [G, K, K]  1 where answer a is preferred to answer b
+
+    Prompts with fewer than K answers get all-padding rows that belong to no pair (and are never run).
+    """
+    p_ids, answers, pairs = [], [], []
+    for prompt, responses, prs in prefs:
         p = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])[-(max_len // 2):]
-        resp = [(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_len - len(p)]
-                for r in responses]
-        for a, b in pairs:
-            chosen.append((p, resp[a]))
-            rejected.append((p, resp[b]))
-            weights.append(1.0 / len(pairs))
-    L = max(len(p) + len(r) for p, r in chosen + rejected)
-    out: Batch = {}
-    for name, side in (("chosen", chosen), ("rejected", rejected)):
-        ids = [p + r for p, r in side]
-        out[f"{name}_input_ids"] = _pad(ids, tokenizer.pad_token_id, L)
-        out[f"{name}_attention_mask"] = _pad([[1] * len(x) for x in ids], 0, L)
-        out[f"{name}_labels"] = _pad([[IGNORE] * len(p) + r for p, r in side], IGNORE, L)
-    w = torch.tensor(weights, dtype=torch.float32)
-    out["weight"] = w / w.mean()
-    return out
+        p_ids.append(p)
+        answers.append([(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                        [:max_len - len(p)] for r in responses])
+        pairs.append(prs)
+    K = max(len(a) for a in answers)
+    L = max(len(p) + len(r) for p, a in zip(p_ids, answers) for r in a)
+    ids, mask, labels = [], [], []
+    for p, a in zip(p_ids, answers):
+        seqs = [p + r for r in a] + [[]] * (K - len(a))
+        ids.append(_pad(seqs, tokenizer.pad_token_id, L))
+        mask.append(_pad([[1] * len(x) for x in seqs], 0, L))
+        labels.append(_pad([[IGNORE] * len(p) + r for r in a] + [[]] * (K - len(a)), IGNORE, L))
+    pair_matrix = torch.zeros(len(prefs), K, K)
+    for g, prs in enumerate(pairs):
+        for a, b in prs:
+            pair_matrix[g, a, b] = 1.0
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels),
+            "pairs": pair_matrix}
+
+
+def listed_pairs(values: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values of the preferred answers, values of the others, weights) over every listed pair of [G, K] values.
+    Each prompt's pairs share weight 1/#pairs (a prompt counts once however many pairs its ranking has),
+    rescaled to mean 1."""
+    g, a, b = pairs.nonzero(as_tuple=True)
+    per_prompt = pairs.sum((1, 2))
+    w = 1.0 / per_prompt[g]
+    return values[g, a], values[g, b], w / w.mean()
 
 
 def trim_to_multiple(batch: Batch, k: int) -> Batch:

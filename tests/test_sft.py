@@ -53,3 +53,37 @@ def test_dpo_loss_values_and_reference_invariance():
     assert st["reward_acc"].item() == 0.5
     loss0, _ = dpo_loss(rc, rr, rc, rr, beta=0.5)         # policy == reference: log 2
     assert loss0.item() == pytest.approx(math.log(2))
+
+
+def test_ranking_batch_keeps_a_prompts_answers_together_and_pads_short_groups(tok):
+    from rlhf_ray.stage_data import ranking_batch
+    prefs = [("Continue: the object", ["a class", "a value here", "types"], [(1, 0), (1, 2), (0, 2)]),
+             ("Continue: a module", ["names", "a file"], [(0, 1)])]            # a pairwise row: K = 2
+    b = ranking_batch(tok, prefs, max_len=64)
+    G, K, L = b["input_ids"].shape
+    assert (G, K) == (2, 3) and b["labels"].shape == (G, K, L) and b["pairs"].shape == (G, K, K)
+    assert b["attention_mask"][1, 2].sum() == 0                         # the padded answer slot is empty
+    assert b["pairs"].sum((1, 2)).tolist() == [3.0, 1.0] and b["pairs"][0, 1, 0] == 1 and b["pairs"][0, 0, 1] == 0
+    for g, (_, answers, _) in enumerate(prefs):                         # labels: the answer (+ EOS) only
+        for k, text in enumerate(answers):
+            lab = b["labels"][g, k]
+            got = lab[lab != IGNORE].tolist()
+            assert got == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            n = int(b["attention_mask"][g, k].sum())
+            assert b["input_ids"][g, k, n - len(got):n].tolist() == got       # right-padded: answer ends the row
+
+
+def test_listed_pairs_forms_every_pair_from_per_answer_values_with_per_prompt_weights():
+    from rlhf_ray.prefs import bradley_terry_loss
+    from rlhf_ray.stage_data import listed_pairs
+    values = torch.tensor([[3.0, 1.0, 2.0], [5.0, 4.0, 0.0]])
+    pairs = torch.zeros(2, 3, 3)
+    pairs[0, 0, 1] = pairs[0, 0, 2] = pairs[0, 2, 1] = 1                 # ranking 0 > 2 > 1
+    pairs[1, 1, 0] = 1                                                    # a pair the values get wrong
+    c, r, w = listed_pairs(values, pairs)
+    assert sorted(zip(c.tolist(), r.tolist())) == [(2.0, 1.0), (3.0, 1.0), (3.0, 2.0), (4.0, 5.0)]
+    assert w.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])        # a prompt counts once, mean 1
+    # the same loss as averaging each prompt's pairs and then the prompts
+    per_prompt = [-torch.nn.functional.logsigmoid(torch.tensor([2.0, 1.0, 1.0])).mean(),
+                  -torch.nn.functional.logsigmoid(torch.tensor(-1.0))]
+    assert bradley_terry_loss(c, r, weights=w).item() == pytest.approx(torch.stack(per_prompt).mean().item(), rel=1e-6)
