@@ -77,7 +77,10 @@ class FrozenRole(RankActor):
 class DeepSpeedRole(RankActor):
     """A model trained under DeepSpeed ZeRO on one rank of a group (policy, critic)."""
 
-    def _init_engine(self, load_model: Callable[[], torch.nn.Module], role_cfg, minibatch_size: int, dtype: str):
+    def _init_engine(self, load_model: Callable[[], torch.nn.Module], role_cfg, minibatch_size: int, dtype: str,
+                     head: str | None = None):
+        """DeepSpeed around the loaded model; with role_cfg.lora.rank > 0 only LoRA adapters train (and `head`,
+        a scalar model's freshly initialised value head, which gets no adapter)."""
         import deepspeed
         ds_cfg = deepspeed_config(role_cfg, minibatch_size, dtype, self.device)
         self.zero_stage = role_cfg.zero_stage
@@ -87,8 +90,12 @@ class DeepSpeedRole(RankActor):
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)   # must stay alive while the model loads
         model = load_model()
+        if role_cfg.lora.rank > 0:
+            model = add_lora(model, role_cfg.lora, head)
         if role_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if role_cfg.lora.rank > 0:
+                model.enable_input_require_grads()      # frozen embeddings: checkpointed blocks still get grads
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)
         self.model = self.engine.module
@@ -99,6 +106,7 @@ class DeepSpeedRole(RankActor):
                            loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]]) -> dict:
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
         A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
+        loss_fn(micro, denominators) gets the whole minibatch's loss denominators (see _loss_denominators).
 
         The shuffle is seeded identically on every rank so the ranks agree on each minibatch. DeepSpeed
         averages gradients across ranks and accumulates over micro-batches; one optimizer step per minibatch.
@@ -112,9 +120,10 @@ class DeepSpeedRole(RankActor):
             for idx in perm.split(minibatch_size):
                 if len(idx) < minibatch_size:
                     break
-                mb = shard(select(exp, idx), self.rank, self.world_size)
-                for micro in chunks(mb, self.micro):
-                    loss, s = loss_fn(self._to_device(micro))
+                mb = select(exp, idx)
+                denominators = self._loss_denominators(mb)
+                for micro in chunks(shard(mb, self.rank, self.world_size), self.micro):
+                    loss, s = loss_fn(self._to_device(micro), denominators)
                     self.engine.backward(loss)
                     self.engine.step()
                     stats["loss"].append(loss.item())
@@ -124,26 +133,43 @@ class DeepSpeedRole(RankActor):
         out["update_seconds"] = time.perf_counter() - t0
         return out
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameters of this rank's model (ZeRO-3: the full counts, not the shard)."""
+        def n(p):
+            return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        params = list(self.model.parameters())
+        return {"trainable": sum(n(p) for p in params if p.requires_grad), "total": sum(n(p) for p in params)}
+
+    def _loss_denominators(self, minibatch: Batch) -> dict[str, float]:
+        """Per aggregation mode, the minibatch's token (or sequence) count divided by the number of micro-batch
+        losses DeepSpeed averages (gradient accumulation steps x ranks). Each micro-batch's loss divided by it
+        makes the optimizer step's gradient exactly that of the whole minibatch's loss, however it is split."""
+        k = self.engine.gradient_accumulation_steps() * self.world_size
+        seqs = batch_size(minibatch) / k
+        out = {"seq-mean-token-mean": seqs, "seq-mean-token-sum": seqs}
+        if "response_mask" in minibatch:
+            out["token-mean"] = float(minibatch["response_mask"].sum()) / k
+        return out
+
     # ------------------------------------------------------------------ full weights, bucket by bucket
     def _named_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor] | None]:
         """Yield the full (HF-named) weights in buckets of about `bucket_bytes`; rank 0 gets the tensors,
         other ranks None. Under ZeRO-3 each bucket is gathered as a collective (all ranks must iterate), so
         no rank ever materialises more than one bucket of the gathered model at a time."""
         import deepspeed
-        params = list(self.model.named_parameters())   # tied aliases appear once
-        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        bucket: list[tuple[str, list[torch.nn.Parameter], Callable]] = []
         size = 0
 
         def emit(items):
-            gathered = (deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None)
+            params = [p for _, ps, _ in items for p in ps]
+            gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                         if self.zero_stage == 3 else nullcontext())
-            with gathered:
-                return {n: p.detach().cpu().clone() for n, p in items} if self.rank == 0 else None
+            with gathered, torch.no_grad():
+                return {n: fn().detach().cpu().clone() for n, _, fn in items} if self.rank == 0 else None
 
-        for name, p in params:
-            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-            bucket.append((name, p))
-            size += numel * p.element_size()
+        for item in export_items(self.model):
+            bucket.append(item)
+            size += sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in item[1])
             if size >= bucket_bytes:
                 yield emit(bucket)
                 bucket, size = [], 0
@@ -171,3 +197,39 @@ class DeepSpeedRole(RankActor):
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+def add_lora(model: torch.nn.Module, lora, head: str | None = None) -> torch.nn.Module:
+    """Inject LoRA adapters (peft) into `model` in place and freeze everything else except `head`.
+    Returns the same HF model object, so forward code and parameter names stay the model's own."""
+    from peft import LoraConfig, inject_adapter_in_model
+    targets = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                     exclude_modules=[head] if head else None, bias="none")
+    if targets == "all-linear":                 # peft resolves "all-linear" only through a PeftModel: do it here
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and m is not out and n.rsplit(".", 1)[-1] != head}
+        cfg.target_modules = sorted(names)
+    model.requires_grad_(False)
+    model = inject_adapter_in_model(cfg, model)
+    for name, p in model.named_parameters():
+        if "lora_" in name or (head and name.split(".")[0] == head):
+            p.requires_grad_(True)
+    return model
+
+
+def export_items(model: torch.nn.Module) -> Iterator[tuple[str, list[torch.nn.Parameter], Callable]]:
+    """The model's full weights under their HF names, as (name, params to gather, compute): a LoRA layer's
+    weight comes back merged, W + (alpha / r) B A, so engines and checkpoints need no adapter support."""
+    merged: set[int] = set()
+    for mname, m in model.named_modules():
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A") and "default" in m.lora_A:
+            W, A, B = m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight
+            merged.update(map(id, (W, A, B)))
+            yield f"{mname}.weight", [W, A, B], lambda W=W, m=m: W + m.get_delta_weight("default").to(W.dtype)
+    for name, p in model.named_parameters():             # tied aliases appear once
+        if id(p) not in merged:
+            yield name.replace(".base_layer.", "."), [p], lambda p=p: p

@@ -1,5 +1,6 @@
 """The critic: a scalar-head model predicting per-token values, trained with the clipped value loss under
-DeepSpeed ZeRO. Initialised from the reward model (InstructGPT) unless `models.critic` names another."""
+DeepSpeed ZeRO. Initialised from `models.critic`, else the reward model (InstructGPT), else the policy.
+Only the GAE estimator creates it."""
 from __future__ import annotations
 
 import ray
@@ -19,22 +20,23 @@ class Critic(DeepSpeedRole):
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         super().init_process_group(master_addr, master_port)
         c = self.cfg
-        path = c.models.critic or c.models.reward
+        path = c.critic_init()
         self._init_engine(lambda: load_scalar_model(path, c.train.dtype, c.models.trust_remote_code, "critic"),
-                          c.critic, c.ppo.minibatch_size, c.train.dtype)
+                          c.critic, c.ppo.minibatch_size, c.train.dtype, head="score")
 
     def values(self, batch: Batch) -> torch.Tensor:
         T = batch["response_mask"].size(1)
         return self._forward_shard(
             batch, lambda mb: token_values(self.model, mb["input_ids"], mb["attention_mask"], T), self.micro)
 
-    def train(self, exp: Batch, seed: int) -> dict:
+    def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
         ppo = self.cfg.ppo
         T = exp["response_mask"].size(1)
 
-        def loss_fn(mb: Batch):
+        def loss_fn(mb: Batch, denominators: dict):
             v = token_values(self.model, mb["input_ids"], mb["attention_mask"], T)
-            return value_loss(v, mb["values"], mb["returns"], mb["response_mask"], ppo.value_clip)
+            return value_loss(v, mb["values"], mb["returns"], mb["response_mask"], ppo.value_clip, ppo.loss_agg,
+                              denominators[ppo.loss_agg])
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed + 7, loss_fn)
 

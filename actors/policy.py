@@ -5,7 +5,7 @@ import ray
 import torch
 
 from actors.base import DeepSpeedRole
-from rlhf_ray.algos import masked_mean, ppo_policy_loss
+from rlhf_ray.algos import aggregate, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, response_logprobs
 
@@ -28,18 +28,26 @@ class Policy(DeepSpeedRole):
             batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
             self.micro)
 
-    def train(self, exp: Batch, seed: int) -> dict:
+    def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
+        """PPO epochs: clipped (optionally dual-clipped) surrogate, minus the entropy bonus, plus beta * KL to the
+        reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch."""
         ppo, temp = self.cfg.ppo, self.cfg.generation.temperature
         T = exp["response_mask"].size(1)
+        kl_in_loss = ppo.kl_placement == "loss"
 
-        def loss_fn(mb: Batch):
+        def loss_fn(mb: Batch, denominators: dict):
             lp, ent = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp, with_entropy=True)
-            mask = mb["response_mask"]
-            loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip)
-            entropy = masked_mean(ent, mask)
+            mask, den = mb["response_mask"], denominators[ppo.loss_agg]
+            loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip, ppo.dual_clip,
+                                          ppo.loss_agg, den)
+            entropy = aggregate(ent, mask, ppo.loss_agg, den)
             if ppo.entropy_coef:
                 loss = loss - ppo.entropy_coef * entropy
-            return loss, {**stats, "entropy": entropy.detach()}
+            if kl_in_loss:
+                kl = aggregate(kl_estimate(lp, mb["ref_logprobs"], ppo.kl_estimator), mask, ppo.loss_agg, den)
+                loss = loss + kl_coef * kl
+                stats["kl_loss"] = kl.detach()
+            return loss, {**stats, "entropy": masked_mean(ent, mask).detach()}
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
 

@@ -1,24 +1,53 @@
-"""The reward model: a frozen scalar-head model scoring each whole (prompt, response) sequence."""
+"""The reward actor: scores each whole (prompt, response) with every configured source and sums
+weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`) or an
+HTTP scorer (rlhf_ray/rewards.py); rule and remote sources see the decoded texts."""
 from __future__ import annotations
 
 import ray
 import torch
 
 from actors.base import FrozenRole
-from rlhf_ray.batch import Batch
-from rlhf_ray.models import load_scalar_model, sequence_scores
+from rlhf_ray.batch import Batch, rollout_texts, shard
+from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
+from rlhf_ray.rewards import combine, text_scorer
 
 
 class Reward(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
         super().__init__(rank, world_size, int(cfg.reward.cpus_per_rank), device)
         self.cfg = cfg
-        self._set_model(load_scalar_model(cfg.models.reward, cfg.train.dtype, cfg.models.trust_remote_code, "reward"))
+        self.sources = cfg.reward_sources()
+        self.weights = [s.weight for s in self.sources]
+        self.scorers, self.tokenizer = [], None
+        for i, src in enumerate(self.sources):
+            if src.kind == "model":
+                model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code, f"reward.sources[{i}]")
+                self.scorers.append(("model", model.to(self.device).eval().requires_grad_(False)))
+            else:
+                self.scorers.append(("text", text_scorer(src.kind, src.path, batch_size=src.batch_size,
+                                                         timeout_s=src.timeout_s, retries=src.retries,
+                                                         auth_env=src.auth_env)))
+                if self.tokenizer is None:
+                    self.tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.policy, cfg.models.trust_remote_code)
+
+    def _model_scores(self, model, batch: Batch) -> torch.Tensor:
+        return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),
+                                   self.cfg.reward.micro_batch_size)
+
+    def scores_by_source(self, batch: Batch) -> torch.Tensor:
+        """[n, 1 + S] for this rank's shard: the weighted total, then each source's own score."""
+        cols = []
+        for kind, scorer in self.scorers:
+            if kind == "model":
+                cols.append(self._model_scores(scorer, batch))
+            else:
+                prompts, responses = rollout_texts(self.tokenizer, shard(batch, self.rank, self.world_size))
+                cols.append(torch.tensor(scorer(prompts, responses), dtype=torch.float32))
+        per_source = torch.stack(cols, dim=-1)
+        return torch.cat([combine(per_source, self.weights)[:, None], per_source], dim=-1)
 
     def scores(self, batch: Batch) -> torch.Tensor:
-        return self._forward_shard(
-            batch, lambda mb: sequence_scores(self.model, mb["input_ids"], mb["attention_mask"]),
-            self.cfg.reward.micro_batch_size)
+        return self.scores_by_source(batch)[:, 0]
 
 
 RewardActor = ray.remote(Reward)

@@ -52,7 +52,7 @@ class Supervised(DeepSpeedRole):
     def _answer_logprobs(self, mb: Batch) -> torch.Tensor:
         return self._per_answer(mb, lambda i, m, lab: sequence_logprobs(self._logits(i, m), lab))
 
-    def _loss(self, mb: Batch) -> tuple[torch.Tensor, dict]:
+    def _loss(self, mb: Batch, denominators: dict | None = None) -> tuple[torch.Tensor, dict]:
         if self.objective == "sft":
             loss, n = sft_loss(self._logits(mb["input_ids"], mb["attention_mask"]), mb["labels"])
             return loss, {"tokens": n}

@@ -26,8 +26,8 @@ from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
 from launch.common import actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
-from rlhf_ray.algos import adaptive_kl_coef, compute_experience
-from rlhf_ray.batch import build_rollout_batch, merge_round_robin, split_round_robin
+from rlhf_ray.algos import adaptive_kl_coef, compute_experience, missing_eos_penalty
+from rlhf_ray.batch import build_rollout_batch, merge_round_robin, rollout_texts, split_round_robin
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import DataError, PromptStream, load_prompts
 from rlhf_ray.metrics import MetricsLogger
@@ -40,7 +40,7 @@ from rlhf_ray.sft import prompt_ids
 @dataclass
 class Actors:
     policy: RankGroup
-    critic: RankGroup
+    critic: RankGroup | None          # only the GAE estimator has one
     reference: RankGroup
     reward: RankGroup
     engine_group: RankGroup
@@ -49,9 +49,14 @@ class Actors:
     def engines(self) -> list:
         return self.engine_group.actors
 
+    @property
+    def trained(self) -> dict[str, RankGroup]:
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {})}
+
     def shutdown(self) -> None:
         for g in (self.policy, self.critic, self.reference, self.reward, self.engine_group):
-            g.shutdown()
+            if g is not None:
+                g.shutdown()
 
 
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
@@ -61,14 +66,14 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     p, c, r, w, e = cfg.policy, cfg.critic, cfg.reference, cfg.reward, cfg.engine
     policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args,
                        distributed=True, runtime_env=renv)
-    critic = RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args,
-                       distributed=True, runtime_env=renv)
+    critic = (RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args,
+                        distributed=True, runtime_env=renv) if cfg.needs_critic() else None)
     reference = RankGroup(ReferenceActor, "reference", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args,
                           runtime_env=renv)
     reward = RankGroup(RewardActor, "reward", w.num_ranks, w.cpus_per_rank, w.gpus_per_rank, args, runtime_env=renv)
     engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
                         e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=eng_env)
-    ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) for a in g.actors])
+    ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines)
 
 
@@ -105,18 +110,16 @@ def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int,
     samples = merge_round_robin(ray.get(refs), len(prompt_ids), g.n)
     prompts_rep = [p for p in prompt_ids for _ in range(g.n)]
     batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
-    finished = sum(s["finished"] for s in samples) / len(samples)
-    return batch, {"response/finished_frac": finished}
+    batch["finished"] = torch.tensor([bool(s["finished"]) for s in samples])
+    return batch, {"response/finished_frac": batch["finished"].float().mean().item()}
 
 
 def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str,
                     kl_coef: float) -> Path:
     root = ckpt.checkpoint_root(run_dir)
     staging = ckpt.begin(root, step)
-    ray.get(actors.policy.call("save_hf", str(staging / "policy"), tok_dir)
-            + actors.critic.call("save_hf", str(staging / "critic"), tok_dir)
-            + actors.policy.call("save_ds", str(staging / "policy_ds"))
-            + actors.critic.call("save_ds", str(staging / "critic_ds")))
+    ray.get([ref for name, group in actors.trained.items()
+             for ref in group.call("save_hf", str(staging / name), tok_dir) + group.call("save_ds", str(staging / f"{name}_ds"))])
     final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed, "kl_coef": kl_coef})
     ckpt.prune(root, cfg.checkpoint.keep)
     return final
@@ -147,25 +150,30 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
         batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
     batch_ref = ray.put(batch)
 
-    # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values, RM scores
+    # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
+    #    rewards from every source (reward models, rules, remote scorers), weighted and summed
+    ppo = cfg.ppo
     with timer("score"):
-        old_lp, ref_lp, values, scores = (
-            torch.cat(ray.get(refs)) for refs in (actors.policy.call("logprobs", batch_ref),
-                                                  actors.reference.call("logprobs", batch_ref),
-                                                  actors.critic.call("values", batch_ref),
-                                                  actors.reward.call("scores", batch_ref)))
+        refs = {"old": actors.policy.call("logprobs", batch_ref), "ref": actors.reference.call("logprobs", batch_ref),
+                "reward": actors.reward.call("scores_by_source", batch_ref)}
+        if actors.critic:
+            refs["values"] = actors.critic.call("values", batch_ref)
+        out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
+        scores = missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty)
 
-    # 3. advantages: per-token KL penalty folded into the reward, GAE, whitening
+    # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator
     with timer("advantage"):
-        exp, exp_stats = compute_experience(batch, old_lp, ref_lp, values, scores, kl_coef=kl.coef,
-                                            gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
-                                            whiten_advantages=cfg.ppo.whiten_advantages)
+        exp, exp_stats = compute_experience(
+            batch, out["old"], out["ref"], out.get("values"), scores, estimator=ppo.advantage, n=cfg.generation.n,
+            kl_coef=kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
+            gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std)
     exp_ref = ray.put(exp)
 
-    # 4. PPO epochs over minibatches: clipped surrogate on the policy, clipped value loss on the critic
+    # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
     with timer("train"):
-        p_refs, c_refs = actors.policy.call("train", exp_ref, step), actors.critic.call("train", exp_ref, step)
-        p_stats, c_stats = mean_over_ranks(ray.get(p_refs)), mean_over_ranks(ray.get(c_refs))
+        train_refs = {name: g.call("train", exp_ref, step, kl.coef) for name, g in actors.trained.items()}
+        stats = {name: mean_over_ranks(ray.get(r)) for name, r in train_refs.items()}
+        p_stats = stats["policy"]
 
     # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
     with timer("weight_sync"):
@@ -177,27 +185,30 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
         **exp_stats, **gen_stats,
         "policy/loss": p_stats["loss"], "policy/clipfrac": p_stats["clipfrac"],
         "policy/approx_kl": p_stats["approx_kl"], "policy/entropy": p_stats["entropy"],
-        "value/loss": c_stats["loss"], "value/clipfrac": c_stats["vf_clipfrac"],
+        **{f"policy/{k}": p_stats[k] for k in ("kl_loss", "dual_clipfrac") if k in p_stats},
+        **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
+           for i, s in enumerate(cfg.reward_sources()) if len(cfg.reward_sources()) > 1},
         "response/length_mean": mask.sum(-1).mean().item(),
-        "rollout/logprob_diff_max": ((batch["sample_logprobs"] - old_lp).abs() * mask).max().item(),
+        "rollout/logprob_diff_max": ((batch["sample_logprobs"] - out["old"]).abs() * mask).max().item(),
         "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
         "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],
         "time/advantage": timer.seconds["advantage"], "time/train": timer.seconds["train"],
-        "time/policy_update": p_stats["update_seconds"], "time/critic_update": c_stats["update_seconds"],
+        "time/policy_update": p_stats["update_seconds"],
         "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
     }
+    if "critic" in stats:
+        metrics.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
+                        "time/critic_update": stats["critic"]["update_seconds"]})
     if gold_fn is not None:          # overoptimisation monitor: the true reward beside the proxy, every step
-        T = mask.size(1)
-        texts = tokenizer.batch_decode([row[m.bool()] for row, m in zip(batch["input_ids"][:, -T:], mask)],
-                                       skip_special_tokens=True)
-        gold = torch.tensor([gold_fn(t) for t in texts])
+        gold = torch.tensor([gold_fn(t) for t in rollout_texts(tokenizer, batch)[1]])
         metrics["gold/mean"], metrics["gold/std"] = gold.mean().item(), gold.std().item()
     metrics["kl/coef"] = kl.coef
     kl.update(exp_stats["kl/ref_per_seq"])
     logger.log(step, metrics)
     print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
-          f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}  vf {metrics['value/loss']:.4f}"
+          f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}"
+          + (f"  vf {metrics['value/loss']:.4f}" if "value/loss" in metrics else "") +
           f"  len {metrics['response/length_mean']:.1f}  | gen {metrics['time/generate']:.2f}s"
           f" score {metrics['time/score']:.2f}s train {metrics['time/train']:.2f}s"
           f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
@@ -220,7 +231,8 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
 
     tok_dir = cfg.models.tokenizer or cfg.models.policy
     tokenizer = load_tokenizer(tok_dir, cfg.models.trust_remote_code)
-    for what, path in (("policy", cfg.models.policy), ("reward", cfg.models.reward)):
+    for what, path in [("policy", cfg.models.policy)] + [
+            (f"reward.sources[{i}]", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]:
         check_tokenizer_matches(tokenizer, path, what)
     stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key), cfg.generation.prompts_per_step,
                           cfg.run.seed, cfg.data.shuffle)
@@ -228,13 +240,16 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     start_ray(cfg)
     actors = build_actors(cfg, device, run_dir)
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
+    for name, group in actors.trained.items():
+        counts = ray.get(group.actors[0].parameter_counts.remote())
+        print(f"{name}: {counts['trainable']:,} of {counts['total']:,} parameters train"
+              + (" (LoRA)" if getattr(cfg, name).lora.rank else ""), flush=True)
 
     start_step, kl = 0, KLCoef(cfg.ppo)
     latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
     if latest is not None:
         state = ckpt.load_state(latest)
-        ray.get(actors.policy.call("load_ds", str(latest / "policy_ds"))
-                + actors.critic.call("load_ds", str(latest / "critic_ds")))
+        ray.get([r for name, g in actors.trained.items() for r in g.call("load_ds", str(latest / f"{name}_ds"))])
         stream.load_state(state["data"])
         start_step, kl.coef = state["step"], state.get("kl_coef", kl.coef)
         sync.push()                                            # the engines start from the resumed policy

@@ -57,14 +57,33 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k2 = (log r)^2 / 2 with r = pi_ref / pi: biased, low variance, >= 0."""
+    return 0.5 * (ref_logprobs - logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, low variance, >= 0 (GRPO's KL loss).
+    The log ratio is clamped to +-20 so one wild token cannot overflow the exp."""
+    log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+    return torch.exp(log_r) - 1.0 - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         mask: torch.Tensor, kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token reward r_t = -beta * KL_t, plus the sequence score at the last response token.
 
     Returns (rewards [B, T], kl [B, T]). The score lands on the final real token (the EOS when one was
-    generated), as in Ziegler et al. 2019 and InstructGPT.
+    generated), as in Ziegler et al. 2019 and InstructGPT. kl_coef = 0 gives the bare score.
     """
-    kl = kl_k1(logprobs, ref_logprobs) * mask
+    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     rewards = rewards.clone()
@@ -94,26 +113,90 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return adv * mask, returns * mask
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective (Schulman et al. 2017), token-mean over the batch.
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over the response tokens (0 beyond the last)."""
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
 
-    Returns (loss, stats) with clip fraction and the approximate KL(old || new) = mean((r - 1) - log r) (k3).
+
+def group_advantages(scores: torch.Tensor, n: int, estimator: str, norm_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Outcome advantages from the n samples of each prompt (scores prompt-major, [P * n]) -> [P * n].
+
+    grpo: (r - mean_group) / (std_group + eps), the std division switchable (Shao et al. 2024; Liu et al.
+          2025 "Dr. GRPO" drop it). A group of one, or of equal rewards, gets advantage 0.
+    rloo: r_i - mean_{j != i} r_j, the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024).
+    """
+    g = scores.float().view(-1, n)
+    if estimator == "grpo":
+        adv = g - g.mean(-1, keepdim=True)
+        if norm_std and n > 1:
+            adv = adv / (g.std(-1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        if n < 2:
+            raise ValueError("rloo needs generation.n >= 2 samples per prompt")
+        adv = g - (g.sum(-1, keepdim=True) - g) / (n - 1)
+    else:
+        raise ValueError(f"not a group estimator: {estimator}")
+    return adv.reshape(-1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar.
+
+    token-mean           sum_{b,t} l / #tokens                  (every token weighs the same)
+    seq-mean-token-mean  mean_b (sum_t l / |y_b|)               (every sequence weighs the same; GRPO's paper)
+    seq-mean-token-sum   mean_b sum_t l                         (Dr. GRPO: no length normalisation)
+
+    `denominator` replaces #tokens (token-mean) or #sequences (seq-*) by the whole minibatch's count, so that
+    micro-batches, each reduced with it, add up to exactly the minibatch's loss however it is split.
+    """
+    if mode == "token-mean":
+        num, den = masked_sum(per_token, mask), mask.sum().clamp(min=1.0)
+    elif mode == "seq-mean-token-mean":
+        num, den = masked_mean(per_token, mask, dim=-1).sum(), mask.size(0)
+    elif mode == "seq-mean-token-sum":
+        num, den = masked_sum(per_token, mask, dim=-1).sum(), mask.size(0)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return num / (den if denominator is None else denominator)
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float, dual_clip: float | None = None, agg: str = "token-mean",
+                    denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps, 1 + eps)) per token.
+
+    dual_clip = c > 1 (Ye et al. 2020) also bounds the loss of a negative advantage by -c A, so a huge ratio on
+    a bad action cannot dominate the step. Returns (loss, stats): clip fractions and the approximate
+    KL(old || new) = mean((r - 1) - log r) (k3).
     """
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     surr1 = -advantages * ratio
     surr2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(surr1, surr2), mask)
+    per_token = torch.maximum(surr1, surr2)
+    stats = {}
+    if dual_clip is not None:
+        bounded = torch.minimum(per_token, -advantages * dual_clip)
+        with torch.no_grad():
+            stats["dual_clipfrac"] = masked_mean(((advantages < 0) & (bounded < per_token)).float(), mask)
+        per_token = torch.where(advantages < 0, bounded, per_token)
+    loss = aggregate(per_token, mask, agg, denominator)
     with torch.no_grad():
-        clipfrac = masked_mean((surr2 > surr1).float(), mask)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+        stats["clipfrac"] = masked_mean((surr2 > surr1).float(), mask)
+        stats["approx_kl"] = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
-    """0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2), token-mean; clip <= 0 turns clipping off."""
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float, agg: str = "token-mean", denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+    """0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2), aggregated; clip <= 0 turns clipping off."""
     loss_unclipped = (values - returns) ** 2
     if clip > 0:
         clipped = old_values + torch.clamp(values - old_values, -clip, clip)
@@ -124,30 +207,63 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     else:
         per_token = loss_unclipped
         clipfrac = torch.zeros(())
-    return 0.5 * masked_mean(per_token, mask), {"vf_clipfrac": clipfrac}
+    return 0.5 * aggregate(per_token, mask, agg, denominator), {"vf_clipfrac": clipfrac}
 
 
-def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
-                       scores: torch.Tensor, *, kl_coef: float, gamma: float, lam: float,
-                       whiten_advantages: bool) -> tuple[dict, dict]:
-    """Rollout + scores -> the tensors PPO trains on, and the step's rollout statistics.
+def missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Subtract `penalty` from the score of every response that hit the length limit without an EOS."""
+    return scores - penalty * (~finished.bool()).to(scores.dtype)
 
-    rewards = score at the last token - beta * KL per token;  (A, R) = GAE(rewards, V);  A whitened (optional).
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+NEEDS_CRITIC = {"gae"}
+
+
+def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                       values: torch.Tensor | None, scores: torch.Tensor, *, estimator: str = "gae", n: int = 1,
+                       kl_coef: float, kl_estimator: str = "k1", kl_in_reward: bool = True, gamma: float = 1.0,
+                       lam: float = 0.95, whiten_advantages: bool | None = None,
+                       grpo_norm_std: bool = True) -> tuple[dict, dict]:
+    """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
+
+    KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
+        gae, reinforce++   r_t = -beta KL_t (+ score at the last token)   [Ziegler et al. 2019]
+        grpo, rloo         outcome = score - beta sum_t KL_t
+    (with the KL as a loss term instead, beta is 0 here and the policy adds beta * KL to its loss).
+    gae           (A, R) = GAE(r, V)                     (needs the critic's values)
+    reinforce++   A = whiten_batch(sum_{s>=t} gamma^(s-t) r_s)     [Hu 2025]
+    grpo / rloo   A_t = group_advantages(outcome) for every token of the response
+    whiten_advantages None: the estimator's own default (gae and reinforce++ whiten, grpo and rloo do not).
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ESTIMATORS}")
     mask = batch["response_mask"]
-    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
-    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
-    if whiten_advantages:
+    beta = kl_coef if kl_in_reward else 0.0
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, kl_estimator)
+    returns = None
+    if estimator == "gae":
+        advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    elif estimator == "reinforce++":
+        advantages = returns = discounted_returns(rewards, mask, gamma)
+    else:
+        outcome = masked_sum(rewards, mask, dim=-1)          # = score - beta * sum_t KL_t
+        advantages = group_advantages(outcome, n, estimator, grpo_norm_std)[:, None] * mask
+    if whiten_advantages if whiten_advantages is not None else estimator in ("gae", "reinforce++"):
         advantages = masked_whiten(advantages, mask)
     exp = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "response_mask": mask,
-           "old_logprobs": old_logprobs, "values": values * mask, "returns": returns, "advantages": advantages}
+           "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages}
+    if values is not None:
+        exp["values"], exp["returns"] = values * mask, returns
     seq_kl = masked_sum(kl, mask, dim=-1)
     stats = {
         "reward/score_mean": scores.mean().item(), "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "reward/total_mean": masked_sum(rewards, mask, dim=-1).mean().item(),
         "kl/ref_per_seq": seq_kl.mean().item(), "kl/ref_per_token": masked_mean(kl, mask).item(),
-        "value/mean": masked_mean(values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
+        "advantage/mean": masked_mean(advantages, mask).item(),
     }
+    if values is not None:
+        stats["value/mean"] = masked_mean(values, mask).item()
+        stats["returns/mean"] = masked_mean(returns, mask).item()
     return exp, stats
 
 

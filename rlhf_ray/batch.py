@@ -33,6 +33,16 @@ def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int
             "response_mask": response_mask, "sample_logprobs": logprobs}
 
 
+def rollout_texts(tokenizer, batch: Batch) -> tuple[list[str], list[str]]:
+    """(prompts, responses) of a rollout batch as text, special tokens dropped."""
+    T = batch["response_mask"].size(1)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompts = [row[m.bool()] for row, m in zip(ids[:, :-T], mask[:, :-T])]
+    responses = [row[m.bool()] for row, m in zip(ids[:, -T:], batch["response_mask"])]
+    return (tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            tokenizer.batch_decode(responses, skip_special_tokens=True))
+
+
 def batch_size(batch: Batch) -> int:
     return next(iter(batch.values())).size(0)
 

@@ -67,6 +67,17 @@ class TrainerRoleConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4          # sequences per rank per forward/backward
     gradient_checkpointing: bool = False
+    lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021, via peft): only A and B (and a critic's value head) train; the
+    engines and saved checkpoints get the merged weights W + (alpha / r) B A."""
+    rank: int = 0                      # 0: off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])   # or e.g. [q_proj, v_proj]
 
 
 @dataclass
@@ -76,6 +87,26 @@ class InferenceRoleConfig:
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0
     micro_batch_size: int = 16
+
+
+@dataclass
+class RewardSourceConfig:
+    """One source of reward; the reward actor scores with every source and sums weight * score."""
+    kind: Literal["model", "function", "http"] = "model"
+    path: str = ""                     # model: scalar-head HF dir ("" -> models.reward); function:
+                                       # "package.module:function" (fn(prompts, responses) -> list of floats,
+                                       # importable on every node); http: the endpoint URL
+    weight: float = 1.0
+    batch_size: int = 64               # http: responses per request
+    timeout_s: float = 30.0            # http: per request
+    retries: int = 3                   # http: further attempts after a failed request (exponential backoff)
+    auth_env: Optional[str] = None     # http: environment variable holding a bearer token (never logged)
+
+
+@dataclass
+class RewardRoleConfig(InferenceRoleConfig):
+    """The reward actor: forward passes of a reward model and/or rule and remote scorers."""
+    sources: list[RewardSourceConfig] = field(default_factory=list)   # empty: the model at models.reward
 
 
 @dataclass
@@ -103,17 +134,25 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
+    """The RL update. Every flag, its formula and its source: docs/algorithms.md."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"   # only gae creates a critic actor
+    grpo_norm_std: bool = True         # grpo: divide by the group's reward std (false: Dr. GRPO)
     epochs: int = 1                    # passes over each step's experience
     minibatch_size: int = 8            # sequences per optimizer step (across all ranks)
     clip: float = 0.2                  # ratio clip epsilon
+    dual_clip: Optional[float] = None  # c > 1: bound the loss of negative advantages by -c A (Ye et al. 2020)
     value_clip: float = 0.2            # value-prediction clip around the rollout's values (0: off)
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05              # per-token KL penalty folded into the reward (the initial value if adaptive)
+    kl_coef: float = 0.05              # KL penalty coefficient beta (the initial value if adaptive)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_placement: Literal["reward", "loss"] = "reward"   # folded into the per-token reward, or a policy loss term
     kl_target: Optional[float] = None  # nats/sequence: adapt kl_coef toward it (Ziegler et al. 2019); None: fixed
     kl_horizon: float = 10.0           # steps over which the adaptive controller acts
-    whiten_advantages: bool = True
-    entropy_coef: float = 0.0
+    whiten_advantages: Optional[bool] = None   # None: the estimator's default (gae, reinforce++: on; grpo, rloo: off)
+    entropy_coef: float = 0.0          # entropy bonus: loss -= coef * entropy
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    missing_eos_penalty: float = 0.0   # subtracted from the score of responses cut at max_new_tokens without EOS
 
 
 @dataclass
@@ -187,7 +226,7 @@ class Config:
     policy: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
     critic: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
     reference: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
-    reward: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
+    reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -206,9 +245,37 @@ class Config:
     def check_ppo(self) -> "Config":
         """What a PPO run needs beyond a valid tree."""
         _need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
-        _need(bool(self.models.reward), "models.reward", "is required (a scalar-head model directory)")
+        for i, src in enumerate(self.reward_sources()):
+            key = f"reward.sources[{i}].path"
+            if src.kind == "model":
+                _need(bool(src.path), "models.reward", "is required (a scalar-head model directory), "
+                      "or list rule/remote scorers under reward.sources")
+            else:
+                _need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
+            if src.kind == "function":
+                _need(":" in src.path, key, f"must read 'package.module:function', got {src.path!r}")
+            if src.kind == "http":
+                _need(src.path.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {src.path!r}")
+        if self.ppo.advantage in ("grpo", "rloo"):
+            _need(self.generation.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={self.ppo.advantage} "
+                  "(advantages compare the samples of one prompt)")
         _need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
         return self
+
+    def reward_sources(self) -> list[RewardSourceConfig]:
+        """reward.sources, or the single reward model at models.reward when none are listed; a model source
+        without a path takes models.reward."""
+        srcs = self.reward.sources or [RewardSourceConfig(kind="model")]
+        return [dataclasses.replace(s, path=s.path or self.models.reward) if s.kind == "model" else s for s in srcs]
+
+    def needs_critic(self) -> bool:
+        return self.ppo.advantage == "gae"
+
+    def critic_init(self) -> str:
+        """The critic starts from models.critic, else the reward model (InstructGPT), else the policy
+        (a fresh value head on the SFT backbone: rule rewards have no reward model to start from)."""
+        models = [s.path for s in self.reward_sources() if s.kind == "model"]
+        return self.models.critic or (models[0] if models else self.models.policy)
 
     def check_stage(self, name: str) -> "StageConfig":
         st: StageConfig = getattr(self, name)
@@ -232,12 +299,14 @@ class Config:
              f"must divide prompts_per_step*n = {rollout}")
         for role in ("policy", "critic"):
             r = getattr(self, role)
+            need(r.lora.rank >= 0, f"{role}.lora.rank", "must be >= 0 (0: off)")
             per_rank, rem = divmod(self.ppo.minibatch_size, r.num_ranks)
             need(rem == 0, "ppo.minibatch_size", f"must be a multiple of {role}.num_ranks ({r.num_ranks})")
             need(per_rank % min(r.micro_batch_size, per_rank) == 0, f"{role}.micro_batch_size",
                  f"must divide the per-rank minibatch ({per_rank})")
         need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
         need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
+        need(self.ppo.dual_clip is None or self.ppo.dual_clip > 1, "ppo.dual_clip", "must be > 1 (or null: off)")
         return self
 
 

@@ -1,0 +1,18 @@
+"""Rule-based rewards usable as `reward.sources: [{kind: function, path: "rlhf_ray.rule_rewards:<name>"}]`.
+
+Each takes the batch's prompts and responses as text and returns one float per response. Write your own in
+any module importable on the cluster's nodes (an installed package, or Ray's runtime_env working_dir).
+"""
+from __future__ import annotations
+
+from rlhf_ray.gold import gold_score
+
+
+def tiny_gold(prompts: list[str], responses: list[str]) -> list[float]:
+    """The tiny world's hidden gold score (how much an answer talks about Python's data model), as a rule."""
+    return [gold_score(r) for r in responses]
+
+
+def ends_with_period(prompts: list[str], responses: list[str]) -> list[float]:
+    """1 for an answer that ends a sentence, else 0: a format reward."""
+    return [1.0 if r.rstrip().endswith((".", "!", "?")) else 0.0 for r in responses]
