@@ -1,7 +1,8 @@
 """Rewards beyond a reward model: rule functions given as `module:function` and remote HTTP scorers, and the
 weighted sum of several sources. The reward actor (actors/reward.py) runs them; nothing here knows Ray.
 
-A text source scores a batch: fn(prompts: list[str], responses: list[str]) -> list[float] (one per response).
+A text source scores a batch: fn(prompts: list[str], responses: list[str]) -> list[float] (one per response);
+prompts are decoded as the policy saw them (chat template applied), special tokens dropped.
 The HTTP protocol: POST {"prompts": [...], "responses": [...]} as JSON; the answer is {"rewards": [...]} (or a
 bare list) with one finite number per response. Requests are batched, time out, and are retried with
 exponential backoff on connection errors, timeouts and 5xx answers; an answer that is not that shape is an
@@ -81,8 +82,9 @@ class HttpScorer:
 
     def _post(self, prompts: list[str], responses: list[str]) -> list[float]:
         body = json.dumps({"prompts": prompts, "responses": responses}).encode()
-        last = ""
+        last, attempts = "", 0
         for attempt in range(self.retries + 1):
+            attempts += 1
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
@@ -102,7 +104,7 @@ class HttpScorer:
             except ValueError:
                 raise RewardSourceError(f"reward http {self.url}: answered non-JSON {_snippet(raw[:200])}") from None
             return check_scores(data, len(responses), f"reward http {self.url}")
-        raise RewardSourceError(f"reward http {self.url}: failed after {self.retries + 1} attempt(s) ({last})")
+        raise RewardSourceError(f"reward http {self.url}: failed after {attempts} attempt(s) ({last})")
 
 
 def text_scorer(kind: str, path: str, **http) -> TextScorer:

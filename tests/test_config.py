@@ -53,3 +53,11 @@ def test_missing_file_and_required_fields(tmp_path):
     bad.write_text("ppo: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_every_shipped_config_loads_and_grpo_needs_no_critic():
+    from pathlib import Path
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config(path)
+    grpo = load_config("configs/tiny_grpo.yaml").check_ppo()
+    assert not grpo.needs_critic() and [s.kind for s in grpo.reward_sources()] == ["function", "function"]

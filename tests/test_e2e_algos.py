@@ -3,6 +3,8 @@ engine): GRPO on a rule reward with no reward model and no critic; PPO with LoRA
 reach the engine; the adaptive KL controller steering toward its target. Slow."""
 import json
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -22,10 +24,31 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def test_grpo_on_a_rule_reward_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
+class LengthScorer(BaseHTTPRequestHandler):
+    """A remote scorer on loopback: 0.1 per character of each response."""
+    requests = 0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        LengthScorer.requests += 1
+        payload = json.dumps({"rewards": [0.1 * len(r) for r in body["responses"]]}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), LengthScorer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/score"
     run_dir = tmp_path / "run"
+    sources = ('[{kind: function, path: "rlhf_ray.rule_rewards:tiny_gold", weight: 1.0},'
+               f' {{kind: http, path: "{url}", weight: 0.1, batch_size: 16}}]')
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "models.reward=", 'reward.sources=[{kind: function, path: "rlhf_ray.rule_rewards:tiny_gold"}]',
+        "models.reward=", f"reward.sources={sources}",
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
         "policy.lr=1e-3", "train.steps=12"])
@@ -37,16 +60,24 @@ def test_grpo_on_a_rule_reward_with_no_reward_model_and_no_critic(tiny_world, tm
         assert len(rows) == 12 and all("value/loss" not in r for r in rows)
         assert all(math.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)   # k3 >= 0
         assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
-        first, last = mean([r["reward/score_mean"] for r in rows[:3]]), mean([r["reward/score_mean"] for r in rows[-3:]])
+        # both sources scored in the reward actor (32 responses a step, 16 per request), and were weighted
+        assert LengthScorer.requests == 12 * 2
+        for r in rows:
+            total = r["reward/source0_function_mean"] + 0.1 * r["reward/source1_http_mean"]
+            assert r["reward/score_mean"] == pytest.approx(total, rel=1e-4, abs=1e-5)
+        first = mean([r["reward/source0_function_mean"] for r in rows[:3]])
+        last = mean([r["reward/source0_function_mean"] for r in rows[-3:]])
         assert last > first + 0.3, (first, last)                       # the rule reward went up
     finally:
         actors.shutdown()
+        srv.shutdown()
 
 
-def test_ppo_with_lora_trains_only_adapters_and_the_engine_gets_merged_weights(tiny_world, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_with_lora_trains_only_adapters_and_the_engine_gets_merged_weights(tiny_world, tmp_path, zero_stage):
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3", "train.steps=3"])
+        f"policy.zero_stage={zero_stage}", "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3", "train.steps=3"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:

@@ -17,8 +17,8 @@ class Scorer(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Scorer.calls.append((len(body["responses"]), self.headers.get("Authorization")))
-        if Scorer.mode == "flaky" and len(Scorer.calls) == 1:
-            self.send_response(503)
+        if Scorer.mode == "missing" or (Scorer.mode == "flaky" and len(Scorer.calls) == 1):
+            self.send_response(404 if Scorer.mode == "missing" else 503)
             self.end_headers()
             return
         if Scorer.mode == "garbage":
@@ -64,6 +64,13 @@ def test_http_scorer_garbage_is_a_clear_error_naming_the_endpoint(server, mode, 
     with pytest.raises(RewardSourceError, match=needle) as e:
         HttpScorer(server, retries=0)(["p", "p"], ["a", "b"])
     assert server in str(e.value) and "\n" not in str(e.value)
+
+
+def test_http_scorer_does_not_retry_a_4xx(server):
+    Scorer.mode = "missing"
+    with pytest.raises(RewardSourceError, match=r"failed after 1 attempt\(s\) \(HTTP 404\)"):
+        HttpScorer(server, retries=3, backoff_s=0.01)(["p"], ["a"])
+    assert len(Scorer.calls) == 1
 
 
 def test_http_scorer_gives_up_after_its_retries_on_a_dead_endpoint():
