@@ -2,6 +2,7 @@
 roles the DeepSpeed ZeRO engine (init, PPO minibatch loop, gathered weights, HF save, exact resume)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -35,6 +36,12 @@ class RankActor:
         import ray
         return ray.util.get_node_ip_address()
 
+    def placement(self) -> dict:
+        """Where this rank runs: node, placement group and the GPUs Ray gave it."""
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pg": ctx.get_placement_group_id(), "gpu_ids": ray.get_gpu_ids()}
+
     def free_port(self) -> int:
         with socket.socket() as s:
             s.bind(("", 0))
@@ -60,18 +67,60 @@ class RankActor:
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    collective = False      # ZeRO-3: every forward gathers parameters from all ranks
+
     @torch.no_grad()
     def _forward_shard(self, batch: Batch, fn: Callable[[Batch], torch.Tensor], micro: int) -> torch.Tensor:
-        """Run `fn` over this rank's shard in micro-batches. Under ZeRO-3 every rank must call this (collective)."""
+        """Run `fn` over this rank's shard in micro-batches. Under ZeRO-3 every rank must call this, and every
+        rank runs the same number of forwards (a rank with a shorter shard repeats one and drops the result)."""
         part = shard(batch, self.rank, self.world_size)
-        return torch.cat([fn(self._to_device(mb)).cpu() for mb in chunks(part, micro)])
+        filler = select(batch, slice(0, 1))
+        empty = batch_size(part) == 0          # more ranks than rows: run one row for the shapes, return none
+        mbs = [filler] if empty else chunks(part, micro)
+        out = torch.cat([fn(self._to_device(mb)).cpu() for mb in mbs])
+        if self.collective:
+            n_max = math.ceil(math.ceil(batch_size(batch) / self.world_size) / micro)
+            for _ in range(n_max - len(mbs)):
+                fn(self._to_device(filler))
+        return out[:0] if empty else out
 
 
 class FrozenRole(RankActor):
-    """A frozen model on one rank (reference, reward): data-parallel forward passes, no gradients."""
+    """A frozen model on one rank (reference, reward): data-parallel forward passes, no gradients. With
+    zero_stage 3 the role's ranks form a process group and DeepSpeed partitions the weights over them at load
+    time (no rank ever holds the whole model); every forward is then a collective."""
 
-    def _set_model(self, model: torch.nn.Module) -> None:
-        self.model = model.to(self.device).eval().requires_grad_(False)
+    def _frozen(self, role_cfg, dtype: str, load: Callable[[], None]) -> None:
+        """Remember how to load; stage 0 loads now, stage 3 once the rank has joined its process group."""
+        self._role_cfg, self._dtype, self._load = role_cfg, dtype, load
+        if role_cfg.zero_stage != 3:
+            load()
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        super().init_process_group(master_addr, master_port)
+        self._load()
+
+    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self._role_cfg.zero_stage != 3:
+            return model.to(self.device).eval().requires_grad_(False)
+        import deepspeed
+        ds_cfg = self._zero3_inference_config()
+        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+        self.collective = True
+        self.device = engine.device
+        return engine.module.eval().requires_grad_(False)
+
+    def _zero3_inference_config(self) -> dict:
+        return {"train_micro_batch_size_per_gpu": self._role_cfg.micro_batch_size, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": 3}, "bf16": {"enabled": self._dtype == "bfloat16"}}
+
+    def _loading(self):
+        """Context for from_pretrained: under ZeRO-3 it partitions the weights as they load (zero.Init)."""
+        if self._role_cfg.zero_stage != 3:
+            return nullcontext()
+        from transformers.integrations import HfDeepSpeedConfig
+        self._hf_ds_config = HfDeepSpeedConfig(self._zero3_inference_config())   # alive while loading
+        return nullcontext()
 
 
 class DeepSpeedRole(RankActor):
@@ -100,6 +149,7 @@ class DeepSpeedRole(RankActor):
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg)
         self.model = self.engine.module
         self.device = self.engine.device
+        self.collective = self.zero_stage == 3
 
     # ------------------------------------------------------------------ epochs over minibatches (PPO, stages)
     def _minibatch_updates(self, exp: Batch, epochs: int, minibatch_size: int, seed: int,

@@ -18,22 +18,44 @@ def bundle(cpus: float, gpus: float) -> dict:
     return b
 
 
+def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeout: float = 600):
+    """A placement group, waited for with a progress line every 30 s and a clear error at the timeout."""
+    pg = placement_group(bundles, strategy=strategy)
+    waited, ready = 0.0, pg.ready()
+    while not ray.wait([ready], timeout=30)[0]:
+        waited += 30
+        what = f"{name}: placement group of {len(bundles)} x {bundles[0]}"
+        if waited >= ready_timeout:
+            remove_placement_group(pg)
+            raise RuntimeError(f"{what} could not be placed within {ready_timeout:.0f}s "
+                               f"(available: {ray.available_resources()})")
+        print(f"{what} still waiting for resources after {waited:.0f}s "
+              f"(available: {ray.available_resources()})", flush=True)
+    return pg
+
+
+class SharedPlacement:
+    """One placement group for roles colocated on the same GPUs: bundle i holds rank i of every member role,
+    with the members' CPUs added up and one GPU share (each member's actor takes 1/len(members) of it)."""
+
+    def __init__(self, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float, members: int):
+        self.pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank)] * num_ranks)
+        self.gpus_per_actor = gpus_per_rank / members
+
+    def remove(self) -> None:
+        remove_placement_group(self.pg)
+
+
 class RankGroup:
     def __init__(self, actor_cls, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float,
                  args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
-                 strategy: str = "PACK", ready_timeout: float = 600):
+                 strategy: str = "PACK", ready_timeout: float = 600, shared: SharedPlacement | None = None):
         self.name = name
-        self.pg = placement_group([bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy=strategy)
-        waited, ready = 0.0, self.pg.ready()
-        while not ray.wait([ready], timeout=30)[0]:
-            waited += 30
-            what = f"{name}: placement group of {num_ranks} x {bundle(cpus_per_rank, gpus_per_rank)}"
-            if waited >= ready_timeout:
-                remove_placement_group(self.pg)
-                raise RuntimeError(f"{what} could not be placed within {ready_timeout:.0f}s "
-                                   f"(available: {ray.available_resources()})")
-            print(f"{what} still waiting for resources after {waited:.0f}s "
-                  f"(available: {ray.available_resources()})", flush=True)
+        if shared is not None:          # colocated: rank i in bundle i of the shared group, a share of its GPU
+            self.pg, self.owns_pg, gpus_per_rank = shared.pg, False, shared.gpus_per_actor
+        else:
+            self.pg, self.owns_pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy,
+                                            ready_timeout), True
         self.actors = [
             actor_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, runtime_env=runtime_env,
@@ -57,4 +79,5 @@ class RankGroup:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        remove_placement_group(self.pg)
+        if self.owns_pg:
+            remove_placement_group(self.pg)

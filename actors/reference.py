@@ -13,8 +13,13 @@ class Reference(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
         super().__init__(rank, world_size, int(cfg.reference.cpus_per_rank), device)
         self.cfg = cfg
-        c = cfg.models
-        self._set_model(load_causal_lm(c.reference or c.policy, cfg.train.dtype, c.trust_remote_code, "reference"))
+        self._frozen(cfg.reference, cfg.train.dtype, self._load_model)
+
+    def _load_model(self) -> None:
+        c = self.cfg.models
+        with self._loading():
+            model = load_causal_lm(c.reference or c.policy, self.cfg.train.dtype, c.trust_remote_code, "reference")
+        self.model = self._prepare(model)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature

@@ -19,10 +19,16 @@ class Reward(FrozenRole):
         self.sources = cfg.reward_sources()
         self.weights = [s.weight for s in self.sources]
         self.scorers, self.tokenizer = [], None
+        self._frozen(cfg.reward, cfg.train.dtype, self._load_sources)
+
+    def _load_sources(self) -> None:
+        cfg = self.cfg
         for i, src in enumerate(self.sources):
             if src.kind == "model":
-                model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code, f"reward.sources[{i}]")
-                self.scorers.append(("model", model.to(self.device).eval().requires_grad_(False)))
+                with self._loading():
+                    model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
+                                              f"reward.sources[{i}]")
+                self.scorers.append(("model", self._prepare(model)))
             else:
                 self.scorers.append(("text", text_scorer(src.kind, src.path, batch_size=src.batch_size,
                                                          timeout_s=src.timeout_s, retries=src.retries,

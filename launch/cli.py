@@ -5,6 +5,7 @@
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
     rlhf-ray ppo --config C [--set k=v] [--resume]   run PPO (local Ray cluster, or the one it runs on)
     rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
+    rlhf-ray plan --config C [--set k=v]             per-GPU memory of each role of a layout; refuses misfits
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("sft", "rm", "dpo"):
         from launch.stages import main as stage_main
         return stage_main(cmd, rest)
+    if cmd == "plan":
+        from launch.plan import main as plan_main
+        return plan_main(rest)
     if cmd == "submit":
         from launch.submit import main as submit_main
         return submit_main(rest)

@@ -253,7 +253,8 @@ def run_pipeline(cfg: Config) -> dict:
 
     t0 = stage("evaluate")
     reward = RankGroup(RewardActor, "eval-reward", 1, cfg.reward.cpus_per_rank, cfg.reward.gpus_per_rank,
-                       (with_(models__reward=rm["model"]), device), runtime_env={"env_vars": actor_env(device)})
+                       (with_(models__reward=rm["model"]), device), distributed=cfg.reward.zero_stage == 3,
+                       runtime_env={"env_vars": actor_env(device)})
     ev = evaluate(cfg, sampler, reward, tokenizer, data["eval"],
                   {"sft": sft["model"], "ppo": ppo["checkpoint"] + "/policy", "dpo": dpo["model"]}, sft["model"])
     reward.shutdown()

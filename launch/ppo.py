@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -19,7 +19,7 @@ import torch
 
 from actors.critic import CriticActor
 from actors.engine import EngineActor
-from actors.group import RankGroup
+from actors.group import RankGroup, SharedPlacement
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
@@ -44,6 +44,7 @@ class Actors:
     reference: RankGroup
     reward: RankGroup
     engine_group: RankGroup
+    placements: list = field(default_factory=list)   # shared placement groups of colocated roles
 
     @property
     def engines(self) -> list:
@@ -57,24 +58,40 @@ class Actors:
         for g in (self.policy, self.critic, self.reference, self.reward, self.engine_group):
             if g is not None:
                 g.shutdown()
+        for sp in self.placements:
+            sp.remove()
 
 
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
+    """Every role's rank group. Roles listed together in placement.colocate share one placement group: rank i of
+    each in bundle i, on the same node and the same GPU (each taking a share of it)."""
     args = (cfg, device)
     renv = {"env_vars": actor_env(device)}
-    eng_env = engine_env(cfg, device, str(run_dir))
-    p, c, r, w, e = cfg.policy, cfg.critic, cfg.reference, cfg.reward, cfg.engine
-    policy = RankGroup(PolicyActor, "policy", p.num_ranks, p.cpus_per_rank, p.gpus_per_rank, args,
-                       distributed=True, runtime_env=renv)
-    critic = (RankGroup(CriticActor, "critic", c.num_ranks, c.cpus_per_rank, c.gpus_per_rank, args,
-                        distributed=True, runtime_env=renv) if cfg.needs_critic() else None)
-    reference = RankGroup(ReferenceActor, "reference", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args,
-                          runtime_env=renv)
-    reward = RankGroup(RewardActor, "reward", w.num_ranks, w.cpus_per_rank, w.gpus_per_rank, args, runtime_env=renv)
+    shared, placements = {}, []
+    for members in cfg.placement.colocate:
+        present = [m for m in members if m != "critic" or cfg.needs_critic()]
+        if len(present) < 2:
+            continue
+        rcs = [getattr(cfg, m) for m in present]
+        sp = SharedPlacement("+".join(present), rcs[0].num_ranks, sum(r.cpus_per_rank for r in rcs),
+                             max(r.gpus_per_rank for r in rcs), len(present))
+        placements.append(sp)
+        shared.update({m: sp for m in present})
+
+    def group(actor_cls, role, distributed):
+        rc = getattr(cfg, role)
+        return RankGroup(actor_cls, role, rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, args,
+                         distributed=distributed, runtime_env=renv, shared=shared.get(role))
+
+    policy = group(PolicyActor, "policy", True)
+    critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
+    reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
+    reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
+    e = cfg.engine
     engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
-                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=eng_env)
+                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=engine_env(cfg, device, str(run_dir)))
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
-    return Actors(policy, critic, reference, reward, engines)
+    return Actors(policy, critic, reference, reward, engines, placements)
 
 
 class PhaseTimer:

@@ -87,6 +87,9 @@ class InferenceRoleConfig:
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0
     micro_batch_size: int = 16
+    zero_stage: Literal[0, 3] = 0      # 0: every rank holds the whole model; 3: weights partitioned over the ranks
+                                       # (DeepSpeed ZeRO-3 inference; each forward is a collective), for models
+                                       # larger than one GPU
 
 
 @dataclass
@@ -218,6 +221,24 @@ class PipelineConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Which roles share GPUs, and the cluster's GPUs (the planner's inputs; see rlhf_ray/planner.py)."""
+    colocate: list[list[str]] = field(default_factory=list)   # e.g. [[policy, reference], [critic, reward]]
+    engines_sleep: bool = False        # vLLM sleep mode: engines free their GPU memory while the trainers run
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    cpu_memory_gib: float = 1152.0     # per node (p4de.24xlarge), for offloaded optimizer states
+
+
+@dataclass
+class PlanConfig:
+    """Architectures for `rlhf-ray plan`: a preset (llama2-7b, llama2-13b, llama2-70b) or an HF directory;
+    "" reads models.policy / models.reward."""
+    policy_arch: str = ""
+    reward_arch: str = ""              # the reward model's and the critic's ("" -> models.reward, else policy_arch)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -238,6 +259,8 @@ class Config:
     rm: StageConfig = field(default_factory=StageConfig)
     dpo: StageConfig = field(default_factory=StageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,6 +279,13 @@ class Config:
                 _need(":" in src.path, key, f"must read 'package.module:function', got {src.path!r}")
             if src.kind == "http":
                 _need(src.path.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {src.path!r}")
+        for group in self.placement.colocate:
+            _need("engine" not in group, "placement.colocate",
+                  "puts the engines beside trainers: that needs vLLM sleep mode, which the actors do not run yet "
+                  "(`rlhf-ray plan` sizes such layouts)")
+            ranks = {r: getattr(self, r).num_ranks for r in group if r != "critic" or self.needs_critic()}
+            _need(len(set(ranks.values())) <= 1, "placement.colocate",
+                  f"roles sharing GPUs need the same num_ranks, got {ranks}")
         if self.ppo.advantage in ("grpo", "rloo"):
             _need(self.generation.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={self.ppo.advantage} "
                   "(advantages compare the samples of one prompt)")
@@ -307,6 +337,10 @@ class Config:
         need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
         need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
         need(self.ppo.dual_clip is None or self.ppo.dual_clip > 1, "ppo.dual_clip", "must be > 1 (or null: off)")
+        roles = {"policy", "critic", "reference", "reward", "engine"}
+        for group in self.placement.colocate:
+            unknown = [r for r in group if r not in roles]
+            need(not unknown, "placement.colocate", f"names unknown role(s) {unknown} (roles: {sorted(roles)})")
         return self
 
 

@@ -1,0 +1,249 @@
+"""Per-GPU memory of every role of a layout, before anyone pays for the GPUs (pure; `rlhf-ray plan`).
+
+Model states of a trained role, mixed-precision Adam (Rajbhandari et al. 2020, ZeRO, section 3.1): Ψ parameters
+take 2Ψ bytes (bf16 weights) + 2Ψ (bf16 gradients) + 12Ψ (fp32 master weights, momentum, variance), divided over
+the role's N data-parallel ranks by stage:
+
+    stage 0: 2Ψ + 2Ψ + 12Ψ       stage 1: 2Ψ + 2Ψ + 12Ψ/N       stage 2: 2Ψ + (2Ψ + 12Ψ)/N       stage 3: 16Ψ/N
+
+Offload (ZeRO-Offload) moves the 12Ψ optimizer states to CPU memory, and at stage 3 the bf16 parameters too.
+Stage 3 also holds the gathered parameters of the layers in flight (two layers, bf16). With LoRA only the Ψ_t
+adapter parameters have gradients and optimizer states; the frozen base keeps its 2Ψ (2Ψ/N at stage 3).
+
+Activations per micro-batch of b sequences of s tokens, hidden h, L layers (Korthikanti et al. 2022, "Reducing
+Activation Recomputation", bf16, no tensor parallelism, flash attention so no s² term): 34·s·b·h bytes per
+layer; with full gradient checkpointing 2·s·b·h per layer (each layer's input) plus one layer's 34·s·b·h during
+its recomputation. A causal LM adds its logits: bf16 logits, their fp32 upcast and its gradient, 10·s·b·V.
+Frozen roles (reference, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3) and one layer's forward
+working set. A vLLM engine takes gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV
+cache at 2·L·kv_heads·head_dim·2 bytes per token (split over TP).
+
+Roles colocated on the same GPUs add up. With the engines sleeping (vLLM sleep mode) they hold nothing while the
+trainers run; during generation the trainers' model states stay resident beside the engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the memory model needs of a decoder-only transformer."""
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_params(self) -> int:
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h   # q, o; k, v; gated MLP; two norms
+
+    def params(self, lm_head: bool = True) -> int:
+        emb = self.vocab * self.hidden
+        head = emb if lm_head and not self.tied_embeddings else (self.hidden if not lm_head else 0)
+        return emb + head + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, rank: int) -> int:
+        """Adapters on every linear layer of every block (q, k, v, o, gate, up, down): r·(in + out) each."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        per_layer = rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+        return self.layers * per_layer
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+# Public architectures (their config.json values), so a plan needs no download.
+PRESETS = {
+    "llama2-7b": Arch(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
+    "llama2-13b": Arch(hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
+    "llama2-70b": Arch(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
+}
+
+
+def arch_from(spec: str) -> Arch:
+    """A preset name, or an HF model directory whose config.json describes a decoder-only model."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec) / "config.json"
+    if not path.is_file():
+        from rlhf_ray.config import ConfigError
+        raise ConfigError(f"plan: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    c = json.loads(path.read_text())
+    heads = c["num_attention_heads"]
+    return Arch(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                kv_heads=c.get("num_key_value_heads", heads), intermediate=c["intermediate_size"],
+                vocab=c["vocab_size"], tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+def model_states(psi: int, n: int, stage: int, offload: bool = False, trainable: int | None = None) -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and optimizer states (ZeRO paper accounting). `trainable` < psi: LoRA."""
+    t = psi if trainable is None else trainable
+    weights = 2 * psi / n if stage == 3 else 2 * psi
+    if trainable is not None:                       # LoRA: the adapters' own bf16 weights
+        weights += 2 * t / n if stage == 3 else 2 * t
+    grads = 2 * t / n if stage >= 2 else 2 * t
+    optim = 12 * t / n if stage >= 1 else 12 * t
+    if offload:
+        optim = 0.0
+        if stage == 3:
+            weights = 0.0
+    return {"weights": weights, "grads": grads, "optimizer": optim}
+
+
+def activations(arch: Arch, seq: int, micro: int, checkpointing: bool, lm_head: bool) -> float:
+    per_layer = 34 * seq * micro * arch.hidden
+    acts = (2 * seq * micro * arch.hidden * arch.layers + per_layer) if checkpointing else per_layer * arch.layers
+    return acts + (10 * seq * micro * arch.vocab if lm_head else 0)
+
+
+@dataclass
+class RolePlan:
+    role: str
+    gpus: int
+    per_gpu: dict[str, float]                   # component -> bytes
+    resident: float = 0.0                       # bytes that stay on the GPU while another phase runs
+    cpu_per_rank: float = 0.0                   # offloaded states in the node's CPU memory
+
+    @property
+    def total(self) -> float:
+        return sum(self.per_gpu.values())
+
+
+def plan_trained(role: str, arch: Arch, rc, seq: int, lm_head: bool) -> RolePlan:
+    psi = arch.params(lm_head)
+    n = rc.num_ranks
+    trainable = arch.lora_params(rc.lora.rank) + (0 if lm_head else arch.hidden) if rc.lora.rank else None
+    states = model_states(psi, n, rc.zero_stage, rc.offload, trainable)
+    offloaded = {k: v - states[k] for k, v in model_states(psi, n, rc.zero_stage, False, trainable).items()}
+    gathered = 2 * 2 * arch.layer_params() if rc.zero_stage == 3 else 0.0
+    acts = activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_head)
+    per_gpu = {**states, "zero3_gathered": gathered, "activations": acts}
+    return RolePlan(role, n, per_gpu, resident=sum(states.values()), cpu_per_rank=sum(offloaded.values()))
+
+
+def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_head: bool, zero3: bool = False) -> RolePlan:
+    psi = arch.params(lm_head)
+    n = rc.num_ranks
+    weights = 2 * psi / n if zero3 else 2 * psi
+    work = 34 * seq * rc.micro_batch_size * arch.hidden + (6 * seq * rc.micro_batch_size * arch.vocab if lm_head else 0)
+    return RolePlan(role, n, {"weights": weights, "activations": work}, resident=weights)
+
+
+def plan_engine(arch: Arch, ec, gen, gpu_bytes: float) -> tuple[RolePlan, int, int]:
+    """vLLM preallocates gpu_memory_utilization of each GPU: its share of the weights, the rest as KV cache.
+    Returns the plan, the KV cache's room in tokens per engine, and the rollout sequences each engine must hold
+    (it runs as many at once as the room allows and queues the rest)."""
+    tp = ec.tensor_parallel_size
+    weights = 2 * arch.params(True) / tp
+    kv = max(0.0, ec.gpu_memory_utilization * gpu_bytes - weights)
+    capacity_tokens = int(kv * tp / arch.kv_bytes_per_token())
+    seqs = math.ceil(gen.prompts_per_step * gen.n / ec.num_engines)
+    return RolePlan("engine", ec.num_engines * tp, {"weights": weights, "kv_cache": kv}), capacity_tokens, seqs
+
+
+@dataclass
+class Plan:
+    roles: list[RolePlan]
+    gpu_groups: list[tuple[list[str], int, float]]   # (roles sharing the GPUs, #GPUs, peak bytes per GPU)
+    gpus: int
+    nodes: int
+    gpu_bytes: float
+    engine_kv_capacity_tokens: int
+    engine_concurrent_seqs: int                       # full-length sequences an engine holds at once
+    engine_seqs_per_step: int
+    cpu_per_node: float                               # offloaded states on the fullest node
+    problems: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def make_plan(cfg) -> Plan:
+    """The plan of cfg's layout (cfg: rlhf_ray.config.Config with its `plan` and `placement` sections)."""
+    pl, place = cfg.plan, cfg.placement
+    gpu_bytes = place.gpu_memory_gib * GiB
+    pol = arch_from(pl.policy_arch or cfg.models.policy)
+    rew = arch_from(pl.reward_arch or pl.policy_arch or cfg.models.reward)
+    seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    roles = {
+        "policy": plan_trained("policy", pol, cfg.policy, seq, lm_head=True),
+        "reference": plan_frozen("reference", pol, cfg.reference, seq, True, cfg.reference.zero_stage == 3),
+        "reward": plan_frozen("reward", rew, cfg.reward, seq, False, cfg.reward.zero_stage == 3),
+    }
+    if cfg.needs_critic():
+        roles["critic"] = plan_trained("critic", rew, cfg.critic, seq, lm_head=False)
+    engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes)
+    roles["engine"] = engine
+
+    problems: list[str] = []
+    groups: list[tuple[list[str], int, float]] = []
+    placed: set[str] = set()
+    for members in place.colocate:
+        members = [m for m in members if m in roles]
+        if not members:
+            continue
+        sizes = {roles[m].gpus for m in members}
+        if len(sizes) > 1:
+            problems.append(f"colocated roles {members} need the same GPU count, got "
+                            + ", ".join(f"{m}={roles[m].gpus}" for m in members))
+        trainers = [roles[m] for m in members if m != "engine"]
+        if "engine" in members:
+            if not place.engines_sleep:
+                problems.append("engines colocated with other roles need placement.engines_sleep: true (vLLM sleep mode)")
+            # generation: engine + everything else's resident states; training: engine asleep, trainers' peaks
+            peak = max(engine.total + sum(r.resident for r in trainers), sum(r.total for r in trainers))
+        else:
+            peak = sum(r.total for r in trainers)
+        groups.append((members, max(sizes), peak))
+        placed.update(members)
+    for name, r in roles.items():
+        if name not in placed:
+            groups.append(([name], r.gpus, r.total))
+    for members, _, peak in groups:
+        limit = place.gpu_memory_gib * GiB * (cfg.engine.gpu_memory_utilization if members == ["engine"] else 1.0)
+        if peak > limit:
+            problems.append(f"{'+'.join(members)} needs {peak / GiB:.1f} GiB per GPU, over the "
+                            f"{limit / GiB:.1f} GiB it may use by {(peak - limit) / GiB:.1f} GiB")
+    if engine.per_gpu["weights"] > cfg.engine.gpu_memory_utilization * gpu_bytes:
+        pass                                            # reported above as an overflow
+    elif capacity < cfg.engine.max_model_len:
+        problems.append(f"engine: KV cache room of {capacity:,} tokens holds not even one "
+                        f"{cfg.engine.max_model_len}-token sequence")
+    gpus = sum(n for _, n, _ in groups)
+    # GPUs are handed out group after group, node after node: the CPU memory of the fullest node
+    slots = [sum(roles[m].cpu_per_rank for m in members) for members, n, _ in groups for _ in range(n)]
+    cpu_node = max(sum(slots[i:i + place.gpus_per_node]) for i in range(0, len(slots), place.gpus_per_node))
+    if cpu_node > place.cpu_memory_gib * GiB:
+        problems.append(f"offloaded optimizer states need {cpu_node / GiB:.0f} GiB of CPU memory per node, over its "
+                        f"{place.cpu_memory_gib:.0f} GiB by {(cpu_node - place.cpu_memory_gib * GiB) / GiB:.0f} GiB")
+    return Plan(list(roles.values()), groups, gpus, math.ceil(gpus / place.gpus_per_node), gpu_bytes, capacity,
+                min(seqs, capacity // cfg.engine.max_model_len), seqs, cpu_node, problems)
+
+
+def format_plan(plan: Plan) -> str:
+    lines = ["| role | GPUs | per GPU (GiB) | of which |", "|---|---|---|---|"]
+    for r in plan.roles:
+        parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in r.per_gpu.items() if v)
+        lines.append(f"| {r.role} | {r.gpus} | {r.total / GiB:.1f} | {parts} |")
+    lines += ["", "| GPUs shared by | GPUs | peak per GPU (GiB) |", "|---|---|---|"]
+    lines += [f"| {' + '.join(m)} | {n} | {peak / GiB:.1f} |" for m, n, peak in plan.gpu_groups]
+    lines += ["", f"{plan.gpus} GPUs on {plan.nodes} node(s) of {plan.gpu_bytes / GiB:.0f} GiB GPUs; each engine's KV "
+                  f"cache holds {plan.engine_kv_capacity_tokens:,} tokens: {plan.engine_concurrent_seqs} of its "
+                  f"{plan.engine_seqs_per_step} rollout sequences at full length at once; offloaded states: "
+                  f"{plan.cpu_per_node / GiB:.0f} GiB of CPU memory per node",
+              "fits" if plan.fits else "DOES NOT FIT: " + "; ".join(plan.problems)]
+    return "\n".join(lines)

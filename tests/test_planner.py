@@ -1,0 +1,94 @@
+"""The memory planner against the ZeRO paper's accounting, hand-checked cases and the shipped layouts."""
+import pytest
+
+from launch.plan import main as plan_main
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.planner import GiB, PRESETS, Arch, activations, make_plan, model_states
+
+
+def test_model_states_follow_the_zero_paper():
+    # Rajbhandari et al. 2020, figure 1: Psi = 7.5B parameters, N = 64 GPUs, mixed-precision Adam (K = 12)
+    psi, n = 7.5e9, 64
+    gb = {s: sum(model_states(psi, n, s).values()) / 1e9 for s in (0, 1, 2, 3)}
+    assert gb[0] == pytest.approx(120.0)          # 2 + 2 + 12 bytes per parameter
+    assert gb[1] == pytest.approx(31.4, abs=0.05)  # P_os:       4 Psi + 12 Psi / N
+    assert gb[2] == pytest.approx(16.6, abs=0.05)  # P_os+g:     2 Psi + 14 Psi / N
+    assert gb[3] == pytest.approx(1.875)           # P_os+g+p:   16 Psi / N
+    off = model_states(psi, n, 2, offload=True)
+    assert off["optimizer"] == 0 and off["weights"] == 2 * psi and off["grads"] == 2 * psi / n
+    assert model_states(psi, n, 3, offload=True)["weights"] == 0        # stage 3 offloads the bf16 weights too
+
+
+def test_lora_keeps_the_frozen_weights_and_trains_only_the_adapters():
+    psi, t = 1e9, 1e6
+    s = model_states(psi, 8, 2, trainable=t)
+    assert s["weights"] == 2 * psi + 2 * t and s["grads"] == pytest.approx(2 * t / 8) and s["optimizer"] == 12 * t / 8
+    small = Arch(hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16, vocab=10)   # kv dim 4
+    # per layer, r (in + out) per matrix: q, o (8+8), k, v (8+4), gate, up (8+16), down (16+8)
+    assert small.lora_params(2) == 2 * 2 * (16 * 2 + 12 * 2 + 24 * 2 + 24)
+
+
+def test_preset_parameter_counts_and_kv_cache_per_token():
+    for name, billions in (("llama2-7b", 6.74), ("llama2-13b", 13.02), ("llama2-70b", 68.98)):
+        assert PRESETS[name].params() / 1e9 == pytest.approx(billions, rel=0.005)
+    assert PRESETS["llama2-70b"].kv_bytes_per_token() == 2 * 80 * 8 * 128 * 2      # GQA: 8 KV heads
+    assert PRESETS["llama2-7b"].kv_bytes_per_token() == 2 * 32 * 32 * 128 * 2
+
+
+def test_activations_with_and_without_checkpointing():
+    a = PRESETS["llama2-7b"]
+    s, b, h, L, V = 2048, 1, 4096, 32, 32000
+    assert activations(a, s, b, False, False) == 34 * s * b * h * L
+    assert activations(a, s, b, True, False) == 2 * s * b * h * L + 34 * s * b * h
+    assert activations(a, s, b, True, True) - activations(a, s, b, True, False) == 10 * s * b * V
+
+
+def _tiny_layout(extra=()):
+    return load_config(None, ["models.policy=p", "data.prompts=x", "plan.policy_arch=llama2-7b",
+                              "data.max_prompt_tokens=1024", "generation.max_new_tokens=1024", "generation.n=1",
+                              "generation.prompts_per_step=8", "ppo.minibatch_size=8", "policy.num_ranks=2",
+                              "policy.zero_stage=2", "policy.micro_batch_size=1", "critic.num_ranks=2",
+                              "critic.micro_batch_size=1", "engine.max_model_len=2048", *extra])
+
+
+def test_a_hand_checked_layout():
+    plan = make_plan(_tiny_layout())
+    psi = PRESETS["llama2-7b"].params()
+    policy = next(r for r in plan.roles if r.role == "policy")
+    s, h, L, V = 2048, 4096, 32, 32000
+    expected = 2 * psi + 14 * psi / 2 + 34 * s * h * L + 10 * s * V        # ZeRO-2 over 2 ranks, no checkpointing
+    assert policy.total == pytest.approx(expected)
+    engine = next(r for r in plan.roles if r.role == "engine")
+    assert engine.per_gpu["weights"] == 2 * psi and engine.total == pytest.approx(0.5 * 80 * GiB)
+    # every role on its own GPUs: 2 policy + 2 critic + 1 reference + 1 reward + 1 engine
+    assert (plan.gpus, plan.nodes) == (7, 1)
+    assert plan.fits                                                    # 65.5 GiB of 80
+    big = make_plan(_tiny_layout(["policy.micro_batch_size=4"]))         # 4x the activations: over
+    need = (2 * psi + 14 * psi / 2 + 4 * (34 * s * h * L + 10 * s * V)) / GiB
+    assert big.problems == [f"policy needs {need:.1f} GiB per GPU, over the 80.0 GiB it may use by {need - 80:.1f} GiB"]
+
+
+def test_the_shipped_cluster_layouts_fit_and_70b_takes_four_nodes(capsys):
+    nodes = {}
+    for size in ("7b", "13b", "70b"):
+        plan = make_plan(load_config(f"configs/llama2_{size}_ppo.yaml"))
+        assert plan.fits, (size, plan.problems)
+        assert all(peak <= 80 * GiB for _, _, peak in plan.gpu_groups)
+        nodes[size] = plan.nodes
+    assert nodes == {"7b": 1, "13b": 2, "70b": 4}
+    assert plan_main(["--config", "configs/llama2_70b_ppo.yaml"]) == 0
+    assert "32 GPUs on 4 node(s)" in capsys.readouterr().out
+
+
+def test_a_layout_that_cannot_fit_is_refused_naming_the_role_and_the_overflow(capsys):
+    args = ["--config", "configs/llama2_70b_ppo.yaml", "--set", "policy.offload=false"]
+    assert plan_main(args) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: policy+reference needs" in out and "GiB per GPU, over the 80.0 GiB" in out
+    plan = make_plan(load_config("configs/llama2_70b_ppo.yaml", ["placement.colocate=[[policy, reference, engine]]"]))
+    assert any("engines_sleep" in p for p in plan.problems) and any("same GPU count" in p for p in plan.problems)
+
+
+def test_placement_names_are_checked():
+    with pytest.raises(ConfigError, match="placement.colocate"):
+        load_config(None, ["placement.colocate=[[policy, refrence]]"])
