@@ -81,6 +81,12 @@ class Engine(RankActor):
     def load_weights(self, payload: bytes) -> int:
         return sum(self.llm.collective_rpc("rlhf_load_weights", args=(payload,)))
 
+    def open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
+        return self.llm.collective_rpc("rlhf_open_sync_group", args=(addr, port, first_rank, world_size, backend))
+
+    def receive_bucket(self, meta: list) -> int:
+        return sum(self.llm.collective_rpc("rlhf_receive_bucket", args=(meta,)))
+
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
 

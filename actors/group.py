@@ -11,10 +11,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
-def bundle(cpus: float, gpus: float) -> dict:
+def bundle(cpus: float, gpus: float, node_resource: str | None = None) -> dict:
+    """One rank's resources; a node_resource (a custom resource only some nodes advertise) pins it there."""
     b = {"CPU": cpus}
     if gpus:
         b["GPU"] = gpus
+    if node_resource:
+        b[node_resource] = 0.001
     return b
 
 
@@ -38,8 +41,9 @@ class SharedPlacement:
     """One placement group for roles colocated on the same GPUs: bundle i holds rank i of every member role,
     with the members' CPUs added up and one GPU share (each member's actor takes 1/len(members) of it)."""
 
-    def __init__(self, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float, members: int):
-        self.pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank)] * num_ranks)
+    def __init__(self, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float, members: int,
+                 node_resource: str | None = None):
+        self.pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank, node_resource)] * num_ranks)
         self.gpus_per_actor = gpus_per_rank / members
 
     def remove(self) -> None:
@@ -49,13 +53,14 @@ class SharedPlacement:
 class RankGroup:
     def __init__(self, actor_cls, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float,
                  args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
-                 strategy: str = "PACK", ready_timeout: float = 600, shared: SharedPlacement | None = None):
+                 strategy: str = "PACK", ready_timeout: float = 600, shared: SharedPlacement | None = None,
+                 node_resource: str | None = None):
         self.name = name
         if shared is not None:          # colocated: rank i in bundle i of the shared group, a share of its GPU
             self.pg, self.owns_pg, gpus_per_rank = shared.pg, False, shared.gpus_per_actor
         else:
-            self.pg, self.owns_pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank)] * num_ranks, strategy,
-                                            ready_timeout), True
+            self.pg, self.owns_pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank, node_resource)] * num_ranks,
+                                            strategy, ready_timeout), True
         self.actors = [
             actor_cls.options(
                 num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, runtime_env=runtime_env,

@@ -66,4 +66,25 @@ class Policy(DeepSpeedRole):
         return {"tensors": n_tensors, "bytes": n_bytes}
 
 
+    def open_sync_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
+        """Process-group sync: rank 0 hosts the group's store and is its broadcast root."""
+        from actors.sync_group import open_group
+        self._sync_group = open_group(addr, port, 0, world_size, backend)
+
+    def broadcast_weights(self, engines: list, bucket_bytes: int) -> dict:
+        """Process-group sync: gather bucket by bucket (collective under ZeRO-3); rank 0 broadcasts each bucket as
+        one flat buffer to every engine worker, which loads it in place."""
+        from actors.sync_group import broadcast, pack
+        n_tensors, n_bytes = 0, 0
+        for bucket in self._named_buckets(bucket_bytes):
+            if bucket is None:
+                continue
+            meta, flat = pack(bucket)
+            refs = [e.receive_bucket.remote(meta) for e in engines]
+            broadcast(self._sync_group, flat.to(self.device))
+            ray.get(refs)
+            n_tensors, n_bytes = n_tensors + len(bucket), n_bytes + flat.numel()
+        return {"tensors": n_tensors, "bytes": n_bytes}
+
+
 PolicyActor = ray.remote(Policy)

@@ -40,16 +40,35 @@ def _retie(model, pairs: list[tuple[str, str]]) -> None:
 
 
 class WeightSyncExtension:
+    def _rlhf_reload(self, weights: list) -> int:
+        model = self.model_runner.get_model()
+        if not hasattr(self, "_rlhf_tied"):
+            self._rlhf_tied = _shared_parameters(model)
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        _retie(self.model_runner.get_model(), self._rlhf_tied)
+        return len(weights)
+
     def rlhf_load_weights(self, payload: bytes) -> int:
         """Load a bucket of HF-named tensors serialised with `safetensors.torch.save`; returns its tensor count.
 
         Bytes, not tensors: in vLLM's multiprocess mode tensors inside collective_rpc args arrive as lists.
         """
         from safetensors.torch import load
-        tensors = load(payload)
-        model = self.model_runner.get_model()
-        if not hasattr(self, "_rlhf_tied"):
-            self._rlhf_tied = _shared_parameters(model)
-        self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
-        _retie(self.model_runner.get_model(), self._rlhf_tied)
-        return len(tensors)
+        return self._rlhf_reload(list(load(payload).items()))
+
+    # ---------------------------------------------------------------- the process-group backend
+    def rlhf_open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> int:
+        """Join the policy's weight-sync group as rank first_rank + this worker's rank within its engine."""
+        from actors.sync_group import open_group
+        rank = first_rank + getattr(self, "rank", 0)
+        self._rlhf_sync = open_group(addr, port, rank, world_size, backend)
+        return rank
+
+    def rlhf_receive_bucket(self, meta: list) -> int:
+        """Receive one broadcast bucket from policy rank 0 and load it in place."""
+        import torch
+        from actors.sync_group import broadcast, nbytes, unpack
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flat = torch.empty(nbytes(meta), dtype=torch.uint8, device=device)
+        broadcast(self._rlhf_sync, flat)
+        return self._rlhf_reload(unpack(meta, flat))

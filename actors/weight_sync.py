@@ -3,8 +3,11 @@
     sync = make_weight_sync(cfg, policy_group, engines)   # prepare: open whatever channel the backend needs
     stats = sync.push()                                    # every step: gather, load into every engine, reset caches
 
-The driver calls `push()` and does not know which backend ran. Backends: `object_store` (Ray object store;
-CPU and tests). ZeRO-3 parameters are gathered bucket by bucket, never the whole model at once on one rank.
+The driver calls `push()` and does not know which backend ran. Backends:
+    object_store    rank 0 ships safetensors bytes per bucket through Ray's object store
+    process_group   rank 0 broadcasts each bucket as one flat buffer over a process group it shares with every
+                    engine worker (gloo on CPU, NCCL on GPU; actors/sync_group.py), across nodes alike
+ZeRO-3 parameters are gathered bucket by bucket, never the whole model at once on one rank.
 """
 from __future__ import annotations
 
@@ -14,19 +17,37 @@ import ray
 
 
 class ObjectStoreSync:
+    method = "push_weights"
+
     def __init__(self, policy_group, engines: list, bucket_mb: float):
         self.policy_group, self.engines = policy_group, engines
         self.bucket_bytes = int(bucket_mb * (1 << 20))
 
     def push(self) -> dict:
         t0 = time.perf_counter()
-        results = self.policy_group.run("push_weights", self.engines, self.bucket_bytes)  # collective on all ranks
+        results = self.policy_group.run(self.method, self.engines, self.bucket_bytes)  # collective on all ranks
         # A prefix cache computed under the old weights would serve stale KV entries (off by nats).
         ray.get([e.reset_prefix_cache.remote() for e in self.engines])
         return {"bytes": results[0]["bytes"], "tensors": results[0]["tensors"], "seconds": time.perf_counter() - t0}
 
 
+class ProcessGroupSync(ObjectStoreSync):
+    method = "broadcast_weights"
+
+    def __init__(self, policy_group, engines: list, bucket_mb: float, backend: str, tp: int):
+        super().__init__(policy_group, engines, bucket_mb)
+        root = policy_group.actors[0]
+        addr, port = ray.get([root.node_ip.remote(), root.free_port.remote()])
+        world = 1 + len(engines) * tp
+        ray.get([root.open_sync_group.remote(addr, port, world, backend)]
+                + [e.open_sync_group.remote(addr, port, 1 + i * tp, world, backend) for i, e in enumerate(engines)])
+
+
 def make_weight_sync(cfg, policy_group, engines: list):
     if cfg.weight_sync.backend == "object_store":
         return ObjectStoreSync(policy_group, engines, cfg.weight_sync.bucket_mb)
+    if cfg.weight_sync.backend == "process_group":
+        backend = "nccl" if cfg.policy.gpus_per_rank > 0 and cfg.train.device != "cpu" else "gloo"
+        return ProcessGroupSync(policy_group, engines, cfg.weight_sync.bucket_mb, backend,
+                                cfg.engine.tensor_parallel_size)
     raise ValueError(f"weight_sync.backend: unknown backend {cfg.weight_sync.backend!r}")

@@ -74,14 +74,15 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
             continue
         rcs = [getattr(cfg, m) for m in present]
         sp = SharedPlacement("+".join(present), rcs[0].num_ranks, sum(r.cpus_per_rank for r in rcs),
-                             max(r.gpus_per_rank for r in rcs), len(present))
+                             max(r.gpus_per_rank for r in rcs), len(present), rcs[0].node_resource)
         placements.append(sp)
         shared.update({m: sp for m in present})
 
     def group(actor_cls, role, distributed):
         rc = getattr(cfg, role)
         return RankGroup(actor_cls, role, rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, args,
-                         distributed=distributed, runtime_env=renv, shared=shared.get(role))
+                         distributed=distributed, runtime_env=renv, shared=shared.get(role),
+                         node_resource=rc.node_resource)
 
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
@@ -89,7 +90,8 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
     e = cfg.engine
     engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
-                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=engine_env(cfg, device, str(run_dir)))
+                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=engine_env(cfg, device, str(run_dir)),
+                        node_resource=e.node_resource)
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines, placements)
 

@@ -67,6 +67,8 @@ class TrainerRoleConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4          # sequences per rank per forward/backward
     gradient_checkpointing: bool = False
+    node_resource: Optional[str] = None   # a custom resource some nodes advertise (`ray start --resources
+                                       # '{"trainer": 8}'`): the role's ranks go only to those nodes
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
 
 
@@ -90,6 +92,7 @@ class InferenceRoleConfig:
     zero_stage: Literal[0, 3] = 0      # 0: every rank holds the whole model; 3: weights partitioned over the ranks
                                        # (DeepSpeed ZeRO-3 inference; each forward is a collective), for models
                                        # larger than one GPU
+    node_resource: Optional[str] = None   # as for trained roles: pin the ranks to nodes advertising it
 
 
 @dataclass
@@ -124,6 +127,7 @@ class EngineConfig:
     max_model_len: int = 512
     enforce_eager: bool = True
     in_process: bool = True           # CPU: run the vLLM engine core inside the actor (faster load, less memory)
+    node_resource: Optional[str] = None   # pin the engines to nodes advertising this custom resource
 
 
 @dataclass
@@ -186,7 +190,7 @@ class CheckpointConfig:
 
 @dataclass
 class WeightSyncConfig:
-    backend: Literal["object_store"] = "object_store"
+    backend: Literal["object_store", "process_group"] = "object_store"   # process_group: gloo (CPU) / NCCL (GPU)
     bucket_mb: float = 64.0            # parameters gathered (ZeRO-3) and shipped bucket by bucket
 
 
@@ -286,6 +290,9 @@ class Config:
             ranks = {r: getattr(self, r).num_ranks for r in group if r != "critic" or self.needs_critic()}
             _need(len(set(ranks.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same num_ranks, got {ranks}")
+            nodes = {r: getattr(self, r).node_resource for r in group}
+            _need(len(set(nodes.values())) <= 1, "placement.colocate",
+                  f"roles sharing GPUs need the same node_resource, got {nodes}")
         if self.ppo.advantage in ("grpo", "rloo"):
             _need(self.generation.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={self.ppo.advantage} "
                   "(advantages compare the samples of one prompt)")
