@@ -24,8 +24,10 @@ def tiny_overrides(world: dict, run_dir) -> list[str]:
             "generation.max_new_tokens=16", "train.steps=3", "checkpoint.every=0"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _ray_shutdown():
+@pytest.fixture(autouse=True)
+def _fresh_ray_per_test():
+    """Each test that starts Ray gets its own local cluster, sized by its own config (start_ray reuses a running
+    one, so a cluster sized for one test could leave the next one's actors waiting for CPUs)."""
     yield
     import ray
     if ray.is_initialized():

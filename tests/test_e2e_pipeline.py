@@ -33,6 +33,6 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert (run / "summary.md").read_text().startswith("| policy |")
     assert (run / "ppo_curves.png").stat().st_size > 10_000
     rankings = [json.loads(line) for line in (run / "data" / "rankings.jsonl").read_text().splitlines()]
-    assert rankings and all(sorted(r["ranking"]) == list(range(4)) for r in rankings)
+    assert rankings and all(sorted(r["ranking"]) == list(range(cfg.pipeline.k)) for r in rankings)
     for stage in ("sft", "rm", "dpo"):
         assert (run / stage / "model.safetensors").is_file()
