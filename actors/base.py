@@ -202,7 +202,7 @@ class DeepSpeedRole(RankActor):
         return out
 
     # ------------------------------------------------------------------ full weights, bucket by bucket
-    def _named_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor] | None]:
+    def _named_buckets(self, bucket_bytes: int, keep_on_device: bool = False) -> Iterator[dict[str, torch.Tensor] | None]:
         """Yield the full (HF-named) weights in buckets of about `bucket_bytes`; rank 0 gets the tensors,
         other ranks None. Under ZeRO-3 each bucket is gathered as a collective (all ranks must iterate), so
         no rank ever materialises more than one bucket of the gathered model at a time."""
@@ -215,7 +215,10 @@ class DeepSpeedRole(RankActor):
             gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                         if self.zero_stage == 3 else nullcontext())
             with gathered, torch.no_grad():
-                return {n: fn().detach().cpu().clone() for n, _, fn in items} if self.rank == 0 else None
+                if self.rank != 0:
+                    return None
+                return {n: (fn().detach().clone() if keep_on_device else fn().detach().cpu().clone())
+                        for n, _, fn in items}
 
         for item in export_items(self.model):
             bucket.append(item)

@@ -44,8 +44,10 @@ class Engine(RankActor):
             # logprobs of the distribution actually sampled (temperature applied), comparable to the policy's
             logprobs_mode="processed_logprobs",
         )
+        self.sleeps = self.device == "cuda" and cfg.placement.engines_sleep   # vLLM has no sleep mode on CPU
         if self.device == "cuda":
             kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleeps
             if e.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"
         self.llm = LLM(**kwargs)
@@ -86,6 +88,21 @@ class Engine(RankActor):
 
     def receive_bucket(self, meta: list) -> int:
         return sum(self.llm.collective_rpc("rlhf_receive_bucket", args=(meta,)))
+
+    def sleep(self) -> bool:
+        """Free this engine's GPU memory for colocated trainers: weights to CPU, KV cache dropped (level 1).
+        A no-op where there is no sleep mode (CPU: nothing on a GPU to free)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        return self.sleeps
+
+    def wake_up(self) -> bool:
+        if self.sleeps:
+            self.llm.wake_up()
+        return self.sleeps
+
+    def receive_ipc_bucket(self, meta: list, handles: list) -> int:
+        return sum(self.llm.collective_rpc("rlhf_receive_ipc_bucket", args=(meta, handles)))
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())

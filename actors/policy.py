@@ -87,4 +87,20 @@ class Policy(DeepSpeedRole):
         return {"tensors": n_tensors, "bytes": n_bytes}
 
 
+    def share_weights_ipc(self, engines: list, bucket_bytes: int) -> dict:
+        """CUDA IPC sync, for engines on this rank's GPU: rank 0 sends each bucket's CUDA IPC handles and keeps
+        the tensors alive until every engine has loaded them."""
+        from torch.multiprocessing.reductions import reduce_tensor
+        n_tensors, n_bytes = 0, 0
+        for bucket in self._named_buckets(bucket_bytes, keep_on_device=True):
+            if bucket is None:
+                continue
+            meta = [(name, list(t.shape), str(t.dtype)) for name, t in bucket.items()]
+            handles = [reduce_tensor(t) for t in bucket.values()]
+            ray.get([e.receive_ipc_bucket.remote(meta, handles) for e in engines])
+            n_tensors += len(bucket)
+            n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
+        return {"tensors": n_tensors, "bytes": n_bytes}
+
+
 PolicyActor = ray.remote(Policy)

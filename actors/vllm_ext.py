@@ -72,3 +72,9 @@ class WeightSyncExtension:
         flat = torch.empty(nbytes(meta), dtype=torch.uint8, device=device)
         broadcast(self._rlhf_sync, flat)
         return self._rlhf_reload(unpack(meta, flat))
+
+    # ---------------------------------------------------------------- the CUDA IPC backend (same GPU as the policy)
+    def rlhf_receive_ipc_bucket(self, meta: list, handles: list) -> int:
+        """Open the policy's CUDA tensors through their IPC handles (no copy through the host) and load them."""
+        weights = [(name, rebuild(*args)) for (name, _, _), (rebuild, args) in zip(meta, handles)]
+        return self._rlhf_reload(weights)

@@ -7,6 +7,8 @@ The driver calls `push()` and does not know which backend ran. Backends:
     object_store    rank 0 ships safetensors bytes per bucket through Ray's object store
     process_group   rank 0 broadcasts each bucket as one flat buffer over a process group it shares with every
                     engine worker (gloo on CPU, NCCL on GPU; actors/sync_group.py), across nodes alike
+    cuda_ipc        engines on the same GPU as policy rank 0 (placement.colocate) open its tensors through CUDA
+                    IPC handles: no copy through the host
 ZeRO-3 parameters are gathered bucket by bucket, never the whole model at once on one rank.
 """
 from __future__ import annotations
@@ -43,6 +45,10 @@ class ProcessGroupSync(ObjectStoreSync):
                 + [e.open_sync_group.remote(addr, port, 1 + i * tp, world, backend) for i, e in enumerate(engines)])
 
 
+class CudaIpcSync(ObjectStoreSync):
+    method = "share_weights_ipc"
+
+
 def make_weight_sync(cfg, policy_group, engines: list):
     if cfg.weight_sync.backend == "object_store":
         return ObjectStoreSync(policy_group, engines, cfg.weight_sync.bucket_mb)
@@ -50,4 +56,6 @@ def make_weight_sync(cfg, policy_group, engines: list):
         backend = "nccl" if cfg.policy.gpus_per_rank > 0 and cfg.train.device != "cpu" else "gloo"
         return ProcessGroupSync(policy_group, engines, cfg.weight_sync.bucket_mb, backend,
                                 cfg.engine.tensor_parallel_size)
+    if cfg.weight_sync.backend == "cuda_ipc":
+        return CudaIpcSync(policy_group, engines, cfg.weight_sync.bucket_mb)
     raise ValueError(f"weight_sync.backend: unknown backend {cfg.weight_sync.backend!r}")

@@ -62,36 +62,40 @@ class Actors:
             sp.remove()
 
 
+def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | None]:
+    """(ranks, CPUs per rank, GPUs per rank, node_resource) of a role; an engine's rank is a whole engine."""
+    if role == "engine":
+        e = cfg.engine
+        return e.num_engines, e.cpus_per_engine, e.gpus_per_engine * e.tensor_parallel_size, e.node_resource
+    rc = getattr(cfg, role)
+    return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
+
+
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     """Every role's rank group. Roles listed together in placement.colocate share one placement group: rank i of
     each in bundle i, on the same node and the same GPU (each taking a share of it)."""
     args = (cfg, device)
-    renv = {"env_vars": actor_env(device)}
     shared, placements = {}, []
     for members in cfg.placement.colocate:
         present = [m for m in members if m != "critic" or cfg.needs_critic()]
         if len(present) < 2:
             continue
-        rcs = [getattr(cfg, m) for m in present]
-        sp = SharedPlacement("+".join(present), rcs[0].num_ranks, sum(r.cpus_per_rank for r in rcs),
-                             max(r.gpus_per_rank for r in rcs), len(present), rcs[0].node_resource)
+        res = [role_resources(cfg, m) for m in present]
+        sp = SharedPlacement("+".join(present), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
+                             len(present), res[0][3])
         placements.append(sp)
         shared.update({m: sp for m in present})
 
-    def group(actor_cls, role, distributed):
-        rc = getattr(cfg, role)
-        return RankGroup(actor_cls, role, rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, args,
-                         distributed=distributed, runtime_env=renv, shared=shared.get(role),
-                         node_resource=rc.node_resource)
+    def group(actor_cls, role, distributed=False, env=None):
+        n, cpus, gpus, node = role_resources(cfg, role)
+        return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed,
+                         runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node)
 
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
-    e = cfg.engine
-    engines = RankGroup(EngineActor, "engine", e.num_engines, e.cpus_per_engine,
-                        e.gpus_per_engine * e.tensor_parallel_size, args, runtime_env=engine_env(cfg, device, str(run_dir)),
-                        node_resource=e.node_resource)
+    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)))
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines, placements)
 
@@ -167,6 +171,8 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     with timer("generate"):
         prompt_ids = tokenize_prompts(tokenizer, stream.next(), cfg.data.max_prompt_tokens)
         batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
+        if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
+            ray.get([e.sleep.remote() for e in actors.engines])
     batch_ref = ray.put(batch)
 
     # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
@@ -196,6 +202,8 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
     # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
     with timer("weight_sync"):
+        if cfg.placement.engines_sleep:
+            ray.get([e.wake_up.remote() for e in actors.engines])
         sync_stats = sync.push()
 
     mask = batch["response_mask"]

@@ -190,7 +190,8 @@ class CheckpointConfig:
 
 @dataclass
 class WeightSyncConfig:
-    backend: Literal["object_store", "process_group"] = "object_store"   # process_group: gloo (CPU) / NCCL (GPU)
+    backend: Literal["object_store", "process_group", "cuda_ipc"] = "object_store"
+    # process_group: gloo (CPU) / NCCL (GPU); cuda_ipc: engines sharing policy rank 0's GPU (placement.colocate)
     bucket_mb: float = 64.0            # parameters gathered (ZeRO-3) and shipped bucket by bucket
 
 
@@ -283,11 +284,19 @@ class Config:
                 _need(":" in src.path, key, f"must read 'package.module:function', got {src.path!r}")
             if src.kind == "http":
                 _need(src.path.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {src.path!r}")
+        if self.weight_sync.backend == "cuda_ipc":
+            _need(any({"policy", "engine"} <= set(g) for g in self.placement.colocate) and self.policy.gpus_per_rank > 0,
+                  "weight_sync.backend", "cuda_ipc needs the engines on policy rank 0's GPU: placement.colocate "
+                  "[policy, engine, ...] on a GPU cluster")
         for group in self.placement.colocate:
-            _need("engine" not in group, "placement.colocate",
-                  "puts the engines beside trainers: that needs vLLM sleep mode, which the actors do not run yet "
-                  "(`rlhf-ray plan` sizes such layouts)")
-            ranks = {r: getattr(self, r).num_ranks for r in group if r != "critic" or self.needs_critic()}
+            if "engine" in group:
+                _need(self.placement.engines_sleep or self.policy.gpus_per_rank == 0, "placement.engines_sleep",
+                      "must be true when engines share GPUs with trainers (vLLM sleep mode frees their memory "
+                      "while the trainers run)")
+                _need(self.engine.tensor_parallel_size == 1, "engine.tensor_parallel_size",
+                      "must be 1 for engines colocated with trainers (one engine per rank's GPU)")
+            ranks = {r: (self.engine.num_engines if r == "engine" else getattr(self, r).num_ranks)
+                     for r in group if r != "critic" or self.needs_critic()}
             _need(len(set(ranks.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same num_ranks, got {ranks}")
             nodes = {r: getattr(self, r).node_resource for r in group}

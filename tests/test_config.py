@@ -61,3 +61,17 @@ def test_every_shipped_config_loads_and_grpo_needs_no_critic():
         load_config(path)
     grpo = load_config("configs/tiny_grpo.yaml").check_ppo()
     assert not grpo.needs_critic() and [s.kind for s in grpo.reward_sources()] == ["function", "function"]
+
+
+def test_layout_checks_for_colocated_engines_and_cuda_ipc():
+    base = ["models.policy=p", "models.reward=r", "data.prompts=x"]
+    gpu = ["policy.gpus_per_rank=1", "policy.num_ranks=1", "engine.gpus_per_engine=1"]
+    with pytest.raises(ConfigError, match="placement.engines_sleep"):
+        load_config(None, base + gpu + ["placement.colocate=[[policy, engine]]"]).check_ppo()
+    with pytest.raises(ConfigError, match="cuda_ipc needs the engines on policy rank 0's GPU"):
+        load_config(None, base + gpu + ["weight_sync.backend=cuda_ipc"]).check_ppo()
+    ok = load_config(None, base + gpu + ["placement.colocate=[[policy, engine]]", "placement.engines_sleep=true",
+                                         "weight_sync.backend=cuda_ipc"])
+    assert ok.check_ppo() is ok
+    with pytest.raises(ConfigError, match="same num_ranks"):
+        load_config(None, base + ["placement.colocate=[[policy, reference]]", "policy.num_ranks=2"]).check_ppo()
