@@ -54,21 +54,31 @@ class RankGroup:
     def __init__(self, actor_cls, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float,
                  args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
                  strategy: str = "PACK", ready_timeout: float = 600, shared: SharedPlacement | None = None,
-                 node_resource: str | None = None):
+                 node_resource: str | None = None, gpu_bundles: int = 1):
+        """gpu_bundles k > 1 (a vLLM engine with tensor parallelism k on GPUs): each rank gets k one-GPU bundles;
+        the engine actor itself holds no GPU, and vLLM's Ray workers take those bundles, named for it by
+        VLLM_RAY_BUNDLE_INDICES (vLLM refuses a bundle with more than one GPU)."""
         self.name = name
+        k = gpu_bundles
         if shared is not None:          # colocated: rank i in bundle i of the shared group, a share of its GPU
             self.pg, self.owns_pg, gpus_per_rank = shared.pg, False, shared.gpus_per_actor
+            k = 1
         else:
-            self.pg, self.owns_pg = reserve(name, [bundle(cpus_per_rank, gpus_per_rank, node_resource)] * num_ranks,
-                                            strategy, ready_timeout), True
-        self.actors = [
-            actor_cls.options(
-                num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, runtime_env=runtime_env,
+            specs = [bundle(cpus_per_rank / k, gpus_per_rank / k, node_resource)] * (num_ranks * k)
+            self.pg, self.owns_pg = reserve(name, specs, strategy, ready_timeout), True
+        self.actors = []
+        for i in range(num_ranks):
+            env, opts = runtime_env, {}
+            if k > 1:
+                env = dict(runtime_env or {})
+                env["env_vars"] = {**env.get("env_vars", {}),
+                                   "VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * k + j) for j in range(k))}
+                opts = {"placement_group_capture_child_tasks": True}
+            self.actors.append(actor_cls.options(
+                num_cpus=cpus_per_rank / k, num_gpus=0 if k > 1 else gpus_per_rank, runtime_env=env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i),
-            ).remote(i, num_ranks, *args)
-            for i in range(num_ranks)
-        ]
+                    placement_group=self.pg, placement_group_bundle_index=i * k, **opts),
+            ).remote(i, num_ranks, *args))
         if distributed:
             master = self.actors[0]
             addr, port = ray.get([master.node_ip.remote(), master.free_port.remote()])

@@ -86,16 +86,19 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
         placements.append(sp)
         shared.update({m: sp for m in present})
 
-    def group(actor_cls, role, distributed=False, env=None):
+    def group(actor_cls, role, distributed=False, env=None, gpu_bundles=1):
         n, cpus, gpus, node = role_resources(cfg, role)
         return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed,
-                         runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node)
+                         runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node,
+                         gpu_bundles=gpu_bundles)
 
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
-    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)))
+    tp = cfg.engine.tensor_parallel_size
+    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)),
+                    gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines, placements)
 
