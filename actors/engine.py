@@ -24,6 +24,10 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.engine.kv_cache_gib)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.engine.in_process else "1"
+    if cfg.weight_sync.backend == "cuda_ipc":
+        # CUDA IPC handles (torch classes, dtypes, handle bytes) reach the workers through collective_rpc, which
+        # msgpack-encodes its arguments unless pickle is allowed for them. Only the policy, in this job, sends any.
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return {"env_vars": env}
 
 
