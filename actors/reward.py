@@ -7,7 +7,7 @@ import ray
 import torch
 
 from actors.base import FrozenRole
-from rlhf_ray.batch import Batch, rollout_texts, shard
+from rlhf_ray.batch import Batch, rollout_texts, shard, shard_list
 from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_ray.rewards import combine, text_scorer
 
@@ -40,15 +40,17 @@ class Reward(FrozenRole):
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),
                                    self.cfg.reward.micro_batch_size)
 
-    def scores_by_source(self, batch: Batch) -> torch.Tensor:
-        """[n, 1 + S] for this rank's shard: the weighted total, then each source's own score."""
+    def scores_by_source(self, batch: Batch, extras: dict[str, list] | None = None) -> torch.Tensor:
+        """[n, 1 + S] for this rank's shard: the weighted total, then each source's own score. `extras`: row
+        fields (data.reward_keys), one entry per sample, handed to rule and HTTP sources as keyword lists."""
         cols = []
         for kind, scorer in self.scorers:
             if kind == "model":
                 cols.append(self._model_scores(scorer, batch))
             else:
                 prompts, responses = rollout_texts(self.tokenizer, shard(batch, self.rank, self.world_size))
-                cols.append(torch.tensor(scorer(prompts, responses), dtype=torch.float32))
+                mine = {k: shard_list(v, self.rank, self.world_size) for k, v in (extras or {}).items()}
+                cols.append(torch.tensor(scorer(prompts, responses, **mine), dtype=torch.float32))
         per_source = torch.stack(cols, dim=-1)
         return torch.cat([combine(per_source, self.weights)[:, None], per_source], dim=-1)
 

@@ -172,7 +172,11 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
     # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
     with timer("generate"):
-        prompt_ids = tokenize_prompts(tokenizer, stream.next(), cfg.data.max_prompt_tokens)
+        rows = stream.next()
+        keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards, one entry per sample
+        extras = {k: [r[k] for r in rows for _ in range(cfg.generation.n)] for k in keys}
+        prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows] if keys else rows,
+                                      cfg.data.max_prompt_tokens)
         batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
         if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
             ray.get([e.sleep.remote() for e in actors.engines])
@@ -183,7 +187,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     ppo = cfg.ppo
     with timer("score"):
         refs = {"old": actors.policy.call("logprobs", batch_ref), "ref": actors.reference.call("logprobs", batch_ref),
-                "reward": actors.reward.call("scores_by_source", batch_ref)}
+                "reward": actors.reward.call("scores_by_source", batch_ref, extras)}
         if actors.critic:
             refs["values"] = actors.critic.call("values", batch_ref)
         out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
@@ -264,7 +268,8 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     for what, path in [("policy", cfg.models.policy)] + [
             (f"reward.sources[{i}]", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]:
         check_tokenizer_matches(tokenizer, path, what)
-    stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key), cfg.generation.prompts_per_step,
+    stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys),
+                          cfg.generation.prompts_per_step,
                           cfg.run.seed, cfg.data.shuffle)
 
     start_ray(cfg)

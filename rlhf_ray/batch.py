@@ -51,11 +51,17 @@ def select(batch: Batch, index) -> Batch:
     return {k: v[index] for k, v in batch.items()}
 
 
+def shard_bounds(n: int, rank: int, world_size: int) -> slice:
+    """The contiguous slice of rank `rank` of n rows (sizes differ by at most one)."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def shard(batch: Batch, rank: int, world_size: int) -> Batch:
-    """The contiguous slice of rank `rank` (sizes differ by at most one)."""
-    n = batch_size(batch)
-    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
-    return select(batch, slice(lo, hi))
+    return select(batch, shard_bounds(batch_size(batch), rank, world_size))
+
+
+def shard_list(items: list, rank: int, world_size: int) -> list:
+    return items[shard_bounds(len(items), rank, world_size)]
 
 
 def chunks(batch: Batch, size: int) -> list[Batch]:

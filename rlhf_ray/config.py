@@ -51,6 +51,8 @@ class DataConfig:
     max_prompt_tokens: int = 64
     shuffle: bool = True
     apply_chat_template: bool = False  # render each prompt as a user turn (for chat/SFT models)
+    reward_keys: list[str] = field(default_factory=list)   # row fields handed to rule/HTTP reward sources as
+                                                           # keyword lists, e.g. [answer] -> fn(..., answer=[...])
 
 
 @dataclass

@@ -30,23 +30,29 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def load_prompts(path: str | Path, key: str = "prompt") -> list[str]:
+def load_prompts(path: str | Path, key: str = "prompt", extra_keys: list[str] | tuple = ()) -> list:
+    """The prompt strings of a JSONL file; with extra_keys, dicts {"prompt": ..., <key>: ...} carrying those
+    fields of each row too (e.g. a reference answer for a rule reward)."""
     prompts = []
     for row, obj in read_jsonl(path):
         if key not in obj:
             raise DataError(f"{path}:{row}: missing field '{key}'")
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise DataError(f"{path}:{row}: field '{key}' must be a non-empty string")
-        prompts.append(obj[key])
+        missing = [k for k in extra_keys if k not in obj]
+        if missing:
+            raise DataError(f"{path}:{row}: missing field '{missing[0]}' (listed in data.reward_keys)")
+        prompts.append({"prompt": obj[key], **{k: obj[k] for k in extra_keys}} if extra_keys else obj[key])
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
 
 
 class PromptStream:
-    """Endless batches of prompts: reshuffled each epoch with a seed; `state()`/`load_state()` for resume."""
+    """Endless batches of prompts (strings, or row dicts): reshuffled each epoch with a seed;
+    `state()`/`load_state()` for resume."""
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, prompts: list, batch_size: int, seed: int, shuffle: bool = True):
         self.prompts, self.batch_size, self.seed, self.shuffle = prompts, batch_size, seed, shuffle
         self.epoch, self.pos = 0, 0
         self._order = self._make_order()
@@ -57,7 +63,7 @@ class PromptStream:
             random.Random(self.seed + self.epoch).shuffle(order)
         return order
 
-    def next(self) -> list[str]:
+    def next(self) -> list:
         out = []
         while len(out) < self.batch_size:
             if self.pos >= len(self._order):

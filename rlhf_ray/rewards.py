@@ -1,9 +1,11 @@
 """Rewards beyond a reward model: rule functions given as `module:function` and remote HTTP scorers, and the
 weighted sum of several sources. The reward actor (actors/reward.py) runs them; nothing here knows Ray.
 
-A text source scores a batch: fn(prompts: list[str], responses: list[str]) -> list[float] (one per response);
-prompts are decoded as the policy saw them (chat template applied), special tokens dropped.
-The HTTP protocol: POST {"prompts": [...], "responses": [...]} as JSON; the answer is {"rewards": [...]} (or a
+A text source scores a batch: fn(prompts: list[str], responses: list[str], **fields) -> list[float] (one per
+response); prompts are decoded as the policy saw them (chat template applied), special tokens dropped, and
+`fields` are the prompt rows' data.reward_keys (e.g. answer=[...]), one entry per response; a function gets
+those of them it names as parameters (all of them if it takes **kwargs).
+The HTTP protocol: POST {"prompts": [...], "responses": [...], <field>: [...]} as JSON; the answer is {"rewards": [...]} (or a
 bare list) with one finite number per response. Requests are batched, time out, and are retried with
 exponential backoff on connection errors, timeouts and 5xx answers; an answer that is not that shape is an
 error naming the endpoint and what came back.
@@ -74,14 +76,17 @@ class HttpScorer:
                 raise RewardSourceError(f"reward http {url}: environment variable {auth_env} is not set")
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
         out: list[float] = []
         for i in range(0, len(responses), self.batch_size):
-            out += self._post(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])
+            part = slice(i, i + self.batch_size)
+            out += self._post({"prompts": prompts[part], "responses": responses[part],
+                               **{k: v[part] for k, v in fields.items()}})
         return out
 
-    def _post(self, prompts: list[str], responses: list[str]) -> list[float]:
-        body = json.dumps({"prompts": prompts, "responses": responses}).encode()
+    def _post(self, payload: dict) -> list[float]:
+        body = json.dumps(payload).encode()
+        n = len(payload["responses"])
         last, attempts = "", 0
         for attempt in range(self.retries + 1):
             attempts += 1
@@ -103,17 +108,33 @@ class HttpScorer:
                 data = json.loads(raw)
             except ValueError:
                 raise RewardSourceError(f"reward http {self.url}: answered non-JSON {_snippet(raw[:200])}") from None
-            return check_scores(data, len(responses), f"reward http {self.url}")
+            return check_scores(data, n, f"reward http {self.url}")
         raise RewardSourceError(f"reward http {self.url}: failed after {attempts} attempt(s) ({last})")
 
 
 def text_scorer(kind: str, path: str, **http) -> TextScorer:
     if kind == "function":
         fn = load_function(path)
-        return lambda p, r: check_scores(fn(p, r), len(r), f"reward function {path!r}")
+        accepts = _accepted_fields(fn)
+        return lambda p, r, **fields: check_scores(
+            fn(p, r, **{k: v for k, v in fields.items() if accepts is None or k in accepts}), len(r),
+            f"reward function {path!r}")
     if kind == "http":
         return HttpScorer(path, **http)
     raise ValueError(f"not a text reward source: {kind}")
+
+
+def _accepted_fields(fn) -> set[str] | None:
+    """The keyword fields a rule function takes (None: all of them, it has **kwargs), so a rule that needs no
+    row fields keeps the plain fn(prompts, responses) signature."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):                   # builtins without a signature: give them none
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def combine(per_source: torch.Tensor, weights: list[float]) -> torch.Tensor:

@@ -101,3 +101,12 @@ def test_round_robin_split_and_merge_restore_order(n_items, k, n):
     parts = split_round_robin(items, k)
     by_worker = [[(x, s) for x in part for s in range(n)] for part in parts if part]
     assert merge_round_robin(by_worker, n_items, n) == [(x, s) for x in items for s in range(n)]
+
+
+def test_prompt_rows_carry_the_reward_keys(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?", "answer": "6"}\n')
+    assert load_prompts(f, extra_keys=["answer"]) == [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    f.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: missing field 'answer' \(listed in data.reward_keys\)"):
+        load_prompts(f, extra_keys=["answer"])

@@ -45,10 +45,15 @@ def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
     run_dir = tmp_path / "run"
+    prompts = tmp_path / "prompts.jsonl"                               # rows with a reference answer each
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"], "answer": "the"}) + "\n"
+                               for line in open(tiny_world["prompts"])))
     sources = ('[{kind: function, path: "rlhf_ray.rule_rewards:tiny_gold", weight: 1.0},'
-               f' {{kind: http, path: "{url}", weight: 0.1, batch_size: 16}}]')
+               f' {{kind: http, path: "{url}", weight: 0.1, batch_size: 16}},'
+               ' {kind: function, path: "rlhf_ray.rule_rewards:contains_answer", weight: 0.2}]')
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "models.reward=", f"reward.sources={sources}",
+        "models.reward=", f"reward.sources={sources}", f"data.prompts={prompts}", "data.reward_keys=[answer]",
+        "reward.num_ranks=2",
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
         "policy.lr=1e-3", "train.steps=12"])
@@ -60,11 +65,14 @@ def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny
         assert len(rows) == 12 and all("value/loss" not in r for r in rows)
         assert all(math.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)   # k3 >= 0
         assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
-        # both sources scored in the reward actor (32 responses a step, 16 per request), and were weighted
+        # every source scored in the reward actor's two ranks (16 responses each a step, one request each),
+        # the row field reached the rule, and the sources were weighted
         assert LengthScorer.requests == 12 * 2
         for r in rows:
-            total = r["reward/source0_function_mean"] + 0.1 * r["reward/source1_http_mean"]
+            total = (r["reward/source0_function_mean"] + 0.1 * r["reward/source1_http_mean"]
+                     + 0.2 * r["reward/source2_function_mean"])
             assert r["reward/score_mean"] == pytest.approx(total, rel=1e-4, abs=1e-5)
+        assert 0 < mean([r["reward/source2_function_mean"] for r in rows]) < 1
         first = mean([r["reward/source0_function_mean"] for r in rows[:3]])
         last = mean([r["reward/source0_function_mean"] for r in rows[-3:]])
         assert last > first + 0.3, (first, last)                       # the rule reward went up

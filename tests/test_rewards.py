@@ -25,6 +25,8 @@ class Scorer(BaseHTTPRequestHandler):
             payload = b"<html>oops</html>"
         elif Scorer.mode == "short":
             payload = json.dumps({"rewards": [1.0]}).encode()
+        elif "answer" in body:                                     # row fields travel beside the texts
+            payload = json.dumps({"rewards": [float(a in r) for r, a in zip(body["responses"], body["answer"])]}).encode()
         else:
             payload = json.dumps({"rewards": [float(len(r)) for r in body["responses"]]}).encode()
         self.send_response(200)
@@ -119,3 +121,11 @@ def test_reward_source_config_checks():
                          (['reward.sources=[{kind: function, path: "m:f", wieght: 1}]'], "wieght")):
         with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_config(None, base + sets).check_ppo()
+
+
+def test_row_fields_reach_function_and_http_sources(server):
+    fn = text_scorer("function", "rlhf_ray.rule_rewards:contains_answer")
+    assert fn(["2+2?", "3+3?"], ["it is 4", "five"], answer=["4", "6"]) == [1.0, 0.0]
+    plain = text_scorer("function", "rlhf_ray.rule_rewards:ends_with_period")   # takes no fields: gets none
+    assert plain(["p", "q"], ["Done.", "no"], answer=["4", "6"]) == [1.0, 0.0]
+    assert HttpScorer(server, batch_size=1)(["p", "q"], ["x 4", "y"], answer=["4", "6"]) == [1.0, 0.0]
