@@ -17,6 +17,11 @@ from rlhf_ray.batch import Batch, batch_size, chunks, select, shard
 from rlhf_ray.ds_config import deepspeed_config
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only this rank's partition of it."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,13 +119,11 @@ class FrozenRole(RankActor):
         return {"train_micro_batch_size_per_gpu": self._role_cfg.micro_batch_size, "gradient_accumulation_steps": 1,
                 "zero_optimization": {"stage": 3}, "bf16": {"enabled": self._dtype == "bfloat16"}}
 
-    def _loading(self):
-        """Context for from_pretrained: under ZeRO-3 it partitions the weights as they load (zero.Init)."""
-        if self._role_cfg.zero_stage != 3:
-            return nullcontext()
-        from transformers.integrations import HfDeepSpeedConfig
-        self._hf_ds_config = HfDeepSpeedConfig(self._zero3_inference_config())   # alive while loading
-        return nullcontext()
+    def _before_load(self) -> None:
+        """Call before from_pretrained: under ZeRO-3 the weights are then partitioned as they load (zero.Init)."""
+        if self._role_cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(self._zero3_inference_config())   # must stay alive
 
 
 class DeepSpeedRole(RankActor):
@@ -185,10 +188,9 @@ class DeepSpeedRole(RankActor):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters of this rank's model (ZeRO-3: the full counts, not the shard)."""
-        def n(p):
-            return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         params = list(self.model.parameters())
-        return {"trainable": sum(n(p) for p in params if p.requires_grad), "total": sum(n(p) for p in params)}
+        return {"trainable": sum(full_numel(p) for p in params if p.requires_grad),
+                "total": sum(full_numel(p) for p in params)}
 
     def _loss_denominators(self, minibatch: Batch) -> dict[str, float]:
         """Per aggregation mode, the minibatch's token (or sequence) count divided by the number of micro-batch
@@ -222,7 +224,7 @@ class DeepSpeedRole(RankActor):
 
         for item in export_items(self.model):
             bucket.append(item)
-            size += sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in item[1])
+            size += sum(full_numel(p) * p.element_size() for p in item[1])
             if size >= bucket_bytes:
                 yield emit(bucket)
                 bucket, size = [], 0

@@ -25,9 +25,9 @@ class Reward(FrozenRole):
         cfg = self.cfg
         for i, src in enumerate(self.sources):
             if src.kind == "model":
-                with self._loading():
-                    model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
-                                              f"reward.sources[{i}]")
+                self._before_load()
+                model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
+                                          f"reward.sources[{i}]")
                 self.scorers.append(("model", self._prepare(model)))
             else:
                 self.scorers.append(("text", text_scorer(src.kind, src.path, batch_size=src.batch_size,
