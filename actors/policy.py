@@ -51,20 +51,26 @@ class Policy(DeepSpeedRole):
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
 
-    def push_weights(self, engines: list, bucket_bytes: int) -> dict:
-        """Object-store weight sync: gather bucket by bucket (collective under ZeRO-3); rank 0 ships each bucket
-        as safetensors bytes to every engine and waits for them to load it."""
-        from safetensors.torch import save
+    def _send_buckets(self, bucket_bytes: int, send, keep_on_device: bool = False) -> dict:
+        """Gather the weights bucket by bucket (collective under ZeRO-3, so every rank calls this); rank 0 hands
+        each bucket to `send`, which returns once every engine has loaded it."""
         n_tensors, n_bytes = 0, 0
-        for bucket in self._named_buckets(bucket_bytes):
+        for bucket in self._named_buckets(bucket_bytes, keep_on_device):
             if bucket is None:
                 continue
-            payload = ray.put(save(bucket))
-            ray.get([e.load_weights.remote(payload) for e in engines])
+            send(bucket)
             n_tensors += len(bucket)
             n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
         return {"tensors": n_tensors, "bytes": n_bytes}
 
+    def push_weights(self, engines: list, bucket_bytes: int) -> dict:
+        """Object-store sync: each bucket as safetensors bytes through Ray's object store."""
+        from safetensors.torch import save
+
+        def send(bucket):
+            payload = ray.put(save(bucket))
+            ray.get([e.load_weights.remote(payload) for e in engines])
+        return self._send_buckets(bucket_bytes, send)
 
     def open_sync_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
         """Process-group sync: rank 0 hosts the group's store and is its broadcast root."""
@@ -72,35 +78,25 @@ class Policy(DeepSpeedRole):
         self._sync_group = open_group(addr, port, 0, world_size, backend)
 
     def broadcast_weights(self, engines: list, bucket_bytes: int) -> dict:
-        """Process-group sync: gather bucket by bucket (collective under ZeRO-3); rank 0 broadcasts each bucket as
-        one flat buffer to every engine worker, which loads it in place."""
+        """Process-group sync: each bucket broadcast as one flat buffer to every engine worker."""
         from actors.sync_group import broadcast, pack
-        n_tensors, n_bytes = 0, 0
-        for bucket in self._named_buckets(bucket_bytes):
-            if bucket is None:
-                continue
+
+        def send(bucket):
             meta, flat = pack(bucket)
             refs = [e.receive_bucket.remote(meta) for e in engines]
             broadcast(self._sync_group, flat.to(self.device))
             ray.get(refs)
-            n_tensors, n_bytes = n_tensors + len(bucket), n_bytes + flat.numel()
-        return {"tensors": n_tensors, "bytes": n_bytes}
-
+        return self._send_buckets(bucket_bytes, send)
 
     def share_weights_ipc(self, engines: list, bucket_bytes: int) -> dict:
-        """CUDA IPC sync, for engines on this rank's GPU: rank 0 sends each bucket's CUDA IPC handles and keeps
-        the tensors alive until every engine has loaded them."""
+        """CUDA IPC sync, for engines on this rank's GPU: each bucket's IPC handles; the tensors stay alive (on the
+        GPU) until every engine has loaded them."""
         from torch.multiprocessing.reductions import reduce_tensor
-        n_tensors, n_bytes = 0, 0
-        for bucket in self._named_buckets(bucket_bytes, keep_on_device=True):
-            if bucket is None:
-                continue
+
+        def send(bucket):
             meta = [(name, list(t.shape), str(t.dtype)) for name, t in bucket.items()]
-            handles = [reduce_tensor(t) for t in bucket.values()]
-            ray.get([e.receive_ipc_bucket.remote(meta, handles) for e in engines])
-            n_tensors += len(bucket)
-            n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
-        return {"tensors": n_tensors, "bytes": n_bytes}
+            ray.get([e.receive_ipc_bucket.remote(meta, [reduce_tensor(t) for t in bucket.values()]) for e in engines])
+        return self._send_buckets(bucket_bytes, send, keep_on_device=True)
 
 
 PolicyActor = ray.remote(Policy)

@@ -43,14 +43,15 @@ class Reward(FrozenRole):
     def scores_by_source(self, batch: Batch, extras: dict[str, list] | None = None) -> torch.Tensor:
         """[n, 1 + S] for this rank's shard: the weighted total, then each source's own score. `extras`: row
         fields (data.reward_keys), one entry per sample, handed to rule and HTTP sources as keyword lists."""
-        cols = []
+        cols, texts = [], None
         for kind, scorer in self.scorers:
             if kind == "model":
                 cols.append(self._model_scores(scorer, batch))
-            else:
-                prompts, responses = rollout_texts(self.tokenizer, shard(batch, self.rank, self.world_size))
+                continue
+            if texts is None:                      # decoded once for every text source
+                texts = rollout_texts(self.tokenizer, shard(batch, self.rank, self.world_size))
                 mine = {k: shard_list(v, self.rank, self.world_size) for k, v in (extras or {}).items()}
-                cols.append(torch.tensor(scorer(prompts, responses, **mine), dtype=torch.float32))
+            cols.append(torch.tensor(scorer(*texts, **mine), dtype=torch.float32))
         per_source = torch.stack(cols, dim=-1)
         return torch.cat([combine(per_source, self.weights)[:, None], per_source], dim=-1)
 
