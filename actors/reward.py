@@ -1,13 +1,14 @@
 """The reward actor: scores each whole (prompt, response) with every configured source and sums
 weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`) or an
-HTTP scorer (rlhf_ray/rewards.py); rule and remote sources see the decoded texts."""
+HTTP scorer (rlhf_ray/rewards.py); rule and remote sources see the decoded texts. A held-out monitor reward
+model (models.monitor), when configured, is scored beside them and never enters the sum."""
 from __future__ import annotations
 
 import ray
 import torch
 
 from actors.base import FrozenRole
-from rlhf_ray.batch import Batch, rollout_texts, shard, shard_list
+from rlhf_ray.batch import Batch, response_texts, shard, shard_list
 from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_ray.rewards import combine, text_scorer
 
@@ -18,7 +19,7 @@ class Reward(FrozenRole):
         self.cfg = cfg
         self.sources = cfg.reward_sources()
         self.weights = [s.weight for s in self.sources]
-        self.scorers, self.tokenizer = [], None
+        self.scorers, self.tokenizer, self.monitor = [], None, None
         self._frozen(cfg.reward, cfg.train.dtype, self._load_sources)
 
     def _load_sources(self) -> None:
@@ -35,25 +36,38 @@ class Reward(FrozenRole):
                                                          auth_env=src.auth_env)))
                 if self.tokenizer is None:
                     self.tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.policy, cfg.models.trust_remote_code)
+        if cfg.models.monitor:
+            self._before_load()
+            self.monitor = self._prepare(load_scalar_model(cfg.models.monitor, cfg.train.dtype,
+                                                           cfg.models.trust_remote_code, "models.monitor"))
 
     def _model_scores(self, model, batch: Batch) -> torch.Tensor:
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),
                                    self.cfg.reward.micro_batch_size)
 
-    def scores_by_source(self, batch: Batch, extras: dict[str, list] | None = None) -> torch.Tensor:
-        """[n, 1 + S] for this rank's shard: the weighted total, then each source's own score. `extras`: row
-        fields (data.reward_keys), one entry per sample, handed to rule and HTTP sources as keyword lists."""
+    def scores_by_source(self, batch: Batch, prompts: list[str] | None = None,
+                         extras: dict[str, list] | None = None) -> torch.Tensor:
+        """[n, 1 + S (+ 1)] for this rank's shard: the weighted total, then each source's own score (then the
+        monitor's, when there is one). Text sources get
+        `prompts` (the data rows' prompt strings, one per sample, as written: no chat template) and the decoded
+        responses; `extras`: row fields (data.reward_keys), one entry per sample, as keyword lists."""
         cols, texts = [], None
         for kind, scorer in self.scorers:
             if kind == "model":
                 cols.append(self._model_scores(scorer, batch))
                 continue
             if texts is None:                      # decoded once for every text source
-                texts = rollout_texts(self.tokenizer, shard(batch, self.rank, self.world_size))
+                if prompts is None:
+                    raise ValueError("text reward sources need the prompt strings")
+                texts = (shard_list(prompts, self.rank, self.world_size),
+                         response_texts(self.tokenizer, shard(batch, self.rank, self.world_size)))
                 mine = {k: shard_list(v, self.rank, self.world_size) for k, v in (extras or {}).items()}
             cols.append(torch.tensor(scorer(*texts, **mine), dtype=torch.float32))
         per_source = torch.stack(cols, dim=-1)
-        return torch.cat([combine(per_source, self.weights)[:, None], per_source], dim=-1)
+        out = [combine(per_source, self.weights)[:, None], per_source]
+        if self.monitor is not None:
+            out.append(self._model_scores(self.monitor, batch)[:, None])
+        return torch.cat(out, dim=-1)
 
     def scores(self, batch: Batch) -> torch.Tensor:
         return self.scores_by_source(batch)[:, 0]

@@ -1,59 +1,153 @@
-"""The tiny-world pipeline with fixed seeds, against the issue's targets and the best-of-n baseline.
+"""The tiny-world pipeline over several seeds, against the targets and the best-of-n baseline.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiny_world.py [--set key=value ...]
+    .venv/bin/python benchmarks/tiny_world.py --seeds 0 1 2 [--set key=value ...]
 
-Prints: RM held-out pairwise accuracy; held-out gold reward of SFT, PPO and DPO with the gain in SFT standard
-deviations; mean KL per sequence to the SFT model; best-of-n from SFT ranked by the RM (n = 2..16, KL
-log n - (n-1)/n); the wall time of each stage; and each target as met or missed. The peer in the same run is
-best-of-n: the baseline every RLHF paper compares against.
+Each seed is a whole world of its own: its own pretrained base model, tokenizer, data split, labeler noise and
+every stage's randomness (run.seed), built from scratch under runs/bench-tiny-world/seed<N>/. Prints, per seed
+and as mean ± sd over the seeds: RM (and monitor RM) held-out pairwise accuracy; held-out gold of SFT, PPO and
+DPO as gains in SFT standard deviations with their KL to SFT; best-of-n from SFT ranked by the RM (n = 2..16,
+KL log n - (n-1)/n); PPO's gain over best-of-n's at PPO's own KL (best-of-n's curve interpolated linearly in
+KL between n = 1, 2, 4, 8, 16); how the held-out monitor RM tracks gold over the PPO steps; wall time. Then
+each target as met or missed, the machine and the date. The whole report is also written to
+runs/bench-tiny-world/benchmark.md.
+
+The peer in the same run is best-of-n: the baseline every RLHF paper compares against.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from launch.pipeline import run_pipeline  # noqa: E402
 from rlhf_ray.config import load_config  # noqa: E402
 
-TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_kl": 2.0, "total_seconds": 600}
+TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "ppo_kl": 2.0, "bon_ratio": 0.9,
+           "total_seconds": 600}
+
+
+def bon_gain_at(kl: float, points: list[tuple[float, float]]) -> tuple[float, bool]:
+    """Best-of-n's gain at KL `kl`, linear between its (KL, gain) points, (0, 0) being n = 1; beyond the last
+    point the last segment is extended. Returns (gain, extrapolated)."""
+    pts = [(0.0, 0.0)] + sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if kl <= x1:
+            return y0 + (y1 - y0) * (kl - x0) / (x1 - x0), False
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return y1 + (y1 - y0) * (kl - x1) / (x1 - x0), True
+
+
+def seed_row(s: dict, best_of: list[int]) -> dict:
+    ev, sft = s["eval"], s["eval"]["sft"]
+    gain = lambda r: (r["gold_mean"] - sft["gold_mean"]) / sft["gold_sd"]  # noqa: E731
+    bon = {n: (ev[f"best_of_{n}"]["kl_to_sft"], gain(ev[f"best_of_{n}"])) for n in best_of}
+    ppo_kl = ev["ppo"]["kl_to_sft"]
+    at_kl, extrapolated = bon_gain_at(ppo_kl, list(bon.values()))
+    row = {"rm_acc": s["rm_eval"]["accuracy"], "sft_gold": sft["gold_mean"], "ppo_gain": gain(ev["ppo"]),
+           "ppo_kl": ppo_kl, "dpo_gain": gain(ev["dpo"]), "dpo_kl": ev["dpo"]["kl_to_sft"],
+           **{f"bo{n}_gain": g for n, (_, g) in bon.items()}, "bon_at_ppo_kl": at_kl,
+           "ppo_over_bon": gain(ev["ppo"]) / at_kl if at_kl > 0 else float("nan"), "bon_extrapolated": extrapolated,
+           "seconds": s["seconds"]["total"]}
+    if s.get("monitor_rm_eval"):
+        m = s["monitor"]["monitor"]
+        row.update({"monitor_acc": s["monitor_rm_eval"]["accuracy"], "monitor_r": m["pearson"],
+                    "proxy_r": s["monitor"]["proxy"]["pearson"], "monitor_peak": m["peak_step"],
+                    "gold_peak": m["reference_peak_step"]})
+    return row
+
+
+COLUMNS = [  # (key, header, format)
+    ("rm_acc", "RM acc", "{:.3f}"), ("monitor_acc", "monitor RM acc", "{:.3f}"), ("sft_gold", "SFT gold", "{:.3f}"),
+    ("ppo_gain", "PPO gain (sd)", "{:+.2f}"), ("ppo_kl", "PPO KL", "{:.2f}"), ("dpo_gain", "DPO gain", "{:+.2f}"),
+    ("dpo_kl", "DPO KL", "{:.2f}"), ("bo2_gain", "bo2", "{:+.2f}"), ("bo4_gain", "bo4", "{:+.2f}"),
+    ("bo8_gain", "bo8", "{:+.2f}"), ("bo16_gain", "bo16", "{:+.2f}"), ("bon_at_ppo_kl", "best-of-n at PPO's KL", "{:+.2f}"),
+    ("ppo_over_bon", "PPO ÷ best-of-n", "{:.2f}×"), ("monitor_r", "monitor-gold r", "{:+.2f}"),
+    ("proxy_r", "proxy-gold r", "{:+.2f}"), ("monitor_peak", "monitor peak step", "{:.0f}"),
+    ("gold_peak", "gold peak step", "{:.0f}"), ("seconds", "wall s", "{:.0f}"),
+]
+
+
+def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
+    cols = [c for c in COLUMNS if all(c[0] in r for r in rows.values())]
+    head = "| seed | " + " | ".join(h for _, h, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for seed, r in rows.items():
+        cells = [fmt.format(r[k]) + ("*" if k == "bon_at_ppo_kl" and r["bon_extrapolated"] else "")
+                 for k, _, fmt in cols]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    agg = []
+    for k, _, fmt in cols:
+        vals = [r[k] for r in rows.values()]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        agg.append(f"{fmt.format(statistics.mean(vals))} ± {fmt.format(sd).lstrip('+')}")
+    lines.append("| **mean ± sd** | " + " | ".join(agg) + " |")
+    if any(r["bon_extrapolated"] for r in rows.values()):
+        lines.append("\n\\* PPO's KL lies beyond best-of-16's: best-of-n's last segment extended.")
+
+    gains = [r["ppo_gain"] for r in rows.values()]
+    mean = lambda k: statistics.mean(r[k] for r in rows.values())  # noqa: E731
+    checks = {
+        f"RM held-out pairwise accuracy >= {TARGETS['rm_accuracy']} (mean)": mean("rm_acc") >= TARGETS["rm_accuracy"],
+        f"PPO gold gain >= +{TARGETS['ppo_gain_sd']} SFT sd (mean)": mean("ppo_gain") >= TARGETS["ppo_gain_sd"],
+        f"PPO gold gain >= +{TARGETS['ppo_gain_sd_min']} on every seed": min(gains) >= TARGETS["ppo_gain_sd_min"],
+        f"PPO KL to SFT <= {TARGETS['ppo_kl']} nats/seq (every seed)": all(r["ppo_kl"] <= TARGETS["ppo_kl"] for r in rows.values()),
+        f"PPO gain >= {TARGETS['bon_ratio']} x best-of-n's at PPO's KL (mean)": mean("ppo_over_bon") >= TARGETS["bon_ratio"],
+        f"whole pipeline <= {TARGETS['total_seconds'] // 60} min (every seed)": all(r["seconds"] <= TARGETS["total_seconds"] for r in rows.values()),
+    }
+    lines += ["", *(f"- [{'met' if ok else 'MISSED'}] {what}" for what, ok in checks.items())]
+    lines += ["", f"Machine: {cpu_model()}, {os.cpu_count()} cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+              f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; commit {git_commit()}.",
+              f"Config: {cfg} {' '.join('--set ' + o for o in argv)}".rstrip(),
+              "Gains are in SFT standard deviations of held-out gold (128 prompts never seen by any stage); KL is "
+              "nats per sequence to the SFT model."]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> int:
+    import ray
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/tiny_world.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/bench-tiny-world")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    cfg = load_config(args.config, ["run.output_dir=runs/bench-tiny-world", *args.overrides])
-    s = run_pipeline(cfg)
-    ev, sft = s["eval"], s["eval"]["sft"]
-    checks = {
-        "RM held-out pairwise accuracy >= 0.75": s["rm_eval"]["accuracy"] >= TARGETS["rm_accuracy"],
-        "PPO gold gain >= +1.0 SFT sd": s["ppo_gain_sd"] >= TARGETS["ppo_gain_sd"],
-        "PPO mean KL to SFT <= 2 nats/seq": ev["ppo"]["kl_to_sft"] <= TARGETS["ppo_kl"],
-        "whole pipeline <= 10 min": s["seconds"]["total"] <= TARGETS["total_seconds"],
-    }
-    print("\nbenchmark: tiny world (2-core CPU)")
-    print(f"  RM held-out pairwise accuracy   {s['rm_eval']['accuracy']:.3f}")
-    for name in ("sft", "ppo", "dpo"):
-        r = ev[name]
-        print(f"  {name:4s} gold {r['gold_mean']:.3f} ± {r['gold_sd']:.3f}   gain {(r['gold_mean'] - sft['gold_mean']) / sft['gold_sd']:+.2f} sd"
-              f"   KL to SFT {r['kl_to_sft']:.3f} nats/seq")
-    for n in cfg.pipeline.best_of_n:
-        r = ev[f"best_of_{n}"]
-        print(f"  best-of-{n:<2d} gold {r['gold_mean']:.3f}   gain {(r['gold_mean'] - sft['gold_mean']) / sft['gold_sd']:+.2f} sd"
-              f"   KL {r['kl_to_sft']:.3f} (log n - (n-1)/n)")
-    bon = [ev[f"best_of_{n}"] for n in cfg.pipeline.best_of_n]
-    matched = [r for r in bon if r["kl_to_sft"] >= ev["ppo"]["kl_to_sft"]] or bon[-1:]
-    print(f"  PPO gain / best-of-n gain at no smaller KL: "
-          f"{(ev['ppo']['gold_mean'] - sft['gold_mean']) / max(matched[0]['gold_mean'] - sft['gold_mean'], 1e-8):.2f}x")
-    print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
-    for what, ok in checks.items():
-        print(f"  [{'met' if ok else 'MISSED'}] {what}")
+    out = Path(args.out)
+    rows = {}
+    for seed in args.seeds:
+        cfg = load_config(args.config, [f"run.seed={seed}", f"run.output_dir={out}/seed{seed}",
+                                        f"pipeline.world_dir={out}/seed{seed}/world", *args.overrides])
+        s = run_pipeline(cfg)
+        rows[seed] = seed_row(s, cfg.pipeline.best_of_n)
+        ray.shutdown()                     # the next seed starts on a fresh local cluster
+        print(f"\nseed {seed} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
+    text = report(rows, args.config, args.overrides)
+    (out / "benchmark.md").write_text(text + "\n")
+    print("\nbenchmark: tiny world, " + ", ".join(map(str, args.seeds)) + "\n\n" + text)
     return 0
 
 

@@ -6,16 +6,19 @@
     1. SFT        on instruction pairs cut from that text
     2. label      the SFT model samples K answers per prompt (vLLM); simulated labelers rank them by a hidden
                   gold score plus noise. The reward model only ever sees these rankings.
-    3. RM         Bradley-Terry on all C(K, 2) pairs per ranking, initialised from the SFT model
-    4. PPO        against the learned RM with a KL penalty to the SFT model; the gold reward is logged beside
-                  the proxy every step, so overoptimisation shows as it happens
+    3. RM         Bradley-Terry on all C(K, 2) pairs per ranking, initialised from the SFT model; a second,
+                  held-out monitor RM on rankings of other prompts (pipeline.monitor_prompts)
+    4. PPO        against the learned RM with a KL penalty to the SFT model; the monitor RM and the gold reward
+                  are logged beside the proxy every step, so overoptimisation shows as it happens
     5. DPO        from the SFT model on the same rankings
     6. evaluate   on held-out prompts: gold (mean ± sd), proxy RM score and KL to SFT for SFT, PPO, DPO and
                   best-of-n from SFT ranked by the RM. Writes summary.md / summary.json and PNG curves.
+
+Every stage renders prompts with `rlhf_ray.prompts.render_prompt` under data.apply_chat_template, and every
+stage's config is derived from the pipeline's through `rlhf_ray.config.derive` (typed and validated, as --set).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -34,11 +37,12 @@ from launch.common import actor_env, cluster_device, engine_env, run_cli, start_
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray.batch import build_rollout_batch
-from rlhf_ray.config import Config, dump_config
+from rlhf_ray.config import Config, derive, dump_config
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
+from rlhf_ray.metrics import curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
-from rlhf_ray.sft import prompt_ids
+from rlhf_ray.prompts import render_prompts
 from rlhf_ray.tiny import TinySpec, build_tiny_world, corpus_text
 
 
@@ -48,7 +52,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_task_data(out: Path, cfg: Config) -> dict:
-    """Disjoint prompt sets (eval, labelling, PPO) and SFT pairs, all cut from the corpus' sentences."""
+    """Disjoint prompt sets (eval, labelling, the monitor RM's labelling, PPO) and SFT pairs, all cut from the
+    corpus' sentences."""
     pc = cfg.pipeline
     sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", corpus_text().replace("\n", " "))]
     sents = sorted({s for s in sents if 7 <= len(s.split()) <= 40 and s[0].isupper()})
@@ -58,14 +63,15 @@ def make_task_data(out: Path, cfg: Config) -> dict:
         return "Continue: " + " ".join(s.split()[:5])
 
     groups, i = {}, 0
-    for name, n in (("eval", pc.eval_prompts), ("label", pc.label_prompts), ("ppo", pc.ppo_prompts),
-                    ("sft", pc.sft_examples)):
+    for name, n in (("eval", pc.eval_prompts), ("label", pc.label_prompts), ("monitor", pc.monitor_prompts),
+                    ("ppo", pc.ppo_prompts), ("sft", pc.sft_examples)):
         groups[name], i = sents[i:i + n], i + n
-    if len(groups["sft"]) < pc.sft_examples // 2:
-        raise DataError(f"pipeline: the corpus has only {len(sents)} usable sentences; ask for fewer prompts/examples")
+    if len(groups["sft"]) < pc.sft_examples:
+        raise DataError(f"pipeline: the corpus has only {len(sents)} usable sentences, {len(groups['sft'])} left for "
+                        f"pipeline.sft_examples={pc.sft_examples}; ask for fewer prompts/examples")
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: str(write_jsonl(out / f"{name}_prompts.jsonl", [{"prompt": prompt(s)} for s in groups[name]]))
-             for name in ("eval", "label", "ppo")}
+             for name in ("eval", "label", "monitor", "ppo")}
     paths["sft"] = str(write_jsonl(out / "sft.jsonl", [
         {"instruction": prompt(s), "input": "", "output": " ".join(s.split()[5:])} for s in groups["sft"]]))
     return paths
@@ -97,31 +103,37 @@ class Sampler:
         return torch.tensor([sum(x) for x in lps])
 
 
-def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path) -> str:
-    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers."""
+def read_prompts(path: str) -> list[str]:
+    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines()]
+
+
+def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int) -> str:
+    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers; written beside
+    the prompts as <name>_rankings.jsonl."""
     pc = cfg.pipeline
-    prompts = [json.loads(line)["prompt"] for line in Path(prompts_path).read_text().splitlines()]
-    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    samples = sampler.sample(ids, pc.k, cfg.generation.max_new_tokens, cfg.run.seed + 1)
-    rng = random.Random(cfg.run.seed + 2)
+    prompts = read_prompts(prompts_path)
+    samples = sampler.sample(render_prompts(tokenizer, prompts, cfg.data), pc.k, cfg.generation.max_new_tokens, seed)
+    rng = random.Random(seed + 1)
     rows = []
     for i, p in enumerate(prompts):
         texts = tokenizer.batch_decode([s["ids"] for s in samples[i * pc.k:(i + 1) * pc.k]], skip_special_tokens=True)
         if all(t.strip() for t in texts) and len(set(texts)) == len(texts):
             rows.append({"prompt": p, "responses": texts, "ranking": simulated_ranking(texts, rng, pc.labeler_noise)})
-    return str(write_jsonl(out / "rankings.jsonl", rows))
+    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows))
 
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
              policies: dict[str, str], sft_dir: str) -> dict:
-    """Gold, proxy and KL to SFT on held-out prompts, for each policy and for best-of-n from SFT."""
-    prompts = [json.loads(line)["prompt"] for line in Path(prompts_path).read_text().splitlines()]
-    ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    """Gold, proxy (and monitor) RM scores and KL to SFT on held-out prompts, for each policy and for best-of-n
+    from SFT ranked by the proxy RM."""
+    ids = render_prompts(tokenizer, read_prompts(prompts_path), cfg.data)
     max_tokens, pad = cfg.generation.max_new_tokens, tokenizer.pad_token_id
 
-    def proxy(prompt_rep, responses):
+    def rm_scores(prompt_rep, responses):
+        """(proxy, monitor) scores; the reward group's last column is the monitor's when it has one."""
         batch = build_rollout_batch(prompt_rep, responses, [[0.0] * len(r) for r in responses], pad)
-        return torch.cat(reward.run("scores", batch))
+        s = torch.cat(reward.run("scores_by_source", batch))
+        return s[:, 0], s[:, -1] if cfg.models.monitor else None
 
     def gold(responses):
         return torch.tensor([gold_score(t) for t in tokenizer.batch_decode(responses, skip_special_tokens=True)])
@@ -134,14 +146,14 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     sampler.load(sft_dir)
     for name, (responses, logp) in drawn.items():
         kl = (logp - sampler.sequence_logprobs(ids, responses)).mean().item() if name != "sft" else 0.0
-        g = gold(responses)
-        results[name] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(),
-                         "proxy_mean": proxy(ids, responses).mean().item(), "kl_to_sft": kl}
+        g, (proxy, monitor) = gold(responses), rm_scores(ids, responses)
+        results[name] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(), "proxy_mean": proxy.mean().item(),
+                         **({"monitor_mean": monitor.mean().item()} if monitor is not None else {}), "kl_to_sft": kl}
     # best-of-n from SFT ranked by the learned RM: KL = log n - (n-1)/n (Stiennon et al. 2020)
     n_max = max(cfg.pipeline.best_of_n)
     s = sampler.sample(ids, n_max, max_tokens, cfg.run.seed + 4)
     responses = [x["ids"] for x in s]
-    scores = proxy([p for p in ids for _ in range(n_max)], responses).view(len(ids), n_max)
+    scores = rm_scores([p for p in ids for _ in range(n_max)], responses)[0].view(len(ids), n_max)
     golds = gold(responses).view(len(ids), n_max)
     for n in cfg.pipeline.best_of_n:
         best = scores[:, :n].argmax(-1)
@@ -152,20 +164,29 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     return results
 
 
-def plot_ppo(metrics_path: Path, out: Path) -> Path:
+def zscore(x: list[float]) -> list[float]:
+    m, sd = sum(x) / len(x), (sum((v - sum(x) / len(x)) ** 2 for v in x) / max(len(x) - 1, 1)) ** 0.5
+    return [(v - m) / (sd or 1.0) for v in x]
+
+
+def plot_ppo(rows: list[dict], out: Path, window: int) -> Path:
+    """Left: proxy, monitor and gold reward per PPO step, each z-scored over the run (their shapes are what
+    must agree; their scales differ), with a moving average; right: KL to the SFT model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(steps, [r["reward/score_mean"] for r in rows], label="proxy (learned RM)")
-    a.set_xlabel("PPO step"); a.set_ylabel("proxy reward"); a.grid(alpha=0.3)
-    a2 = a.twinx()
-    a2.plot(steps, [r["gold/mean"] for r in rows], color="tab:orange", label="gold (hidden)")
-    a2.set_ylabel("gold reward")
-    a.legend(handles=a.get_lines() + a2.get_lines(), loc="lower right")
-    a.set_title("proxy vs gold reward")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, color in (("reward/score_mean", "proxy (the RM PPO optimises)", "tab:blue"),
+                              ("monitor/score_mean", "monitor (held-out RM)", "tab:purple"),
+                              ("gold/mean", "gold (hidden)", "tab:orange")):
+        if key in rows[0]:
+            z = zscore([r[key] for r in rows])
+            a.plot(steps, z, color=color, alpha=0.3, lw=1)
+            a.plot(steps, moving_average(z, window), color=color, lw=2, label=label)
+    a.set_xlabel("PPO step"); a.set_ylabel(f"reward, z-scored over steps ({window}-step average bold)")
+    a.grid(alpha=0.3); a.legend(loc="lower right", fontsize=8)
+    a.set_title("proxy vs held-out monitor vs gold")
     b.plot(steps, [r["kl/ref_per_seq"] for r in rows], color="tab:green")
     b.set_xlabel("PPO step"); b.set_ylabel("KL to SFT (nats / sequence)"); b.grid(alpha=0.3)
     b.set_title("KL to the SFT model")
@@ -175,16 +196,30 @@ def plot_ppo(metrics_path: Path, out: Path) -> Path:
     return out
 
 
-def summary_table(ev: dict, rm_eval: dict, seconds: dict) -> str:
+def monitor_figures(rows: list[dict], window: int) -> dict:
+    """How the held-out monitor RM (and, for contrast, the proxy) tracks gold over the PPO steps."""
+    steps, gold = [r["step"] for r in rows], [r["gold/mean"] for r in rows]
+    return {name: curve_agreement([r[key] for r in rows], gold, steps, window)
+            for name, key in (("monitor", "monitor/score_mean"), ("proxy", "reward/score_mean")) if key in rows[0]}
+
+
+def summary_table(ev: dict, rm_eval: dict, monitor_eval: dict | None, monitor: dict, seconds: dict) -> str:
     sft = ev["sft"]
-    lines = ["| policy | gold (mean ± sd) | gain vs SFT (SFT sd) | proxy RM | KL to SFT (nats/seq) |",
-             "|---|---|---|---|---|"]
+    has_monitor = "monitor_mean" in sft
+    lines = ["| policy | gold (mean ± sd) | gain vs SFT (SFT sd) | proxy RM |" + (" monitor RM |" if has_monitor else "")
+             + " KL to SFT (nats/seq) |", "|---|---|---|---|" + ("---|" if has_monitor else "") + "---|"]
     for name, r in ev.items():
         gain = (r["gold_mean"] - sft["gold_mean"]) / max(sft["gold_sd"], 1e-8)
-        lines.append(f"| {name} | {r['gold_mean']:.3f} ± {r['gold_sd']:.3f} | {gain:+.2f} | {r['proxy_mean']:+.3f} "
-                     f"| {r['kl_to_sft']:.3f} |")
-    lines += ["", f"RM held-out pairwise accuracy: {rm_eval['accuracy']:.3f} (mean margin {rm_eval['margin']:.3f})",
-              "", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
+        lines.append(f"| {name} | {r['gold_mean']:.3f} ± {r['gold_sd']:.3f} | {gain:+.2f} | {r['proxy_mean']:+.3f} |"
+                     + (f" {r['monitor_mean']:+.3f} |" if "monitor_mean" in r else (" |" if has_monitor else ""))
+                     + f" {r['kl_to_sft']:.3f} |")
+    lines += ["", f"RM held-out pairwise accuracy: {rm_eval['accuracy']:.3f} (mean margin {rm_eval['margin']:.3f})"]
+    if monitor_eval:
+        lines.append(f"Monitor RM held-out pairwise accuracy: {monitor_eval['accuracy']:.3f}")
+    for name, m in monitor.items():
+        lines.append(f"PPO steps, {name} vs gold: Pearson r {m['pearson']:+.2f}; peak step {m['peak_step']} "
+                     f"(gold's {m['reference_peak_step']})")
+    lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
     return "\n".join(lines)
 
 
@@ -214,48 +249,45 @@ def run_pipeline(cfg: Config) -> dict:
     data = make_task_data(run_dir / "data", cfg)
     done("pretrain", t0)
 
-    def with_(**sets):
-        c = copy.deepcopy(cfg)
-        for dotted, v in sets.items():
-            obj = c
-            *path, last = dotted.split("__")
-            for p in path:
-                obj = getattr(obj, p)
-            setattr(obj, last, v)
-        return c
-
     # the sampler engine and the evaluation reward model live beside each stage's actors
     start_ray(cfg, extra_cpus=cfg.engine.cpus_per_engine + cfg.reward.cpus_per_rank)
     t0 = stage("sft")
-    sft = run_stage(with_(sft__data=data["sft"], sft__model=base, sft__output=str(run_dir / "sft")), "sft")
+    sft = run_stage(derive(cfg, {"sft.data": data["sft"], "sft.model": base, "sft.output": str(run_dir / "sft")}),
+                    "sft")
     done("sft", t0)
 
     t0 = stage("label")
     tokenizer = load_tokenizer(sft["model"])
-    sampler = Sampler(with_(models__policy=sft["model"]), run_dir, device)
-    rankings = label(cfg, sampler, tokenizer, data["label"], run_dir / "data")
+    sampler = Sampler(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
+    rankings = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1)
+    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5)
+                     if pc.monitor_prompts else None)
     done("label", t0)
 
     t0 = stage("rm")
-    rm = run_stage(with_(rm__data=rankings, rm__model=sft["model"], rm__output=str(run_dir / "rm")), "rm")
+    rm = run_stage(derive(cfg, {"rm.data": rankings, "rm.model": sft["model"], "rm.output": str(run_dir / "rm")}), "rm")
+    monitor_rm = run_stage(derive(cfg, {"rm.data": held_rankings, "rm.model": sft["model"],
+                                        "rm.output": str(run_dir / "rm_monitor")}), "rm") if held_rankings else None
     done("rm", t0)
 
     t0 = stage("ppo")
-    ppo_cfg = with_(models__policy=sft["model"], models__reward=rm["model"], models__reference=None,
-                    models__critic=None, data__prompts=data["ppo"], data__apply_chat_template=True,
-                    run__output_dir=str(run_dir / "ppo"), run__name=f"{cfg.run.name}-ppo")
-    ppo = ppo_train(ppo_cfg, gold_fn=gold_score)
+    monitor_dir = monitor_rm["model"] if monitor_rm else None
+    ppo = ppo_train(derive(cfg, {"models.policy": sft["model"], "models.reward": rm["model"], "models.monitor": monitor_dir,
+                                 "data.prompts": data["ppo"], "run.output_dir": str(run_dir / "ppo"),
+                                 "run.name": f"{cfg.run.name}-ppo"}), gold_fn=gold_score)
     done("ppo", t0)
 
     t0 = stage("dpo")
-    dpo = run_stage(with_(dpo__data=rankings, dpo__model=sft["model"], dpo__output=str(run_dir / "dpo")), "dpo")
+    dpo = run_stage(derive(cfg, {"dpo.data": rankings, "dpo.model": sft["model"], "dpo.output": str(run_dir / "dpo")}),
+                    "dpo")
     done("dpo", t0)
 
     t0 = stage("evaluate")
+    eval_cfg = derive(cfg, {"models.policy": sft["model"], "models.reward": rm["model"], "models.monitor": monitor_dir})
     reward = RankGroup(RewardActor, "eval-reward", 1, cfg.reward.cpus_per_rank, cfg.reward.gpus_per_rank,
-                       (with_(models__reward=rm["model"]), device), distributed=cfg.reward.zero_stage == 3,
+                       (eval_cfg, device), distributed=cfg.reward.zero_stage == 3,
                        runtime_env={"env_vars": actor_env(device)})
-    ev = evaluate(cfg, sampler, reward, tokenizer, data["eval"],
+    ev = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"],
                   {"sft": sft["model"], "ppo": ppo["checkpoint"] + "/policy", "dpo": dpo["model"]}, sft["model"])
     reward.shutdown()
     sampler.group.shutdown()
@@ -263,12 +295,15 @@ def run_pipeline(cfg: Config) -> dict:
     bar.close()
     seconds["total"] = time.perf_counter() - t_all
 
-    table = summary_table(ev, rm["eval"], seconds)
-    plot = plot_ppo(Path(ppo["metrics"]), run_dir / "ppo_curves.png")
-    summary = {"eval": ev, "rm_eval": rm["eval"], "seconds": seconds,
+    rows = [json.loads(line) for line in Path(ppo["metrics"]).read_text().splitlines()]
+    monitor = monitor_figures(rows, pc.monitor_window)
+    table = summary_table(ev, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
+    plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
+    summary = {"eval": ev, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
+               "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
-               "models": {"sft": sft["model"], "rm": rm["model"], "ppo": ppo["checkpoint"] + "/policy",
-                          "dpo": dpo["model"]}, "plot": str(plot)}
+               "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,
+                          "ppo": ppo["checkpoint"] + "/policy", "dpo": dpo["model"]}, "plot": str(plot)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (run_dir / "summary.md").write_text(table + "\n")
     if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":
@@ -276,6 +311,7 @@ def run_pipeline(cfg: Config) -> dict:
         run = wandb.init(project=cfg.logging.wandb.project, entity=cfg.logging.wandb.entity, mode=cfg.logging.wandb.mode,
                          name=f"{cfg.run.name}-summary", dir=str(run_dir), reinit="finish_previous")
         run.log({f"eval/{p}/{k}": v for p, r in ev.items() for k, v in r.items()})
+        run.log({f"monitor/{name}_vs_gold_{k}": v for name, m in monitor.items() for k, v in m.items()})
         run.log({"ppo_curves": wandb.Image(str(plot))})
         run.finish()
     print("\n" + table, flush=True)

@@ -27,12 +27,12 @@ from actors.weight_sync import make_weight_sync
 from launch.common import actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import adaptive_kl_coef, compute_experience, missing_eos_penalty
-from rlhf_ray.batch import build_rollout_batch, merge_round_robin, rollout_texts, split_round_robin
+from rlhf_ray.batch import build_rollout_batch, first_rollouts, merge_round_robin, response_texts, split_round_robin
 from rlhf_ray.config import Config, dump_config, resolve_paths
-from rlhf_ray.data import DataError, PromptStream, load_prompts
+from rlhf_ray.data import PromptStream, load_prompts
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.models import check_tokenizer_matches, load_tokenizer
-from rlhf_ray.sft import prompt_ids
+from rlhf_ray.prompts import render_prompts
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -114,17 +114,6 @@ class PhaseTimer:
         self.seconds[name] = time.perf_counter() - t0
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int, chat: bool = False) -> list[list[int]]:
-    if chat:
-        ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}])[-max_tokens:] for p in prompts]
-    else:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_tokens:] for p in prompts]
-    for p, i in zip(prompts, ids):
-        if not i:
-            raise DataError(f"prompt tokenises to nothing: {p!r}")
-    return ids
-
-
 # ------------------------------------------------------------------------------------------------ phases
 
 def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int, pad_id: int):
@@ -172,12 +161,12 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
 
     # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
     with timer("generate"):
-        rows = stream.next()
+        rows, n = stream.next(), cfg.generation.n
         keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards, one entry per sample
-        extras = {k: [r[k] for r in rows for _ in range(cfg.generation.n)] for k in keys}
-        prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows] if keys else rows,
-                                      cfg.data.max_prompt_tokens)
-        batch, gen_stats = generate(actors.engines, prompt_ids, cfg, step, tokenizer.pad_token_id)
+        prompts = [r["prompt"] for r in rows] if keys else rows
+        extras = {k: [r[k] for r in rows for _ in range(n)] for k in keys}
+        batch, gen_stats = generate(actors.engines, render_prompts(tokenizer, prompts, cfg.data), cfg, step,
+                                    tokenizer.pad_token_id)
         if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
             ray.get([e.sleep.remote() for e in actors.engines])
     batch_ref = ray.put(batch)
@@ -187,7 +176,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     ppo = cfg.ppo
     with timer("score"):
         refs = {"old": actors.policy.call("logprobs", batch_ref), "ref": actors.reference.call("logprobs", batch_ref),
-                "reward": actors.reward.call("scores_by_source", batch_ref, extras)}
+                "reward": actors.reward.call("scores_by_source", batch_ref, [p for p in prompts for _ in range(n)], extras)}
         if actors.critic:
             refs["values"] = actors.critic.call("values", batch_ref)
         out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
@@ -234,12 +223,16 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     if "critic" in stats:
         metrics.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
                         "time/critic_update": stats["critic"]["update_seconds"]})
-    if gold_fn is not None:          # overoptimisation monitor: the true reward beside the proxy, every step
-        gold = torch.tensor([gold_fn(t) for t in rollout_texts(tokenizer, batch)[1]])
+    if cfg.models.monitor:           # overoptimisation monitor: a held-out RM beside the proxy, every step
+        metrics["monitor/score_mean"] = out["reward"][:, -1].mean().item()
+    if gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
+        gold = torch.tensor([gold_fn(t) for t in response_texts(tokenizer, batch)])
         metrics["gold/mean"], metrics["gold/std"] = gold.mean().item(), gold.std().item()
     metrics["kl/coef"] = kl.coef
     kl.update(exp_stats["kl/ref_per_seq"])
     logger.log(step, metrics)
+    logger.log_samples(step, [{**r, "score": s} for r, s in zip(
+        first_rollouts(tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
     print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
           f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}"
           + (f"  vf {metrics['value/loss']:.4f}" if "value/loss" in metrics else "") +
@@ -265,8 +258,9 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
 
     tok_dir = cfg.models.tokenizer or cfg.models.policy
     tokenizer = load_tokenizer(tok_dir, cfg.models.trust_remote_code)
-    for what, path in [("policy", cfg.models.policy)] + [
-            (f"reward.sources[{i}]", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]:
+    for what, path in [("policy", cfg.models.policy)] + [("models.monitor", cfg.models.monitor)] * bool(
+            cfg.models.monitor) + [(f"reward.sources[{i}]", s.path) for i, s in enumerate(cfg.reward_sources())
+                                   if s.kind == "model"]:
         check_tokenizer_matches(tokenizer, path, what)
     stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys),
                           cfg.generation.prompts_per_step,

@@ -30,14 +30,15 @@ STAGES = ("sft", "rm", "dpo")
 
 
 def stage_tensors(cfg: Config, name: str, tokenizer):
-    st = getattr(cfg, name)
+    """(train, held-out) tensors; prompts rendered as PPO renders them (data.apply_chat_template)."""
+    st, chat = getattr(cfg, name), cfg.data.apply_chat_template
     if name == "sft":
         rows = load_sft(st.data, st.format)
         train, held = split_by_prompt(rows, sft_prompt_key, st.eval_fraction, cfg.run.seed)
-        return sft_batch(tokenizer, train, st.max_len), sft_batch(tokenizer, held, st.max_len)
+        return sft_batch(tokenizer, train, st.max_len, chat), sft_batch(tokenizer, held, st.max_len, chat)
     prefs = load_preferences(st.data)
     train, held = split_by_prompt(prefs, lambda p: p[0], st.eval_fraction, cfg.run.seed)
-    return ranking_batch(tokenizer, train, st.max_len), ranking_batch(tokenizer, held, st.max_len)
+    return ranking_batch(tokenizer, train, st.max_len, chat), ranking_batch(tokenizer, held, st.max_len, chat)
 
 
 def run_stage(cfg: Config, name: str) -> dict:

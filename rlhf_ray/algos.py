@@ -31,13 +31,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; padding positions come back as 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -215,8 +212,7 @@ def missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: f
     return scores - penalty * (~finished.bool()).to(scores.dtype)
 
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
-NEEDS_CRITIC = {"gae"}
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")    # only gae needs a critic (Config.needs_critic)
 
 
 def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -267,8 +263,8 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
     return exp, stats
 
 
-def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: float, n_steps: int = 1) -> float:
-    """Ziegler et al. 2019's proportional controller: e = clip(KL / target - 1, -0.2, 0.2);
-    beta <- beta * (1 + e * n / horizon). Raises beta when the policy drifts past the target, lowers it below."""
+def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: float) -> float:
+    """Ziegler et al. 2019's proportional controller, applied once per step: e = clip(KL / target - 1, -0.2, 0.2);
+    beta <- beta * (1 + e / horizon). Raises beta when the policy drifts past the target, lowers it below."""
     error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
-    return coef * (1.0 + error * n_steps / horizon)
+    return coef * (1.0 + error / horizon)

@@ -33,14 +33,22 @@ def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int
             "response_mask": response_mask, "sample_logprobs": logprobs}
 
 
-def rollout_texts(tokenizer, batch: Batch) -> tuple[list[str], list[str]]:
-    """(prompts, responses) of a rollout batch as text, special tokens dropped."""
+def response_texts(tokenizer, batch: Batch) -> list[str]:
+    """The responses of a rollout batch as text, special tokens dropped."""
     T = batch["response_mask"].size(1)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompts = [row[m.bool()] for row, m in zip(ids[:, :-T], mask[:, :-T])]
-    responses = [row[m.bool()] for row, m in zip(ids[:, -T:], batch["response_mask"])]
-    return (tokenizer.batch_decode(prompts, skip_special_tokens=True),
-            tokenizer.batch_decode(responses, skip_special_tokens=True))
+    responses = [row[m.bool()] for row, m in zip(batch["input_ids"][:, -T:], batch["response_mask"])]
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def first_rollouts(tokenizer, batch: Batch, k: int) -> list[dict]:
+    """The first k rollouts as the policy saw them: the prompt's tokens (chat template included, padding
+    dropped) and the response, decoded with special tokens kept."""
+    T = batch["response_mask"].size(1)
+    out = []
+    for row, m, rm in zip(batch["input_ids"][:k], batch["attention_mask"][:k], batch["response_mask"][:k]):
+        out.append({"prompt": tokenizer.decode(row[:-T][m[:-T].bool()]),
+                    "response": tokenizer.decode(row[-T:][rm.bool()])})
+    return out
 
 
 def batch_size(batch: Batch) -> int:

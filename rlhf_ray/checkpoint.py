@@ -5,7 +5,7 @@
         critic/        HF-format scalar-head model
         policy_ds/     DeepSpeed state (partitioned weights, optimizer, scheduler) for an exact resume
         critic_ds/
-        state.json     step, data position, RNG seeds, driver state
+        state.json     step, prompt-stream position, run seed, KL coefficient
 
 A checkpoint is written under a hidden staging name and renamed into place only when complete, so a crash
 mid-write never leaves a half-written `step_*` directory and never touches the previous checkpoint.

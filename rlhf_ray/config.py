@@ -40,6 +40,9 @@ class ModelsConfig:
     reference: Optional[str] = None    # frozen KL anchor; None: the policy's starting weights
     reward: str = ""                   # scalar-head model (AutoModelForSequenceClassification, num_labels=1)
     critic: Optional[str] = None       # None: initialised from the reward model, as InstructGPT does
+    monitor: Optional[str] = None      # a held-out reward model, trained on rankings disjoint from the reward
+                                       # model's: scored every step beside it (monitor/score_mean), never
+                                       # optimised. Proxy up while monitor falls: the policy exploits the RM
     tokenizer: Optional[str] = None    # None: the policy's directory
     trust_remote_code: bool = False
 
@@ -182,6 +185,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    samples_per_step: int = 2          # rollouts written to samples.jsonl each step, as the policy saw them
 
 
 @dataclass
@@ -222,6 +226,8 @@ class PipelineConfig:
     label_prompts: int = 256           # prompts whose K sampled answers the simulated labelers rank
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
+    monitor_prompts: int = 0           # prompts labelled for a held-out monitor RM (disjoint from the RM's; 0: none)
+    monitor_window: int = 5            # PPO steps averaged when comparing the monitor's curve with gold's
     ppo_prompts: int = 256
     eval_prompts: int = 128            # held out from every stage
     best_of_n: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
@@ -428,19 +434,31 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _apply_override(tree: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"config: --set expects key=value, got {assignment!r}")
-    dotted, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+def _set_dotted(tree: dict, dotted: str, value: Any, what: str) -> None:
     parts = dotted.strip().split(".")
     node = tree
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config: --set {dotted}: '{p}' is not a section")
+            raise ConfigError(f"config: {what} {dotted}: '{p}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"config: --set expects key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    _set_dotted(tree, dotted, yaml.safe_load(raw) if raw != "" else "", "--set")
+
+
+def derive(cfg: Config, sets: dict[str, Any]) -> Config:
+    """A new config: `cfg` with each dotted key set to its (Python) value, built and validated exactly as a
+    YAML file with `--set` overrides is. How a driver derives one stage's config from another's."""
+    tree = cfg.to_dict()
+    for dotted, value in sets.items():
+        _set_dotted(tree, dotted, value, "set")
+    return _build(Config, tree).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -472,8 +490,8 @@ def resolve_paths(cfg: Config) -> Config:
     def fix(p):
         return str(Path(p).resolve()) if p and Path(p).exists() else p
     m = cfg.models
-    m.policy, m.reference, m.reward, m.critic, m.tokenizer = map(fix, (m.policy, m.reference, m.reward, m.critic,
-                                                                    m.tokenizer))
+    m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
+        fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
     cfg.data.prompts = fix(cfg.data.prompts)
     for st in (cfg.sft, cfg.rm, cfg.dpo):
         st.data, st.model, st.output = fix(st.data), fix(st.model), st.output and str(Path(st.output).resolve())

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line per step in <run>/metrics.jsonl, mirrored to Weights & Biases.
+"""Per-step metrics: one JSON line per step in <run>/metrics.jsonl, mirrored to Weights & Biases; a few
+rollouts per step, as the models saw them (chat template included), in <run>/samples.jsonl.
 
 W&B runs offline unless the config says online; the API key, if any, comes only from the environment
 (WANDB_API_KEY) and is never written or logged by us.
@@ -16,13 +17,10 @@ class MetricsLogger:
         """resume_step: continue an existing file, dropping rows logged after that step's checkpoint."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / filename
-        if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-        self._f = self.path.open("a" if resume_step is not None else "w")
+        self.samples_path = self.path.with_name(filename.replace("metrics", "samples"))
+        self._f = _open_rows(self.path, resume_step)
+        self._samples = None
+        self._resume_step = resume_step
         self.wandb_run = None
         wb = cfg.logging.wandb
         if wb.enabled and wb.mode != "disabled":
@@ -42,8 +40,44 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """A few rollouts of the step (e.g. prompt and response text, score), one JSON line each."""
+        if self._samples is None:
+            self._samples = _open_rows(self.samples_path, self._resume_step)
+        self._samples.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        self._samples.flush()
+
     def close(self) -> None:
         self._f.close()
+        if self._samples is not None:
+            self._samples.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _open_rows(path: Path, resume_step: int | None):
+    """A JSONL file of {"step": ...} rows to append to; on resume, rows logged after `resume_step` (past the
+    checkpoint the run continues from) are dropped first."""
+    if resume_step is not None and path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return path.open("a" if resume_step is not None else "w")
+
+
+def moving_average(x: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values (the first values average what there is so far)."""
+    return [sum(x[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(x))]
+
+
+def curve_agreement(series: list[float], reference: list[float], steps: list[int], window: int = 5) -> dict:
+    """How well one per-step curve tracks another (e.g. a held-out monitor RM vs the gold reward):
+    Pearson correlation of the per-step values, and each curve's peak step after a `window`-step moving
+    average (noise in one step's batch mean would otherwise pick the peak)."""
+    import statistics
+    r = statistics.correlation(series, reference) if len(series) > 2 else float("nan")
+    peak = lambda x: steps[max(range(len(x)), key=moving_average(x, window).__getitem__)]  # noqa: E731
+    return {"pearson": r, "peak_step": peak(series), "reference_peak_step": peak(reference)}

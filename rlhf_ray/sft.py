@@ -1,49 +1,41 @@
-"""Supervised examples: chat template applied, loss on the assistant's tokens only (pure; unit-tested).
+"""Supervised examples: loss on the assistant's tokens only (pure; unit-tested).
 
-Spans are found by rendering the conversation prefix by prefix: the tokens an assistant turn adds between
-"everything before it, with the generation prompt" and "everything up to and including it" are its loss
-tokens. A template that is not prefix-consistent is refused rather than silently mis-masked.
+With the chat template (data.apply_chat_template), spans are found by rendering the conversation prefix by
+prefix: the tokens an assistant turn adds between "everything before it, with the generation prompt" and
+"everything up to and including it" are its loss tokens. A template that is not prefix-consistent is refused
+rather than silently mis-masked. Without it, a single-turn example is the raw prompt (`render_prompt`, as PPO
+renders it) followed by the answer and EOS.
 """
 from __future__ import annotations
 
 import torch
 
+from rlhf_ray.prompts import render_chat, render_prompt
+
 IGNORE = -100
 
-# Used only when a tokenizer brings no chat template of its own (the tiny world sets this one on its tokenizer).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
-
-def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation ready for the assistant's reply (what the engines generate from)."""
-    return _render(tokenizer, messages, add_generation_prompt=True)
-
-
-def sft_example(tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = IGNORE except on assistant tokens (or on all tokens for plain text)."""
+def sft_example(tokenizer, example: dict, max_len: int, chat: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE except on assistant tokens (or on all tokens for plain text).
+    chat=False takes single-turn examples only: there is no raw rendering of a multi-turn conversation."""
     if "text" in example:
         ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = ids[:max_len]
         return ids, list(ids)
     messages = example["messages"]
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if not chat:
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise ValueError("a multi-turn or system conversation needs data.apply_chat_template: true")
+        prompt = render_prompt(tokenizer, messages[0]["content"], chat=False)
+        answer = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return (prompt + answer)[:max_len], ([IGNORE] * len(prompt) + answer)[:max_len]
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
         if full[:len(before)] != before or full[:len(upto)] != upto:
             raise ValueError("chat template is not prefix-consistent: cannot mask the prompt tokens reliably")
         labels[len(before):len(upto)] = full[len(before):len(upto)]

@@ -14,7 +14,8 @@ import torch
 
 from rlhf_ray.batch import Batch
 from rlhf_ray.data import DataError
-from rlhf_ray.sft import IGNORE, collate_sft, prompt_ids, sft_example
+from rlhf_ray.prompts import render_prompt
+from rlhf_ray.sft import IGNORE, collate_sft, sft_example
 
 
 def split_by_prompt(items: list, key, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -32,26 +33,28 @@ def sft_prompt_key(example: dict) -> str:
     return "\x00".join(m["content"] for m in example["messages"][:-1])
 
 
-def sft_batch(tokenizer, examples: list[dict], max_len: int) -> Batch:
-    return collate_sft([sft_example(tokenizer, e, max_len) for e in examples], tokenizer.pad_token_id)
+def sft_batch(tokenizer, examples: list[dict], max_len: int, chat: bool) -> Batch:
+    return collate_sft([sft_example(tokenizer, e, max_len, chat) for e in examples], tokenizer.pad_token_id)
 
 
 def _pad(seqs: list[list[int]], value: int, length: int) -> list[list[int]]:
     return [s + [value] * (length - len(s)) for s in seqs]
 
 
-def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, int]]]], max_len: int) -> Batch:
+def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, int]]]], max_len: int,
+                  chat: bool) -> Batch:
     """One row per prompt, each of its K answers tokenised once (InstructGPT: a ranking of K answers is one
     batch element whose C(K, 2) pairs share the K forward passes):
 
-        input_ids, attention_mask, labels   [G, K, L]  right-padded chat sequences, labels on the answer only
+        input_ids, attention_mask, labels   [G, K, L]  right-padded prompt + answer + EOS sequences, the prompt
+                                                       rendered as PPO renders it; labels on the answer only
         pairs                               [G, K, K]  1 where answer a is preferred to answer b
 
     Prompts with fewer than K answers get all-padding rows that belong to no pair (and are never run).
     """
     p_ids, answers, pairs = [], [], []
     for prompt, responses, prs in prefs:
-        p = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])[-(max_len // 2):]
+        p = render_prompt(tokenizer, prompt, chat, max_len // 2)
         p_ids.append(p)
         answers.append([(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                         [:max_len - len(p)] for r in responses])

@@ -75,3 +75,16 @@ def test_layout_checks_for_colocated_engines_and_cuda_ipc():
     assert ok.check_ppo() is ok
     with pytest.raises(ConfigError, match="same num_ranks"):
         load_config(None, base + ["placement.colocate=[[policy, reference]]", "policy.num_ranks=2"]).check_ppo()
+
+
+def test_derive_goes_through_the_same_typed_validated_path_as_set():
+    from rlhf_ray.config import derive
+    base = load_config("configs/tiny_world.yaml")
+    cfg = derive(base, {"models.policy": "sft", "models.monitor": None, "rm.trainer.lr": 1, "run.name": "x-ppo"})
+    assert cfg.models.policy == "sft" and cfg.models.monitor is None and cfg.run.name == "x-ppo"
+    assert isinstance(cfg.rm.trainer.lr, float) and cfg.rm.trainer.lr == 1.0          # int widened, as --set does
+    assert base.models.policy == "" and base.run.name == "tiny-world"                  # the original is untouched
+    for sets, needle in [({"rm.dta": "x"}, "unknown key 'rm.dta'"), ({"ppo.epochs": "two"}, "ppo.epochs must be int"),
+                         ({"ppo.minibatch_size": 7}, "ppo.minibatch_size"), ({"run.seed.x": 1}, "'seed' is not a section")]:
+        with pytest.raises(ConfigError, match=needle):
+            derive(base, sets)

@@ -110,3 +110,16 @@ def test_prompt_rows_carry_the_reward_keys(tmp_path):
     f.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?"}\n')
     with pytest.raises(DataError, match=r"p.jsonl:2: missing field 'answer' \(listed in data.reward_keys\)"):
         load_prompts(f, extra_keys=["answer"])
+
+
+def test_curve_agreement_correlates_per_step_means_and_finds_smoothed_peaks():
+    from rlhf_ray.metrics import curve_agreement, moving_average
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    steps = list(range(1, 11))
+    gold = [0, 1, 2, 3, 4, 5, 4, 3, 2, 1]                    # rises, peaks at step 6, falls: overoptimisation
+    monitor = [g * 2 + 0.1 * (-1) ** s for g, s in zip(gold, steps)]   # tracks it, with step noise
+    proxy = [float(s) for s in steps]                         # the optimised RM keeps rising
+    m = curve_agreement(monitor, gold, steps, window=1)
+    assert m["pearson"] > 0.99 and m["peak_step"] == 6 and m["reference_peak_step"] == 6
+    p = curve_agreement(proxy, gold, steps, window=3)
+    assert p["peak_step"] == 10 and p["reference_peak_step"] == 7 and p["pearson"] < 0.3

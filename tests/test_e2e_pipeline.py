@@ -17,7 +17,7 @@ def test_pipeline_small(tiny_world, tmp_path):
     shutil.copytree(str(tiny_world["policy"]).rsplit("/", 1)[0], world)     # reuse the session's pretrained base
     cfg = load_config("configs/tiny_world.yaml", [
         f"run.output_dir={tmp_path / 'run'}", f"pipeline.world_dir={world}", "logging.wandb.mode=offline",
-        "pipeline.sft_examples=128", "pipeline.label_prompts=48", "pipeline.ppo_prompts=64",
+        "pipeline.sft_examples=128", "pipeline.label_prompts=48", "pipeline.monitor_prompts=32", "pipeline.ppo_prompts=64",
         "pipeline.eval_prompts=16", "pipeline.best_of_n=[2,4]", "sft.epochs=1", "dpo.epochs=1",
         "train.steps=3", "generation.prompts_per_step=8", "ppo.minibatch_size=16"])
     s = run_pipeline(cfg)
@@ -29,10 +29,16 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert s["eval"]["best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
     assert 0.0 <= s["rm_eval"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all("gold/mean" in r for r in rows)    # gold logged beside the proxy every step
+    assert len(rows) == 3 and all("gold/mean" in r and "monitor/score_mean" in r for r in rows)   # beside the proxy
+    samples = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * cfg.logging.samples_per_step
+    for r in samples:        # PPO samples from the chat-rendered prompt, exactly as SFT, the RM and evaluation do
+        assert r["prompt"].startswith("<|user|>\nContinue: ") and r["prompt"].endswith("\n<|assistant|>\n"), r
+    assert set(s["monitor"]) == {"monitor", "proxy"} and -1 <= s["monitor"]["monitor"]["pearson"] <= 1
+    assert "monitor_mean" in s["eval"]["ppo"] and 0.0 <= s["monitor_rm_eval"]["accuracy"] <= 1.0
     assert (run / "summary.md").read_text().startswith("| policy |")
     assert (run / "ppo_curves.png").stat().st_size > 10_000
-    rankings = [json.loads(line) for line in (run / "data" / "rankings.jsonl").read_text().splitlines()]
+    rankings = [json.loads(line) for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines()]
     assert rankings and all(sorted(r["ranking"]) == list(range(cfg.pipeline.k)) for r in rankings)
     for stage in ("sft", "rm", "dpo"):
         assert (run / stage / "model.safetensors").is_file()

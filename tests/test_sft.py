@@ -59,7 +59,7 @@ def test_ranking_batch_keeps_a_prompts_answers_together_and_pads_short_groups(to
     from rlhf_ray.stage_data import ranking_batch
     prefs = [("Continue: the object", ["a class", "a value here", "types"], [(1, 0), (1, 2), (0, 2)]),
              ("Continue: a module", ["names", "a file"], [(0, 1)])]            # a pairwise row: K = 2
-    b = ranking_batch(tok, prefs, max_len=64)
+    b = ranking_batch(tok, prefs, max_len=64, chat=True)
     G, K, L = b["input_ids"].shape
     assert (G, K) == (2, 3) and b["labels"].shape == (G, K, L) and b["pairs"].shape == (G, K, K)
     assert b["attention_mask"][1, 2].sum() == 0                         # the padded answer slot is empty
