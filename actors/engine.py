@@ -64,7 +64,10 @@ class Engine(RankActor):
         """n samples per prompt, flattened prompt-major: [{"ids", "logprobs", "finished"}] of len(prompts)*n."""
         from vllm import SamplingParams
         # Per-request seeds break the CPU build on chunked prefill (vLLM calls set_offset on a CPU generator:
-        # "CPU Generator does not use offset"); there the engine-wide seed keeps runs reproducible.
+        # "CPU Generator does not use offset"); there the workers' default generator is reseeded per call
+        # instead, so each call's samples depend on its seed only, not on what the engine sampled before.
+        if self.device != "cuda":
+            self.llm.collective_rpc("rlhf_reseed", args=(seed,))
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
                                 seed=seed if self.device == "cuda" else None)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)

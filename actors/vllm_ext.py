@@ -48,6 +48,13 @@ class WeightSyncExtension:
         _retie(self.model_runner.get_model(), self._rlhf_tied)
         return len(weights)
 
+    def rlhf_reseed(self, seed: int) -> int:
+        """Seed the worker's default torch generator, which samples every request that carries no seed of its
+        own: a generate call then draws the same tokens whatever was generated before it."""
+        import torch
+        torch.manual_seed(seed)
+        return seed
+
     def rlhf_load_weights(self, payload: bytes) -> int:
         """Load a bucket of HF-named tensors serialised with `safetensors.torch.save`; returns its tensor count.
 

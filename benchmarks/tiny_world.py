@@ -30,20 +30,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from launch.pipeline import run_pipeline  # noqa: E402
 from rlhf_ray.config import load_config  # noqa: E402
+from rlhf_ray.metrics import interpolate_from_origin  # noqa: E402
 
 TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "ppo_kl": 2.0, "bon_ratio": 0.9,
            "total_seconds": 600}
-
-
-def bon_gain_at(kl: float, points: list[tuple[float, float]]) -> tuple[float, bool]:
-    """Best-of-n's gain at KL `kl`, linear between its (KL, gain) points, (0, 0) being n = 1; beyond the last
-    point the last segment is extended. Returns (gain, extrapolated)."""
-    pts = [(0.0, 0.0)] + sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if kl <= x1:
-            return y0 + (y1 - y0) * (kl - x0) / (x1 - x0), False
-    (x0, y0), (x1, y1) = pts[-2], pts[-1]
-    return y1 + (y1 - y0) * (kl - x1) / (x1 - x0), True
 
 
 def seed_row(s: dict, best_of: list[int]) -> dict:
@@ -51,7 +41,7 @@ def seed_row(s: dict, best_of: list[int]) -> dict:
     gain = lambda r: (r["gold_mean"] - sft["gold_mean"]) / sft["gold_sd"]  # noqa: E731
     bon = {n: (ev[f"best_of_{n}"]["kl_to_sft"], gain(ev[f"best_of_{n}"])) for n in best_of}
     ppo_kl = ev["ppo"]["kl_to_sft"]
-    at_kl, extrapolated = bon_gain_at(ppo_kl, list(bon.values()))
+    at_kl, extrapolated = interpolate_from_origin(ppo_kl, list(bon.values()))
     row = {"rm_acc": s["rm_eval"]["accuracy"], "sft_gold": sft["gold_mean"], "ppo_gain": gain(ev["ppo"]),
            "ppo_kl": ppo_kl, "dpo_gain": gain(ev["dpo"]), "dpo_kl": ev["dpo"]["kl_to_sft"],
            **{f"bo{n}_gain": g for n, (_, g) in bon.items()}, "bon_at_ppo_kl": at_kl,

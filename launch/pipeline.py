@@ -40,7 +40,7 @@ from rlhf_ray.batch import build_rollout_batch
 from rlhf_ray.config import Config, derive, dump_config
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
-from rlhf_ray.metrics import curve_agreement, moving_average
+from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prompts import render_prompts
 from rlhf_ray.tiny import TinySpec, build_tiny_world, corpus_text
@@ -124,9 +124,13 @@ def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
              policies: dict[str, str], sft_dir: str) -> dict:
-    """Gold, proxy (and monitor) RM scores and KL to SFT on held-out prompts, for each policy and for best-of-n
-    from SFT ranked by the proxy RM."""
+    """Gold, proxy (and monitor) RM scores and KL to SFT on held-out prompts, for each policy
+    (pipeline.eval_samples answers per prompt) and for best-of-n from SFT ranked by the proxy RM. Best-of-n draws
+    2 x max(n) answers per prompt and averages over their disjoint groups of n (16 groups of 2, ..., 2 of 16):
+    the same expectation as one group per prompt, with less sampling noise."""
     ids = render_prompts(tokenizer, read_prompts(prompts_path), cfg.data)
+    k = cfg.pipeline.eval_samples
+    ids_k = [p for p in ids for _ in range(k)]
     max_tokens, pad = cfg.generation.max_new_tokens, tokenizer.pad_token_id
 
     def rm_scores(prompt_rep, responses):
@@ -141,26 +145,24 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     results, drawn = {}, {}
     for name, model_dir in policies.items():
         sampler.load(model_dir)
-        s = sampler.sample(ids, 1, max_tokens, cfg.run.seed + 3)
+        s = sampler.sample(ids, k, max_tokens, cfg.run.seed + 3)
         drawn[name] = ([x["ids"] for x in s], torch.tensor([sum(x["logprobs"]) for x in s]))
     sampler.load(sft_dir)
     for name, (responses, logp) in drawn.items():
-        kl = (logp - sampler.sequence_logprobs(ids, responses)).mean().item() if name != "sft" else 0.0
-        g, (proxy, monitor) = gold(responses), rm_scores(ids, responses)
+        kl = (logp - sampler.sequence_logprobs(ids_k, responses)).mean().item() if name != "sft" else 0.0
+        g, (proxy, monitor) = gold(responses), rm_scores(ids_k, responses)
         results[name] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(), "proxy_mean": proxy.mean().item(),
                          **({"monitor_mean": monitor.mean().item()} if monitor is not None else {}), "kl_to_sft": kl}
     # best-of-n from SFT ranked by the learned RM: KL = log n - (n-1)/n (Stiennon et al. 2020)
-    n_max = max(cfg.pipeline.best_of_n)
-    s = sampler.sample(ids, n_max, max_tokens, cfg.run.seed + 4)
+    m = 2 * max(cfg.pipeline.best_of_n)
+    s = sampler.sample(ids, m, max_tokens, cfg.run.seed + 4)
     responses = [x["ids"] for x in s]
-    scores = rm_scores([p for p in ids for _ in range(n_max)], responses)[0].view(len(ids), n_max)
-    golds = gold(responses).view(len(ids), n_max)
+    scores = rm_scores([p for p in ids for _ in range(m)], responses)[0].view(len(ids), m)
+    golds = gold(responses).view(len(ids), m)
     for n in cfg.pipeline.best_of_n:
-        best = scores[:, :n].argmax(-1)
-        g = golds[torch.arange(len(ids)), best]
+        g, proxy = best_of_n(scores, golds, n)
         results[f"best_of_{n}"] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(),
-                                   "proxy_mean": scores[:, :n].max(-1).values.mean().item(),
-                                   "kl_to_sft": math.log(n) - (n - 1) / n}
+                                   "proxy_mean": proxy.mean().item(), "kl_to_sft": math.log(n) - (n - 1) / n}
     return results
 
 

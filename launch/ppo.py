@@ -26,7 +26,7 @@ from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
 from launch.common import actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
-from rlhf_ray.algos import adaptive_kl_coef, compute_experience, missing_eos_penalty
+from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
 from rlhf_ray.batch import build_rollout_batch, first_rollouts, merge_round_robin, response_texts, split_round_robin
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream, load_prompts
@@ -130,12 +130,13 @@ def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int,
 
 
 def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str,
-                    kl_coef: float) -> Path:
+                    kl_coef: float, score_norm: ScoreNorm) -> Path:
     root = ckpt.checkpoint_root(run_dir)
     staging = ckpt.begin(root, step)
     ray.get([ref for name, group in actors.trained.items()
              for ref in group.call("save_hf", str(staging / name), tok_dir) + group.call("save_ds", str(staging / f"{name}_ds"))])
-    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed, "kl_coef": kl_coef})
+    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed, "kl_coef": kl_coef,
+                                     "score_norm": score_norm.state()})
     ckpt.prune(root, cfg.checkpoint.keep)
     return final
 
@@ -154,7 +155,7 @@ class KLCoef:
 
 
 def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream, logger: MetricsLogger, step: int,
-             run_dir: Path, tok_dir: str, kl: KLCoef, gold_fn=None) -> Path | None:
+             run_dir: Path, tok_dir: str, kl: KLCoef, norm: ScoreNorm, gold_fn=None) -> Path | None:
     """One PPO iteration; returns the checkpoint written at its end, if any."""
     timer = PhaseTimer()
     t_step = time.perf_counter()
@@ -180,7 +181,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
         if actors.critic:
             refs["values"] = actors.critic.call("values", batch_ref)
         out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
-        scores = missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty)
+        scores = norm(missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty))
 
     # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator
     with timer("advantage"):
@@ -223,6 +224,8 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     if "critic" in stats:
         metrics.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
                         "time/critic_update": stats["critic"]["update_seconds"]})
+    if norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
+        metrics["reward/raw_score_mean"] = out["reward"][:, 0].mean().item()
     if cfg.models.monitor:           # overoptimisation monitor: a held-out RM beside the proxy, every step
         metrics["monitor/score_mean"] = out["reward"][:, -1].mean().item()
     if gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
@@ -241,7 +244,7 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
           f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
 
     if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir, kl.coef)
+        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir, kl.coef, norm)
     return None
 
 
@@ -274,13 +277,14 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
         print(f"{name}: {counts['trainable']:,} of {counts['total']:,} parameters train"
               + (" (LoRA)" if getattr(cfg, name).lora.rank else ""), flush=True)
 
-    start_step, kl = 0, KLCoef(cfg.ppo)
+    start_step, kl, norm = 0, KLCoef(cfg.ppo), ScoreNorm(cfg.ppo.reward_norm)
     latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
     if latest is not None:
         state = ckpt.load_state(latest)
         ray.get([r for name, g in actors.trained.items() for r in g.call("load_ds", str(latest / f"{name}_ds"))])
         stream.load_state(state["data"])
         start_step, kl.coef = state["step"], state.get("kl_coef", kl.coef)
+        norm.load(state.get("score_norm"))
         sync.push()                                            # the engines start from the resumed policy
         print(f"resumed from {latest} (step {start_step})", flush=True)
 
@@ -288,7 +292,7 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
     last_ckpt = latest
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
-            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir, kl,
+            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir, kl, norm,
                                  gold_fn) or last_ckpt
     except BaseException:
         logger.close()

@@ -207,6 +207,29 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * aggregate(per_token, mask, agg, denominator), {"vf_clipfrac": clipfrac}
 
 
+class ScoreNorm:
+    """ppo.reward_norm = "initial": scores shifted and scaled by the mean and sd of the first batch it sees
+    (the starting policy's rollouts), fixed from then on, so the objective stays the same over the run while
+    beta is measured in units of the initial reward spread (Ziegler et al. 2019 normalise the reward model on
+    the initial policy's samples). "none" passes scores through. `state`/`load` for the checkpoint."""
+
+    def __init__(self, mode: str):
+        self.mode, self.mean, self.std = mode, None, None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return scores
+        if self.mean is None:
+            self.mean, self.std = scores.mean().item(), max(scores.std().item(), 1e-6)
+        return (scores - self.mean) / self.std
+
+    def state(self) -> list | None:
+        return None if self.mean is None else [self.mean, self.std]
+
+    def load(self, state: list | None) -> None:
+        self.mean, self.std = state if state is not None else (None, None)
+
+
 def missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract `penalty` from the score of every response that hit the length limit without an EOS."""
     return scores - penalty * (~finished.bool()).to(scores.dtype)

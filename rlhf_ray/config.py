@@ -165,6 +165,9 @@ class PPOConfig:
     entropy_coef: float = 0.0          # entropy bonus: loss -= coef * entropy
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     missing_eos_penalty: float = 0.0   # subtracted from the score of responses cut at max_new_tokens without EOS
+    reward_norm: Literal["none", "initial"] = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
+                                       # first rollout's (the starting policy's), fixed thereafter; beta is then
+                                       # in units of the starting policy's reward spread, whatever the RM's scale
 
 
 @dataclass
@@ -230,6 +233,7 @@ class PipelineConfig:
     monitor_window: int = 5            # PPO steps averaged when comparing the monitor's curve with gold's
     ppo_prompts: int = 256
     eval_prompts: int = 128            # held out from every stage
+    eval_samples: int = 4              # answers per held-out prompt for each evaluated policy
     best_of_n: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
 
 

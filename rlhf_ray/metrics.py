@@ -81,3 +81,25 @@ def curve_agreement(series: list[float], reference: list[float], steps: list[int
     r = statistics.correlation(series, reference) if len(series) > 2 else float("nan")
     peak = lambda x: steps[max(range(len(x)), key=moving_average(x, window).__getitem__)]  # noqa: E731
     return {"pearson": r, "peak_step": peak(series), "reference_peak_step": peak(reference)}
+
+
+def interpolate_from_origin(x: float, points: list[tuple[float, float]]) -> tuple[float, bool]:
+    """y at `x` on the piecewise-linear curve through (0, 0) and `points` (e.g. best-of-n's (KL, gain), n = 1
+    being (0, 0)); beyond the last point the last segment is extended. Returns (y, extrapolated)."""
+    pts = [(0.0, 0.0)] + sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0), False
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return y1 + (y1 - y0) * (x - x1) / (x1 - x0), True
+
+
+def best_of_n(scores, values, n: int):
+    """Best-of-n over each row's disjoint groups of n samples: [P, m] scores (what picks) and values (what is
+    measured) -> ([P, m // n] values of each group's highest-scoring sample, [P, m // n] those scores). Every
+    group is an independent best-of-n draw, so their mean estimates the same expectation as one group per
+    row, with less noise."""
+    groups = scores.size(1) // n
+    s = scores[:, :groups * n].reshape(scores.size(0), groups, n)
+    best = s.argmax(-1, keepdim=True)
+    return values[:, :groups * n].reshape(s.shape).gather(-1, best).squeeze(-1), s.gather(-1, best).squeeze(-1)

@@ -134,3 +134,15 @@ def test_adaptive_kl_controller_moves_toward_target_with_clipped_error():
     for _ in range(100):                       # persistently above target: the coefficient keeps growing
         coef = adaptive_kl_coef(coef, 3.0, 1.0, 10)
     assert coef > 0.1 * 1.02 ** 99
+
+
+def test_initial_score_norm_fixes_the_first_batch_statistics_and_round_trips():
+    from rlhf_ray.algos import ScoreNorm
+    norm = ScoreNorm("initial")
+    first = torch.tensor([1.0, 3.0, 5.0])
+    assert torch.allclose(norm(first), torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.allclose(norm(torch.tensor([5.0, 7.0])), torch.tensor([1.0, 2.0]))   # the same shift and scale
+    again = ScoreNorm("initial")
+    again.load(norm.state())                                   # a resumed run keeps the starting statistics
+    assert torch.allclose(again(torch.tensor([9.0])), torch.tensor([3.0]))
+    assert torch.equal(ScoreNorm("none")(first), first)

@@ -123,3 +123,23 @@ def test_curve_agreement_correlates_per_step_means_and_finds_smoothed_peaks():
     assert m["pearson"] > 0.99 and m["peak_step"] == 6 and m["reference_peak_step"] == 6
     p = curve_agreement(proxy, gold, steps, window=3)
     assert p["peak_step"] == 10 and p["reference_peak_step"] == 7 and p["pearson"] < 0.3
+
+
+def test_best_of_n_curve_interpolates_from_the_origin_and_flags_extrapolation():
+    from rlhf_ray.metrics import interpolate_from_origin
+    pts = [(0.193, 0.5), (0.636, 0.9), (1.204, 1.3), (1.835, 1.7)]          # (KL, gain) of n = 2, 4, 8, 16
+    assert interpolate_from_origin(0.0965, pts) == (pytest.approx(0.25), False)
+    assert interpolate_from_origin(1.5195, pts) == (pytest.approx(1.5), False)
+    y, extrapolated = interpolate_from_origin(2.15, pts)
+    assert extrapolated and y == pytest.approx(1.7 + 0.4 * 0.315 / 0.631)
+
+
+def test_best_of_n_picks_the_top_scored_sample_of_each_disjoint_group():
+    import torch
+    from rlhf_ray.metrics import best_of_n
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2, 0.7, 0.3]])
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    v, s = best_of_n(scores, values, 2)                  # groups (0.1, 0.9), (0.5, 0.2), (0.7, 0.3)
+    assert v.tolist() == [[2.0, 3.0, 5.0]] and s.tolist() == [pytest.approx([0.9, 0.5, 0.7])]
+    v, s = best_of_n(scores, values, 4)                  # one group of 4; the last two samples are unused
+    assert v.tolist() == [[2.0]] and s.tolist() == [[pytest.approx(0.9)]]
