@@ -2,9 +2,10 @@
 weighted sum of several sources. The reward actor (actors/reward.py) runs them; nothing here knows Ray.
 
 A text source scores a batch: fn(prompts: list[str], responses: list[str], **fields) -> list[float] (one per
-response); prompts are decoded as the policy saw them (chat template applied), special tokens dropped, and
-`fields` are the prompt rows' data.reward_keys (e.g. answer=[...]), one entry per response; a function gets
-those of them it names as parameters (all of them if it takes **kwargs).
+response); prompts are the data rows' prompt strings as written (no chat template: a scorer sees the question,
+not our rendering of it), responses are decoded with special tokens dropped, and `fields` are the prompt rows'
+data.reward_keys (e.g. answer=[...]), one entry per response; a function gets those of them it names as
+parameters (all of them if it takes **kwargs).
 The HTTP protocol: POST {"prompts": [...], "responses": [...], <field>: [...]} as JSON; the answer is {"rewards": [...]} (or a
 bare list) with one finite number per response. Requests are batched, time out, and are retried with
 exponential backoff on connection errors, timeouts and 5xx answers; an answer that is not that shape is an
