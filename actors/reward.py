@@ -69,8 +69,5 @@ class Reward(FrozenRole):
             out.append(self._model_scores(self.monitor, batch)[:, None])
         return torch.cat(out, dim=-1)
 
-    def scores(self, batch: Batch) -> torch.Tensor:
-        return self.scores_by_source(batch)[:, 0]
-
 
 RewardActor = ray.remote(Reward)

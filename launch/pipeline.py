@@ -23,6 +23,7 @@ import json
 import math
 import random
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -167,7 +168,7 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
 
 
 def zscore(x: list[float]) -> list[float]:
-    m, sd = sum(x) / len(x), (sum((v - sum(x) / len(x)) ** 2 for v in x) / max(len(x) - 1, 1)) ** 0.5
+    m, sd = statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0
     return [(v - m) / (sd or 1.0) for v in x]
 
 
