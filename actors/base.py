@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlhf_ray.batch import Batch, batch_size, chunks, select, shard
+from rlhf_ray.batch import Batch, batch_size, chunks, select, shard, sort_by_length
 from rlhf_ray.ds_config import deepspeed_config
 
 
@@ -78,7 +78,7 @@ class RankActor:
     def _forward_shard(self, batch: Batch, fn: Callable[[Batch], torch.Tensor], micro: int) -> torch.Tensor:
         """Run `fn` over this rank's shard in micro-batches. Under ZeRO-3 every rank must call this, and every
         rank runs the same number of forwards (a rank with a shorter shard repeats one and drops the result)."""
-        part = shard(batch, self.rank, self.world_size)
+        part, unsort = sort_by_length(shard(batch, self.rank, self.world_size))   # similar lengths trim well
         filler = select(batch, slice(0, 1))
         empty = batch_size(part) == 0          # more ranks than rows: run one row for the shapes, return none
         mbs = [filler] if empty else chunks(part, micro)
@@ -87,7 +87,7 @@ class RankActor:
             n_max = math.ceil(math.ceil(batch_size(batch) / self.world_size) / micro)
             for _ in range(n_max - len(mbs)):
                 fn(self._to_device(filler))
-        return out[:0] if empty else out
+        return out[:0] if empty else out[unsort]
 
 
 class FrozenRole(RankActor):
@@ -135,7 +135,7 @@ class DeepSpeedRole(RankActor):
         a scalar model's freshly initialised value head, which gets no adapter)."""
         import deepspeed
         ds_cfg = deepspeed_config(role_cfg, minibatch_size, dtype, self.device)
-        self.zero_stage = role_cfg.zero_stage
+        self.zero_stage = ds_cfg["zero_optimization"]["stage"]
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
         if self.zero_stage == 3:
             # Partition at load time (zero.Init inside from_pretrained): no rank ever holds the whole model.
@@ -160,8 +160,10 @@ class DeepSpeedRole(RankActor):
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
         A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
         loss_fn(micro, denominators) gets the whole minibatch's loss denominators (see _loss_denominators).
+        Its stats are averaged over micro-batches, except those named *_max, which are maxima.
 
-        The shuffle is seeded identically on every rank so the ranks agree on each minibatch. DeepSpeed
+        The shuffle is seeded identically on every rank so the ranks agree on each minibatch. A rank cuts its
+        shard into micro-batches by length (the gradient is a sum over them, so their order is free). DeepSpeed
         averages gradients across ranks and accumulates over micro-batches; one optimizer step per minibatch.
         """
         t0 = time.perf_counter()
@@ -175,14 +177,14 @@ class DeepSpeedRole(RankActor):
                     break
                 mb = select(exp, idx)
                 denominators = self._loss_denominators(mb)
-                for micro in chunks(shard(mb, self.rank, self.world_size), self.micro):
+                for micro in chunks(sort_by_length(shard(mb, self.rank, self.world_size))[0], self.micro):
                     loss, s = loss_fn(self._to_device(micro), denominators)
                     self.engine.backward(loss)
                     self.engine.step()
                     stats["loss"].append(loss.item())
                     for k, v in s.items():
                         stats[k].append(float(v))
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: max(v) if k.endswith("_max") else sum(v) / len(v) for k, v in stats.items()}
         out["update_seconds"] = time.perf_counter() - t0
         return out
 

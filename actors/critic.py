@@ -21,7 +21,8 @@ class Critic(DeepSpeedRole):
         super().init_process_group(master_addr, master_port)
         c = self.cfg
         path = c.critic_init()
-        self._init_engine(lambda: load_scalar_model(path, c.train.dtype, c.models.trust_remote_code, "critic"),
+        self._init_engine(lambda: load_scalar_model(path, c.train.dtype, c.models.trust_remote_code, "critic",
+                                                    c.train.attn_implementation),
                           c.critic, c.ppo.minibatch_size, c.train.dtype, head="score")
 
     def values(self, batch: Batch) -> torch.Tensor:

@@ -18,7 +18,8 @@ class Policy(DeepSpeedRole):
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         super().init_process_group(master_addr, master_port)
         c = self.cfg
-        self._init_engine(lambda: load_causal_lm(c.models.policy, c.train.dtype, c.models.trust_remote_code, "policy"),
+        self._init_engine(lambda: load_causal_lm(c.models.policy, c.train.dtype, c.models.trust_remote_code, "policy",
+                                                 c.train.attn_implementation),
                           c.policy, c.ppo.minibatch_size, c.train.dtype)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
@@ -30,23 +31,30 @@ class Policy(DeepSpeedRole):
 
     def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
         """PPO epochs: clipped (optionally dual-clipped) surrogate, minus the entropy bonus, plus beta * KL to the
-        reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch."""
+        reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch.
+
+        Entropy is in the graph only when the bonus needs it; otherwise it is computed outside it, for the log.
+        Until the first optimizer step the weights are the rollout's policy: there `logprob_diff_max` measures
+        how far the given old logprobs (the engine's, with ppo.reuse_sample_logprobs) are from this model's."""
         ppo, temp = self.cfg.ppo, self.cfg.generation.temperature
         T = exp["response_mask"].size(1)
         kl_in_loss = ppo.kl_placement == "loss"
+        steps_before = self.engine.global_steps
 
         def loss_fn(mb: Batch, denominators: dict):
-            lp, ent = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp, with_entropy=True)
+            lp, ent = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp,
+                                        entropy="grad" if ppo.entropy_coef else "detached")
             mask, den = mb["response_mask"], denominators[ppo.loss_agg]
             loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip, ppo.dual_clip,
                                           ppo.loss_agg, den)
-            entropy = aggregate(ent, mask, ppo.loss_agg, den)
             if ppo.entropy_coef:
-                loss = loss - ppo.entropy_coef * entropy
+                loss = loss - ppo.entropy_coef * aggregate(ent, mask, ppo.loss_agg, den)
             if kl_in_loss:
                 kl = aggregate(kl_estimate(lp, mb["ref_logprobs"], ppo.kl_estimator), mask, ppo.loss_agg, den)
                 loss = loss + kl_coef * kl
                 stats["kl_loss"] = kl.detach()
+            if self.engine.global_steps == steps_before:
+                stats["logprob_diff_max"] = ((lp.detach() - mb["old_logprobs"]).abs() * mask).max()
             return loss, {**stats, "entropy": masked_mean(ent, mask).detach()}
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)

@@ -18,7 +18,8 @@ class Reference(FrozenRole):
     def _load_model(self) -> None:
         c = self.cfg.models
         self._before_load()
-        model = load_causal_lm(c.reference or c.policy, self.cfg.train.dtype, c.trust_remote_code, "reference")
+        model = load_causal_lm(c.reference or c.policy, self.cfg.train.dtype, c.trust_remote_code, "reference",
+                               self.cfg.train.attn_implementation)
         self.model = self._prepare(model)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:

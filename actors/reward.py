@@ -28,7 +28,7 @@ class Reward(FrozenRole):
             if src.kind == "model":
                 self._before_load()
                 model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
-                                          f"reward.sources[{i}]")
+                                          f"reward.sources[{i}]", cfg.train.attn_implementation)
                 self.scorers.append(("model", self._prepare(model)))
             else:
                 self.scorers.append(("text", text_scorer(src.kind, src.path, batch_size=src.batch_size,
@@ -39,7 +39,8 @@ class Reward(FrozenRole):
         if cfg.models.monitor:
             self._before_load()
             self.monitor = self._prepare(load_scalar_model(cfg.models.monitor, cfg.train.dtype,
-                                                           cfg.models.trust_remote_code, "models.monitor"))
+                                                           cfg.models.trust_remote_code, "models.monitor",
+                                                           cfg.train.attn_implementation))
 
     def _model_scores(self, model, batch: Batch) -> torch.Tensor:
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),

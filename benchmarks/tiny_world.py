@@ -20,12 +20,12 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from launch.pipeline import run_pipeline  # noqa: E402
@@ -100,22 +100,6 @@ def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
               "Gains are in SFT standard deviations of held-out gold (128 prompts never seen by any stage); KL is "
               "nats per sequence to the SFT model."]
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:

@@ -48,8 +48,10 @@ def actor_env(device: str) -> dict:
 
 
 def mean_over_ranks(stats: list[dict]) -> dict:
-    """Each rank reports means over its equal-sized shards; the group's figure is their mean."""
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    """Each rank reports means over its equal-sized shards; the group's figure is their mean (or, for a stat named
+    *_max, their maximum)."""
+    return {k: max(s[k] for s in stats) if k.endswith("_max") else sum(s[k] for s in stats) / len(stats)
+            for k in stats[0]}
 
 
 def engine_env(cfg: Config, device: str, run_dir: str) -> dict:

@@ -176,11 +176,14 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
     #    rewards from every source (reward models, rules, remote scorers), weighted and summed
     ppo = cfg.ppo
     with timer("score"):
-        refs = {"old": actors.policy.call("logprobs", batch_ref), "ref": actors.reference.call("logprobs", batch_ref),
+        refs = {"ref": actors.reference.call("logprobs", batch_ref),
                 "reward": actors.reward.call("scores_by_source", batch_ref, [p for p in prompts for _ in range(n)], extras)}
+        if not ppo.reuse_sample_logprobs:      # else pi_old is the engines' sampling logprobs
+            refs["old"] = actors.policy.call("logprobs", batch_ref)
         if actors.critic:
             refs["values"] = actors.critic.call("values", batch_ref)
         out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
+        out.setdefault("old", batch["sample_logprobs"])
         scores = norm(missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty))
 
     # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator
@@ -213,7 +216,8 @@ def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream,
         **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
            for i, s in enumerate(cfg.reward_sources()) if len(cfg.reward_sources()) > 1},
         "response/length_mean": mask.sum(-1).mean().item(),
-        "rollout/logprob_diff_max": ((batch["sample_logprobs"] - out["old"]).abs() * mask).max().item(),
+        "rollout/logprob_diff_max": (p_stats["logprob_diff_max"] if ppo.reuse_sample_logprobs else
+                                     ((batch["sample_logprobs"] - out["old"]).abs() * mask).max().item()),
         "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
         "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],

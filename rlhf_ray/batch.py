@@ -77,6 +77,16 @@ def chunks(batch: Batch, size: int) -> list[Batch]:
     return [select(batch, slice(i, min(i + size, n))) for i in range(0, n, size)]
 
 
+def sort_by_length(batch: Batch) -> tuple[Batch, torch.Tensor]:
+    """The rows ordered by real length (attention-mask sum), so that micro-batches cut from it hold rows of
+    similar length and lose their padding columns when trimmed; and the inverse order, to put results back.
+    A batch without an attention mask comes back as it is."""
+    if "attention_mask" not in batch:
+        return batch, torch.arange(batch_size(batch))
+    order = torch.argsort(batch["attention_mask"].flatten(1).sum(-1), stable=True)   # [B, L] or [G, K, L]
+    return select(batch, order), torch.argsort(order)
+
+
 def split_round_robin(items: list, k: int) -> list[list]:
     """Deal items to k workers: worker i gets items i, i+k, i+2k, ..."""
     return [items[i::k] for i in range(k)]

@@ -165,6 +165,10 @@ class PPOConfig:
     entropy_coef: float = 0.0          # entropy bonus: loss -= coef * entropy
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     missing_eos_penalty: float = 0.0   # subtracted from the score of responses cut at max_new_tokens without EOS
+    reuse_sample_logprobs: bool = False   # take the engines' sampling logprobs as pi_old instead of a policy
+                                       # forward (one fewer forward per step). Only where engine and trainer
+                                       # agree: rollout/logprob_diff_max, measured on the first minibatch before
+                                       # its update, says how closely
     reward_norm: Literal["none", "initial"] = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
                                        # first rollout's (the starting policy's), fixed thereafter; beta is then
                                        # in units of the starting policy's reward spread, whatever the RM's scale
@@ -174,7 +178,11 @@ class PPOConfig:
 class TrainConfig:
     steps: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"   # bfloat16: bf16 weights and compute, fp32 master weights
+                                       # and optimizer states (DeepSpeed bf16); the engines sample in bf16 too
+    attn_implementation: Optional[Literal["sdpa", "eager"]] = None   # HF attention kernel of every trainer-side
+                                       # model; None: transformers' default (sdpa). On CPU in bf16, eager trains
+                                       # ~17 % faster at short lengths: the CPU flash-attention backward is slow
 
 
 @dataclass

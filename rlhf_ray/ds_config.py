@@ -7,15 +7,18 @@ def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict
 
     On CPU the plain torch AdamW is used (`torch_adam`), since DeepSpeed's FusedAdam JIT-builds a CUDA/C++
     op (~2 min). With optimizer offload, DeepSpeedCPUAdam is what DeepSpeed runs.
+
+    One rank without offload runs stage 0 whatever zero_stage says: there is nothing to partition, and stage 2's
+    gradient bucketing and flat-buffer copies cost ~9 % of a CPU policy update (benchmarks/vs_trl.py).
     """
     per_rank = minibatch_size // role.num_ranks
     micro = min(role.micro_batch_size, per_rank)
-    zero: dict = {"stage": role.zero_stage, "overlap_comm": device == "cuda", "contiguous_gradients": True}
+    zero: dict = {"stage": effective_zero_stage(role), "overlap_comm": device == "cuda", "contiguous_gradients": True}
     if role.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
         if role.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
-    if role.zero_stage == 3:
+    if zero["stage"] == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
     return {
         "train_batch_size": minibatch_size,
@@ -30,3 +33,7 @@ def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def effective_zero_stage(role) -> int:
+    return 0 if role.num_ranks == 1 and not role.offload else role.zero_stage

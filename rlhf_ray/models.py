@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_ray.algos import entropy_from_logits, logprobs_from_logits
 
@@ -59,19 +60,22 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy"):
+def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy",
+                   attn: str | None = None):
     from transformers import AutoModelForCausalLM
     _check_dir(path, what)
     return disable_dropout(AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code))
+        str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attn} if attn else {})))
 
 
 def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-                      what: str = "reward"):
+                      what: str = "reward", attn: str | None = None):
     from transformers import AutoModelForSequenceClassification
     _check_dir(path, what)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+        str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attn} if attn else {}))
     if not hasattr(model, "score"):
         raise ModelLoadError(f"{what}: {type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
     return disable_dropout(model)
@@ -82,18 +86,52 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+    """Drop the columns that are padding in every row: leading ones (left-padded prompts) and trailing ones
+    (right-padded responses). Returns (input_ids, attention_mask, kept response columns). Column P-1, whose
+    logits predict the first response token, is always kept. A forward on the trimmed batch gives the padded
+    batch's results on every real token (positions come from the mask, padding is masked out of attention)."""
+    first, end = real_span(attention_mask)
+    P = input_ids.size(1) - response_len
+    first, end = min(first, P - 1), max(end, P + 1)
+    return input_ids[:, first:end], attention_mask[:, first:end], end - P
+
+
+def real_span(attention_mask: torch.Tensor) -> tuple[int, int]:
+    """[first, end) of the columns where some row has a real token."""
+    cols = attention_mask.bool().any(0).nonzero()
+    return (int(cols.min()), int(cols.max()) + 1) if len(cols) else (0, attention_mask.size(1))
+
+
+def _pad_response(x: torch.Tensor, response_len: int) -> torch.Tensor:
+    """[B, kept] -> [B, response_len], zeros on the trimmed (all-padding) columns."""
+    return F.pad(x, (0, response_len - x.size(1)))
+
+
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probabilities (and optionally entropies) of the response tokens under a causal LM: [B, T]."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, -response_len - 1:-1, :].float()
+                      temperature: float = 1.0, entropy: str | None = None):
+    """Log-probabilities of the response tokens under a causal LM: [B, T]. entropy="grad" also returns the
+    per-token entropy inside the autograd graph (for an entropy bonus), "detached" returns it outside the graph
+    (for logging: no backward through a full-vocabulary softmax). The LM head runs on the response's
+    positions only (`logits_to_keep`), and all-padding columns are trimmed first."""
+    ids, mask, kept = trim_padding(input_ids, attention_mask, response_len)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+                **({"logits_to_keep": kept + 1} if _accepts_logits_to_keep(model) else {}))
+    logits = out.logits[:, -kept - 1:-1, :].float()
     if temperature != 1.0:
         logits = logits / temperature
-    lp = logprobs_from_logits(logits, input_ids[:, -response_len:])
-    if with_entropy:
-        return lp, entropy_from_logits(logits)
-    return lp
+    lp = _pad_response(logprobs_from_logits(logits, ids[:, -kept:]), response_len)
+    if entropy is None:
+        return lp
+    if entropy == "detached":
+        with torch.no_grad():
+            return lp, _pad_response(entropy_from_logits(logits.detach()), response_len)
+    return lp, _pad_response(entropy_from_logits(logits), response_len)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
@@ -104,14 +142,17 @@ def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-    """Critic values V(s_t) for each response position: the score head on the state before token t. [B, T]."""
-    hidden = _backbone_hidden(model, input_ids, attention_mask)
-    values = model.score(hidden).squeeze(-1).float()
-    return values[:, -response_len - 1:-1]
+    """Critic values V(s_t) for each response position: the score head on the state before token t. [B, T].
+    All-padding columns are trimmed first (their values come back as 0)."""
+    ids, mask, kept = trim_padding(input_ids, attention_mask, response_len)
+    hidden = _backbone_hidden(model, ids, mask)[:, -kept - 1:-1]
+    return _pad_response(model.score(hidden).squeeze(-1).float(), response_len)
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Reward-model score of each whole sequence: the score head at its last real token. [B]."""
+    first, end = real_span(attention_mask)                # all-padding columns change no score: trim them
+    input_ids, attention_mask = input_ids[:, first:end], attention_mask[:, first:end]
     hidden = _backbone_hidden(model, input_ids, attention_mask)
     scores = model.score(hidden).squeeze(-1).float()
     # last real token: the highest column index where the mask is 1 (works for left and right padding)

@@ -1,0 +1,66 @@
+"""The peer side of benchmarks/vs_trl.py: TRL 1.12's PPOTrainer on the same model directories and prompt ids.
+
+Runs in its own virtual environment (TRL 1.12 needs transformers 5.23, which the project's vLLM does not
+allow), so it imports nothing from this repository. Prints one JSON line: the wall time of every PPO step.
+"""
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          TrainerCallback)
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+
+class StepClock(TrainerCallback):
+    """TRL calls on_train_begin and on_step_end (not on_step_begin): a step is the time between two ends."""
+
+    def __init__(self):
+        self.marks = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.marks.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kw):
+        self.marks.append(time.perf_counter())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", required=True, help="directory with policy/, reward/ and prompt_ids.json")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--bf16", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(f"{a.models}/policy", padding_side="left")
+    prompt_ids = json.load(open(f"{a.models}/prompt_ids.json"))
+    dataset = Dataset.from_list([{"input_ids": ids} for ids in prompt_ids])
+    load = dict(dtype=torch.float32, use_safetensors=True)
+    policy = AutoModelForCausalLM.from_pretrained(f"{a.models}/policy", **load)
+    ref = AutoModelForCausalLM.from_pretrained(f"{a.models}/policy", **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(f"{a.models}/reward", num_labels=1, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(f"{a.models}/reward", num_labels=1, **load)
+    args = PPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=a.bf16, report_to=[], save_strategy="no",
+        per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, num_mini_batches=1,
+        local_rollout_forward_batch_size=a.batch, num_ppo_epochs=a.epochs, response_length=a.response_length,
+        total_episodes=a.batch * a.steps, stop_token="eos", temperature=1.0, kl_coef=a.kl_coef,
+        learning_rate=a.lr, num_sample_generations=0, logging_steps=10 ** 6, seed=0, disable_tqdm=True)
+    clock = StepClock()
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=dataset, callbacks=[clock])
+    trainer.train()
+    steps = [b - a_ for a_, b in zip(clock.marks, clock.marks[1:])]
+    print(json.dumps({"step_seconds": steps, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

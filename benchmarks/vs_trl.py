@@ -1,0 +1,169 @@
+"""The PPO step against TRL 1.12's PPOTrainer, side by side on this box, at three model sizes.
+
+    .venv/bin/python benchmarks/vs_trl.py [--sizes 0.6M 3M 17M] [--steps 8] [--set key=value ...]
+
+Builds Qwen2 policy and scalar-head models of each size once (random init, the tiny world's 2,048-token BPE;
+tied embeddings; heads of 64 dims), under runs/bench-vs-trl/<size>/, and the prompt token ids both systems
+get. Then, per size, one after the other: TRL (its own virtual environment, .venv-trl, made here on first use:
+TRL 1.12 is the last release with PPOTrainer and needs transformers 5.23, which our vLLM does not allow),
+rlhf-ray at fp32, and rlhf-ray with the recommended settings (RECOMMENDED below). Same workload everywhere:
+32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE with a critic initialised from the reward
+model, 4 PPO epochs over one minibatch of 32, KL coefficient 0.05. Each system's figure is its median step
+over steps 2..N (step 1 warms up). TRL runs with OMP_NUM_THREADS=2, the box's two cores; rlhf-ray runs its
+actors with one thread each (policy and critic train in parallel, one core each).
+
+Prints one table (step time per system, the ratios, rlhf-ray's phases and weight sync's share of the step)
+and writes it to runs/bench-vs-trl/vs_trl.md. A benchmark, not a test: nothing here is in .ci/run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+
+OUT = ROOT / "runs" / "bench-vs-trl"
+TRL_VENV = ROOT / ".venv-trl"
+TRL_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0"]
+SIZES = {"0.6M": (128, 2), "3M": (256, 4), "17M": (512, 6)}       # hidden size, layers (MLP 2x hidden)
+BATCH, RESPONSE, EPOCHS, KL = 32, 32, 4, 0.05
+RECOMMENDED = ["train.dtype=bfloat16", "ppo.reuse_sample_logprobs=true"]
+PHASES = ["generate", "score", "advantage", "train", "weight_sync"]
+
+
+def trl_python() -> str:
+    py = TRL_VENV / "bin" / "python"
+    if not py.exists():
+        print(f"making the TRL venv at {TRL_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), *TRL_PINS],
+                       check=True)
+    return str(py)
+
+
+def build_models(size: str) -> Path:
+    """policy/ (causal LM + tokenizer), reward/ (scalar head), prompts.jsonl and prompt_ids.json, once."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    from rlhf_ray.prompts import render_prompts
+    from rlhf_ray.tiny import corpus_text, make_prompts, train_tokenizer
+    from rlhf_ray.config import DataConfig
+    d = OUT / size
+    if (d / "prompt_ids.json").exists():
+        return d
+    hidden, layers = SIZES[size]
+    text = corpus_text()
+    tok = train_tokenizer(text, 2048)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, dtype="float32")
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(cfg)
+    lm.generation_config.eos_token_id, lm.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    lm.save_pretrained(d / "policy")
+    tok.save_pretrained(d / "policy")
+    rm = Qwen2ForSequenceClassification(Qwen2Config(**{**cfg.to_dict(), "id2label": {0: "score"}}))
+    rm.save_pretrained(d / "reward")
+    tok.save_pretrained(d / "reward")
+    prompts = make_prompts(text, 512, 0)
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    ids = render_prompts(tok, prompts[:BATCH], DataConfig(apply_chat_template=False))
+    (d / "prompt_ids.json").write_text(json.dumps(ids))
+    print(f"{size}: {sum(p.numel() for p in lm.parameters()) / 1e6:.1f} M params policy, written to {d}", flush=True)
+    return d
+
+
+def run_trl(d: Path, steps: int) -> list[float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([trl_python(), str(ROOT / "benchmarks" / "trl_peer.py"), "--models", str(d),
+                          "--steps", str(steps), "--batch", str(BATCH), "--response-length", str(RESPONSE),
+                          "--epochs", str(EPOCHS), "--kl-coef", str(KL)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"TRL run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["step_seconds"]
+
+
+def run_ours(d: Path, steps: int, name: str, overrides: list[str]) -> list[dict]:
+    run_dir = OUT / "runs" / f"{d.name}-{name}"
+    sets = [f"models.policy={d}/policy", f"models.reward={d}/reward", f"data.prompts={d}/prompts.jsonl",
+            "data.shuffle=false", f"run.output_dir={run_dir}", f"train.steps={steps}", "checkpoint.every=0",
+            "logging.wandb.enabled=false", "logging.samples_per_step=0", "policy.num_ranks=1",
+            f"generation.prompts_per_step={BATCH}", "generation.n=1", f"generation.max_new_tokens={RESPONSE}",
+            f"ppo.epochs={EPOCHS}", f"ppo.minibatch_size={BATCH}", f"ppo.kl_coef={KL}", "ppo.advantage=gae",
+            f"policy.micro_batch_size={BATCH}", f"critic.micro_batch_size={BATCH}",
+            f"reference.micro_batch_size={BATCH}", f"reward.micro_batch_size={BATCH}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    cmd = [sys.executable, "-m", "launch.ppo", "--config", "configs/tiny_ppo.yaml"]
+    for s in sets:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"rlhf-ray run failed ({name}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_after_warmup(xs: list[float]) -> float:
+    return statistics.median(xs[1:])
+
+
+def report(rows: list[dict], steps: int, extra: list[str]) -> str:
+    lines = ["| policy | TRL 1.12 | rlhf-ray fp32 | ratio | rlhf-ray recommended | ratio | phases (recommended) "
+             "| sync share |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rec = r["recommended"]
+        phases = " / ".join(f"{rec['phases'][p]:.2f}" for p in PHASES)
+        lines.append(f"| {r['size']} ({r['params']:.1f} M) | {r['trl']:.2f} s | {r['fp32']['step']:.2f} s "
+                     f"| {r['fp32']['step'] / r['trl']:.2f}x | {rec['step']:.2f} s | {rec['step'] / r['trl']:.2f}x "
+                     f"| {phases} | {100 * max(r['fp32']['sync_share'], rec['sync_share']):.1f} % |")
+    lines += ["", f"Median step over steps 2-{steps}. Phases: {' / '.join(PHASES)} in seconds. Sync share: weight "
+              "sync's share of the step, the larger of the two rlhf-ray runs. Recommended: "
+              f"{', '.join(RECOMMENDED + extra)}.",
+              f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
+    return "\n".join(lines)
+
+
+def summarize(metrics: list[dict]) -> dict:
+    step = median_after_warmup([m["time/step"] for m in metrics])
+    phases = {p: median_after_warmup([m[f"time/{p}"] for m in metrics]) for p in PHASES}
+    return {"step": step, "phases": phases, "sync_share": phases["weight_sync"] / step,
+            "updates": {k: median_after_warmup([m[k] for m in metrics]) for k in ("time/policy_update",
+                                                                                  "time/critic_update")}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for both our runs")
+    ap.add_argument("--skip-trl", action="store_true", help="our runs only (TRL column left empty)")
+    a = ap.parse_args()
+    rows = []
+    for size in a.sizes:
+        d = build_models(size)
+        from safetensors.torch import load_file
+        params = sum(t.numel() for t in load_file(str(d / "policy" / "model.safetensors")).values()) / 1e6
+        trl = float("nan") if a.skip_trl else median_after_warmup(run_trl(d, a.steps))
+        fp32 = summarize(run_ours(d, a.steps, "fp32", a.extra))
+        rec = summarize(run_ours(d, a.steps, "recommended", RECOMMENDED + a.extra))
+        rows.append({"size": size, "params": params, "trl": trl, "fp32": fp32, "recommended": rec})
+        print(json.dumps(rows[-1]), flush=True)
+    text = report(rows, a.steps, a.extra)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "vs_trl.md").write_text(text + "\n")
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
