@@ -6,7 +6,7 @@ Builds Qwen2 policy and scalar-head models of each size once (random init, the t
 tied embeddings; heads of 64 dims), under runs/bench-vs-trl/<size>/, and the prompt token ids both systems
 get. Then, per size, one after the other: TRL (its own virtual environment, .venv-trl, made here on first use:
 TRL 1.12 is the last release with PPOTrainer and needs transformers 5.23, which our vLLM does not allow),
-rlhf-ray at fp32, and rlhf-ray with the recommended settings (RECOMMENDED below). Same workload everywhere:
+rlhf-ray at fp32 (FAST below), and rlhf-ray with the recommended settings (RECOMMENDED, bf16). Same workload everywhere:
 32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE with a critic initialised from the reward
 model, 4 PPO epochs over one minibatch of 32, KL coefficient 0.05. Each system's figure is its median step
 over steps 2..N (step 1 warms up). TRL runs with OMP_NUM_THREADS=2, the box's two cores; rlhf-ray runs its
@@ -35,7 +35,11 @@ TRL_VENV = ROOT / ".venv-trl"
 TRL_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0"]
 SIZES = {"0.6M": (128, 2), "3M": (256, 4), "17M": (512, 6)}       # hidden size, layers (MLP 2x hidden)
 BATCH, RESPONSE, EPOCHS, KL = 32, 32, 4, 0.05
-RECOMMENDED = ["train.dtype=bfloat16", "ppo.reuse_sample_logprobs=true"]
+# fp32: the engines' logprobs equal the policy's (gap ~1e-6 nats), so they serve as pi_old. bf16: they differ by
+# ~0.02-0.03 nats, so the policy recomputes pi_old. Micro-batches of 16, cut by length, trim better than one of 32.
+FAST = ["ppo.reuse_sample_logprobs=true", "policy.micro_batch_size=16", "critic.micro_batch_size=16"]
+RECOMMENDED = ["policy.micro_batch_size=16", "critic.micro_batch_size=16", "train.dtype=bfloat16",
+               "train.attn_implementation=eager"]
 PHASES = ["generate", "score", "advantage", "train", "weight_sync"]
 
 
@@ -101,7 +105,7 @@ def run_ours(d: Path, steps: int, name: str, overrides: list[str]) -> list[dict]
             "logging.wandb.enabled=false", "logging.samples_per_step=0", "policy.num_ranks=1",
             f"generation.prompts_per_step={BATCH}", "generation.n=1", f"generation.max_new_tokens={RESPONSE}",
             f"ppo.epochs={EPOCHS}", f"ppo.minibatch_size={BATCH}", f"ppo.kl_coef={KL}", "ppo.advantage=gae",
-            f"policy.micro_batch_size={BATCH}", f"critic.micro_batch_size={BATCH}",
+            f"policy.micro_batch_size={BATCH}", f"critic.micro_batch_size={BATCH}",  # as TRL's; FAST halves them
             f"reference.micro_batch_size={BATCH}", f"reward.micro_batch_size={BATCH}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     cmd = [sys.executable, "-m", "launch.ppo", "--config", "configs/tiny_ppo.yaml"]
@@ -119,16 +123,18 @@ def median_after_warmup(xs: list[float]) -> float:
 
 def report(rows: list[dict], steps: int, extra: list[str]) -> str:
     lines = ["| policy | TRL 1.12 | rlhf-ray fp32 | ratio | rlhf-ray recommended | ratio | phases (recommended) "
-             "| sync share |", "|---|---|---|---|---|---|---|---|"]
+             "| sync share | engine-policy logprob gap (fp32 / bf16) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = r["recommended"]
         phases = " / ".join(f"{rec['phases'][p]:.2f}" for p in PHASES)
         lines.append(f"| {r['size']} ({r['params']:.1f} M) | {r['trl']:.2f} s | {r['fp32']['step']:.2f} s "
                      f"| {r['fp32']['step'] / r['trl']:.2f}x | {rec['step']:.2f} s | {rec['step'] / r['trl']:.2f}x "
-                     f"| {phases} | {100 * max(r['fp32']['sync_share'], rec['sync_share']):.1f} % |")
+                     f"| {phases} | {100 * max(r['fp32']['sync_share'], rec['sync_share']):.1f} % "
+                     f"| {r['fp32']['logprob_gap']:.1e} / {rec['logprob_gap']:.1e} |")
     lines += ["", f"Median step over steps 2-{steps}. Phases: {' / '.join(PHASES)} in seconds. Sync share: weight "
-              "sync's share of the step, the larger of the two rlhf-ray runs. Recommended: "
-              f"{', '.join(RECOMMENDED + extra)}.",
+              "sync's share of the step, the larger of the two rlhf-ray runs. Logprob gap: the largest "
+              "rollout/logprob_diff_max over the run, nats. fp32: "
+              f"{', '.join(FAST + extra)}. Recommended: {', '.join(RECOMMENDED + extra)}.",
               f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
     return "\n".join(lines)
 
@@ -137,6 +143,7 @@ def summarize(metrics: list[dict]) -> dict:
     step = median_after_warmup([m["time/step"] for m in metrics])
     phases = {p: median_after_warmup([m[f"time/{p}"] for m in metrics]) for p in PHASES}
     return {"step": step, "phases": phases, "sync_share": phases["weight_sync"] / step,
+            "logprob_gap": max(m["rollout/logprob_diff_max"] for m in metrics),
             "updates": {k: median_after_warmup([m[k] for m in metrics]) for k in ("time/policy_update",
                                                                                   "time/critic_update")}}
 
@@ -154,7 +161,7 @@ def main() -> int:
         from safetensors.torch import load_file
         params = sum(t.numel() for t in load_file(str(d / "policy" / "model.safetensors")).values()) / 1e6
         trl = float("nan") if a.skip_trl else median_after_warmup(run_trl(d, a.steps))
-        fp32 = summarize(run_ours(d, a.steps, "fp32", a.extra))
+        fp32 = summarize(run_ours(d, a.steps, "fp32", FAST + a.extra))
         rec = summarize(run_ours(d, a.steps, "recommended", RECOMMENDED + a.extra))
         rows.append({"size": size, "params": params, "trl": trl, "fp32": fp32, "recommended": rec})
         print(json.dumps(rows[-1]), flush=True)
