@@ -33,17 +33,21 @@ class Policy(DeepSpeedRole):
         """PPO epochs: clipped (optionally dual-clipped) surrogate, minus the entropy bonus, plus beta * KL to the
         reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch.
 
-        Entropy is in the graph only when the bonus needs it; otherwise it is computed outside it, for the log.
-        Until the first optimizer step the weights are the rollout's policy: there `logprob_diff_max` measures
-        how far the given old logprobs (the engine's, with ppo.reuse_sample_logprobs) are from this model's."""
+        Until the first optimizer step the weights are the rollout's policy. There, on the first minibatch,
+        `logprob_diff_max` measures how far the given old logprobs (the engine's, with ppo.reuse_sample_logprobs)
+        are from this model's, and `entropy` is logged: the rollout policy's entropy, computed outside the graph.
+        Entropy enters the graph, on every micro-batch, only when the bonus needs it (ppo.entropy_coef > 0): a
+        full-vocabulary softmax and its backward cost as much as the LM head itself on a small model."""
         ppo, temp = self.cfg.ppo, self.cfg.generation.temperature
         T = exp["response_mask"].size(1)
         kl_in_loss = ppo.kl_placement == "loss"
         steps_before = self.engine.global_steps
 
         def loss_fn(mb: Batch, denominators: dict):
-            lp, ent = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp,
-                                        entropy="grad" if ppo.entropy_coef else "detached")
+            first = self.engine.global_steps == steps_before
+            want = "grad" if ppo.entropy_coef else "detached" if first else None
+            out = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp, entropy=want)
+            lp, ent = out if want else (out, None)
             mask, den = mb["response_mask"], denominators[ppo.loss_agg]
             loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip, ppo.dual_clip,
                                           ppo.loss_agg, den)
@@ -53,9 +57,10 @@ class Policy(DeepSpeedRole):
                 kl = aggregate(kl_estimate(lp, mb["ref_logprobs"], ppo.kl_estimator), mask, ppo.loss_agg, den)
                 loss = loss + kl_coef * kl
                 stats["kl_loss"] = kl.detach()
-            if self.engine.global_steps == steps_before:
+            if first:
                 stats["logprob_diff_max"] = ((lp.detach() - mb["old_logprobs"]).abs() * mask).max()
-            return loss, {**stats, "entropy": masked_mean(ent, mask).detach()}
+                stats["entropy"] = masked_mean(ent, mask).detach()
+            return loss, stats
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
 
@@ -72,12 +77,14 @@ class Policy(DeepSpeedRole):
         return {"tensors": n_tensors, "bytes": n_bytes}
 
     def push_weights(self, engines: list, bucket_bytes: int) -> dict:
-        """Object-store sync: each bucket as safetensors bytes through Ray's object store."""
-        from safetensors.torch import save
+        """Object-store sync: each bucket packed into one flat buffer (actors/sync_group.py), put into Ray's object
+        store once as a numpy array, which every engine on the node then reads without a copy."""
+        from actors.sync_group import pack
 
         def send(bucket):
-            payload = ray.put(save(bucket))
-            ray.get([e.load_weights.remote(payload) for e in engines])
+            meta, flat = pack(bucket)
+            payload = ray.put(flat.numpy())
+            ray.get([e.load_weights.remote(meta, payload) for e in engines])
         return self._send_buckets(bucket_bytes, send)
 
     def open_sync_group(self, addr: str, port: int, world_size: int, backend: str) -> None:

@@ -13,7 +13,9 @@ adapter parameters have gradients and optimizer states; the frozen base keeps it
 Activations per micro-batch of b sequences of s tokens, hidden h, L layers (Korthikanti et al. 2022, "Reducing
 Activation Recomputation", bf16, no tensor parallelism, flash attention so no s² term): 34·s·b·h bytes per
 layer; with full gradient checkpointing 2·s·b·h per layer (each layer's input) plus one layer's 34·s·b·h during
-its recomputation. A causal LM adds its logits: bf16 logits, their fp32 upcast and its gradient, 10·s·b·V.
+its recomputation. A causal LM adds its logits on the T response positions only (the LM head runs on nothing
+else): bf16 logits, their fp32 upcast and its gradient, 10·T·b·V; with an entropy bonus in the loss
+(ppo.entropy_coef > 0) its log-softmax and probabilities stay in the graph too, 8·T·b·V more.
 Frozen roles (reference, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3) and one layer's forward
 working set. A vLLM engine takes gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV
 cache at 2·L·kv_heads·head_dim·2 bytes per token (split over TP).
@@ -103,10 +105,12 @@ def model_states(psi: int, n: int, stage: int, offload: bool = False, trainable:
     return {"weights": weights, "grads": grads, "optimizer": optim}
 
 
-def activations(arch: Arch, seq: int, micro: int, checkpointing: bool, lm_head: bool) -> float:
+def activations(arch: Arch, seq: int, micro: int, checkpointing: bool, lm_tokens: int = 0,
+                entropy_in_graph: bool = False) -> float:
+    """Activation bytes of one micro-batch; lm_tokens: the positions the LM head runs on (0: no LM head)."""
     per_layer = 34 * seq * micro * arch.hidden
     acts = (2 * seq * micro * arch.hidden * arch.layers + per_layer) if checkpointing else per_layer * arch.layers
-    return acts + (10 * seq * micro * arch.vocab if lm_head else 0)
+    return acts + (10 + 8 * entropy_in_graph) * lm_tokens * micro * arch.vocab
 
 
 @dataclass
@@ -122,23 +126,24 @@ class RolePlan:
         return sum(self.per_gpu.values())
 
 
-def plan_trained(role: str, arch: Arch, rc, seq: int, lm_head: bool) -> RolePlan:
+def plan_trained(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, entropy_in_graph: bool = False) -> RolePlan:
+    lm_head = lm_tokens > 0
     psi = arch.params(lm_head)
     n = rc.num_ranks
     trainable = arch.lora_params(rc.lora.rank) + (0 if lm_head else arch.hidden) if rc.lora.rank else None
     states = model_states(psi, n, rc.zero_stage, rc.offload, trainable)
     offloaded = {k: v - states[k] for k, v in model_states(psi, n, rc.zero_stage, False, trainable).items()}
     gathered = 2 * 2 * arch.layer_params() if rc.zero_stage == 3 else 0.0
-    acts = activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_head)
+    acts = activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_tokens, entropy_in_graph)
     per_gpu = {**states, "zero3_gathered": gathered, "activations": acts}
     return RolePlan(role, n, per_gpu, resident=sum(states.values()), cpu_per_rank=sum(offloaded.values()))
 
 
-def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_head: bool, zero3: bool = False) -> RolePlan:
-    psi = arch.params(lm_head)
+def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, zero3: bool = False) -> RolePlan:
+    psi = arch.params(lm_tokens > 0)
     n = rc.num_ranks
     weights = 2 * psi / n if zero3 else 2 * psi
-    work = 34 * seq * rc.micro_batch_size * arch.hidden + (6 * seq * rc.micro_batch_size * arch.vocab if lm_head else 0)
+    work = 34 * seq * rc.micro_batch_size * arch.hidden + 6 * lm_tokens * rc.micro_batch_size * arch.vocab
     return RolePlan(role, n, {"weights": weights, "activations": work}, resident=weights)
 
 
@@ -178,14 +183,15 @@ def make_plan(cfg) -> Plan:
     gpu_bytes = place.gpu_memory_gib * GiB
     pol = arch_from(pl.policy_arch or cfg.models.policy)
     rew = arch_from(pl.reward_arch or pl.policy_arch or cfg.models.reward)
-    seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    T = cfg.generation.max_new_tokens
+    seq = cfg.data.max_prompt_tokens + T
     roles = {
-        "policy": plan_trained("policy", pol, cfg.policy, seq, lm_head=True),
-        "reference": plan_frozen("reference", pol, cfg.reference, seq, True, cfg.reference.zero_stage == 3),
-        "reward": plan_frozen("reward", rew, cfg.reward, seq, False, cfg.reward.zero_stage == 3),
+        "policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0),
+        "reference": plan_frozen("reference", pol, cfg.reference, seq, T, cfg.reference.zero_stage == 3),
+        "reward": plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3),
     }
     if cfg.needs_critic():
-        roles["critic"] = plan_trained("critic", rew, cfg.critic, seq, lm_head=False)
+        roles["critic"] = plan_trained("critic", rew, cfg.critic, seq)
     engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes)
     roles["engine"] = engine
 

@@ -38,9 +38,11 @@ def test_preset_parameter_counts_and_kv_cache_per_token():
 def test_activations_with_and_without_checkpointing():
     a = PRESETS["llama2-7b"]
     s, b, h, L, V = 2048, 1, 4096, 32, 32000
-    assert activations(a, s, b, False, False) == 34 * s * b * h * L
-    assert activations(a, s, b, True, False) == 2 * s * b * h * L + 34 * s * b * h
-    assert activations(a, s, b, True, True) - activations(a, s, b, True, False) == 10 * s * b * V
+    T = 1024                                      # the response positions, where the LM head runs
+    assert activations(a, s, b, False) == 34 * s * b * h * L
+    assert activations(a, s, b, True) == 2 * s * b * h * L + 34 * s * b * h
+    assert activations(a, s, b, True, T) - activations(a, s, b, True) == 10 * T * b * V
+    assert activations(a, s, b, True, T, entropy_in_graph=True) - activations(a, s, b, True, T) == 8 * T * b * V
 
 
 def _tiny_layout(extra=()):
@@ -55,8 +57,8 @@ def test_a_hand_checked_layout():
     plan = make_plan(_tiny_layout())
     psi = PRESETS["llama2-7b"].params()
     policy = next(r for r in plan.roles if r.role == "policy")
-    s, h, L, V = 2048, 4096, 32, 32000
-    expected = 2 * psi + 14 * psi / 2 + 34 * s * h * L + 10 * s * V        # ZeRO-2 over 2 ranks, no checkpointing
+    s, T, h, L, V = 2048, 1024, 4096, 32, 32000
+    expected = 2 * psi + 14 * psi / 2 + 34 * s * h * L + 10 * T * V        # ZeRO-2 over 2 ranks, no checkpointing
     assert policy.total == pytest.approx(expected)
     engine = next(r for r in plan.roles if r.role == "engine")
     assert engine.per_gpu["weights"] == 2 * psi and engine.total == pytest.approx(0.5 * 80 * GiB)
@@ -64,7 +66,10 @@ def test_a_hand_checked_layout():
     assert (plan.gpus, plan.nodes) == (7, 1)
     assert plan.fits                                                    # 65.5 GiB of 80
     big = make_plan(_tiny_layout(["policy.micro_batch_size=4"]))         # 4x the activations: over
-    need = (2 * psi + 14 * psi / 2 + 4 * (34 * s * h * L + 10 * s * V)) / GiB
+    need = (2 * psi + 14 * psi / 2 + 4 * (34 * s * h * L + 10 * T * V)) / GiB
+    with_entropy = make_plan(_tiny_layout(["ppo.entropy_coef=0.01"]))    # the bonus keeps its softmax in the graph
+    grown = next(r for r in with_entropy.roles if r.role == "policy").total - policy.total
+    assert grown == pytest.approx(8 * T * V)
     assert big.problems == [f"policy needs {need:.1f} GiB per GPU, over the 80.0 GiB it may use by {need - 80:.1f} GiB"]
 
 
