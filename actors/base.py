@@ -221,8 +221,14 @@ class DeepSpeedRole(RankActor):
             with gathered, torch.no_grad():
                 if self.rank != 0:
                     return None
-                return {n: (fn().detach().clone() if keep_on_device else fn().detach().cpu().clone())
-                        for n, _, fn in items}
+                return {n: own(fn().detach()) for n, _, fn in items}
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            """The tensor to hand out: on the host unless asked to stay on the device. Below ZeRO-3 it may be the
+            live parameter (every consumer copies it before the next update); a ZeRO-3 gather's storage is
+            released when the context exits, so that one is copied."""
+            out = t if keep_on_device else t.cpu()
+            return out.clone() if self.zero_stage == 3 and out.data_ptr() == t.data_ptr() else out
 
         for item in export_items(self.model):
             bucket.append(item)

@@ -69,7 +69,7 @@ class Engine(RankActor):
         if self.device != "cuda":
             self.llm.collective_rpc("rlhf_reseed", args=(seed,))
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                                seed=seed if self.device == "cuda" else None)
+                                seed=seed if self.device == "cuda" else None, detokenize=False)   # ids suffice
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
         samples = []
         for o in outs:
@@ -82,13 +82,25 @@ class Engine(RankActor):
     def prompt_logprobs(self, token_ids: list[list[int]], starts: list[int]) -> list[list[float]]:
         """Temperature-1 logprobs the engine assigns to token_ids[i][starts[i]:] (verification, evaluation)."""
         from vllm import SamplingParams
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": t} for t in token_ids], params, use_tqdm=False)
         return [[o.prompt_logprobs[j][t[j]].logprob for j in range(s, len(t))]
                 for o, t, s in zip(outs, token_ids, starts)]
 
-    def load_weights(self, payload: bytes) -> int:
-        return sum(self.llm.collective_rpc("rlhf_load_weights", args=(payload,)))
+    def load_weights(self, meta: list, flat) -> int:
+        """Load one packed bucket (actors/sync_group.py: meta + flat uint8 numpy array, read-only from the object
+        store). An in-process engine core hands the workers a tensor over that memory (no copy); in vLLM's
+        multiprocess mode tensors inside collective_rpc args would arrive as lists, so the workers get bytes."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            import warnings
+
+            import torch
+            with warnings.catch_warnings():       # read-only: the workers copy it into their own parameters
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.from_numpy(flat)
+        else:
+            flat = flat.tobytes()
+        return sum(self.llm.collective_rpc("rlhf_load_weights", args=(meta, flat)))
 
     def open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
         return self.llm.collective_rpc("rlhf_open_sync_group", args=(addr, port, first_rank, world_size, backend))

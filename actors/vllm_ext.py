@@ -55,13 +55,19 @@ class WeightSyncExtension:
         torch.manual_seed(seed)
         return seed
 
-    def rlhf_load_weights(self, payload: bytes) -> int:
-        """Load a bucket of HF-named tensors serialised with `safetensors.torch.save`; returns its tensor count.
+    def rlhf_load_weights(self, meta: list, flat) -> int:
+        """Load one packed bucket of HF-named tensors (actors/sync_group.py); returns its tensor count. `flat` is
+        a uint8 tensor, or bytes where vLLM runs its engine core in another process (tensors inside
+        collective_rpc args arrive there as lists)."""
+        import warnings
 
-        Bytes, not tensors: in vLLM's multiprocess mode tensors inside collective_rpc args arrive as lists.
-        """
-        from safetensors.torch import load
-        return self._rlhf_reload(list(load(payload).items()))
+        import torch
+        from actors.sync_group import unpack
+        if not isinstance(flat, torch.Tensor):
+            with warnings.catch_warnings():       # read-only bytes: reload copies them into the parameters
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(flat, dtype=torch.uint8)
+        return self._rlhf_reload(unpack(meta, flat))
 
     # ---------------------------------------------------------------- the process-group backend
     def rlhf_open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> int:

@@ -4,7 +4,7 @@
     stats = sync.push()                                    # every step: gather, load into every engine, reset caches
 
 The driver calls `push()` and does not know which backend ran. Backends:
-    object_store    rank 0 ships safetensors bytes per bucket through Ray's object store
+    object_store    rank 0 puts each bucket, packed into one flat buffer, into Ray's object store
     process_group   rank 0 broadcasts each bucket as one flat buffer over a process group it shares with every
                     engine worker (gloo on CPU, NCCL on GPU; actors/sync_group.py), across nodes alike
     cuda_ipc        engines on the same GPU as policy rank 0 (placement.colocate) open its tensors through CUDA

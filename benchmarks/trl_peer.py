@@ -1,7 +1,9 @@
 """The peer side of benchmarks/vs_trl.py: TRL 1.12's PPOTrainer on the same model directories and prompt ids.
 
 Runs in its own virtual environment (TRL 1.12 needs transformers 5.23, which the project's vLLM does not
-allow), so it imports nothing from this repository. Prints one JSON line: the wall time of every PPO step.
+allow), so it imports nothing from this repository. Prints one JSON line: the wall time of every PPO step and
+of its phases: generation (TRL's `batch_generation`), scoring (its no-grad `forward` / `get_reward` calls:
+reference logprobs, values, rewards) and the rest, which is the PPO update.
 """
 import argparse
 import json
@@ -13,19 +15,39 @@ from datasets import Dataset
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           TrainerCallback)
 from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl.experimental.ppo import ppo_trainer
 
 
 class StepClock(TrainerCallback):
-    """TRL calls on_train_begin and on_step_end (not on_step_begin): a step is the time between two ends."""
+    """TRL calls on_train_begin and on_step_end (not on_step_begin): a step is the time between two ends.
+    The phase clocks wrap the trainer module's own functions, so TRL's code runs unchanged."""
 
     def __init__(self):
-        self.marks = []
+        self.marks, self.phases, self.current = [], [], {"generate": 0.0, "score": 0.0}
+        self._wrap("batch_generation", lambda: "generate")
+        for name in ("forward", "get_reward"):        # also called in the update, with gradients on
+            self._wrap(name, lambda: None if torch.is_grad_enabled() else "score")
+
+    def _wrap(self, name, phase_of):
+        fn = getattr(ppo_trainer, name)
+
+        def timed(*args, **kwargs):
+            phase, t0 = phase_of(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if phase:
+                    self.current[phase] += time.perf_counter() - t0
+        setattr(ppo_trainer, name, timed)
 
     def on_train_begin(self, args, state, control, **kw):
         self.marks.append(time.perf_counter())
 
     def on_step_end(self, args, state, control, **kw):
         self.marks.append(time.perf_counter())
+        step = self.marks[-1] - self.marks[-2]
+        self.phases.append({**self.current, "train": step - sum(self.current.values())})
+        self.current = {"generate": 0.0, "score": 0.0}
 
 
 def main():
@@ -59,7 +81,8 @@ def main():
                          value_model=value, train_dataset=dataset, callbacks=[clock])
     trainer.train()
     steps = [b - a_ for a_, b in zip(clock.marks, clock.marks[1:])]
-    print(json.dumps({"step_seconds": steps, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    print(json.dumps({"step_seconds": steps, "phases": clock.phases, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

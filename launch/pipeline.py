@@ -30,10 +30,12 @@ from pathlib import Path
 
 import ray
 import torch
+from safetensors.torch import load_file
 
 from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.reward import RewardActor
+from actors.sync_group import pack
 from launch.common import actor_env, cluster_device, engine_env, run_cli, start_ray
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
@@ -90,8 +92,8 @@ class Sampler:
 
     def load(self, model_dir: str) -> None:
         if model_dir != self.loaded:
-            payload = (Path(model_dir) / "model.safetensors").read_bytes()
-            ray.get(self.engine.load_weights.remote(payload))
+            meta, flat = pack(load_file(str(Path(model_dir) / "model.safetensors")))
+            ray.get(self.engine.load_weights.remote(meta, flat.numpy()))
             ray.get(self.engine.reset_prefix_cache.remote())
             self.loaded = model_dir
 
