@@ -1,19 +1,21 @@
 """The PPO step against TRL 1.12's PPOTrainer, side by side on this box, at three model sizes.
 
-    .venv/bin/python benchmarks/vs_trl.py [--sizes 0.6M 3M 17M] [--steps 8] [--set key=value ...]
+    .venv/bin/python benchmarks/vs_trl.py [--sizes 0.6M 3M 17M] [--steps 8] [--rounds 1] [--bf16] [--set key=value ...]
 
 Builds Qwen2 policy and scalar-head models of each size once (random init, the tiny world's 2,048-token BPE;
 tied embeddings; heads of 64 dims), under runs/bench-vs-trl/<size>/, and the prompt token ids both systems
-get. Then, per size, one after the other: TRL (its own virtual environment, .venv-trl, made here on first use:
-TRL 1.12 is the last release with PPOTrainer and needs transformers 5.23, which our vLLM does not allow),
-rlhf-ray at fp32 (FAST below), and rlhf-ray with the recommended settings (RECOMMENDED, bf16). Same workload everywhere:
-32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE with a critic initialised from the reward
-model, 4 PPO epochs over one minibatch of 32, KL coefficient 0.05. Each system's figure is its median step
-over steps 2..N (step 1 warms up). TRL runs with OMP_NUM_THREADS=2, the box's two cores; rlhf-ray runs its
-actors with one thread each (policy and critic train in parallel, one core each).
+get. Then, per size and round, one after the other: TRL (its own virtual environment, .venv-trl, made here on
+first use: TRL 1.12 is the last release with PPOTrainer and needs transformers 5.23, which our vLLM does not
+allow), rlhf-ray at fp32 (FAST below) and, on a CPU with native bf16 (AMX or avx512_bf16; or with --bf16),
+rlhf-ray in bf16 (BF16). The recommended setting is BF16 where the CPU has native bf16 and FAST elsewhere
+(rlhf_ray/hardware.py). Same workload everywhere: 32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE
+with a critic initialised from the reward model, 4 PPO epochs over one minibatch of 32, KL coefficient 0.05. Each
+figure is the median over steps 2..N of every round (step 1 warms up), phases alike. TRL runs with
+OMP_NUM_THREADS=2, the box's two cores; rlhf-ray runs its actors with one thread each (policy and critic train
+in parallel, one core each).
 
-Prints one table (step time per system, the ratios, rlhf-ray's phases and weight sync's share of the step)
-and writes it to runs/bench-vs-trl/vs_trl.md. A benchmark, not a test: nothing here is in .ci/run.
+Prints one table (step time and phases per system, the ratios, weight sync's share of the step) and writes it to
+runs/bench-vs-trl/vs_trl.md. A benchmark, not a test: nothing here is in .ci/run.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+from rlhf_ray.hardware import NATIVE_BF16_FLAGS, cpu_flags, native_bf16_cpu  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-vs-trl"
 TRL_VENV = ROOT / ".venv-trl"
@@ -38,9 +41,9 @@ BATCH, RESPONSE, EPOCHS, KL = 32, 32, 4, 0.05
 # fp32: the engines' logprobs equal the policy's (gap ~1e-6 nats), so they serve as pi_old. bf16: they differ by
 # ~0.02-0.03 nats, so the policy recomputes pi_old. Micro-batches of 16, cut by length, trim better than one of 32.
 FAST = ["ppo.reuse_sample_logprobs=true", "policy.micro_batch_size=16", "critic.micro_batch_size=16"]
-RECOMMENDED = ["policy.micro_batch_size=16", "critic.micro_batch_size=16", "train.dtype=bfloat16",
-               "train.attn_implementation=eager"]
-PHASES = ["generate", "score", "advantage", "train", "weight_sync"]
+BF16 = ["policy.micro_batch_size=16", "critic.micro_batch_size=16", "train.dtype=bfloat16",
+        "train.attn_implementation=eager"]
+PHASES = ["generate", "score", "train", "weight_sync"]     # TRL has no weight sync: it generates with its policy
 
 
 def trl_python() -> str:
@@ -87,7 +90,8 @@ def build_models(size: str) -> Path:
     return d
 
 
-def run_trl(d: Path, steps: int) -> list[float]:
+def run_trl(d: Path, steps: int) -> list[dict]:
+    """One TRL run: per step {"step", "generate", "score", "train"} in seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([trl_python(), str(ROOT / "benchmarks" / "trl_peer.py"), "--models", str(d),
                           "--steps", str(steps), "--batch", str(BATCH), "--response-length", str(RESPONSE),
@@ -95,7 +99,8 @@ def run_trl(d: Path, steps: int) -> list[float]:
                          env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"TRL run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["step_seconds"]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return [{"step": t, **ph} for t, ph in zip(res["step_seconds"], res["phases"])]
 
 
 def run_ours(d: Path, steps: int, name: str, overrides: list[str]) -> list[dict]:
@@ -117,55 +122,73 @@ def run_ours(d: Path, steps: int, name: str, overrides: list[str]) -> list[dict]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def median_after_warmup(xs: list[float]) -> float:
-    return statistics.median(xs[1:])
+def summarize(runs: list[list[dict]]) -> dict:
+    """Medians over steps 2..N of every run (rounds pooled); rlhf-ray's metrics rows or TRL's per-step dicts."""
+    rows = [r for run in runs for r in run[1:]]
+    def med(key):
+        return statistics.median(r[key] for r in rows)
+    if "time/step" not in rows[0]:                                        # TRL
+        return {"step": med("step"), "phases": {p: med(p) for p in PHASES if p in rows[0]}}
+    out = {"step": med("time/step"), "phases": {p: med(f"time/{p}") for p in PHASES},
+           "logprob_gap": max(r["rollout/logprob_diff_max"] for r in rows),
+           "updates": {k: med(k) for k in ("time/policy_update", "time/critic_update")}}
+    out["sync_share"] = out["phases"]["weight_sync"] / out["step"]
+    return out
 
 
-def report(rows: list[dict], steps: int, extra: list[str]) -> str:
-    lines = ["| policy | TRL 1.12 | rlhf-ray fp32 | ratio | rlhf-ray recommended | ratio | phases (recommended) "
-             "| sync share | engine-policy logprob gap (fp32 / bf16) |", "|---|---|---|---|---|---|---|---|---|"]
+def phases(s: dict) -> str:
+    return " / ".join(f"{s['phases'][p]:.2f}" if p in s["phases"] else "-" for p in PHASES)
+
+
+def report(rows: list[dict], a, bf16_native: bool) -> str:
+    rec_name = "bf16" if bf16_native else "fp32"
+    lines = ["| policy | TRL 1.12 step | TRL phases | rlhf-ray fp32 step | rlhf-ray phases | fp32 ratio "
+             "| bf16 step | bf16 ratio | recommended here | recommended ratio | sync share | engine-policy logprob gap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rec = r["recommended"]
-        phases = " / ".join(f"{rec['phases'][p]:.2f}" for p in PHASES)
-        lines.append(f"| {r['size']} ({r['params']:.1f} M) | {r['trl']:.2f} s | {r['fp32']['step']:.2f} s "
-                     f"| {r['fp32']['step'] / r['trl']:.2f}x | {rec['step']:.2f} s | {rec['step'] / r['trl']:.2f}x "
-                     f"| {phases} | {100 * max(r['fp32']['sync_share'], rec['sync_share']):.1f} % "
-                     f"| {r['fp32']['logprob_gap']:.1e} / {rec['logprob_gap']:.1e} |")
-    lines += ["", f"Median step over steps 2-{steps}. Phases: {' / '.join(PHASES)} in seconds. Sync share: weight "
-              "sync's share of the step, the larger of the two rlhf-ray runs. Logprob gap: the largest "
-              "rollout/logprob_diff_max over the run, nats. fp32: "
-              f"{', '.join(FAST + extra)}. Recommended: {', '.join(RECOMMENDED + extra)}.",
-              f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
+        trl, fp32, bf = r["trl"], r["fp32"], r.get("bf16")
+        rec = bf if bf16_native else fp32
+        runs = [x for x in (fp32, bf) if x]
+        bf_step, bf_ratio = (f"{bf['step']:.2f} s", f"{bf['step'] / trl['step']:.2f}x") if bf else ("-", "-")
+        gaps = " / ".join(f"{x['logprob_gap']:.1e}" for x in runs)
+        lines.append(
+            f"| {r['size']} ({r['params']:.1f} M) | {trl['step']:.2f} s | {phases(trl)} | {fp32['step']:.2f} s "
+            f"| {phases(fp32)} | **{fp32['step'] / trl['step']:.2f}x** | {bf_step} | {bf_ratio} | {rec_name} "
+            f"| **{rec['step'] / trl['step']:.2f}x** | {100 * max(x['sync_share'] for x in runs):.1f} % | {gaps} |")
+    flags = sorted(f for f in cpu_flags() if f in NATIVE_BF16_FLAGS) or ["none"]
+    lines += ["", f"Median over steps 2-{a.steps} of {a.rounds} round(s), TRL and rlhf-ray alternating. Phases: "
+              f"{' / '.join(PHASES)} in seconds (TRL's from its own functions, timed by benchmarks/trl_peer.py; it "
+              "has no weight sync). Ratio: rlhf-ray's step over TRL's. Sync share: weight sync's share of rlhf-ray's "
+              "step, the larger over its runs. Logprob gap: the largest rollout/logprob_diff_max (engine vs policy, "
+              f"nats). fp32: {', '.join(FAST + a.extra)}. bf16: {', '.join(BF16 + a.extra)}.",
+              f"{cpu_model()}, {os.cpu_count()} cores, native bf16 flags: {', '.join(flags)} (recommended dtype here: "
+              f"{rec_name}); {datetime.date.today().isoformat()}; commit {git_commit()}."]
     return "\n".join(lines)
-
-
-def summarize(metrics: list[dict]) -> dict:
-    step = median_after_warmup([m["time/step"] for m in metrics])
-    phases = {p: median_after_warmup([m[f"time/{p}"] for m in metrics]) for p in PHASES}
-    return {"step": step, "phases": phases, "sync_share": phases["weight_sync"] / step,
-            "logprob_gap": max(m["rollout/logprob_diff_max"] for m in metrics),
-            "updates": {k: median_after_warmup([m[k] for m in metrics]) for k in ("time/policy_update",
-                                                                                  "time/critic_update")}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for both our runs")
-    ap.add_argument("--skip-trl", action="store_true", help="our runs only (TRL column left empty)")
+    ap.add_argument("--rounds", type=int, default=1, help="TRL / rlhf-ray alternations per size (steps pooled)")
+    ap.add_argument("--bf16", action="store_true", help="also run bf16 on a CPU without native bf16")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for our runs")
     a = ap.parse_args()
+    bf16_native = native_bf16_cpu()
     rows = []
     for size in a.sizes:
         d = build_models(size)
         from safetensors.torch import load_file
         params = sum(t.numel() for t in load_file(str(d / "policy" / "model.safetensors")).values()) / 1e6
-        trl = float("nan") if a.skip_trl else median_after_warmup(run_trl(d, a.steps))
-        fp32 = summarize(run_ours(d, a.steps, "fp32", FAST + a.extra))
-        rec = summarize(run_ours(d, a.steps, "recommended", RECOMMENDED + a.extra))
-        rows.append({"size": size, "params": params, "trl": trl, "fp32": fp32, "recommended": rec})
+        runs: dict[str, list] = {"trl": [], "fp32": [], "bf16": []}
+        for i in range(a.rounds):
+            runs["trl"].append(run_trl(d, a.steps))
+            runs["fp32"].append(run_ours(d, a.steps, f"fp32-{i}", FAST + a.extra))
+            if bf16_native or a.bf16:
+                runs["bf16"].append(run_ours(d, a.steps, f"bf16-{i}", BF16 + a.extra))
+        rows.append({"size": size, "params": params, **{k: summarize(v) for k, v in runs.items() if v}})
         print(json.dumps(rows[-1]), flush=True)
-    text = report(rows, a.steps, a.extra)
+    text = report(rows, a, bf16_native)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "vs_trl.md").write_text(text + "\n")
     print("\n" + text)
