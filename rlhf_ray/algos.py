@@ -166,12 +166,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominato
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip: float, dual_clip: float | None = None, agg: str = "token-mean",
-                    denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+                    denominator: float | None = None,
+                    token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps, 1 + eps)) per token.
 
     dual_clip = c > 1 (Ye et al. 2020) also bounds the loss of a negative advantage by -c A, so a huge ratio on
-    a bad action cannot dominate the step. Returns (loss, stats): clip fractions and the approximate
-    KL(old || new) = mean((r - 1) - log r) (k3).
+    a bad action cannot dominate the step. token_weights (no gradient), when given, multiply each token's loss:
+    the off-policy correction of `importance_weights`. Returns (loss, stats): clip fractions and the
+    approximate KL(old || new) = mean((r - 1) - log r) (k3).
     """
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
@@ -184,11 +186,41 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         with torch.no_grad():
             stats["dual_clipfrac"] = masked_mean(((advantages < 0) & (bounded < per_token)).float(), mask)
         per_token = torch.where(advantages < 0, bounded, per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     loss = aggregate(per_token, mask, agg, denominator)
     with torch.no_grad():
         stats["clipfrac"] = masked_mean((surr2 > surr1).float(), mask)
         stats["approx_kl"] = masked_mean((ratio - 1) - log_ratio, mask)
     return loss, stats
+
+
+IS_CORRECTIONS = ("none", "tis", "mask")
+
+
+def importance_weights(old_logprobs: torch.Tensor, sample_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> tuple[torch.Tensor | None, dict]:
+    """Per-token off-policy correction between the policy that sampled (the engines: weights one update old under
+    asynchronous rollout, or another numeric precision) and pi_old, the policy the PPO ratio starts from.
+    With rho_t = pi_old(y_t) / pi_sample(y_t):
+
+        tis    w_t = min(rho_t, C)                   truncated importance sampling (Ionides 2008; Yao et al. 2025)
+        mask   w_t = 1[1/C <= rho_t <= C]            tokens whose ratio leaves the band are dropped (IcePop)
+        none   no weights (None)
+
+    The weights carry no gradient. Stats describe rho over the response tokens whatever the mode: its mean and max,
+    and the fraction of tokens the chosen correction changes (clipped above C, or masked)."""
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"unknown importance correction {mode!r}; expected one of {IS_CORRECTIONS}")
+    rho = torch.exp((old_logprobs - sample_logprobs) * mask).detach()
+    outside = (rho > cap) if mode == "tis" else (rho > cap) | (rho < 1.0 / cap)
+    stats = {"rollout/is_ratio_mean": masked_mean(rho, mask).item(),
+             "rollout/is_ratio_max": (rho * mask).max().item(),
+             "rollout/is_corrected_frac": masked_mean(outside.float(), mask).item() if mode != "none" else 0.0}
+    if mode == "none":
+        return None, stats
+    weights = torch.clamp(rho, max=cap) if mode == "tis" else (~outside).float()
+    return weights * mask, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -242,7 +274,8 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
                        values: torch.Tensor | None, scores: torch.Tensor, *, estimator: str = "gae", n: int = 1,
                        kl_coef: float, kl_estimator: str = "k1", kl_in_reward: bool = True, gamma: float = 1.0,
                        lam: float = 0.95, whiten_advantages: bool | None = None,
-                       grpo_norm_std: bool = True) -> tuple[dict, dict]:
+                       grpo_norm_std: bool = True, is_correction: str = "none",
+                       is_cap: float = 2.0) -> tuple[dict, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -253,6 +286,8 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
     reinforce++   A = whiten_batch(sum_{s>=t} gamma^(s-t) r_s)     [Hu 2025]
     grpo / rloo   A_t = group_advantages(outcome) for every token of the response
     whiten_advantages None: the estimator's own default (gae and reinforce++ whiten, grpo and rloo do not).
+    is_correction: the policy loss's per-token weights between the sampling logprobs (batch["sample_logprobs"])
+    and pi_old (`importance_weights`), put into the experience as "is_weights" unless "none".
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -273,12 +308,19 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
            "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages}
     if values is not None:
         exp["values"], exp["returns"] = values * mask, returns
+    is_stats = {}
+    if "sample_logprobs" in batch:
+        is_weights, is_stats = importance_weights(old_logprobs, batch["sample_logprobs"], mask, is_correction, is_cap)
+        if is_weights is not None:
+            exp["is_weights"] = is_weights
+    elif is_correction != "none":
+        raise ValueError("an importance correction needs the batch's sample_logprobs")
     seq_kl = masked_sum(kl, mask, dim=-1)
     stats = {
         "reward/score_mean": scores.mean().item(), "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "reward/total_mean": masked_sum(rewards, mask, dim=-1).mean().item(),
         "kl/ref_per_seq": seq_kl.mean().item(), "kl/ref_per_token": masked_mean(kl, mask).item(),
-        "advantage/mean": masked_mean(advantages, mask).item(),
+        "advantage/mean": masked_mean(advantages, mask).item(), **is_stats,
     }
     if values is not None:
         stats["value/mean"] = masked_mean(values, mask).item()

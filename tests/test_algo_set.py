@@ -144,3 +144,41 @@ def test_reinforce_pp_whitens_kl_penalised_returns_over_the_batch():
     assert torch.allclose(a, masked_whiten(discounted_returns(rewards, mask, 1.0), mask), atol=1e-6)
     with pytest.raises(ValueError):
         compute_experience(batch, lp, ref, None, scores, estimator="ppo2", kl_coef=0.1)
+
+
+def test_importance_weights_truncate_or_mask_and_carry_no_gradient():
+    from rlhf_ray.algos import importance_weights
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    sample = torch.full((1, 5), -2.0)
+    rho = torch.tensor([[1.0, 3.0, 0.25, 1.5, 9.0]])                    # the last token is padding
+    old = (sample + rho.log()).requires_grad_(True)
+    tis, st = importance_weights(old, sample, mask, "tis", 2.0)
+    assert torch.allclose(tis, torch.tensor([[1.0, 2.0, 0.25, 1.5, 0.0]])) and not tis.requires_grad
+    assert st["rollout/is_corrected_frac"] == pytest.approx(1 / 4)     # only rho = 3 is truncated
+    assert st["rollout/is_ratio_max"] == pytest.approx(3.0) and st["rollout/is_ratio_mean"] == pytest.approx(5.75 / 4)
+    masked, st = importance_weights(old, sample, mask, "mask", 2.0)
+    assert masked.tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]                 # 3 > 2 and 0.25 < 1/2 dropped
+    assert st["rollout/is_corrected_frac"] == pytest.approx(2 / 4)
+    none, st = importance_weights(old, sample, mask, "none", 2.0)
+    assert none is None and st["rollout/is_corrected_frac"] == 0.0
+    with pytest.raises(ValueError, match="unknown importance correction"):
+        importance_weights(old, sample, mask, "ppo", 2.0)
+
+
+def test_token_weights_scale_each_tokens_policy_loss_and_reach_the_experience():
+    from rlhf_ray.algos import ppo_policy_loss
+    mask = torch.ones(2, 3)
+    lp, old, adv = torch.full((2, 3), -1.0, requires_grad=True), torch.full((2, 3), -1.0), torch.ones(2, 3)
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]])
+    plain, _ = ppo_policy_loss(lp, old, adv, mask, 0.2)
+    weighted, _ = ppo_policy_loss(lp, old, adv, mask, 0.2, token_weights=w)
+    assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-4.0 / 6)
+    batch, lp, ref, mask = _rollout()
+    batch["sample_logprobs"] = lp - 0.5                                  # the engines' weights were older
+    exp, st = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo", n=2,
+                                 kl_coef=0.0, is_correction="tis", is_cap=1.5)
+    assert torch.allclose(exp["is_weights"], 1.5 * mask)                 # rho = e^0.5 = 1.65 truncated at 1.5
+    assert st["rollout/is_corrected_frac"] == 1.0
+    plain_exp, _ = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo",
+                                      n=2, kl_coef=0.0)
+    assert "is_weights" not in plain_exp
