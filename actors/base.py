@@ -1,7 +1,9 @@
-"""What every rank actor shares: identity, thread pinning, the process-group rendezvous, and for trained
-roles the DeepSpeed ZeRO engine (init, PPO minibatch loop, gathered weights, HF save, exact resume)."""
+"""What every rank actor shares: identity, thread pinning, the process-group rendezvous, busy-time accounting,
+and for trained roles the DeepSpeed ZeRO engine (init, PPO minibatch loop, gathered weights, HF save, exact
+resume)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -28,14 +30,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class RankActor:
-    """One rank of a role. Subclasses are wrapped with `ray.remote` in their role module."""
+def busy(method):
+    """Count a work method's wall time toward its actor's busy time (time/busy/<role>), by method name. Only
+    entry points the driver (or another actor) calls carry it, so no time counts twice."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy[method.__name__] += time.perf_counter() - t0
+    return timed
 
-    def __init__(self, rank: int, world_size: int, num_threads: int, device: str):
+
+class RankActor:
+    """One rank of a role. Subclasses are wrapped with `ray.remote` in their role module. `cores` (the role's
+    cpu_cores, one machine only) pins the process there with one thread per core."""
+
+    def __init__(self, rank: int, world_size: int, num_threads: int, device: str, cores: list[int] | None = None):
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(device)
+        if cores:
+            os.sched_setaffinity(0, cores)
+            num_threads = len(cores)
         torch.set_num_threads(max(1, num_threads))
         torch.manual_seed(1234 + rank)
+        self._busy: defaultdict[str, float] = defaultdict(float)
+
+    def take_busy(self) -> dict[str, float]:
+        """Seconds spent in each work method since the last call."""
+        spent, self._busy = dict(self._busy), defaultdict(float)
+        return spent
 
     def node_ip(self) -> str:
         import ray

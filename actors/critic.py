@@ -6,7 +6,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.base import DeepSpeedRole
+from actors.base import DeepSpeedRole, busy
 from rlhf_ray.algos import value_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_scalar_model, token_values
@@ -14,7 +14,7 @@ from rlhf_ray.models import load_scalar_model, token_values
 
 class Critic(DeepSpeedRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.critic.cpus_per_rank), device)
+        super().__init__(rank, world_size, int(cfg.critic.cpus_per_rank), device, cfg.critic.cpu_cores)
         self.cfg = cfg
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
@@ -25,11 +25,13 @@ class Critic(DeepSpeedRole):
                                                     c.train.attn_implementation),
                           c.critic, c.ppo.minibatch_size, c.train.dtype, head="score")
 
+    @busy
     def values(self, batch: Batch) -> torch.Tensor:
         T = batch["response_mask"].size(1)
         return self._forward_shard(
             batch, lambda mb: token_values(self.model, mb["input_ids"], mb["attention_mask"], T), self.micro)
 
+    @busy
     def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
         ppo = self.cfg.ppo
         T = exp["response_mask"].size(1)

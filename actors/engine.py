@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from actors.base import RankActor
+from actors.base import RankActor, busy
 
 
 def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
@@ -22,7 +22,9 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
     }
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.engine.kv_cache_gib)))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        cores = cfg.engine.cpu_cores
+        env["VLLM_CPU_OMP_THREADS_BIND"] = (",".join(map(str, cores)) if cores else
+                                            os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"))
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.engine.in_process else "1"
     if cfg.weight_sync.backend == "cuda_ipc":
         # CUDA IPC handles (torch classes, dtypes, handle bytes) reach the workers through collective_rpc, which
@@ -33,7 +35,8 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
 
 class Engine(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.engine.cpus_per_engine), device)
+        super().__init__(rank, world_size, int(cfg.engine.cpus_per_engine), device, cfg.engine.cpu_cores)
+        self.version = 0          # the policy update whose weights this engine holds (0: models.policy)
         from vllm import LLM
         e = cfg.engine
         for d in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
@@ -59,9 +62,11 @@ class Engine(RankActor):
         from vllm import SamplingParams
         self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
+    @busy
     def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
                  top_p: float, seed: int) -> list[dict]:
-        """n samples per prompt, flattened prompt-major: [{"ids", "logprobs", "finished"}] of len(prompts)*n."""
+        """n samples per prompt, flattened prompt-major: [{"ids", "logprobs", "finished", "version"}] of
+        len(prompts)*n; "version" is the policy update whose weights sampled them."""
         from vllm import SamplingParams
         # Per-request seeds break the CPU build on chunked prefill (vLLM calls set_offset on a CPU generator:
         # "CPU Generator does not use offset"); there the workers' default generator is reseeded per call
@@ -76,9 +81,10 @@ class Engine(RankActor):
             for c in o.outputs:
                 ids = list(c.token_ids)
                 samples.append({"ids": ids, "logprobs": [d[t].logprob for d, t in zip(c.logprobs, ids)],
-                                "finished": c.finish_reason == "stop"})
+                                "finished": c.finish_reason == "stop", "version": self.version})
         return samples
 
+    @busy
     def prompt_logprobs(self, token_ids: list[list[int]], starts: list[int]) -> list[list[float]]:
         """Temperature-1 logprobs the engine assigns to token_ids[i][starts[i]:] (verification, evaluation)."""
         from vllm import SamplingParams
@@ -87,6 +93,7 @@ class Engine(RankActor):
         return [[o.prompt_logprobs[j][t[j]].logprob for j in range(s, len(t))]
                 for o, t, s in zip(outs, token_ids, starts)]
 
+    @busy
     def load_weights(self, meta: list, flat) -> int:
         """Load one packed bucket (actors/sync_group.py: meta + flat uint8 numpy array, read-only from the object
         store). An in-process engine core hands the workers a tensor over that memory (no copy); in vLLM's
@@ -105,6 +112,7 @@ class Engine(RankActor):
     def open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
         return self.llm.collective_rpc("rlhf_open_sync_group", args=(addr, port, first_rank, world_size, backend))
 
+    @busy
     def receive_bucket(self, meta: list) -> int:
         return sum(self.llm.collective_rpc("rlhf_receive_bucket", args=(meta,)))
 
@@ -120,11 +128,16 @@ class Engine(RankActor):
             self.llm.wake_up()
         return self.sleeps
 
+    @busy
     def receive_ipc_bucket(self, meta: list, handles: list) -> int:
         return sum(self.llm.collective_rpc("rlhf_receive_ipc_bucket", args=(meta, handles)))
 
-    def reset_prefix_cache(self) -> bool:
-        return bool(self.llm.reset_prefix_cache())
+    def weights_loaded(self, version: int) -> int:
+        """After a sync: the weights of policy update `version` are in. Drops the prefix cache, whose KV entries
+        were computed under the old weights (off by nats otherwise)."""
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
 
 
 EngineActor = ray.remote(Engine)

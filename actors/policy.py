@@ -4,7 +4,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.base import DeepSpeedRole
+from actors.base import DeepSpeedRole, busy
 from rlhf_ray.algos import aggregate, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, response_logprobs
@@ -12,7 +12,7 @@ from rlhf_ray.models import load_causal_lm, response_logprobs
 
 class Policy(DeepSpeedRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.policy.cpus_per_rank), device)
+        super().__init__(rank, world_size, int(cfg.policy.cpus_per_rank), device, cfg.policy.cpu_cores)
         self.cfg = cfg
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
@@ -22,6 +22,7 @@ class Policy(DeepSpeedRole):
                                                  c.train.attn_implementation),
                           c.policy, c.ppo.minibatch_size, c.train.dtype)
 
+    @busy
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """This rank's shard of response logprobs at the sampling temperature (PPO's old logprobs)."""
         T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
@@ -29,6 +30,7 @@ class Policy(DeepSpeedRole):
             batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
             self.micro)
 
+    @busy
     def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
         """PPO epochs: clipped (optionally dual-clipped) surrogate, minus the entropy bonus, plus beta * KL to the
         reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch.
@@ -50,7 +52,7 @@ class Policy(DeepSpeedRole):
             lp, ent = out if want else (out, None)
             mask, den = mb["response_mask"], denominators[ppo.loss_agg]
             loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip, ppo.dual_clip,
-                                          ppo.loss_agg, den)
+                                          ppo.loss_agg, den, mb.get("is_weights"))
             if ppo.entropy_coef:
                 loss = loss - ppo.entropy_coef * aggregate(ent, mask, ppo.loss_agg, den)
             if kl_in_loss:
@@ -76,6 +78,7 @@ class Policy(DeepSpeedRole):
             n_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
         return {"tensors": n_tensors, "bytes": n_bytes}
 
+    @busy
     def push_weights(self, engines: list, bucket_bytes: int) -> dict:
         """Object-store sync: each bucket packed into one flat buffer (actors/sync_group.py), put into Ray's object
         store once as a numpy array, which every engine on the node then reads without a copy."""
@@ -92,6 +95,7 @@ class Policy(DeepSpeedRole):
         from actors.sync_group import open_group
         self._sync_group = open_group(addr, port, 0, world_size, backend)
 
+    @busy
     def broadcast_weights(self, engines: list, bucket_bytes: int) -> dict:
         """Process-group sync: each bucket broadcast as one flat buffer to every engine worker."""
         from actors.sync_group import broadcast, pack
@@ -103,6 +107,7 @@ class Policy(DeepSpeedRole):
             ray.get(refs)
         return self._send_buckets(bucket_bytes, send)
 
+    @busy
     def share_weights_ipc(self, engines: list, bucket_bytes: int) -> dict:
         """CUDA IPC sync, for engines on this rank's GPU: each bucket's IPC handles; the tensors stay alive (on the
         GPU) until every engine has loaded them."""

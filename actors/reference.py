@@ -4,14 +4,14 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.base import FrozenRole
+from actors.base import FrozenRole, busy
 from rlhf_ray.batch import Batch
 from rlhf_ray.models import load_causal_lm, response_logprobs
 
 
 class Reference(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.reference.cpus_per_rank), device)
+        super().__init__(rank, world_size, int(cfg.reference.cpus_per_rank), device, cfg.reference.cpu_cores)
         self.cfg = cfg
         self._frozen(cfg.reference, cfg.train.dtype, self._load_model)
 
@@ -22,6 +22,7 @@ class Reference(FrozenRole):
                                self.cfg.train.attn_implementation)
         self.model = self._prepare(model)
 
+    @busy
     def logprobs(self, batch: Batch) -> torch.Tensor:
         T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
         return self._forward_shard(

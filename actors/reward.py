@@ -7,7 +7,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.base import FrozenRole
+from actors.base import FrozenRole, busy
 from rlhf_ray.batch import Batch, response_texts, shard, shard_list
 from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_ray.rewards import combine, text_scorer
@@ -15,7 +15,7 @@ from rlhf_ray.rewards import combine, text_scorer
 
 class Reward(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.reward.cpus_per_rank), device)
+        super().__init__(rank, world_size, int(cfg.reward.cpus_per_rank), device, cfg.reward.cpu_cores)
         self.cfg = cfg
         self.sources = cfg.reward_sources()
         self.weights = [s.weight for s in self.sources]
@@ -46,6 +46,7 @@ class Reward(FrozenRole):
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),
                                    self.cfg.reward.micro_batch_size)
 
+    @busy
     def scores_by_source(self, batch: Batch, prompts: list[str] | None = None,
                          extras: dict[str, list] | None = None) -> torch.Tensor:
         """[n, 1 + S (+ 1)] for this rank's shard: the weighted total, then each source's own score (then the

@@ -1,7 +1,7 @@
 """Weight sync, policy -> every engine, behind one interface:
 
     sync = make_weight_sync(cfg, policy_group, engines)   # prepare: open whatever channel the backend needs
-    stats = sync.push()                                    # every step: gather, load into every engine, reset caches
+    stats = sync.push(version)                             # every step: gather, load into every engine, reset caches
 
 The driver calls `push()` and does not know which backend ran. Backends:
     object_store    rank 0 puts each bucket, packed into one flat buffer, into Ray's object store
@@ -25,11 +25,12 @@ class ObjectStoreSync:
         self.policy_group, self.engines = policy_group, engines
         self.bucket_bytes = int(bucket_mb * (1 << 20))
 
-    def push(self) -> dict:
+    def push(self, version: int) -> dict:
+        """Load the policy's weights, those of update `version`, into every engine. An engine still generating
+        takes them after that generation: its calls run one at a time, so weights never change mid-rollout."""
         t0 = time.perf_counter()
         results = self.policy_group.run(self.method, self.engines, self.bucket_bytes)  # collective on all ranks
-        # A prefix cache computed under the old weights would serve stale KV entries (off by nats).
-        ray.get([e.reset_prefix_cache.remote() for e in self.engines])
+        ray.get([e.weights_loaded.remote(version) for e in self.engines])
         return {"bytes": results[0]["bytes"], "tensors": results[0]["tensors"], "seconds": time.perf_counter() - t0}
 
 

@@ -64,9 +64,13 @@ def engine_env(cfg: Config, device: str, run_dir: str) -> dict:
     return {"env_vars": {**actor_env(device), **engine_runtime_env(cfg, device, run_dir)["env_vars"]}}
 
 
+class RunError(RuntimeError):
+    """A run that stopped for a reason its message says in one line (e.g. a failed rollout)."""
+
+
 def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_flag: bool = False):
-    """Shared entry point: --config, repeatable --set, optional --resume; bad input -> one line, exit 2.
-    `run(cfg, args)` returns the result, or this returns the exit code 2 when the input was bad."""
+    """Shared entry point: --config, repeatable --set, optional --resume; bad input -> one line, exit 2; a
+    RunError -> one line, exit 1. `run(cfg, args)` returns the result, or this returns the exit code (an int)."""
     import argparse
     import sys
     from rlhf_ray.config import ConfigError, load_config
@@ -84,3 +88,6 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -94,7 +94,7 @@ class Sampler:
         if model_dir != self.loaded:
             meta, flat = pack(load_file(str(Path(model_dir) / "model.safetensors")))
             ray.get(self.engine.load_weights.remote(meta, flat.numpy()))
-            ray.get(self.engine.reset_prefix_cache.remote())
+            ray.get(self.engine.weights_loaded.remote(0))       # version 0: no PPO update behind these weights
             self.loaded = model_dir
 
     def sample(self, prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> list[dict]:
@@ -325,8 +325,8 @@ def run_pipeline(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     summary = run_cli("rlhf-ray pipeline", "SFT -> RM from rankings -> PPO, and DPO", lambda cfg, _: run_pipeline(cfg), argv)
-    if summary == 2:
-        return 2
+    if isinstance(summary, int):              # bad input or a failed run: said in one line
+        return summary
     print(f"\nsummary: {Path(summary['plot']).parent / 'summary.md'}\ncurves:  {summary['plot']}", flush=True)
     return 0
 

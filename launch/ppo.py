@@ -24,7 +24,7 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
+from launch.common import RunError, actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
 from rlhf_ray.batch import build_rollout_batch, first_rollouts, merge_round_robin, response_texts, split_round_robin
@@ -114,31 +114,91 @@ class PhaseTimer:
         self.seconds[name] = time.perf_counter() - t0
 
 
-# ------------------------------------------------------------------------------------------------ phases
+# ------------------------------------------------------------------------------------------------ rollouts
 
-def generate(engines: list, prompt_ids: list[list[int]], cfg: Config, step: int, pad_id: int):
-    """Split the prompts over the engines; n samples each; back as one padded batch (prompt-major)."""
-    g = cfg.generation
-    parts = split_round_robin(prompt_ids, len(engines))
-    refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p, cfg.run.seed * 100_003 + step * 101 + i)
-            for i, (e, part) in enumerate(zip(engines, parts)) if part]
-    samples = merge_round_robin(ray.get(refs), len(prompt_ids), g.n)
-    prompts_rep = [p for p in prompt_ids for _ in range(g.n)]
+class RolloutError(RunError):
+    """A generation that failed on an engine; the message is one line naming the step."""
+
+
+@dataclass
+class Rollout:
+    """One step's generation: started on the engines (Ray futures, so the driver can go on), collected later."""
+    step: int
+    prompt_ids: list[list[int]]       # rendered prompts, one per data row
+    prompts: list                     # the rows' prompt strings, one per sample (text reward sources see them)
+    extras: dict                      # data.reward_keys fields, one entry per sample
+    refs: list                        # one ObjectRef per engine that got prompts
+    stream_state: dict                # the prompt stream's position before this rollout drew its prompts
+
+
+def start_rollout(cfg: Config, engines: list, tokenizer, stream: PromptStream, step: int) -> Rollout:
+    """Draw the step's prompts and split them over the engines, n samples each; returns without waiting. The
+    sampling seed derives from (run seed, step, engine), so when a rollout starts does not change its samples."""
+    state, rows, g = stream.state(), stream.next(), cfg.generation
+    keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards, one entry per sample
+    prompts = [r["prompt"] for r in rows] if keys else rows
+    ids = render_prompts(tokenizer, prompts, cfg.data)
+    refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p,
+                              cfg.run.seed * 100_003 + step * 101 + i)
+            for i, (e, part) in enumerate(zip(engines, split_round_robin(ids, len(engines)))) if part]
+    return Rollout(step, ids, [p for p in prompts for _ in range(g.n)],
+                   {k: [r[k] for r in rows for _ in range(g.n)] for k in keys}, refs, state)
+
+
+def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> dict:
+    """Wait for a rollout: one padded batch (prompt-major) with each sample's weight version. An engine's
+    failure becomes a one-line RolloutError, never a hang."""
+    try:
+        parts = ray.get(rollout.refs)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+        cause = getattr(e, "cause", None) or e
+        last = (str(cause).strip().splitlines() or [""])[-1]
+        raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {type(cause).__name__}: {last}") from None
+    samples = merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
+    prompts_rep = [p for p in rollout.prompt_ids for _ in range(cfg.generation.n)]
     batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
     batch["finished"] = torch.tensor([bool(s["finished"]) for s in samples])
-    return batch, {"response/finished_frac": batch["finished"].float().mean().item()}
+    batch["version"] = torch.tensor([s["version"] for s in samples])
+    return batch
 
 
-def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, stream: PromptStream, tok_dir: str,
-                    kl_coef: float, score_norm: ScoreNorm) -> Path:
+def rollout_done(rollout: Rollout | None) -> None:
+    """Block until the engines have finished generating `rollout` (its results stay in the object store)."""
+    if rollout is not None:
+        ray.wait(rollout.refs, num_returns=len(rollout.refs), fetch_local=False)
+
+
+PENDING_ROLLOUT = "pending_rollout.pt"
+
+
+def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, data_state: dict, tok_dir: str,
+                    kl_coef: float, score_norm: ScoreNorm, pending: Rollout | None) -> Path:
+    """The trained models, their DeepSpeed state and the loop's state. A next rollout already drawn by older
+    weights than this checkpoint's (rollout.max_staleness 1) is saved with it, so a resumed run trains on the
+    samples the uninterrupted run would have."""
     root = ckpt.checkpoint_root(run_dir)
     staging = ckpt.begin(root, step)
     ray.get([ref for name, group in actors.trained.items()
              for ref in group.call("save_hf", str(staging / name), tok_dir) + group.call("save_ds", str(staging / f"{name}_ds"))])
-    final = ckpt.commit(root, step, {"step": step, "data": stream.state(), "seed": cfg.run.seed, "kl_coef": kl_coef,
+    if pending is not None and cfg.rollout.max_staleness:
+        torch.save({"step": pending.step, "prompt_ids": pending.prompt_ids, "prompts": pending.prompts,
+                    "extras": pending.extras, "parts": ray.get(pending.refs)}, staging / PENDING_ROLLOUT)
+    final = ckpt.commit(root, step, {"step": step, "data": data_state, "seed": cfg.run.seed, "kl_coef": kl_coef,
                                      "score_norm": score_norm.state()})
     ckpt.prune(root, cfg.checkpoint.keep)
     return final
+
+
+def resumed_rollout(latest: Path, stream: PromptStream) -> Rollout | None:
+    """The rollout a checkpoint saved for its next step, if any; the stream moves past its prompts."""
+    path = latest / PENDING_ROLLOUT
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    state = stream.state()
+    stream.next()
+    return Rollout(saved["step"], saved["prompt_ids"], saved["prompts"], saved["extras"],
+                   [ray.put(part) for part in saved["parts"]], state)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -154,103 +214,155 @@ class KLCoef:
             self.coef = adaptive_kl_coef(self.coef, observed_kl, self.ppo.kl_target, self.ppo.kl_horizon)
 
 
-def ppo_step(cfg: Config, actors: Actors, sync, tokenizer, stream: PromptStream, logger: MetricsLogger, step: int,
-             run_dir: Path, tok_dir: str, kl: KLCoef, norm: ScoreNorm, gold_fn=None) -> Path | None:
-    """One PPO iteration; returns the checkpoint written at its end, if any."""
-    timer = PhaseTimer()
-    t_step = time.perf_counter()
+@dataclass
+class Run:
+    """What lives for the whole run: the config, the actors and the sync channel, the data and the loop's state."""
+    cfg: Config
+    actors: Actors
+    sync: object
+    tokenizer: object
+    stream: PromptStream
+    logger: MetricsLogger
+    run_dir: Path
+    tok_dir: str
+    kl: KLCoef
+    norm: ScoreNorm
+    gold_fn: object = None
 
-    # 1. rollout: the engines sample n responses per prompt, with their sampling logprobs
-    with timer("generate"):
-        rows, n = stream.next(), cfg.generation.n
-        keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards, one entry per sample
-        prompts = [r["prompt"] for r in rows] if keys else rows
-        extras = {k: [r[k] for r in rows for _ in range(n)] for k in keys}
-        batch, gen_stats = generate(actors.engines, render_prompts(tokenizer, prompts, cfg.data), cfg, step,
-                                    tokenizer.pad_token_id)
+
+def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Path | None]:
+    """One PPO iteration on `rollout`, this step's samples. Returns the next step's rollout, already started on
+    the engines, and the checkpoint written at the step's end, if any."""
+    cfg, actors, ppo = run.cfg, run.actors, run.cfg.ppo
+    timer, t_step = PhaseTimer(), time.perf_counter()
+    last = step == cfg.train.steps
+    overlap = cfg.rollout.max_staleness > 0 and not last
+    next_rollout = None
+
+    # 1. rollout: this step's samples, stamped with the weight version that drew them. With rollout.max_staleness
+    #    1 the next step's sampling starts now, on the same weights, while the trainers work on this one
+    with timer("rollout_wait"):
+        batch = collect_rollout(cfg, rollout, run.tokenizer.pad_token_id)
         if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
             ray.get([e.sleep.remote() for e in actors.engines])
+    if overlap:
+        next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
+    staleness = (step - 1) - batch["version"]      # policy updates between the sampling weights and this step's
+    if int(staleness.max()) > cfg.rollout.max_staleness:
+        raise RuntimeError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
     batch_ref = ray.put(batch)
 
     # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
     #    rewards from every source (reward models, rules, remote scorers), weighted and summed
-    ppo = cfg.ppo
     with timer("score"):
         refs = {"ref": actors.reference.call("logprobs", batch_ref),
-                "reward": actors.reward.call("scores_by_source", batch_ref, [p for p in prompts for _ in range(n)], extras)}
+                "reward": actors.reward.call("scores_by_source", batch_ref, rollout.prompts, rollout.extras)}
         if not ppo.reuse_sample_logprobs:      # else pi_old is the engines' sampling logprobs
             refs["old"] = actors.policy.call("logprobs", batch_ref)
         if actors.critic:
             refs["values"] = actors.critic.call("values", batch_ref)
         out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
         out.setdefault("old", batch["sample_logprobs"])
-        scores = norm(missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty))
+        scores = run.norm(missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty))
 
-    # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator
+    # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator; importance
+    #    weights between the sampling policy and pi_old (ppo.is_correction)
     with timer("advantage"):
         exp, exp_stats = compute_experience(
             batch, out["old"], out["ref"], out.get("values"), scores, estimator=ppo.advantage, n=cfg.generation.n,
-            kl_coef=kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
-            gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std)
+            kl_coef=run.kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
+            gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std,
+            is_correction=ppo.is_correction, is_cap=ppo.is_cap)
     exp_ref = ray.put(exp)
 
     # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
     with timer("train"):
-        train_refs = {name: g.call("train", exp_ref, step, kl.coef) for name, g in actors.trained.items()}
+        train_refs = {name: g.call("train", exp_ref, step, run.kl.coef) for name, g in actors.trained.items()}
         stats = {name: mean_over_ranks(ray.get(r)) for name, r in train_refs.items()}
-        p_stats = stats["policy"]
 
-    # 5. weight sync: policy -> every engine (ZeRO-3: gathered bucket by bucket), prefix caches reset
+    # 5. weight sync, policy -> every engine, between generations: an overlapping one finishes first
+    with timer("next_rollout_wait"):
+        rollout_done(next_rollout)
     with timer("weight_sync"):
         if cfg.placement.engines_sleep:
             ray.get([e.wake_up.remote() for e in actors.engines])
-        sync_stats = sync.push()
+        sync_stats = run.sync.push(version=step)
+    busy = busy_seconds(actors)                    # every actor is idle here
+    if not overlap and not last:
+        next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
 
+    metrics = step_metrics(run, batch, out, scores, exp_stats, stats, sync_stats, staleness, timer, busy,
+                           time.perf_counter() - t_step)
+    run.kl.update(exp_stats["kl/ref_per_seq"])
+    run.logger.log(step, metrics)
+    run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
+        first_rollouts(run.tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
+    print(step_line(cfg, step, metrics), flush=True)
+
+    saved = None
+    if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        data_state = next_rollout.stream_state if next_rollout else run.stream.state()
+        saved = save_checkpoint(cfg, actors, run.run_dir, step, data_state, run.tok_dir, run.kl.coef, run.norm,
+                                next_rollout)
+    return next_rollout, saved
+
+
+def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
+    """Each role's busy time since the last call, per work method, of its busiest rank; called at the end of a
+    step, when no actor is working."""
+    groups = {"engine": actors.engine_group, "reference": actors.reference, "reward": actors.reward,
+              **actors.trained}
+    refs = {role: [a.take_busy.remote() for a in g.actors] for role, g in groups.items()}
+    return {role: max(ray.get(r), key=lambda spent: sum(spent.values())) for role, r in refs.items()}
+
+
+def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_stats: dict, stats: dict,
+                 sync_stats: dict, staleness: torch.Tensor, timer: PhaseTimer, busy: dict, step_seconds: float) -> dict:
+    """The step's metrics row (metrics.jsonl and W&B): rollout, rewards, losses, staleness and importance
+    weights, each phase's wall time and each role's busy time."""
+    cfg, p = run.cfg, stats["policy"]
     mask = batch["response_mask"]
-    n_tokens = int(mask.sum())
-    metrics = {
-        **exp_stats, **gen_stats,
-        "policy/loss": p_stats["loss"], "policy/clipfrac": p_stats["clipfrac"],
-        "policy/approx_kl": p_stats["approx_kl"], "policy/entropy": p_stats["entropy"],
-        **{f"policy/{k}": p_stats[k] for k in ("kl_loss", "dual_clipfrac") if k in p_stats},
-        **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
-           for i, s in enumerate(cfg.reward_sources()) if len(cfg.reward_sources()) > 1},
+    sources = cfg.reward_sources()
+    m = {
+        **exp_stats,
+        "response/finished_frac": batch["finished"].float().mean().item(),
         "response/length_mean": mask.sum(-1).mean().item(),
-        "rollout/logprob_diff_max": (p_stats["logprob_diff_max"] if ppo.reuse_sample_logprobs else
+        "policy/loss": p["loss"], "policy/clipfrac": p["clipfrac"], "policy/approx_kl": p["approx_kl"],
+        "policy/entropy": p["entropy"], **{f"policy/{k}": p[k] for k in ("kl_loss", "dual_clipfrac") if k in p},
+        **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
+           for i, s in enumerate(sources) if len(sources) > 1},
+        "rollout/logprob_diff_max": (p["logprob_diff_max"] if cfg.ppo.reuse_sample_logprobs else
                                      ((batch["sample_logprobs"] - out["old"]).abs() * mask).max().item()),
-        "perf/tokens_per_s": n_tokens / timer.seconds["generate"],
+        "rollout/staleness_mean": staleness.float().mean().item(), "rollout/staleness_max": int(staleness.max()),
+        "rollout/engine_version": int(batch["version"].min()),
+        "perf/tokens_per_s": mask.sum().item() / max(busy["engine"].get("generate", 0.0), 1e-9),
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
-        "time/generate": timer.seconds["generate"], "time/score": timer.seconds["score"],
-        "time/advantage": timer.seconds["advantage"], "time/train": timer.seconds["train"],
-        "time/policy_update": p_stats["update_seconds"],
-        "time/weight_sync": timer.seconds["weight_sync"], "time/step": time.perf_counter() - t_step,
+        **{f"time/{k}": v for k, v in timer.seconds.items()},
+        "time/generate": busy["engine"].get("generate", 0.0), "time/policy_update": p["update_seconds"],
+        "time/step": step_seconds, **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
+        "kl/coef": run.kl.coef,
     }
     if "critic" in stats:
-        metrics.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
-                        "time/critic_update": stats["critic"]["update_seconds"]})
-    if norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
-        metrics["reward/raw_score_mean"] = out["reward"][:, 0].mean().item()
-    if cfg.models.monitor:           # overoptimisation monitor: a held-out RM beside the proxy, every step
-        metrics["monitor/score_mean"] = out["reward"][:, -1].mean().item()
-    if gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
-        gold = torch.tensor([gold_fn(t) for t in response_texts(tokenizer, batch)])
-        metrics["gold/mean"], metrics["gold/std"] = gold.mean().item(), gold.std().item()
-    metrics["kl/coef"] = kl.coef
-    kl.update(exp_stats["kl/ref_per_seq"])
-    logger.log(step, metrics)
-    logger.log_samples(step, [{**r, "score": s} for r, s in zip(
-        first_rollouts(tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
-    print(f"step {step}/{cfg.train.steps}  score {metrics['reward/score_mean']:+.3f}±{metrics['reward/score_std']:.3f}"
-          f"  kl {metrics['kl/ref_per_seq']:.4f}  pg {metrics['policy/loss']:+.4f}"
-          + (f"  vf {metrics['value/loss']:.4f}" if "value/loss" in metrics else "") +
-          f"  len {metrics['response/length_mean']:.1f}  | gen {metrics['time/generate']:.2f}s"
-          f" score {metrics['time/score']:.2f}s train {metrics['time/train']:.2f}s"
-          f" sync {metrics['time/weight_sync']:.2f}s", flush=True)
+        m.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
+                  "time/critic_update": stats["critic"]["update_seconds"]})
+    if run.norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
+        m["reward/raw_score_mean"] = out["reward"][:, 0].mean().item()
+    if cfg.models.monitor:               # overoptimisation monitor: a held-out RM beside the proxy, every step
+        m["monitor/score_mean"] = out["reward"][:, -1].mean().item()
+    if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
+        gold = torch.tensor([run.gold_fn(t) for t in response_texts(run.tokenizer, batch)])
+        m["gold/mean"], m["gold/std"] = gold.mean().item(), gold.std().item()
+    return m
 
-    if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        return save_checkpoint(cfg, actors, run_dir, step, stream, tok_dir, kl.coef, norm)
-    return None
 
+def step_line(cfg: Config, step: int, m: dict) -> str:
+    """The one line a step prints."""
+    vf = f"  vf {m['value/loss']:.4f}" if "value/loss" in m else ""
+    stale = f"  stale {m['rollout/staleness_max']}" if cfg.rollout.max_staleness else ""
+    return (f"step {step}/{cfg.train.steps}  score {m['reward/score_mean']:+.3f}±{m['reward/score_std']:.3f}"
+            f"  kl {m['kl/ref_per_seq']:.4f}  pg {m['policy/loss']:+.4f}{vf}  len {m['response/length_mean']:.1f}"
+            f"{stale}  | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s train {m['time/train']:.2f}s"
+            f" sync {m['time/weight_sync']:.2f}s step {m['time/step']:.2f}s")
 
 
 def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=None) -> dict:
@@ -281,7 +393,7 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
         print(f"{name}: {counts['trainable']:,} of {counts['total']:,} parameters train"
               + (" (LoRA)" if getattr(cfg, name).lora.rank else ""), flush=True)
 
-    start_step, kl, norm = 0, KLCoef(cfg.ppo), ScoreNorm(cfg.ppo.reward_norm)
+    start_step, kl, norm, rollout = 0, KLCoef(cfg.ppo), ScoreNorm(cfg.ppo.reward_norm), None
     latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
     if latest is not None:
         state = ckpt.load_state(latest)
@@ -289,15 +401,19 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
         stream.load_state(state["data"])
         start_step, kl.coef = state["step"], state.get("kl_coef", kl.coef)
         norm.load(state.get("score_norm"))
-        sync.push()                                            # the engines start from the resumed policy
+        sync.push(version=start_step)                          # the engines start from the resumed policy
+        rollout = resumed_rollout(latest, stream)
         print(f"resumed from {latest} (step {start_step})", flush=True)
 
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
+    run = Run(cfg, actors, sync, tokenizer, stream, logger, run_dir, tok_dir, kl, norm, gold_fn)
     last_ckpt = latest
     try:
+        if start_step < cfg.train.steps and rollout is None:
+            rollout = start_rollout(cfg, actors.engines, tokenizer, stream, start_step + 1)
         for step in range(start_step + 1, cfg.train.steps + 1):
-            last_ckpt = ppo_step(cfg, actors, sync, tokenizer, stream, logger, step, run_dir, tok_dir, kl, norm,
-                                 gold_fn) or last_ckpt
+            rollout, saved = ppo_step(run, step, rollout)
+            last_ckpt = saved or last_ckpt
     except BaseException:
         logger.close()
         actors.shutdown()
@@ -317,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     summary = run_cli("rlhf-ray ppo", __doc__.splitlines()[0], lambda cfg, args: train(cfg, resume=args.resume), argv,
                       resume_flag=True)
-    if summary == 2:
-        return 2
+    if isinstance(summary, int):              # bad input or a failed run: said in one line
+        return summary
     print(f"\ndone in {time.time() - t0:.0f}s\n  metrics:    {summary['metrics']}\n  W&B run:    {summary['wandb']}"
           f"\n  checkpoint: {summary['checkpoint']}", flush=True)
     return 0

@@ -90,8 +90,8 @@ def run_stage(cfg: Config, name: str) -> dict:
 
 def main(name: str, argv: list[str] | None = None) -> int:
     result = run_cli(f"rlhf-ray {name}", f"the {name} stage", lambda cfg, _: run_stage(cfg, name), argv)
-    if result == 2:
-        return 2
+    if isinstance(result, int):              # bad input or a failed run: said in one line
+        return result
     print(f"{name}: model written to {result['model']} in {result['seconds']:.0f}s", flush=True)
     return 0
 

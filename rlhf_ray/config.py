@@ -74,6 +74,8 @@ class TrainerRoleConfig:
     gradient_checkpointing: bool = False
     node_resource: Optional[str] = None   # a custom resource some nodes advertise (`ray start --resources
                                        # '{"trainer": 8}'`): the role's ranks go only to those nodes
+    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
+                                       # cores, one thread each; null: the OS places it
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
 
 
@@ -98,6 +100,8 @@ class InferenceRoleConfig:
                                        # (DeepSpeed ZeRO-3 inference; each forward is a collective), for models
                                        # larger than one GPU
     node_resource: Optional[str] = None   # as for trained roles: pin the ranks to nodes advertising it
+    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
+                                       # cores, one thread each; null: the OS places it
 
 
 @dataclass
@@ -133,6 +137,8 @@ class EngineConfig:
     enforce_eager: bool = True
     in_process: bool = True           # CPU: run the vLLM engine core inside the actor (faster load, less memory)
     node_resource: Optional[str] = None   # pin the engines to nodes advertising this custom resource
+    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
+                                       # cores, vLLM's threads bound there; null: the OS places it
 
 
 @dataclass
@@ -172,6 +178,12 @@ class PPOConfig:
     reward_norm: Literal["none", "initial"] = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
                                        # first rollout's (the starting policy's), fixed thereafter; beta is then
                                        # in units of the starting policy's reward spread, whatever the RM's scale
+    is_correction: Literal["none", "tis", "mask"] = "none"   # off-policy correction between the engines'
+                                       # sampling logprobs and pi_old, per token: tis weighs the loss by
+                                       # min(pi_old / pi_sample, is_cap); mask drops tokens whose ratio leaves
+                                       # [1 / is_cap, is_cap]. Needed with rollout.max_staleness > 0; also corrects
+                                       # the engine-trainer precision gap in bf16
+    is_cap: float = 2.0                # C of is_correction
 
 
 @dataclass
@@ -203,6 +215,15 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0                     # steps between checkpoints (0: only at the end)
     keep: int = 2                      # newest complete checkpoints kept on disk
+
+
+@dataclass
+class RolloutConfig:
+    """When generation runs relative to training (docs/algorithms.md, "Asynchronous rollout")."""
+    max_staleness: int = 0             # 0: generate after every weight sync (on-policy). 1: the engines sample
+                                       # step s+1 while the trainers update on step s, so step s+1 trains on samples
+                                       # of the weights one update old; needs ppo.is_correction and a policy
+                                       # forward for pi_old (ppo.reuse_sample_logprobs: false)
 
 
 @dataclass
@@ -275,6 +296,7 @@ class Config:
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -322,6 +344,9 @@ class Config:
             nodes = {r: getattr(self, r).node_resource for r in group}
             _need(len(set(nodes.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same node_resource, got {nodes}")
+        if self.rollout.max_staleness:
+            _need(not self.placement.engines_sleep, "rollout.max_staleness", "must be 0 with placement.engines_sleep: "
+                  "engines that sleep while the trainers run cannot generate beside them")
         if self.ppo.advantage in ("grpo", "rloo"):
             _need(self.generation.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={self.ppo.advantage} "
                   "(advantages compare the samples of one prompt)")
@@ -363,6 +388,10 @@ class Config:
         rollout = self.generation.prompts_per_step * self.generation.n
         need(rollout % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
              f"must divide prompts_per_step*n = {rollout}")
+        for role in ("policy", "critic", "reference", "reward", "engine"):
+            cores = getattr(self, role).cpu_cores
+            need(cores is None or (len(cores) > 0 and min(cores) >= 0), f"{role}.cpu_cores",
+                 f"must list core numbers (or be null), got {cores}")
         for role in ("policy", "critic"):
             r = getattr(self, role)
             need(r.lora.rank >= 0, f"{role}.lora.rank", "must be >= 0 (0: off)")
@@ -373,6 +402,17 @@ class Config:
         need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
         need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
         need(self.ppo.dual_clip is None or self.ppo.dual_clip > 1, "ppo.dual_clip", "must be > 1 (or null: off)")
+        need(self.ppo.is_cap > 1, "ppo.is_cap", f"must be > 1, got {self.ppo.is_cap}")
+        need(self.rollout.max_staleness in (0, 1), "rollout.max_staleness",
+             f"must be 0 (synchronous) or 1 (one step off-policy), got {self.rollout.max_staleness}")
+        if self.ppo.reuse_sample_logprobs:
+            need(self.ppo.is_correction == "none", "ppo.is_correction", "needs pi_old from the policy "
+                 "(ppo.reuse_sample_logprobs: false): with the engines' logprobs as pi_old every weight is 1")
+        if self.rollout.max_staleness:
+            need(not self.ppo.reuse_sample_logprobs, "ppo.reuse_sample_logprobs", "must be false with "
+                 "rollout.max_staleness > 0: the engines sampled with weights older than the policy's")
+            need(self.ppo.is_correction != "none", "ppo.is_correction", "must be tis or mask with "
+                 "rollout.max_staleness > 0 (stale samples need an importance correction)")
         roles = {"policy", "critic", "reference", "reward", "engine"}
         for group in self.placement.colocate:
             unknown = [r for r in group if r not in roles]

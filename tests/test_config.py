@@ -88,3 +88,24 @@ def test_derive_goes_through_the_same_typed_validated_path_as_set():
                          ({"ppo.minibatch_size": 7}, "ppo.minibatch_size"), ({"run.seed.x": 1}, "'seed' is not a section")]:
         with pytest.raises(ConfigError, match=needle):
             derive(base, sets)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["rollout.max_staleness=2"], "rollout.max_staleness must be 0 (synchronous) or 1"),
+    (["rollout.max_staleness=1"], "ppo.is_correction must be tis or mask"),
+    (["rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.reuse_sample_logprobs=true"],
+     "ppo.is_correction needs pi_old from the policy"),
+    (["ppo.is_correction=mask", "ppo.reuse_sample_logprobs=true"], "ppo.is_correction needs pi_old"),
+    (["ppo.is_cap=1"], "ppo.is_cap must be > 1"),
+    (["engine.cpu_cores=[]"], "engine.cpu_cores must list core numbers"),
+])
+def test_async_rollout_and_importance_correction_settings_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny_ppo.yaml", overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    ok = load_config("configs/tiny_ppo.yaml", ["rollout.max_staleness=1", "ppo.is_correction=tis",
+                                               "policy.cpu_cores=[1]"])
+    assert ok.rollout.max_staleness == 1 and ok.policy.cpu_cores == [1]
+    with pytest.raises(ConfigError, match="placement.engines_sleep"):
+        load_config("configs/tiny_ppo.yaml", BASE + ["rollout.max_staleness=1", "ppo.is_correction=tis",
+                                                     "placement.engines_sleep=true"]).check_ppo()

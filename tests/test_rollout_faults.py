@@ -1,0 +1,56 @@
+"""A rollout that fails in the background reaches the driver as one line, never a hang: the driver's collection
+path (`launch.ppo.collect_rollout`) on a real local Ray cluster, against stand-in engine actors that raise or
+die mid-generation (what is tested is the driver's handling, not vLLM). Slow: it starts Ray."""
+import time
+
+import pytest
+import ray
+
+from launch.common import RunError, run_cli
+from launch.ppo import RolloutError, Rollout, collect_rollout
+from rlhf_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+@ray.remote(num_cpus=0)
+class BrokenEngine:
+    def generate(self, *args):
+        raise ValueError("max_tokens must be at least 1, got 0.\n(and a second line a traceback would add)")
+
+    def hang(self, *args):
+        time.sleep(60)
+
+
+def rollout_of(refs) -> Rollout:
+    return Rollout(step=7, prompt_ids=[[1, 2]], prompts=["p"], extras={}, refs=refs, stream_state={})
+
+
+def test_a_failed_or_dead_engine_is_a_one_line_error_not_a_hang():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = load_config(None, ["models.policy=p", "data.prompts=x", "generation.n=1"])
+    engine = BrokenEngine.remote()
+    with pytest.raises(RolloutError) as e:
+        collect_rollout(cfg, rollout_of([engine.generate.remote()]), pad_id=0)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("rollout for step 7 failed on an engine: ValueError:"), msg
+    assert isinstance(e.value, RunError)
+
+    t0 = time.time()
+    ref = engine.hang.remote()
+    time.sleep(1)
+    ray.kill(engine)                                    # the engine dies mid-generation
+    with pytest.raises(RolloutError) as e:
+        collect_rollout(cfg, rollout_of([ref]), pad_id=0)
+    assert time.time() - t0 < 30 and "\n" not in str(e.value) and "step 7" in str(e.value)
+
+
+def test_the_cli_prints_a_run_error_in_one_line_and_exits_1(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models: {policy: p}\n")
+
+    def fail(config, args):
+        raise RolloutError("rollout for step 3 failed on an engine: RayActorError: The actor died unexpectedly")
+    assert run_cli("rlhf-ray ppo", "test", fail, ["--config", str(cfg)]) == 1
+    assert capsys.readouterr().err == ("error: rollout for step 3 failed on an engine: RayActorError: "
+                                       "The actor died unexpectedly\n")
