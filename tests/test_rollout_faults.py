@@ -27,7 +27,7 @@ def rollout_of(refs) -> Rollout:
 
 
 def test_a_failed_or_dead_engine_is_a_one_line_error_not_a_hang():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     cfg = load_config(None, ["models.policy=p", "data.prompts=x", "generation.n=1"])
     engine = BrokenEngine.remote()
     with pytest.raises(RolloutError) as e:
