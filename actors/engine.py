@@ -37,6 +37,11 @@ class Engine(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
         super().__init__(rank, world_size, int(cfg.engine.cpus_per_engine), device, cfg.engine.cpu_cores)
         self.version = 0          # the policy update whose weights this engine holds (0: models.policy)
+        if self.device == "cpu" and cfg.rollout.max_staleness:
+            # Off-policy, the engines generate the next step's rollout in the background, on cores the current
+            # step's scoring may share: that scoring is what the step waits on, so generation takes only idle CPU
+            # (its threads, vLLM's included, are created after this and inherit the policy).
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         from vllm import LLM
         e = cfg.engine
         for d in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
