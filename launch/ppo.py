@@ -340,6 +340,7 @@ def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_sta
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         "time/generate": busy["engine"].get("generate", 0.0), "time/policy_update": p["update_seconds"],
         "time/step": step_seconds, **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
+        **{f"time/idle/{role}": max(0.0, step_seconds - sum(spent.values())) for role, spent in busy.items()},
         "kl/coef": run.kl.coef,
     }
     if "critic" in stats:
