@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+from benchmarks.tables import publish, seed_table  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-async"
 PIN = ["engine.cpu_cores=[0]", "reference.cpu_cores=[0]", "reward.cpu_cores=[0]", "policy.cpu_cores=[1]",
@@ -91,15 +92,7 @@ COLUMNS = [("sync_step", "sync step (s)", "{:.2f}"), ("async_step", "async step 
 
 
 def report(rows: dict[int, dict], a) -> str:
-    lines = ["| seed | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    for seed, r in rows.items():
-        lines.append(f"| {seed} | " + " | ".join(f.format(r[k]) for k, _, f in COLUMNS) + " |")
-    cells = []
-    for k, _, f in COLUMNS:
-        xs = [r[k] for r in rows.values()]
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        cells.append(f"{f.format(statistics.mean(xs))} ± {f.format(sd).rstrip('x')}")
-    lines.append("| **mean ± sd** | " + " | ".join(cells) + " |")
+    lines = seed_table(rows, COLUMNS)
     worst = max(r["async_over_bound"] for r in rows.values())
     lines += ["", f"- [{'met' if worst <= 1.15 else 'missed'}] async step <= 1.15 x max(gen + score, train) on every "
               f"seed (worst {worst:.2f}x)",
@@ -122,10 +115,7 @@ def main() -> int:
     for seed in a.seeds:
         rows[seed] = seed_row(run(seed, "sync", a.steps, a.extra), run(seed, "async", a.steps, a.extra))
         print(json.dumps({"seed": seed, **rows[seed]}), flush=True)
-    text = report(rows, a)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "async.md").write_text(text + "\n")
-    print("\n" + text)
+    publish(report(rows, a), OUT / "async.md")
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+from benchmarks.tables import seed_table  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from launch.pipeline import run_pipeline  # noqa: E402
@@ -68,18 +69,7 @@ COLUMNS = [  # (key, header, format)
 
 def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
     cols = [c for c in COLUMNS if all(c[0] in r for r in rows.values())]
-    head = "| seed | " + " | ".join(h for _, h, _ in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for seed, r in rows.items():
-        cells = [fmt.format(r[k]) + ("*" if k == "bon_at_ppo_kl" and r["bon_extrapolated"] else "")
-                 for k, _, fmt in cols]
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    agg = []
-    for k, _, fmt in cols:
-        vals = [r[k] for r in rows.values()]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        agg.append(f"{fmt.format(statistics.mean(vals))} ± {fmt.format(sd).lstrip('+')}")
-    lines.append("| **mean ± sd** | " + " | ".join(agg) + " |")
+    lines = seed_table(rows, cols, mark=lambda k, r: "*" if k == "bon_at_ppo_kl" and r["bon_extrapolated"] else "")
     if any(r["bon_extrapolated"] for r in rows.values()):
         lines.append("\n\\* PPO's KL lies beyond best-of-16's: best-of-n's last segment extended.")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+from benchmarks.tables import publish  # noqa: E402
 from rlhf_ray.hardware import NATIVE_BF16_FLAGS, cpu_flags, native_bf16_cpu  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-vs-trl"
@@ -188,10 +189,7 @@ def main() -> int:
                 runs["bf16"].append(run_ours(d, a.steps, f"bf16-{i}", BF16 + a.extra))
         rows.append({"size": size, "params": params, **{k: summarize(v) for k, v in runs.items() if v}})
         print(json.dumps(rows[-1]), flush=True)
-    text = report(rows, a, bf16_native)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "vs_trl.md").write_text(text + "\n")
-    print("\n" + text)
+    publish(report(rows, a, bf16_native), OUT / "vs_trl.md")
     return 0
 
 
