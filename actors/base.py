@@ -191,8 +191,9 @@ class DeepSpeedRole(RankActor):
         shard into micro-batches by length (the gradient is a sum over them, so their order is free). DeepSpeed
         averages gradients across ranks and accumulates over micro-batches; one optimizer step per minibatch.
         """
-        t0 = time.perf_counter()
-        n = batch_size(exp)
+        t0, skipped = time.perf_counter(), self.engine.skipped_steps
+        torch.manual_seed(seed * 1000 + self.rank)   # any randomness in the update (e.g. LoRA dropout) derives from
+        n = batch_size(exp)                          # (step, rank), so a resumed run repeats it
         stats: dict[str, list[float]] = defaultdict(list)
         self.engine.train()
         for epoch in range(epochs):
@@ -211,6 +212,7 @@ class DeepSpeedRole(RankActor):
                         stats[k].append(float(v))
         out = {k: max(v) if k.endswith("_max") else sum(v) / len(v) for k, v in stats.items()}
         out["update_seconds"] = time.perf_counter() - t0
+        out["skipped_steps"] = self.engine.skipped_steps - skipped     # non-finite gradients (the guard stops on it)
         return out
 
     def parameter_counts(self) -> dict[str, int]:
@@ -271,6 +273,9 @@ class DeepSpeedRole(RankActor):
             if bucket is not None:
                 state.update(bucket)
         if self.rank == 0:
+            bad = next((n for n, t in state.items() if not torch.isfinite(t).all()), None)
+            if bad is not None:                 # never publish ruined weights (the divergence guard's last line)
+                raise FloatingPointError(f"not saving {path}: weight {bad} holds NaN or inf")
             self.model.save_pretrained(path, state_dict=state)
             if tokenizer_dir is not None:
                 from rlhf_ray.models import load_tokenizer

@@ -66,23 +66,44 @@ class RankGroup:
         else:
             specs = [bundle(cpus_per_rank / k, gpus_per_rank / k, node_resource)] * (num_ranks * k)
             self.pg, self.owns_pg = reserve(name, specs, strategy, ready_timeout), True
-        self.actors = []
-        for i in range(num_ranks):
-            env, opts = runtime_env, {}
-            if k > 1:
-                env = dict(runtime_env or {})
-                env["env_vars"] = {**env.get("env_vars", {}),
-                                   "VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * k + j) for j in range(k))}
-                opts = {"placement_group_capture_child_tasks": True}
-            self.actors.append(actor_cls.options(
-                num_cpus=cpus_per_rank / k, num_gpus=0 if k > 1 else gpus_per_rank, runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i * k, **opts),
-            ).remote(i, num_ranks, *args))
+        self.actor_cls, self.args, self.runtime_env, self.k = actor_cls, args, runtime_env, k
+        self.cpus_per_rank, self.gpus_per_rank, self.distributed = cpus_per_rank, gpus_per_rank, distributed
+        self.actors = [self._spawn(i, num_ranks) for i in range(num_ranks)]
         if distributed:
-            master = self.actors[0]
-            addr, port = ray.get([master.node_ip.remote(), master.free_port.remote()])
-            ray.get([a.init_process_group.remote(addr, port) for a in self.actors])
+            self._rendezvous()
+
+    def _spawn(self, i: int, num_ranks: int):
+        """Rank i's actor, in its own bundle(s) of the group's placement group."""
+        env, opts, k = self.runtime_env, {}, self.k
+        if k > 1:
+            env = dict(self.runtime_env or {})
+            env["env_vars"] = {**env.get("env_vars", {}),
+                               "VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * k + j) for j in range(k))}
+            opts = {"placement_group_capture_child_tasks": True}
+        return self.actor_cls.options(
+            num_cpus=self.cpus_per_rank / k, num_gpus=0 if k > 1 else self.gpus_per_rank, runtime_env=env,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=i * k, **opts),
+        ).remote(i, num_ranks, *self.args)
+
+    def _rendezvous(self) -> None:
+        master = self.actors[0]
+        addr, port = ray.get([master.node_ip.remote(), master.free_port.remote()])
+        ray.get([a.init_process_group.remote(addr, port) for a in self.actors])
+
+    def respawn(self, ranks: list[int]) -> list[int]:
+        """Replace `ranks` with fresh actors in the same bundles (their resources stay reserved, so the new ones
+        cannot lose their place). A distributed group is replaced whole: its process group, and any ZeRO-partitioned
+        state, die with one rank. Returns the ranks replaced; waits until they are ready."""
+        ranks = list(range(len(self.actors))) if self.distributed else sorted(set(ranks))
+        for i in ranks:
+            ray.kill(self.actors[i])
+        for i in ranks:
+            self.actors[i] = self._spawn(i, len(self.actors))
+        if self.distributed:
+            self._rendezvous()
+        ray.get([self.actors[i].ready.remote() for i in ranks])
+        return ranks
 
     def call(self, method: str, *args, **kwargs) -> list:
         """Start `method` on every rank; returns the ObjectRefs (rank order)."""

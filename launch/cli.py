@@ -3,7 +3,7 @@
     rlhf-ray tiny-world [--out assets/tiny]          build the offline tiny model world
     rlhf-ray pipeline --config C [--set k=v]         the three stages end to end (+ DPO, evaluation)
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
-    rlhf-ray ppo --config C [--set k=v] [--resume]   run PPO (local Ray cluster, or the one it runs on)
+    rlhf-ray ppo --config C [--set k=v] [--resume [auto]]   run PPO (local Ray cluster, or the one it runs on)
     rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
     rlhf-ray plan --config C [--set k=v]             per-GPU memory of each role of a layout; refuses misfits
 """

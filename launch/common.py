@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import ray
 
+from launch.reaper import watch_local_cluster
 from rlhf_ray.config import Config
 from rlhf_ray.hardware import native_bf16_cpu
 
 
 def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
     """Join the cluster named by ray.address ("auto" under `ray job submit`), or start a fresh local one
-    with logical CPUs for every role (plus `extra_cpus` for actors a driver keeps besides them).
+    with logical CPUs for every role (plus `extra_cpus` for actors a driver keeps besides them), which dies
+    with this process (launch/reaper.py).
 
     `address="local"` rather than None: with None, ray.init would silently join the latest `ray start`
     cluster on this machine instead of starting the embedded one.
@@ -26,6 +29,7 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
                  + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
                  + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine,
                  *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
+    watch_local_cluster()                 # the cluster dies with this process, however it ends
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
     ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1),
              include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
@@ -65,7 +69,27 @@ def engine_env(cfg: Config, device: str, run_dir: str) -> dict:
 
 
 class RunError(RuntimeError):
-    """A run that stopped for a reason its message says in one line (e.g. a failed rollout)."""
+    """A run that stopped for a reason its message says in one line (e.g. a failed rollout, a diverged loss)."""
+
+
+def cause_line(e: BaseException) -> str:
+    """The root cause of an actor's exception, or of its death, in one line: its type and its message's last line
+    (Ray's own rendering is a multi-line traceback per hop)."""
+    while isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, BaseException) and e.cause is not e:
+        e = e.cause
+    if isinstance(e, ray.exceptions.RayActorError):
+        text = " ".join(str(e).split())
+        actor = re.search(r"class_name: (\w+)", text)
+        return f"{type(e).__name__}: the actor{' ' + actor.group(1) if actor else ''} died"
+    lines = str(e).strip().splitlines() or [""]
+    # the cause itself: its message's first line; a Ray error that could not carry it: its traceback's last
+    return f"{type(e).__name__}: {lines[-1] if isinstance(e, ray.exceptions.RayError) else lines[0]}"
+
+
+def actor_error_line(e: ray.exceptions.RayError) -> str:
+    """One line for an exception raised in an actor: the method that raised it, and its root cause."""
+    where = getattr(e, "function_name", None)
+    return f"{where or 'an actor'} failed: {cause_line(e)}"
 
 
 def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_flag: bool = False):
@@ -76,18 +100,24 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     from rlhf_ray.config import ConfigError, load_config
     from rlhf_ray.data import DataError
     from rlhf_ray.models import ModelLoadError
+    from rlhf_ray.rewards import RewardSourceError
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
     if resume_flag:
-        ap.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        ap.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                        help="continue from the newest whole checkpoint (an error if there is none); "
+                             "--resume auto: start fresh when there is none")
     args = ap.parse_args(argv)
     try:
         return run(load_config(args.config, args.overrides), args)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, RewardSourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayError as e:
+        print(f"error: {actor_error_line(e)}", file=sys.stderr)
         return 1

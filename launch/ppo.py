@@ -1,6 +1,6 @@
 """The PPO driver: one readable loop per step, each phase named and timed.
 
-    python -m launch.ppo --config configs/tiny_ppo.yaml [--set ppo.kl_coef=0.1 ...] [--resume]
+    python -m launch.ppo --config configs/tiny_ppo.yaml [--set ppo.kl_coef=0.1 ...] [--resume [auto]]
 
 With `ray.address` unset it starts a local Ray cluster on the spot; under `ray job submit` (or with
 `ray.address: auto`) it joins the cluster it runs on. The driver holds no model weights: it moves token ids
@@ -24,14 +24,15 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import RunError, actor_env, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
+from launch.common import RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import checkpoint as ckpt
+from rlhf_ray import preflight
 from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
 from rlhf_ray.batch import build_rollout_batch, first_rollouts, merge_round_robin, response_texts, split_round_robin
 from rlhf_ray.config import Config, dump_config, resolve_paths
-from rlhf_ray.data import PromptStream, load_prompts
+from rlhf_ray.data import PromptStream
+from rlhf_ray.guard import DivergenceGuard
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.models import check_tokenizer_matches, load_tokenizer
 from rlhf_ray.prompts import render_prompts
 
 
@@ -50,14 +51,18 @@ class Actors:
     def engines(self) -> list:
         return self.engine_group.actors
 
+    def groups(self) -> dict[str, RankGroup]:
+        """Every role's rank group, by role."""
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
+                "reference": self.reference, "reward": self.reward, "engine": self.engine_group}
+
     @property
     def trained(self) -> dict[str, RankGroup]:
         return {"policy": self.policy, **({"critic": self.critic} if self.critic else {})}
 
     def shutdown(self) -> None:
-        for g in (self.policy, self.critic, self.reference, self.reward, self.engine_group):
-            if g is not None:
-                g.shutdown()
+        for g in self.groups().values():
+            g.shutdown()
         for sp in self.placements:
             sp.remove()
 
@@ -151,9 +156,7 @@ def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> dict:
     try:
         parts = ray.get(rollout.refs)
     except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-        cause = getattr(e, "cause", None) or e
-        last = (str(cause).strip().splitlines() or [""])[-1]
-        raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {type(cause).__name__}: {last}") from None
+        raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {cause_line(e)}") from None
     samples = merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
     prompts_rep = [p for p in rollout.prompt_ids for _ in range(cfg.generation.n)]
     batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
@@ -171,22 +174,39 @@ def rollout_done(rollout: Rollout | None) -> None:
 PENDING_ROLLOUT = "pending_rollout.pt"
 
 
-def save_checkpoint(cfg: Config, actors: Actors, run_dir: Path, step: int, data_state: dict, tok_dir: str,
-                    kl_coef: float, score_norm: ScoreNorm, pending: Rollout | None) -> Path:
+def save_checkpoint(run: "Run", step: int, data_state: dict, pending: Rollout | None) -> Path:
     """The trained models, their DeepSpeed state and the loop's state. A next rollout already drawn by older
     weights than this checkpoint's (rollout.max_staleness 1) is saved with it, so a resumed run trains on the
     samples the uninterrupted run would have."""
-    root = ckpt.checkpoint_root(run_dir)
+    cfg = run.cfg
+    root = ckpt.checkpoint_root(run.run_dir)
     staging = ckpt.begin(root, step)
-    ray.get([ref for name, group in actors.trained.items()
-             for ref in group.call("save_hf", str(staging / name), tok_dir) + group.call("save_ds", str(staging / f"{name}_ds"))])
+    ray.get([ref for name, group in run.actors.trained.items()
+             for ref in group.call("save_hf", str(staging / name), run.tok_dir)
+             + group.call("save_ds", str(staging / f"{name}_ds"))])
     if pending is not None and cfg.rollout.max_staleness:
         torch.save({"step": pending.step, "prompt_ids": pending.prompt_ids, "prompts": pending.prompts,
                     "extras": pending.extras, "parts": ray.get(pending.refs)}, staging / PENDING_ROLLOUT)
-    final = ckpt.commit(root, step, {"step": step, "data": data_state, "seed": cfg.run.seed, "kl_coef": kl_coef,
-                                     "score_norm": score_norm.state()})
+    final = ckpt.commit(root, step, {"step": step, "data": data_state, "seed": cfg.run.seed, "kl_coef": run.kl.coef,
+                                     "score_norm": run.norm.state(), "guard_strikes": run.guard.strikes})
     ckpt.prune(root, cfg.checkpoint.keep)
     return final
+
+
+def resume_point(run_dir: Path, resume: bool | str) -> Path | None:
+    """The checkpoint to continue from: None without --resume, else the newest whole one (a damaged newer one is
+    passed over with a one-line warning). Finding none is an error, unless resume is "auto" (then: start fresh)."""
+    if not resume:
+        return None
+    root, skipped = ckpt.checkpoint_root(run_dir), []
+    latest = ckpt.latest(root, skipped)
+    for why in skipped:
+        print(f"warning: checkpoint {why}: passed over for an older one", flush=True)
+    if latest is None and resume != "auto":
+        raise RunError(f"--resume: no complete checkpoint under {root} (--resume auto starts fresh when there is none)")
+    if latest is None:
+        print(f"--resume auto: no complete checkpoint under {root}; starting fresh", flush=True)
+    return latest
 
 
 def resumed_rollout(latest: Path, stream: PromptStream) -> Rollout | None:
@@ -199,6 +219,75 @@ def resumed_rollout(latest: Path, stream: PromptStream) -> Rollout | None:
     stream.next()
     return Rollout(saved["step"], saved["prompt_ids"], saved["prompts"], saved["extras"],
                    [ray.put(part) for part in saved["parts"]], state)
+
+
+def restore(run: "Run", latest: Path | None, push: bool) -> tuple[int, Rollout | None]:
+    """Put the trained roles and the loop's state where checkpoint `latest` left them (None: where a fresh run
+    starts), push the policy to the engines if `push`, and start (or reload) the next step's rollout. Returns the
+    step the state belongs to and that rollout."""
+    cfg = run.cfg
+    state = ckpt.load_state(latest) if latest is not None else {"step": 0, "data": {"epoch": 0, "pos": 0}}
+    if latest is not None:
+        ray.get([r for name, g in run.actors.trained.items() for r in g.call("load_ds", str(latest / f"{name}_ds"))])
+    run.stream.load_state(state["data"])
+    run.kl.coef = state.get("kl_coef", cfg.ppo.kl_coef)
+    run.norm.load(state.get("score_norm"))
+    run.guard.strikes = state.get("guard_strikes", 0)
+    step = state["step"]
+    if push:
+        run.sync.push(version=step)
+    rollout = resumed_rollout(latest, run.stream) if latest is not None else None
+    if rollout is None and step < cfg.train.steps:
+        rollout = start_rollout(cfg, run.actors.engines, run.tokenizer, run.stream, step + 1)
+    return step, rollout
+
+
+def recover(run: "Run", step: int, error: BaseException, latest: Path | None) -> tuple[int, Rollout | None]:
+    """An actor died during `step`: replace it in its placement group, roll every role back to checkpoint `latest`
+    (a trainer's ZeRO state is partitioned, and the survivors may have updated part-way through the step) and
+    replay from there, so the run ends as it would have without the fault. Returns the step to run next and its
+    rollout. An error with no dead actor (a bug, a bad input) is re-raised; past
+    fault_tolerance.max_actor_restarts, a one-line RunError."""
+    cfg, actors = run.cfg, run.actors
+    dead = dead_actors(actors, cfg.fault_tolerance.probe_timeout_s)
+    if not dead:
+        raise error
+    who = ", ".join(f"{role} rank {rank}" for role, rank in dead)
+    cause = str(error) if isinstance(error, RunError) else cause_line(error)
+    if run.restarts >= cfg.fault_tolerance.max_actor_restarts:
+        raise RunError(f"step {step}: {who} died ({cause}); fault_tolerance.max_actor_restarts "
+                       f"({cfg.fault_tolerance.max_actor_restarts}) already used") from None
+    run.restarts += 1
+    groups = actors.groups()
+    respawned = {role for role, _ in dead}
+    if latest is None:                  # no checkpoint to roll back to: every trained role starts over
+        respawned |= set(actors.trained)
+    for role in sorted(respawned):
+        groups[role].respawn([rank for r, rank in dead if r == role])
+    run.sync = make_weight_sync(cfg, actors.policy, actors.engines)
+    back_to = ckpt.load_state(latest)["step"] if latest is not None else 0
+    run.logger.rewind(back_to)
+    print(f"step {step}: {who} died ({cause}); replaced {', '.join(sorted(respawned))}, replaying from step "
+          f"{back_to + 1} (restart {run.restarts} of {cfg.fault_tolerance.max_actor_restarts})", flush=True)
+    back_to, rollout = restore(run, latest, push=True)
+    return back_to + 1, rollout
+
+
+def dead_actors(actors: "Actors", timeout: float) -> list[tuple[str, int]]:
+    """(role, rank) of every actor that is dead: each is asked whether it is ready, and the dead answer with an
+    error at once (a live one busy past `timeout`, e.g. stuck in a collective with a dead peer, is not counted:
+    its group is replaced whole when a peer died)."""
+    probes = {(role, i): a.ready.remote() for role, g in actors.groups().items() for i, a in enumerate(g.actors)}
+    ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout)
+    dead = []
+    for key, ref in probes.items():
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            dead.append(key)
+        except ray.exceptions.GetTimeoutError:
+            pass
+    return dead
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -227,7 +316,9 @@ class Run:
     tok_dir: str
     kl: KLCoef
     norm: ScoreNorm
+    guard: DivergenceGuard
     gold_fn: object = None
+    restarts: int = 0                 # actor deaths recovered from so far (fault_tolerance.max_actor_restarts)
 
 
 def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Path | None]:
@@ -299,20 +390,24 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
         first_rollouts(run.tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
     print(step_line(cfg, step, metrics), flush=True)
 
+    # 6. the divergence guard, then a checkpoint: never of a diverged state
+    stop, healthy = run.guard.check(step, metrics)
+    if stop:
+        raise RunError(stop)
     saved = None
     if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        data_state = next_rollout.stream_state if next_rollout else run.stream.state()
-        saved = save_checkpoint(cfg, actors, run.run_dir, step, data_state, run.tok_dir, run.kl.coef, run.norm,
-                                next_rollout)
+        if healthy:
+            data_state = next_rollout.stream_state if next_rollout else run.stream.state()
+            saved = save_checkpoint(run, step, data_state, next_rollout)
+        else:
+            print(f"step {step}: checkpoint held back: KL to the reference over guard.max_kl_per_token", flush=True)
     return next_rollout, saved
 
 
 def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
     """Each role's busy time since the last call, per work method, of its busiest rank; called at the end of a
     step, when no actor is working."""
-    groups = {"engine": actors.engine_group, "reference": actors.reference, "reward": actors.reward,
-              **actors.trained}
-    refs = {role: [a.take_busy.remote() for a in g.actors] for role, g in groups.items()}
+    refs = {role: [a.take_busy.remote() for a in g.actors] for role, g in actors.groups().items()}
     return {role: max(ray.get(r), key=lambda spent: sum(spent.values())) for role, r in refs.items()}
 
 
@@ -329,6 +424,7 @@ def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_sta
         "response/length_mean": mask.sum(-1).mean().item(),
         "policy/loss": p["loss"], "policy/clipfrac": p["clipfrac"], "policy/approx_kl": p["approx_kl"],
         "policy/entropy": p["entropy"], **{f"policy/{k}": p[k] for k in ("kl_loss", "dual_clipfrac") if k in p},
+        "policy/skipped_steps": p["skipped_steps"],
         **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
            for i, s in enumerate(sources) if len(sources) > 1},
         "rollout/logprob_diff_max": (p["logprob_diff_max"] if cfg.ppo.reuse_sample_logprobs else
@@ -341,10 +437,11 @@ def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_sta
         "time/generate": busy["engine"].get("generate", 0.0), "time/policy_update": p["update_seconds"],
         "time/step": step_seconds, **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
         **{f"time/idle/{role}": max(0.0, step_seconds - sum(spent.values())) for role, spent in busy.items()},
-        "kl/coef": run.kl.coef,
+        "kl/coef": run.kl.coef, "fault/actor_restarts": run.restarts,
     }
     if "critic" in stats:
         m.update({"value/loss": stats["critic"]["loss"], "value/clipfrac": stats["critic"]["vf_clipfrac"],
+                  "value/skipped_steps": stats["critic"]["skipped_steps"],
                   "time/critic_update": stats["critic"]["update_seconds"]})
     if run.norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
         m["reward/raw_score_mean"] = out["reward"][:, 0].mean().item()
@@ -366,25 +463,19 @@ def step_line(cfg: Config, step: int, m: dict) -> str:
             f" sync {m['time/weight_sync']:.2f}s step {m['time/step']:.2f}s")
 
 
-def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=None) -> dict:
+def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, gold_fn=None) -> dict:
     """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors).
+    resume: True continues from the newest whole checkpoint (none is an error), "auto" also starts fresh.
     gold_fn(text) -> float, when given, is logged beside the proxy reward every step (the tiny world's monitor)."""
     cfg = resolve_paths(cfg.check_ppo())
-    run_dir = Path(cfg.run.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, prompts = preflight.ppo_inputs(cfg)        # every input checked before anything starts or is written
+    run_dir = preflight.output_dir(cfg.run.output_dir)
+    latest = resume_point(run_dir, resume)
     dump_config(cfg, run_dir / "config.yaml")
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     torch.manual_seed(cfg.run.seed)
-
     tok_dir = cfg.models.tokenizer or cfg.models.policy
-    tokenizer = load_tokenizer(tok_dir, cfg.models.trust_remote_code)
-    for what, path in [("policy", cfg.models.policy)] + [("models.monitor", cfg.models.monitor)] * bool(
-            cfg.models.monitor) + [(f"reward.sources[{i}]", s.path) for i, s in enumerate(cfg.reward_sources())
-                                   if s.kind == "model"]:
-        check_tokenizer_matches(tokenizer, path, what)
-    stream = PromptStream(load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys),
-                          cfg.generation.prompts_per_step,
-                          cfg.run.seed, cfg.data.shuffle)
+    stream = PromptStream(prompts, cfg.generation.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
 
     start_ray(cfg)
     actors = build_actors(cfg, device, run_dir)
@@ -394,27 +485,23 @@ def train(cfg: Config, resume: bool = False, keep_actors: bool = False, gold_fn=
         print(f"{name}: {counts['trainable']:,} of {counts['total']:,} parameters train"
               + (" (LoRA)" if getattr(cfg, name).lora.rank else ""), flush=True)
 
-    start_step, kl, norm, rollout = 0, KLCoef(cfg.ppo), ScoreNorm(cfg.ppo.reward_norm), None
-    latest = ckpt.latest(ckpt.checkpoint_root(run_dir)) if resume else None
-    if latest is not None:
-        state = ckpt.load_state(latest)
-        ray.get([r for name, g in actors.trained.items() for r in g.call("load_ds", str(latest / f"{name}_ds"))])
-        stream.load_state(state["data"])
-        start_step, kl.coef = state["step"], state.get("kl_coef", kl.coef)
-        norm.load(state.get("score_norm"))
-        sync.push(version=start_step)                          # the engines start from the resumed policy
-        rollout = resumed_rollout(latest, stream)
-        print(f"resumed from {latest} (step {start_step})", flush=True)
-
+    start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
-    run = Run(cfg, actors, sync, tokenizer, stream, logger, run_dir, tok_dir, kl, norm, gold_fn)
+    run = Run(cfg, actors, sync, tokenizer, stream, logger, run_dir, tok_dir, KLCoef(cfg.ppo),
+              ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn)
     last_ckpt = latest
     try:
-        if start_step < cfg.train.steps and rollout is None:
-            rollout = start_rollout(cfg, actors.engines, tokenizer, stream, start_step + 1)
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            rollout, saved = ppo_step(run, step, rollout)
-            last_ckpt = saved or last_ckpt
+        step, rollout = restore(run, latest, push=latest is not None)
+        if latest is not None:
+            print(f"resumed from {latest} (step {step})", flush=True)
+        step += 1
+        while step <= cfg.train.steps:
+            try:
+                rollout, saved = ppo_step(run, step, rollout)
+                last_ckpt, step = saved or last_ckpt, step + 1
+            except (ray.exceptions.RayError, RolloutError) as e:
+                last_ckpt = ckpt.latest(ckpt.checkpoint_root(run_dir))
+                step, rollout = recover(run, step, e, last_ckpt)
     except BaseException:
         logger.close()
         actors.shutdown()

@@ -18,12 +18,14 @@ import torch
 from actors.group import RankGroup
 from actors.supervised import SupervisedActor
 from launch.common import actor_env, cluster_device, mean_over_ranks, run_cli, start_ray
+from rlhf_ray import preflight
 from rlhf_ray.batch import batch_size
 from rlhf_ray.checkpoint import publish_dir
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.formats import load_preferences, load_sft
+from rlhf_ray.data import DataError
 from rlhf_ray.metrics import MetricsLogger
-from rlhf_ray.models import load_tokenizer
+from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer
 from rlhf_ray.stage_data import ranking_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
 
 STAGES = ("sft", "rm", "dpo")
@@ -34,10 +36,10 @@ def stage_tensors(cfg: Config, name: str, tokenizer):
     st, chat = getattr(cfg, name), cfg.data.apply_chat_template
     if name == "sft":
         rows = load_sft(st.data, st.format)
-        train, held = split_by_prompt(rows, sft_prompt_key, st.eval_fraction, cfg.run.seed)
+        train, held = split_by_prompt(rows, sft_prompt_key, st.eval_fraction, cfg.run.seed, st.data)
         return sft_batch(tokenizer, train, st.max_len, chat), sft_batch(tokenizer, held, st.max_len, chat)
     prefs = load_preferences(st.data)
-    train, held = split_by_prompt(prefs, lambda p: p[0], st.eval_fraction, cfg.run.seed)
+    train, held = split_by_prompt(prefs, lambda p: p[0], st.eval_fraction, cfg.run.seed, st.data)
     return ranking_batch(tokenizer, train, st.max_len, chat), ranking_batch(tokenizer, held, st.max_len, chat)
 
 
@@ -45,22 +47,28 @@ def run_stage(cfg: Config, name: str) -> dict:
     cfg.check_stage(name)
     cfg = resolve_paths(cfg)
     st = getattr(cfg, name)
-    run_dir = Path(cfg.run.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    out = Path(st.output) if st.output else run_dir / name
-    device = cluster_device(cfg, st.trainer.gpus_per_rank)
     t0 = time.perf_counter()
 
+    # every input checked before anything is started or written
+    check_model_dir(st.model, f"{name}.model")
     tokenizer = load_tokenizer(st.model, cfg.models.trust_remote_code)
+    check_tokenizer_matches(tokenizer, st.model, f"{name}.model")
     train, held = stage_tensors(cfg, name, tokenizer)
     ranks = st.trainer.num_ranks
     train, held = trim_to_multiple(train, ranks), trim_to_multiple(held, ranks)
+    if batch_size(train) < st.batch_size:
+        raise DataError(f"{st.data}: {batch_size(train)} training {'examples' if name == 'sft' else 'prompts'} after "
+                        f"holding out {name}.eval_fraction, fewer than one batch ({name}.batch_size {st.batch_size})")
+    run_dir = preflight.output_dir(cfg.run.output_dir)
+    out = Path(st.output) if st.output else run_dir / name
+    dump_config(cfg, run_dir / "config.yaml")
+    device = cluster_device(cfg, st.trainer.gpus_per_rank)
 
     start_ray(cfg)
     group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
                       (st, name, cfg.train.dtype, device, cfg.models.trust_remote_code), distributed=True,
                       runtime_env={"env_vars": actor_env(device)})
+    logger = None
     try:
         if name == "dpo":              # reference logprobs: the starting weights, before the first step
             for batch in (train, held):
@@ -82,8 +90,9 @@ def run_stage(cfg: Config, name: str) -> dict:
         staging = out.with_name(f".{out.name}.partial")
         group.run("save_hf", str(staging), st.model)
         publish_dir(staging, out)
-        logger.close()
     finally:
+        if logger is not None:
+            logger.close()
         group.shutdown()
     return {"model": str(out), "eval_before": before, "eval": evaluation, "seconds": time.perf_counter() - t0}
 

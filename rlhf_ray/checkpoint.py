@@ -5,10 +5,13 @@
         critic/        HF-format scalar-head model
         policy_ds/     DeepSpeed state (partitioned weights, optimizer, scheduler) for an exact resume
         critic_ds/
-        state.json     step, prompt-stream position, run seed, KL coefficient
+        files.json     every other file's size, to tell a whole checkpoint from a damaged one
+        state.json     step, prompt-stream position, run seed, KL coefficient (written last)
 
 A checkpoint is written under a hidden staging name and renamed into place only when complete, so a crash
-mid-write never leaves a half-written `step_*` directory and never touches the previous checkpoint.
+mid-write never leaves a half-written `step_*` directory and never touches the previous checkpoint. A
+checkpoint damaged afterwards (a truncated shard, an unreadable state.json) is passed over by `latest`, which
+falls back to the newest whole one and says which it skipped and why.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "state.json"
+FILES = "files.json"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -39,6 +43,8 @@ def begin(root: Path, step: int) -> Path:
 def commit(root: Path, step: int, state: dict) -> Path:
     """Write state.json last, then publish the staging directory under its final name (atomic rename)."""
     staging = root / f".step_{step:06d}.partial"
+    sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
+    (staging / FILES).write_text(json.dumps(sizes, indent=0))
     tmp = staging / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     tmp.replace(staging / STATE_FILE)
@@ -59,12 +65,45 @@ def publish_dir(staging: Path, final: Path) -> Path:
     return final
 
 
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint (a `step_*` directory holding state.json), or None."""
+def latest(root: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest whole checkpoint, or None. A newer one that is damaged is passed over, with one line on why
+    appended to `skipped` (when given)."""
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+    for p in sorted(root.glob("step_*"), reverse=True):
+        why = damage(p)
+        if why is None:
+            return p
+        if skipped is not None and (p / STATE_FILE).exists():     # no state.json at all: never committed
+            skipped.append(f"{p.name}: {why}")
+    return None
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (one line), or None when it is whole: state.json readable, and every
+    file listed in files.json present at its recorded size."""
+    try:
+        state = load_state(ckpt)
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{STATE_FILE} has no step"
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (never committed)"
+    except (ValueError, OSError) as e:
+        return f"{STATE_FILE} unreadable ({type(e).__name__})"
+    listing = ckpt / FILES
+    if not listing.is_file():            # written by a version that did not list files: trust state.json
+        return None
+    try:
+        sizes = json.loads(listing.read_text())
+    except (ValueError, OSError):
+        return f"{FILES} unreadable"
+    for name, size in sizes.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when written"
+    return None
 
 
 def load_state(ckpt: Path) -> dict:

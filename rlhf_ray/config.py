@@ -7,6 +7,7 @@ The same tree describes the tiny CPU world and a 70B cluster; only the values di
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -227,6 +228,27 @@ class RolloutConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Stop a run that diverged (launch/ppo.py), with a one-line error naming the step and the metric: a
+    non-finite loss or a skipped optimizer step (non-finite gradients) stops it at once; KL to the reference above
+    max_kl_per_token for `patience` consecutive steps stops it too. No checkpoint is published from a step that
+    stops the run or is over the KL bound."""
+    max_kl_per_token: Optional[float] = 1.0   # nats per response token (kl/ref_per_seq / mean length); null: off.
+                                       # A healthy run sits far below (the tiny world: ~0.1)
+    patience: int = 3                  # consecutive steps over max_kl_per_token before the run stops
+
+
+@dataclass
+class FaultToleranceConfig:
+    """What the PPO driver does when an actor dies (launch/ppo.py `recover`): it replaces the dead actor in its
+    placement group (a trainer's whole rank group), rolls every role back to the newest whole checkpoint and
+    replays from there, so the run ends as an undisturbed one would. Each recovery costs the steps since that
+    checkpoint: checkpoint.every bounds the replay."""
+    max_actor_restarts: int = 3        # deaths a run recovers from; the next one stops it (0: every death stops it)
+    probe_timeout_s: float = 30.0      # after a failure, how long each actor has to answer whether it is alive
+
+
+@dataclass
 class WeightSyncConfig:
     backend: Literal["object_store", "process_group", "cuda_ipc"] = "object_store"
     # process_group: gloo (CPU) / NCCL (GPU); cuda_ipc: engines sharing policy rank 0's GPU (placement.colocate)
@@ -302,6 +324,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     sft: StageConfig = field(default_factory=StageConfig)
     rm: StageConfig = field(default_factory=StageConfig)
     dpo: StageConfig = field(default_factory=StageConfig)
@@ -380,11 +404,12 @@ class Config:
     def validate(self) -> "Config":
         """Cross-field checks that types alone cannot express."""
         need = _need
+        self._check_ranges()
         for role in ("policy", "critic"):
             r: TrainerRoleConfig = getattr(self, role)
             need(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0-3, got {r.zero_stage}")
-            need(r.num_ranks >= 1, f"{role}.num_ranks", "must be >= 1")
-            need(len(r.betas) == 2, f"{role}.betas", "must be two numbers")
+            need(len(r.betas) == 2 and all(0 <= b < 1 for b in r.betas), f"{role}.betas",
+                 f"must be two numbers in [0, 1), got {r.betas}")
         rollout = self.generation.prompts_per_step * self.generation.n
         need(rollout % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
              f"must divide prompts_per_step*n = {rollout}")
@@ -417,7 +442,44 @@ class Config:
         for group in self.placement.colocate:
             unknown = [r for r in group if r not in roles]
             need(not unknown, "placement.colocate", f"names unknown role(s) {unknown} (roles: {sorted(roles)})")
+        longest = self.data.max_prompt_tokens + self.generation.max_new_tokens
+        need(longest <= self.engine.max_model_len, "engine.max_model_len", f"must hold data.max_prompt_tokens + "
+             f"generation.max_new_tokens = {longest} tokens, got {self.engine.max_model_len}")
         return self
+
+    def _check_ranges(self) -> None:
+        """Every number that has a meaningful range: counts at least 1, rates finite and positive, and so on."""
+        at_least = {"train.steps": 1, "ppo.epochs": 1, "ppo.minibatch_size": 1, "generation.prompts_per_step": 1,
+                    "generation.n": 1, "generation.max_new_tokens": 1, "data.max_prompt_tokens": 1,
+                    "engine.num_engines": 1, "engine.tensor_parallel_size": 1, "engine.max_model_len": 2,
+                    "checkpoint.every": 0, "logging.samples_per_step": 0, "guard.patience": 1,
+                    "fault_tolerance.max_actor_restarts": 0}
+        for role in ("policy", "critic", "reference", "reward"):
+            at_least.update({f"{role}.num_ranks": 1, f"{role}.micro_batch_size": 1})
+        for st in ("sft", "rm", "dpo"):
+            at_least.update({f"{st}.epochs": 1, f"{st}.batch_size": 1, f"{st}.max_len": 2,
+                             f"{st}.trainer.num_ranks": 1, f"{st}.trainer.micro_batch_size": 1})
+        for key, low in at_least.items():
+            v = self._get(key)
+            _need(v >= low, key, f"must be >= {low}, got {v}")
+        positive = ["ppo.clip", "generation.temperature", "generation.top_p", "engine.kv_cache_gib",
+                    "fault_tolerance.probe_timeout_s"]
+        positive += [f"{r}.lr" for r in ("policy", "critic", "sft.trainer", "rm.trainer", "dpo.trainer")]
+        non_negative = ["ppo.kl_coef", "ppo.value_clip", "ppo.entropy_coef", "ppo.missing_eos_penalty",
+                        "guard.max_kl_per_token"]
+        non_negative += [f"{r}.{k}" for r in ("policy", "critic") for k in ("grad_clip", "weight_decay",
+                                                                             "cpus_per_rank", "gpus_per_rank")]
+        for key in positive + non_negative:
+            v = self._get(key)
+            ok = v is None or (math.isfinite(v) and (v > 0 if key in positive else v >= 0))
+            _need(ok, key, f"must be a finite number {'> 0' if key in positive else '>= 0'}, got {v}")
+        _need(self.generation.top_p <= 1, "generation.top_p", f"must lie in (0, 1], got {self.generation.top_p}")
+
+    def _get(self, dotted: str):
+        node = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
 
 def _need(cond: bool, key: str, why: str) -> None:
@@ -545,6 +607,8 @@ def resolve_paths(cfg: Config) -> Config:
     m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
         fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
     cfg.data.prompts = fix(cfg.data.prompts)
+    cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
+                          for s in cfg.reward.sources]
     for st in (cfg.sft, cfg.rm, cfg.dpo):
         st.data, st.model, st.output = fix(st.data), fix(st.model), st.output and str(Path(st.output).resolve())
     return cfg

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from pathlib import Path
 
 
@@ -16,8 +17,12 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not p.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with p.open() as f:
-        for row, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for row, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{row}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -37,8 +42,8 @@ def load_prompts(path: str | Path, key: str = "prompt", extra_keys: list[str] | 
     for row, obj in read_jsonl(path):
         if key not in obj:
             raise DataError(f"{path}:{row}: missing field '{key}'")
-        if not isinstance(obj[key], str) or not obj[key].strip():
-            raise DataError(f"{path}:{row}: field '{key}' must be a non-empty string")
+        if not isinstance(obj[key], str) or not visible(obj[key]):
+            raise DataError(f"{path}:{row}: field '{key}' must be a string with visible text, got {obj[key]!r}")
         missing = [k for k in extra_keys if k not in obj]
         if missing:
             raise DataError(f"{path}:{row}: missing field '{missing[0]}' (listed in data.reward_keys)")
@@ -46,6 +51,11 @@ def load_prompts(path: str | Path, key: str = "prompt", extra_keys: list[str] | 
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has a character that is not whitespace, a control or a format character (e.g. U+200B)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
 
 
 class PromptStream:

@@ -21,6 +21,7 @@ class MetricsLogger:
         self._f = _open_rows(self.path, resume_step)
         self._samples = None
         self._resume_step = resume_step
+        self._wandb_step = -1             # W&B takes each step once, in order: replayed steps are not resent
         self.wandb_run = None
         wb = cfg.logging.wandb
         if wb.enabled and wb.mode != "disabled":
@@ -37,8 +38,17 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         self._f.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
         self._f.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self._wandb_step:
             self.wandb_run.log(clean, step=step)
+            self._wandb_step = step
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows logged after `step` (a run rolled back to that step's checkpoint replays them)."""
+        self._f.close()
+        self._f = _open_rows(self.path, step)
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = _open_rows(self.samples_path, step)
 
     def log_samples(self, step: int, rows: list[dict]) -> None:
         """A few rollouts of the step (e.g. prompt and response text, score), one JSON line each."""

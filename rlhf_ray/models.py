@@ -24,13 +24,57 @@ class ModelLoadError(ValueError):
     """A model directory that is missing, not HF format, or does not match its tokenizer."""
 
 
-def _check_dir(path: str | Path, what: str) -> Path:
+def check_model_dir(path: str | Path, what: str) -> dict:
+    """An HF model directory that will load: config.json a JSON object, safetensors weights each whole (the header
+    parses and the file holds every byte it promises). Returns config.json; a problem is a one-line
+    ModelLoadError naming the file. Reads only headers: cheap enough to run before any actor starts."""
     p = Path(path)
-    if not (p / "config.json").is_file():
+    if not p.is_dir():
+        raise ModelLoadError(f"{what}: directory not found: {path}")
+    conf = p / "config.json"
+    if not conf.is_file():
         raise ModelLoadError(f"{what}: no HF model at {path} (missing config.json)")
-    if not any(p.glob("*.safetensors")):
+    try:
+        config = json.loads(conf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{what}: {conf} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{what}: {conf} must hold a JSON object")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
         raise ModelLoadError(f"{what}: {path} has no .safetensors weights (only safetensors are loaded)")
-    return p
+    for f in weights:
+        _check_safetensors(f, what)
+    return config
+
+
+def _check_safetensors(f: Path, what: str) -> None:
+    """The file's header (8-byte length, then JSON) parses and the file is as long as its tensors' offsets say."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n < 100 << 20:             # safetensors caps its header at 100 MB
+            raise ModelLoadError(f"{what}: {f} is not a safetensors file (bad header length)")
+        if n > size - 8:
+            raise ModelLoadError(f"{what}: {f} is truncated ({size} bytes, inside its {n}-byte header)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{what}: {f} has a damaged safetensors header") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise ModelLoadError(f"{what}: {f} is truncated ({size} of {expected} bytes)")
+
+
+def model_context_length(config: dict) -> int | None:
+    """The longest sequence a model's positions cover, from its config.json (None: unbounded or not stated)."""
+    config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -45,7 +89,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str) -> None:
     """One-line error when token ids of the tokenizer would index past the model's embedding."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = check_model_dir(model_dir, what)
     vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelLoadError(f"{what}: tokenizer has {len(tokenizer)} tokens but {model_dir} embeds only {vocab} "
@@ -63,7 +107,7 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy",
                    attn: str | None = None):
     from transformers import AutoModelForCausalLM
-    _check_dir(path, what)
+    check_model_dir(path, what)
     return disable_dropout(AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
         **({"attn_implementation": attn} if attn else {})))
@@ -72,7 +116,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
 def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                       what: str = "reward", attn: str | None = None):
     from transformers import AutoModelForSequenceClassification
-    _check_dir(path, what)
+    check_model_dir(path, what)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
         **({"attn_implementation": attn} if attn else {}))

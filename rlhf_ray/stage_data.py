@@ -18,10 +18,11 @@ from rlhf_ray.prompts import render_prompt
 from rlhf_ray.sft import IGNORE, collate_sft, sft_example
 
 
-def split_by_prompt(items: list, key, eval_fraction: float, seed: int) -> tuple[list, list]:
+def split_by_prompt(items: list, key, eval_fraction: float, seed: int, source: str) -> tuple[list, list]:
+    """(train, held-out) with no prompt in both; `source` (the data file) names the problem when there is one."""
     keys = sorted({key(x) for x in items})
     if len(keys) < 2:
-        raise DataError(f"only {len(keys)} distinct prompt(s): cannot hold any out for evaluation")
+        raise DataError(f"{source}: only {len(keys)} distinct prompt(s): cannot hold any out for evaluation")
     random.Random(seed).shuffle(keys)
     held = set(keys[:min(len(keys) - 1, max(1, math.ceil(eval_fraction * len(keys))))])
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]

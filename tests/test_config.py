@@ -109,3 +109,14 @@ def test_async_rollout_and_importance_correction_settings_are_checked(overrides,
     with pytest.raises(ConfigError, match="placement.engines_sleep"):
         load_config("configs/tiny_ppo.yaml", BASE + ["rollout.max_staleness=1", "ppo.is_correction=tis",
                                                      "placement.engines_sleep=true"]).check_ppo()
+
+
+def test_resolve_paths_makes_every_local_model_path_absolute(tmp_path, monkeypatch):
+    from rlhf_ray.config import resolve_paths
+    (tmp_path / "rm_a").mkdir()
+    (tmp_path / "prompts.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_paths(load_config(None, ["models.policy=rm_a", "data.prompts=prompts.jsonl",
+                                           "reward.sources=[{kind: model, path: rm_a}, {kind: function, path: 'm:f'}]"]))
+    assert cfg.models.policy == str(tmp_path / "rm_a") and cfg.data.prompts == str(tmp_path / "prompts.jsonl")
+    assert [s.path for s in cfg.reward.sources] == [str(tmp_path / "rm_a"), "m:f"]

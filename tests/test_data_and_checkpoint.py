@@ -16,7 +16,7 @@ def test_prompts_load_and_malformed_rows_name_file_row_field(tmp_path):
     assert load_prompts(f) == ["a", "b"]
     for body, needle in [('{"prompt": "a"}\n{"text": "b"}\n', ":2: missing field 'prompt'"),
                          ('{"prompt": "a"}\n{oops\n', ":2: not valid JSON"),
-                         ('{"prompt": 3}\n', ":1: field 'prompt' must be a non-empty string"),
+                         ('{"prompt": 3}\n', ":1: field 'prompt' must be a string with visible text, got 3"),
                          ('[1]\n', ":1: expected a JSON object")]:
         f.write_text(body)
         with pytest.raises(DataError) as e:
@@ -78,6 +78,34 @@ def test_checkpoint_is_published_atomically_and_latest_skips_partial(tmp_path):
     ckpt.commit(root, 3, {"step": 3})
     ckpt.prune(root, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
+
+
+def test_latest_passes_over_a_damaged_checkpoint_and_says_why(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        st = ckpt.begin(root, step)
+        (st / "policy_ds").mkdir()
+        (st / "policy_ds" / "shard.pt").write_bytes(b"x" * 1000)
+        ckpt.commit(root, step, {"step": step})
+    assert ckpt.latest(root).name == "step_000004" and ckpt.damage(root / "step_000004") is None
+    shard = root / "step_000004" / "policy_ds" / "shard.pt"
+    damages = {"truncated": lambda: shard.write_bytes(b"x" * 10),
+               "missing": lambda: shard.unlink(),
+               "garbled": lambda: (root / "step_000004" / "state.json").write_text('{"step": 4'),
+               "empty": lambda: (root / "step_000004" / "state.json").write_text(""),
+               "no step": lambda: (root / "step_000004" / "state.json").write_text('{"data": {}}')}
+    why = {"truncated": "policy_ds/shard.pt is 10 bytes, 1000 when written", "missing": "policy_ds/shard.pt missing",
+           "garbled": "state.json unreadable (JSONDecodeError)", "empty": "state.json unreadable (JSONDecodeError)",
+           "no step": "state.json has no step"}
+    for name, damage in damages.items():
+        st = ckpt.begin(root, 4)                  # a whole step 4 again
+        (st / "policy_ds").mkdir()
+        (st / "policy_ds" / "shard.pt").write_bytes(b"x" * 1000)
+        ckpt.commit(root, 4, {"step": 4})
+        damage()
+        skipped = []
+        assert ckpt.latest(root, skipped).name == "step_000002", name
+        assert skipped == [f"step_000004: {why[name]}"], (name, skipped)
 
 
 def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path):

@@ -23,13 +23,14 @@ def read_metrics(run_dir):
 
 
 def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_path):
-    """With the policy frozen (lr 0) every weight version is the same weights: one step off-policy must then give,
-    bit for bit, the synchronous run's samples, losses and critic. GAE with a critic."""
+    """With the policy frozen (lr 1e-30: each update is below fp32 resolution) every weight version is the same
+    weights: one step off-policy must then give, bit for bit, the synchronous run's samples, losses and critic.
+    GAE with a critic."""
     runs = {}
     for staleness in (0, 1):
         run_dir = tmp_path / f"staleness{staleness}"
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-            f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=0", "checkpoint.every=2"])
+            f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=1e-30", "checkpoint.every=2"])
         summary = train(cfg)
         runs[staleness] = (read_metrics(run_dir), summary["checkpoint"])
     (sync_rows, sync_ckpt), (async_rows, async_ckpt) = runs[0], runs[1]
@@ -48,7 +49,7 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     # (stale by one, as the uninterrupted run did) instead of sampling afresh
     run_dir = tmp_path / "staleness1"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=0", "train.steps=4"])
+        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=1e-30", "train.steps=4"])
     (run_dir / "checkpoints" / "step_000003").rename(run_dir / "checkpoints" / "moved_aside")
     train(cfg, resume=True)
     rows = read_metrics(run_dir)

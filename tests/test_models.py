@@ -1,5 +1,6 @@
 """Model-directory checks: one-line errors for a missing model, non-safetensors weights, a mismatched tokenizer."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ def tiny(tmp_path_factory):
 
 
 def test_missing_and_non_safetensors_model_dirs(tmp_path):
-    with pytest.raises(ModelLoadError, match="missing config.json"):
+    with pytest.raises(ModelLoadError, match="directory not found"):
         load_causal_lm(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="missing config.json"):
+        load_causal_lm(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="no .safetensors weights"):
@@ -36,6 +39,7 @@ def test_tokenizer_larger_than_embedding_is_named(tiny, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["vocab_size"] = 10
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(d / "model.safetensors", tmp_path)
     with pytest.raises(ModelLoadError) as e:
         check_tokenizer_matches(tok, tmp_path, "reward")
     assert "reward" in str(e.value) and "do not match" in str(e.value) and "\n" not in str(e.value)

@@ -54,3 +54,23 @@ def test_the_cli_prints_a_run_error_in_one_line_and_exits_1(capsys, tmp_path):
     assert run_cli("rlhf-ray ppo", "test", fail, ["--config", str(cfg)]) == 1
     assert capsys.readouterr().err == ("error: rollout for step 3 failed on an engine: RayActorError: "
                                        "The actor died unexpectedly\n")
+
+
+@ray.remote(num_cpus=0)
+class BrokenScorer:
+    def scores_by_source(self, *args):
+        from rlhf_ray.rewards import RewardSourceError
+        raise RewardSourceError("reward function 'm:f': expected 16 rewards, got [0.5]\n(a second line)")
+
+
+def test_an_actor_exception_reaches_the_cli_as_one_line(capsys, tmp_path):
+    """A reward source answering wrongly (or any exception in an actor that kills no actor) is not a fault to
+    recover from: the CLI prints the method and the root cause in one line and exits 1."""
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models: {policy: p}\n")
+    scorer = BrokenScorer.remote()
+    assert run_cli("rlhf-ray ppo", "test", lambda c, a: ray.get(scorer.scores_by_source.remote()),
+                   ["--config", str(cfg)]) == 1
+    assert capsys.readouterr().err == ("error: BrokenScorer.scores_by_source failed: RewardSourceError: reward "
+                                       "function 'm:f': expected 16 rewards, got [0.5]\n")

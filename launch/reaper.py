@@ -1,0 +1,94 @@
+"""No orphans: the local Ray cluster a driver starts dies with the driver, however the driver ends (SIGKILL too).
+
+Ray ties its head processes to the driver, but the per-node agents (DashboardAgent, RuntimeEnvAgent) only notice
+their raylet is gone about a minute later. So before the driver starts a local cluster, `watch_local_cluster`
+tags the driver's environment with an id that every process of that cluster inherits (raylet, agents, workers),
+and starts this module as a watchdog in its own session. The watchdog blocks reading a pipe whose only writer
+is the driver; the kernel closes it when the driver exits, and the watchdog then kills every process that
+carries the tag.
+
+    python -m launch.reaper <tag>       (started by watch_local_cluster, never by hand)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+TAG = "RLHF_RAY_LOCAL_CLUSTER"
+
+
+def watch_local_cluster() -> None:
+    """Tag this process's environment and start the watchdog, once per driver process (later local clusters of
+    the same process, e.g. the pipeline's stages, carry the same tag)."""
+    if getattr(watch_local_cluster, "pipe", None) is not None:
+        return
+    tag = uuid.uuid4().hex       # fresh even when inherited: a parent's watchdog waits for the parent, not us
+    env = {k: v for k, v in os.environ.items() if k != TAG}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.reaper", tag], stdin=subprocess.PIPE, env=env,
+                            cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ[TAG] = tag
+    watch_local_cluster.pipe = proc.stdin        # held open for this process's life: its closing is the signal
+
+
+def tagged(tag: str, var: str = TAG) -> list[int]:
+    """Processes (other than this one) whose environment has var=tag: every process a driver started, at any
+    depth, when the driver's environment had it."""
+    needle = f"{var}={tag}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:                          # gone already, or not ours
+            continue
+    return found
+
+
+def actor_processes(pids: list[int], cls: str) -> list[int]:
+    """Those of `pids` that are Ray workers hosting an actor of class `cls` (titled ray::<cls>[.<method>])."""
+    out = []
+    for pid in pids:
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title == f"ray::{cls}" or title.startswith(f"ray::{cls}."):
+            out.append(pid)
+    return sorted(out)
+
+
+def reap(tag: str, pause: float = 0.5, max_rounds: int = 20) -> int:
+    """Kill every tagged process, round after round (a dying raylet may still start one), until two rounds in a
+    row find none. Returns how many it killed."""
+    killed, quiet = 0, 0
+    for _ in range(max_rounds):
+        pids = tagged(tag)
+        quiet = 0 if pids else quiet + 1
+        if quiet == 2:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        time.sleep(pause)
+    return killed
+
+
+def main(tag: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # a Ctrl-C meant for the driver must not stop the cleanup
+    sys.stdin.buffer.read()                          # returns when the driver, the pipe's only writer, is gone
+    reap(tag)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,49 @@
+"""What a run checks before it starts an actor or writes a file: every model directory loads and fits the
+tokenizer and the engine's context, the prompts parse, every reward function imports, the output directory is
+a writable directory. Each problem is one line naming the file, row or key, found in seconds rather than after
+the actors have spent a minute starting."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlhf_ray.config import Config, ConfigError
+from rlhf_ray.data import load_prompts
+from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer, model_context_length
+from rlhf_ray.rewards import load_function
+
+
+def ppo_inputs(cfg: Config):
+    """(tokenizer, prompt rows) of a PPO run whose every input has been checked."""
+    m = cfg.models
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+    models = [("models.policy", m.policy), ("models.reference", m.reference), ("models.critic", m.critic),
+              ("models.monitor", m.monitor)]
+    models += [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]
+    for what, path in models:
+        if path:
+            config = check_model_dir(path, what)
+            check_tokenizer_matches(tokenizer, path, what)
+            if what == "models.policy":
+                longest = model_context_length(config)
+                if longest is not None and cfg.engine.max_model_len > longest:
+                    raise ConfigError(f"config: engine.max_model_len {cfg.engine.max_model_len} exceeds the policy's "
+                                      f"context of {longest} tokens ({path}/config.json)")
+    for s in cfg.reward_sources():
+        if s.kind == "function":
+            load_function(s.path)
+    return tokenizer, load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys)
+
+
+def output_dir(path: str) -> Path:
+    """The run's output directory, created if need be; one line if it is a file or cannot be written."""
+    p = Path(path).resolve()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"config: run.output_dir {p} is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config: run.output_dir {p} cannot be created ({e.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"config: run.output_dir {p} is not writable")
+    return p

@@ -1,0 +1,133 @@
+"""Every bad input is one line naming the file, row or key, found before any actor starts and before anything is
+written to the output directory: config values out of range, damaged model directories, undecodable or empty
+prompts, unloadable reward functions, an unusable output directory, `--resume` with nothing to resume, and
+supervised data too small for one batch. Quick: nothing here starts Ray."""
+import json
+import os
+import shutil
+
+import pytest
+import ray
+
+from launch.ppo import main as ppo_main
+from launch.stages import main as stage_main
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.data import DataError, load_prompts, read_jsonl
+from rlhf_ray.models import ModelLoadError, check_model_dir
+
+from conftest import tiny_overrides
+
+
+@pytest.mark.parametrize("override, key", [
+    ("policy.lr=0", "policy.lr"), ("policy.lr=-1e-5", "policy.lr"), ("policy.lr=.nan", "policy.lr"),
+    ("critic.lr=.inf", "critic.lr"), ("ppo.minibatch_size=0", "ppo.minibatch_size"),
+    ("policy.micro_batch_size=0", "policy.micro_batch_size"), ("generation.n=0", "generation.n"),
+    ("generation.n=-2", "generation.n"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
+    ("ppo.epochs=0", "ppo.epochs"), ("generation.prompts_per_step=0", "generation.prompts_per_step"),
+    ("engine.num_engines=0", "engine.num_engines"), ("train.steps=0", "train.steps"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens"), ("data.max_prompt_tokens=-100", "data.max_prompt_tokens"),
+    ("engine.max_model_len=40", "engine.max_model_len"), ("generation.top_p=0", "generation.top_p"),
+    ("ppo.kl_coef=-0.1", "ppo.kl_coef"), ("sft.batch_size=0", "sft.batch_size"),
+    ("guard.patience=0", "guard.patience"), ("policy.betas=[0.9, 1.5]", "policy.betas"),
+])
+def test_out_of_range_config_values_are_one_line_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny_ppo.yaml", [override])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config: {key} ") and "tiny_ppo.yaml" in msg, msg
+
+
+def test_damaged_model_directories_are_named_with_the_file(tiny_world, tmp_path):
+    good = tmp_path / "good"
+    shutil.copytree(tiny_world["policy"], good)
+    assert check_model_dir(good, "policy")["model_type"] == "qwen2"
+    cases = {"truncated": lambda d: os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size // 2),
+             "header": lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64),
+             "json": lambda d: (d / "config.json").write_text("{not json"),
+             "list": lambda d: (d / "config.json").write_text("[1, 2]")}
+    expect = {"truncated": "model.safetensors is truncated", "header": "not a safetensors file",
+              "json": "config.json is not valid JSON", "list": "config.json must hold a JSON object"}
+    for name, damage in cases.items():
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        damage(d)
+        with pytest.raises(ModelLoadError) as e:
+            check_model_dir(d, "models.policy")
+        assert "\n" not in str(e.value) and expect[name] in str(e.value) and str(d) in str(e.value), str(e.value)
+    with pytest.raises(ModelLoadError, match="directory not found"):
+        check_model_dir(tmp_path / "absent", "models.reward")
+
+
+def test_prompt_files_that_are_not_utf8_or_hold_invisible_prompts_name_the_row(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        read_jsonl(f)
+    f.write_text('{"prompt": "fine"}\n\n{"prompt": "\\u200b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"p.jsonl:3: field 'prompt' must be a string with visible text"):
+        load_prompts(f)
+
+
+def ppo_cli(world, run_dir, *extra):
+    return ppo_main(["--config", "configs/tiny_ppo.yaml",
+                     *[a for o in tiny_overrides(world, run_dir) + list(extra) for a in ("--set", o)]])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, tmp_path, capsys):
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_world["policy"], policy)
+    os.truncate(policy / "model.safetensors", 1000)
+    bad_prompts = tmp_path / "bad.jsonl"
+    bad_prompts.write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        ([f"models.policy={policy}"], 2, "model.safetensors is truncated"),
+        ([f"models.reward={tmp_path / 'no_reward'}"], 2, "directory not found"),
+        (["engine.max_model_len=1024"], 2, "exceeds the policy's context of 512"),
+        ([f"data.prompts={bad_prompts}"], 2, "bad.jsonl:1: not valid UTF-8"),
+        (["reward.sources=[{kind: function, path: 'no_such_module:score'}]"], 2, "cannot load it"),
+        ([f"run.output_dir={blocker}"], 2, "is a file, not a directory"),
+    ]
+    for i, (sets, code, text) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        assert ppo_cli(tiny_world, run_dir, *sets) == code, sets
+        line = one_error_line(capsys)
+        assert text in line, (sets, line)
+        assert not (run_dir / "config.yaml").exists()      # nothing written
+    # --resume with no checkpoint says so, and writes nothing; nothing above started Ray
+    assert ppo_main(["--config", "configs/tiny_ppo.yaml", "--resume",
+                     *[a for o in tiny_overrides(tiny_world, tmp_path / "nothing") for a in ("--set", o)]]) == 1
+    assert "--resume: no complete checkpoint under" in one_error_line(capsys)
+    assert not (tmp_path / "nothing" / "config.yaml").exists() and not ray.is_initialized()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_output_dir_is_refused(tmp_path):
+    from rlhf_ray.preflight import output_dir
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(ConfigError, match="is not writable"):
+        output_dir(str(ro))
+
+
+def test_supervised_data_too_small_or_empty_names_the_file(tiny_world, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(6)))
+    sets = [f"sft.model={tiny_world['policy']}", f"sft.data={data}", "sft.batch_size=16",
+            f"run.output_dir={tmp_path / 'run'}"]
+    assert stage_main("sft", ["--config", "configs/tiny_ppo.yaml", *[a for o in sets for a in ("--set", o)]]) == 2
+    line = one_error_line(capsys)
+    assert str(data) in line and "fewer than one batch (sft.batch_size 16)" in line, line
+    data.write_text("")
+    assert stage_main("sft", ["--config", "configs/tiny_ppo.yaml", *[a for o in sets for a in ("--set", o)]]) == 2
+    line = one_error_line(capsys)
+    assert str(data) in line and "distinct prompt" in line, line
+    assert not (tmp_path / "run" / "config.yaml").exists() and not ray.is_initialized()

@@ -1,0 +1,140 @@
+"""Faults on the real stack (a local Ray cluster, DeepSpeed ranks, the vLLM engine), driven as a user drives it:
+the `python -m launch.ppo` driver in its own process, killed with SIGKILL mid-run and resumed, must end with the
+uninterrupted run's weights and metrics bit for bit, and leave no process behind; a run whose loss diverges must
+stop with one line and publish no checkpoint. Slow: each run starts a cluster."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from launch import reaper
+from launch.ppo import main as ppo_main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def driver(world, run_dir, tag, *args) -> subprocess.Popen:
+    sets = tiny_overrides(world, run_dir) + ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5",
+                                             "logging.wandb.enabled=false"]
+    cmd = [sys.executable, "-m", "launch.ppo", "--config", "configs/tiny_ppo.yaml", *args,
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "FAULT_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_until(proc, line_start: str | None) -> list[str]:
+    """Read the driver's output until a line starting with `line_start` (None: until it exits)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line_start and line.startswith(line_start):
+            return lines
+    proc.wait()
+    return lines
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes started from a driver of this test (the tag is in every descendant's environment)."""
+    return reaper.tagged(tag, "FAULT_TEST_TAG")
+
+
+def leftovers(tag: str, wait_s: float = 10.0) -> list[bytes]:
+    """Command lines of the processes a driver of this test started that are still alive `wait_s` seconds from now
+    (polled: most are gone within 3 s)."""
+    deadline = time.time() + wait_s
+    while tagged(tag) and time.time() < deadline:
+        time.sleep(0.5)
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in tagged(tag)]
+
+
+def kill_and_count_leftovers(proc, tag: str) -> list[bytes]:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return leftovers(tag)
+
+
+def final_state(run_dir: Path):
+    ck = run_dir / "checkpoints" / "step_000006"
+    weights = {m: load_file(str(ck / m / "model.safetensors")) for m in ("policy", "critic")}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return weights, [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/", "_"))} for r in rows]
+
+
+def actor_pids(tag: str, cls: str) -> list[int]:
+    return reaper.actor_processes(tagged(tag), cls)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    """The reference: the same run with nothing killed."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    out = run_until(driver(tiny_world, run_dir, uuid.uuid4().hex), None)
+    assert any(line.startswith("step 6/6") for line in out), "".join(out[-20:])
+    return final_state(run_dir)
+
+
+def assert_same_run(ref, got):
+    (ref_w, ref_rows), (w, rows) = ref, got
+    for model in ("policy", "critic"):
+        assert all(torch.equal(ref_w[model][k], w[model][k]) for k in ref_w[model]), model
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    drop = ("fault/actor_restarts",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in ref_rows]
+
+
+def test_a_killed_driver_resumes_bit_identical_and_leaves_no_process(tiny_world, tmp_path, uninterrupted):
+    tag, run_dir = uuid.uuid4().hex, tmp_path / "killed"
+    # kill 1: as step 2's line prints, i.e. while its checkpoint is being written or the next step has begun
+    proc = driver(tiny_world, run_dir, tag)
+    run_until(proc, "step 2/")
+    assert kill_and_count_leftovers(proc, tag) == []          # no orphans 10 s after a SIGKILL
+    # kill 2: resumed, then killed mid-step 5 (the checkpoint of step 4 is the newest whole one)
+    proc = driver(tiny_world, run_dir, tag, "--resume", "auto")
+    run_until(proc, "step 4/")
+    time.sleep(1.0)
+    assert kill_and_count_leftovers(proc, tag) == []
+    out = run_until(driver(tiny_world, run_dir, tag, "--resume"), None)
+    assert any(line.startswith("resumed from") for line in out) and any(line.startswith("step 6/6") for line in out)
+    assert_same_run(uninterrupted, final_state(run_dir))
+    assert leftovers(tag) == []
+
+
+def test_dead_actors_are_replaced_and_the_run_ends_as_if_nothing_happened(tiny_world, tmp_path, uninterrupted):
+    tag, run_dir = uuid.uuid4().hex, tmp_path / "recovered"
+    proc = driver(tiny_world, run_dir, tag)
+    out = run_until(proc, "step 1/")
+    os.kill(actor_pids(tag, "Reward")[0], signal.SIGKILL)           # the reward actor, as step 2 begins
+    out += run_until(proc, "step 3/")
+    os.kill(actor_pids(tag, "Policy")[-1], signal.SIGKILL)          # a policy rank (ZeRO-2, 2 ranks)
+    out += run_until(proc, None)
+    text = "".join(out)
+    assert proc.returncode == 0, text[-3000:]
+    notes = [line for line in out if " died (" in line and "replaying from step" in line]
+    assert len(notes) == 2 and "reward rank 0" in notes[0] and "policy rank" in notes[1], notes
+    assert "restart 2 of 3" in notes[1]
+    w, rows = final_state(run_dir)
+    assert rows[-1]["fault/actor_restarts"] == 2
+    assert_same_run(uninterrupted, (w, rows))
+    assert leftovers(tag) == []
+
+
+def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
+    run_dir = tmp_path / "diverged"
+    sets = tiny_overrides(tiny_world, run_dir) + ["policy.lr=1e30", "train.steps=3", "checkpoint.every=1",
+                                                  "logging.wandb.enabled=false"]
+    code = ppo_main(["--config", "configs/tiny_ppo.yaml", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: step 1: ") and ("diverged" in err[0] or "skipped" in err[0]), err[0]
+    assert not any((run_dir / "checkpoints").glob("step_*"))
