@@ -88,7 +88,8 @@ def cause_line(e: BaseException) -> str:
 
 def actor_error_line(e: ray.exceptions.RayError) -> str:
     """One line for an exception raised in an actor: the method that raised it, and its root cause."""
-    where = getattr(e, "function_name", None)
+    where = getattr(e, "function_name", None) or re.search(r"ray::([\w.]+)\(", str(e))   # the re-raised kind has
+    where = where.group(1) if isinstance(where, re.Match) else where                      # only its traceback
     return f"{where or 'an actor'} failed: {cause_line(e)}"
 
 
@@ -112,12 +113,12 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     args = ap.parse_args(argv)
     try:
         return run(load_config(args.config, args.overrides), args)
+    except ray.exceptions.RayError as e:     # first: Ray re-raises an actor's exception as a subclass of both
+        print(f"error: {actor_error_line(e)}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, ModelLoadError, RewardSourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ray.exceptions.RayError as e:
-        print(f"error: {actor_error_line(e)}", file=sys.stderr)
         return 1

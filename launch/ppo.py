@@ -24,7 +24,8 @@ from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
 from actors.weight_sync import make_weight_sync
-from launch.common import RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli, start_ray
+from launch.common import (RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli,
+                           start_ray)
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import preflight
 from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
