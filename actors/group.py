@@ -21,6 +21,10 @@ def bundle(cpus: float, gpus: float, node_resource: str | None = None) -> dict:
     return b
 
 
+class PlacementError(RuntimeError):
+    """Resources a role asked for that the cluster could not give in time; one line naming the role."""
+
+
 def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeout: float = 600):
     """A placement group, waited for with a progress line every 30 s and a clear error at the timeout."""
     pg = placement_group(bundles, strategy=strategy)
@@ -30,8 +34,8 @@ def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeou
         what = f"{name}: placement group of {len(bundles)} x {bundles[0]}"
         if waited >= ready_timeout:
             remove_placement_group(pg)
-            raise RuntimeError(f"{what} could not be placed within {ready_timeout:.0f}s "
-                               f"(available: {ray.available_resources()})")
+            raise PlacementError(f"{what} could not be placed within {ready_timeout:.0f}s "
+                                 f"(available: {ray.available_resources()})")
         print(f"{what} still waiting for resources after {waited:.0f}s "
               f"(available: {ray.available_resources()})", flush=True)
     return pg

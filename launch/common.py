@@ -98,6 +98,7 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     RunError -> one line, exit 1. `run(cfg, args)` returns the result, or this returns the exit code (an int)."""
     import argparse
     import sys
+    from actors.group import PlacementError
     from rlhf_ray.config import ConfigError, load_config
     from rlhf_ray.data import DataError
     from rlhf_ray.models import ModelLoadError
@@ -119,6 +120,6 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     except (ConfigError, DataError, ModelLoadError, RewardSourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RunError as e:
+    except (RunError, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -341,7 +341,7 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
         next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
     staleness = (step - 1) - batch["version"]      # policy updates between the sampling weights and this step's
     if int(staleness.max()) > cfg.rollout.max_staleness:
-        raise RuntimeError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
+        raise RunError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
     batch_ref = ray.put(batch)
 
     # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
