@@ -65,14 +65,14 @@ def actor_processes(pids: list[int], cls: str) -> list[int]:
     return sorted(out)
 
 
-def reap(tag: str, pause: float = 0.5, max_rounds: int = 20) -> int:
-    """Kill every tagged process, round after round (a dying raylet may still start one), until two rounds in a
-    row find none. Returns how many it killed."""
+def reap(tag: str, pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 40) -> int:
+    """Kill every tagged process, round after round (a process being started as the driver died may appear a
+    moment later), until `quiet_rounds` rounds in a row find none. Returns how many it killed."""
     killed, quiet = 0, 0
     for _ in range(max_rounds):
         pids = tagged(tag)
         quiet = 0 if pids else quiet + 1
-        if quiet == 2:
+        if quiet == quiet_rounds:
             break
         for pid in pids:
             try:
