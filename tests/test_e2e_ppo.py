@@ -72,13 +72,3 @@ def test_ppo_three_steps_then_engine_matches_policy(tiny_world, tmp_path, zero_s
         assert wandb_dir and list(Path(wandb_dir).glob("*.wandb"))
     finally:
         actors.shutdown()
-
-    if zero_stage == 3:
-        # --resume: continue from the step-3 checkpoint to step 4 (DeepSpeed state, data position, engine weights)
-        cfg4 = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir)
-                           + [f"policy.zero_stage={zero_stage}", "train.steps=4"])
-        summary4 = train(cfg4, resume=True)
-        rows = read_metrics(run_dir)
-        assert [r["step"] for r in rows] == [1, 2, 3, 4]
-        assert rows[-1]["rollout/logprob_diff_max"] < 1e-3          # engines got the resumed weights
-        assert summary4["checkpoint"].endswith("step_000004")
