@@ -3,15 +3,16 @@
 Ray ties its head processes to the driver, but the per-node agents (DashboardAgent, RuntimeEnvAgent) only notice
 their raylet is gone about a minute later. So before the driver starts a local cluster, `watch_local_cluster`
 tags the driver's environment with an id that every process of that cluster inherits (raylet, agents, workers),
-and starts this module as a watchdog in its own session. The watchdog blocks reading a pipe whose only writer
-is the driver; the kernel closes it when the driver exits, and the watchdog then kills every process that
-carries the tag.
+and starts this module as a watchdog in its own session. The watchdog waits until the driver is gone: the pipe
+whose only writer is the driver closes, or the watchdog finds itself re-parented (which holds even if some
+process inherited the pipe). It then kills every process that carries the tag.
 
     python -m launch.reaper <tag>       (started by watch_local_cluster, never by hand)
 """
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -86,7 +87,11 @@ def reap(tag: str, pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 
 
 def main(tag: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # a Ctrl-C meant for the driver must not stop the cleanup
-    sys.stdin.buffer.read()                          # returns when the driver, the pipe's only writer, is gone
+    driver = os.getppid()
+    while os.getppid() == driver:                    # orphaned: the driver is gone, however it ended
+        ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+        if ready and not os.read(sys.stdin.fileno(), 1):
+            break                                    # EOF: the driver, the pipe's only writer, is gone
     reap(tag)
 
 
