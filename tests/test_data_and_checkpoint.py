@@ -122,6 +122,24 @@ def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_metrics_rewind_drops_rows_a_replay_will_log_again(tmp_path):
+    from rlhf_ray.metrics import MetricsLogger
+    cfg = load_config("configs/tiny_ppo.yaml", ["logging.wandb.enabled=false"])
+    log = MetricsLogger(tmp_path, cfg, "t")
+    for step in (1, 2, 3):
+        log.log(step, {"x": float(step)})
+        log.log_samples(step, [{"text": f"s{step}"}])
+    log.rewind(1)                                  # an actor died in step 3; the newest checkpoint is step 1's
+    for step in (2, 3):
+        log.log(step, {"x": 10.0 * step})
+        log.log_samples(step, [{"text": f"r{step}"}])
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+    samples = [json.loads(line)["text"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples == ["s1", "r2", "r3"]
+
+
 @pytest.mark.parametrize("n_items, k, n", [(7, 3, 2), (8, 2, 1), (2, 4, 3), (5, 1, 4)])
 def test_round_robin_split_and_merge_restore_order(n_items, k, n):
     from rlhf_ray.batch import merge_round_robin, split_round_robin
