@@ -74,3 +74,33 @@ def test_an_actor_exception_reaches_the_cli_as_one_line(capsys, tmp_path):
                    ["--config", str(cfg)]) == 1
     assert capsys.readouterr().err == ("error: BrokenScorer.scores_by_source failed: RewardSourceError: reward "
                                        "function 'm:f': expected 16 rewards, got [0.5]\n")
+
+
+def test_a_dead_actor_past_the_restart_bound_stops_the_run_in_one_line():
+    """fault_tolerance.max_actor_restarts reaches the recovery: with it at 0, a dead engine is named, with the
+    cause, in one RunError; the liveness probe finds exactly that actor (real Ray groups of stand-in ranks)."""
+    from types import SimpleNamespace
+
+    from actors.group import RankGroup
+    from launch.ppo import Actors, dead_actors, recover
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    class Standin:            # a rank that only answers whether it is alive (what the recovery asks first);
+        def __init__(self, rank, world_size):      # defined here so that Ray ships it by value to its workers
+            self.rank = rank
+
+        def ready(self):
+            return True
+    remote = ray.remote(num_cpus=0)(Standin)
+    groups = {role: RankGroup(remote, role, 2 if role == "engine" else 1, 0.1, 0.0)
+              for role in ("policy", "reference", "reward", "engine")}
+    actors = Actors(groups["policy"], None, groups["reference"], groups["reward"], groups["engine"])
+    ray.kill(actors.engines[1])
+    assert dead_actors(actors, timeout=10) == [("engine", 1)]
+    cfg = load_config(None, ["models.policy=p", "data.prompts=x", "fault_tolerance.max_actor_restarts=0"])
+    error = ray.exceptions.RayActorError()
+    with pytest.raises(RunError) as e:
+        recover(SimpleNamespace(cfg=cfg, actors=actors, restarts=0), 5, error, None)
+    assert str(e.value).startswith("step 5: engine rank 1 died (RayActorError") and \
+        str(e.value).endswith("fault_tolerance.max_actor_restarts (0) already used") and "\n" not in str(e.value)
+    actors.shutdown()
