@@ -64,12 +64,21 @@ class Trial:
         return False
 
 
-def leftovers(tag: str, wait_s: float = 10.0) -> int:
-    """Processes of the trial still alive `wait_s` seconds from now (polling: most are gone within 3 s)."""
+def leftovers(tag: str, wait_s: float = 10.0) -> list[str]:
+    """Processes of the trial still alive `wait_s` seconds from now (polling: most are gone within 3 s), each as
+    its title and state (/proc/<pid>/stat), so a report says what outlived the driver."""
     deadline = time.time() + wait_s
     while tagged(tag, VAR) and time.time() < deadline:
         time.sleep(0.5)
-    return len(tagged(tag, VAR))
+    out = []
+    for pid in tagged(tag, VAR):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        out.append(f"{title} ({state})")
+    return out
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -166,7 +175,7 @@ def main() -> None:
             continue
         lines.append(f"| {what} | {len(rs)} | {sum(r['exit'] == 0 for r in rs)}/{len(rs)} | "
                      f"{sum(r['same weights'] for r in rs)}/{len(rs)} | {sum(r['same metrics'] for r in rs)}/{len(rs)} | "
-                     f"{sum(r['orphans'] for r in rs)} | {', '.join(r['killed after'] for r in rs)} |")
+                     f"{sum(len(r['orphans']) for r in rs)} | {', '.join(r['killed after'] for r in rs)} |")
     publish("\n".join(lines), OUT / "faults.md")
 
 
