@@ -11,7 +11,7 @@ of the same config:
 A trial passes when the final policy and critic weights equal the undisturbed run's bit for bit, metrics.jsonl
 holds steps 1..8 once each with the undisturbed run's values (wall times aside), and 10 s after the run's end
 (and after each driver kill) no process the trial started is left. Prints the table and writes
-runs/bench-faults/faults.md. A benchmark, not a test: ~30 minutes on 2 cores with the defaults.
+runs/bench-faults/faults.md. A benchmark, not a test: about an hour on 2 cores with the defaults.
 """
 from __future__ import annotations
 
