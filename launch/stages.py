@@ -22,8 +22,8 @@ from rlhf_ray import preflight
 from rlhf_ray.batch import batch_size
 from rlhf_ray.checkpoint import publish_dir
 from rlhf_ray.config import Config, dump_config, resolve_paths
-from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.data import DataError
+from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer
 from rlhf_ray.stage_data import ranking_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
@@ -50,7 +50,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     t0 = time.perf_counter()
 
     # every input checked before anything is started or written
-    check_model_dir(st.model, f"{name}.model")
+    check_model_dir(st.model, f"{name}.model")            # before the tokenizer: a missing model named as such
     tokenizer = load_tokenizer(st.model, cfg.models.trust_remote_code)
     check_tokenizer_matches(tokenizer, st.model, f"{name}.model")
     train, held = stage_tensors(cfg, name, tokenizer)

@@ -87,13 +87,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str) -> None:
-    """One-line error when token ids of the tokenizer would index past the model's embedding."""
+def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str) -> dict:
+    """One-line error when the model directory is damaged (check_model_dir) or token ids of the tokenizer would
+    index past the model's embedding; returns the model's config.json."""
     cfg = check_model_dir(model_dir, what)
     vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelLoadError(f"{what}: tokenizer has {len(tokenizer)} tokens but {model_dir} embeds only {vocab} "
                              f"(config.json vocab_size): tokenizer and model do not match")
+    return cfg
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:

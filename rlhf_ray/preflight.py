@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data import load_prompts
-from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer, model_context_length
+from rlhf_ray.models import check_tokenizer_matches, load_tokenizer, model_context_length
 from rlhf_ray.rewards import load_function
 
 
@@ -22,8 +22,7 @@ def ppo_inputs(cfg: Config):
     models += [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]
     for what, path in models:
         if path:
-            config = check_model_dir(path, what)
-            check_tokenizer_matches(tokenizer, path, what)
+            config = check_tokenizer_matches(tokenizer, path, what)      # the directory's checks included
             if what == "models.policy":
                 longest = model_context_length(config)
                 if longest is not None and cfg.engine.max_model_len > longest:
