@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
-from launch.reaper import actor_processes, tagged  # noqa: E402
+from launch.reaper import actor_processes, alive, descendants, tagged  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-faults"
 STEPS = 8
@@ -53,25 +53,39 @@ class Trial:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
+        self.family: dict[int, str] = {}      # processes seen below the driver (pid -> start time)
 
     def until(self, prefix: str | None) -> bool:
         """Read until a line starting with `prefix` (True), or the end of the output (False)."""
         for line in self.proc.stdout:
             self.lines.append(line)
+            if line.startswith("step "):
+                self.note_family()
             if prefix and line.startswith(prefix):
                 return True
         self.proc.wait()
         return False
 
+    def note_family(self) -> None:
+        self.family.update(descendants(self.proc.pid))
 
-def leftovers(tag: str, wait_s: float = 10.0) -> list[str]:
-    """Processes of the trial still alive `wait_s` seconds from now (polling: most are gone within 3 s), each as
-    its title and state (/proc/<pid>/stat), so a report says what outlived the driver."""
+    def kill(self) -> None:
+        self.note_family()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def leftovers(trial: Trial, tag: str, wait_s: float = 10.0) -> list[str]:
+    """Processes of the trial (tagged, or seen below its driver: a process title can overwrite the tag) still
+    alive `wait_s` seconds from now (polling: most are gone within 3 s), each as its title and state
+    (/proc/<pid>/stat), so a report says what outlived the driver."""
+    def left():
+        return sorted(set(tagged(tag, VAR)) | set(alive(trial.family)))
     deadline = time.time() + wait_s
-    while tagged(tag, VAR) and time.time() < deadline:
+    while left() and time.time() < deadline:
         time.sleep(0.5)
     out = []
-    for pid in tagged(tag, VAR):
+    for pid in left():
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -111,15 +125,14 @@ def driver_kill(world: Path, ref, n: int, rng: random.Random) -> dict:
     tag, run_dir = uuid.uuid4().hex, OUT / f"driver{n}"
     t = Trial(world, run_dir, tag)
     random_moment(rng, t)
-    t.proc.send_signal(signal.SIGKILL)
-    t.proc.wait()
-    after_kill = leftovers(tag)
+    t.kill()
+    after_kill = leftovers(t, tag)
     last = next((line.split()[1] for line in reversed(t.lines) if line.startswith("step ")), "0/")
     resumed = Trial(world, run_dir, tag, "--resume", "auto")
     resumed.until(None)
     same_w, same_rows = same_as(ref, run_dir)
     return {"what": "driver", "killed after": f"step {last}", "exit": resumed.proc.returncode,
-            "same weights": same_w, "same metrics": same_rows, "orphans": after_kill + leftovers(tag)}
+            "same weights": same_w, "same metrics": same_rows, "orphans": after_kill + leftovers(resumed, tag)}
 
 
 def actor_kill(world: Path, ref, role: str, n: int, rng: random.Random) -> dict:
@@ -134,7 +147,7 @@ def actor_kill(world: Path, ref, role: str, n: int, rng: random.Random) -> dict:
     recovered = sum(" died (" in line and "replaying from step" in line for line in t.lines)
     same_w, same_rows = same_as(ref, run_dir)
     return {"what": role, "killed after": f"step {last}", "exit": t.proc.returncode, "recoveries": recovered,
-            "same weights": same_w, "same metrics": same_rows, "orphans": leftovers(tag)}
+            "same weights": same_w, "same metrics": same_rows, "orphans": leftovers(t, tag)}
 
 
 def main() -> None:

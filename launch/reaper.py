@@ -5,7 +5,10 @@ their raylet is gone about a minute later. So before the driver starts a local c
 tags the driver's environment with an id that every process of that cluster inherits (raylet, agents, workers),
 and starts this module as a watchdog in its own session. The watchdog waits until the driver is gone: the pipe
 whose only writer is the driver closes, or the watchdog finds itself re-parented (which holds even if some
-process inherited the pipe). It then kills every process that carries the tag.
+process inherited the pipe). It then kills every process that carries the tag, and every process it last saw
+descending from the driver: the tag alone misses some, because a process that sets its title
+(setproctitle: "ray::DashboardAgent") may zero the start of its environment block as /proc shows it, and
+whether the tag sits there depends on the order the raylet put the variables in.
 
     python -m launch.reaper <tag>       (started by watch_local_cluster, never by hand)
 """
@@ -53,6 +56,40 @@ def tagged(tag: str, var: str = TAG) -> list[int]:
     return found
 
 
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid, it names one
+    process, not a later one that reuses the pid. None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live process below `root` (children, theirs, ...), each with its start time."""
+    children, started = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d.name))
+        started[int(d.name)] = fields[19]
+    out, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out[pid] = started[pid]
+        todo += children.get(pid, [])
+    return out
+
+
+def alive(procs: dict[int, str]) -> list[int]:
+    """Those of `procs` (pid -> start time) still running: the same process, not a reused pid."""
+    return [pid for pid, started in procs.items() if start_time(pid) == started]
+
+
 def actor_processes(pids: list[int], cls: str) -> list[int]:
     """Those of `pids` that are Ray workers hosting an actor of class `cls` (titled ray::<cls>[.<method>])."""
     out = []
@@ -66,12 +103,13 @@ def actor_processes(pids: list[int], cls: str) -> list[int]:
     return sorted(out)
 
 
-def reap(tag: str, pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 40) -> int:
-    """Kill every tagged process, round after round (a process being started as the driver died may appear a
-    moment later), until `quiet_rounds` rounds in a row find none. Returns how many it killed."""
+def reap(tag: str, known: dict[int, str], pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 40) -> int:
+    """Kill every tagged process and every one of `known` (pid -> start time) still running, round after round (a
+    process being started as the driver died may appear a moment later), until `quiet_rounds` rounds in a row
+    find none. Returns how many it killed."""
     killed, quiet = 0, 0
     for _ in range(max_rounds):
-        pids = tagged(tag)
+        pids = set(tagged(tag)) | set(alive(known))
         quiet = 0 if pids else quiet + 1
         if quiet == quiet_rounds:
             break
@@ -87,12 +125,15 @@ def reap(tag: str, pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 
 
 def main(tag: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # a Ctrl-C meant for the driver must not stop the cleanup
-    driver = os.getppid()
+    driver, known = os.getppid(), {}
     while os.getppid() == driver:                    # orphaned: the driver is gone, however it ended
+        # the driver's processes as of half a second ago, the ones that have died since dropped
+        known = {pid: t for pid, t in descendants(driver).items() if pid != os.getpid()} | \
+            {pid: known[pid] for pid in alive(known)}
         ready, _, _ = select.select([sys.stdin], [], [], 0.5)
         if ready and not os.read(sys.stdin.fileno(), 1):
             break                                    # EOF: the driver, the pipe's only writer, is gone
-    reap(tag)
+    reap(tag, known)
 
 
 if __name__ == "__main__":

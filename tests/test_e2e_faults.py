@@ -33,10 +33,13 @@ def driver(world, run_dir, tag, *args) -> subprocess.Popen:
 
 
 def run_until(proc, line_start: str | None) -> list[str]:
-    """Read the driver's output until a line starting with `line_start` (None: until it exits)."""
+    """Read the driver's output until a line starting with `line_start` (None: until it exits). At each step line,
+    note the processes below the driver (`proc.family`)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
+        if line.startswith("step "):
+            proc.family = {**getattr(proc, "family", {}), **reaper.descendants(proc.pid)}
         if line_start and line.startswith(line_start):
             return lines
     proc.wait()
@@ -44,23 +47,27 @@ def run_until(proc, line_start: str | None) -> list[str]:
 
 
 def tagged(tag: str) -> list[int]:
-    """Live processes started from a driver of this test (the tag is in every descendant's environment)."""
+    """Live processes started from a driver of this test (the tag is in every descendant's environment, unless a
+    process title overwrote it: hence `proc.family` beside it)."""
     return reaper.tagged(tag, "FAULT_TEST_TAG")
 
 
-def leftovers(tag: str, wait_s: float = 10.0) -> list[bytes]:
-    """Command lines of the processes a driver of this test started that are still alive `wait_s` seconds from now
-    (polled: most are gone within 3 s)."""
+def leftovers(proc, tag: str, wait_s: float = 10.0) -> list[bytes]:
+    """Command lines of the processes a driver of this test started (tagged, or seen below the driver) that are
+    still alive `wait_s` seconds from now (polled: most are gone within 3 s)."""
+    def left():
+        return sorted(set(tagged(tag)) | set(reaper.alive(getattr(proc, "family", {}))))
     deadline = time.time() + wait_s
-    while tagged(tag) and time.time() < deadline:
+    while left() and time.time() < deadline:
         time.sleep(0.5)
-    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in tagged(tag)]
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in left()]
 
 
 def kill_and_count_leftovers(proc, tag: str) -> list[bytes]:
+    proc.family = {**getattr(proc, "family", {}), **reaper.descendants(proc.pid)}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return leftovers(tag)
+    return leftovers(proc, tag)
 
 
 def final_state(run_dir: Path):
@@ -112,10 +119,11 @@ def test_killed_drivers_and_dead_actors_end_the_run_as_if_nothing_happened(tiny_
     notes = [line for line in out if " died (" in line and "replaying from step" in line]
     assert len(notes) == 2 and "reward rank 0" in notes[0] and "replaying from step 1 (restart 1 of 3)" in notes[0]
     assert "policy rank" in notes[1] and "replaying from step 3 (restart 2 of 3)" in notes[1], notes
-    out = run_until(driver(tiny_world, run_dir, tag, "--resume"), None)
+    proc = driver(tiny_world, run_dir, tag, "--resume")
+    out = run_until(proc, None)
     assert any(line.startswith("resumed from") for line in out) and any(line.startswith("step 6/6") for line in out)
     assert_same_run(uninterrupted, final_state(run_dir))
-    assert leftovers(tag) == []
+    assert leftovers(proc, tag) == []
 
 
 def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
