@@ -58,10 +58,14 @@ class RankGroup:
     def __init__(self, actor_cls, name: str, num_ranks: int, cpus_per_rank: float, gpus_per_rank: float,
                  args: tuple = (), distributed: bool = False, runtime_env: dict | None = None,
                  strategy: str = "PACK", ready_timeout: float = 600, shared: SharedPlacement | None = None,
-                 node_resource: str | None = None, gpu_bundles: int = 1):
+                 node_resource: str | None = None, gpu_bundles: int = 1, wait: bool = True):
         """gpu_bundles k > 1 (a vLLM engine with tensor parallelism k on GPUs): each rank gets k one-GPU bundles;
         the engine actor itself holds no GPU, and vLLM's Ray workers take those bundles, named for it by
-        VLLM_RAY_BUNDLE_INDICES (vLLM refuses a bundle with more than one GPU)."""
+        VLLM_RAY_BUNDLE_INDICES (vLLM refuses a bundle with more than one GPU).
+
+        wait=False returns as soon as the actors are requested, their rendezvous under way: a driver creating
+        several groups then has them all starting side by side (imports, model loads, an engine's warm-up) and
+        calls `wait` on each afterwards."""
         self.name = name
         k = gpu_bundles
         if shared is not None:          # colocated: rank i in bundle i of the shared group, a share of its GPU
@@ -73,8 +77,9 @@ class RankGroup:
         self.actor_cls, self.args, self.runtime_env, self.k = actor_cls, args, runtime_env, k
         self.cpus_per_rank, self.gpus_per_rank, self.distributed = cpus_per_rank, gpus_per_rank, distributed
         self.actors = [self._spawn(i, num_ranks) for i in range(num_ranks)]
-        if distributed:
-            self._rendezvous()
+        self.joining = self._rendezvous() if distributed else []
+        if wait:
+            self.wait()
 
     def _spawn(self, i: int, num_ranks: int):
         """Rank i's actor, in its own bundle(s) of the group's placement group."""
@@ -90,10 +95,17 @@ class RankGroup:
                 placement_group=self.pg, placement_group_bundle_index=i * k, **opts),
         ).remote(i, num_ranks, *self.args)
 
-    def _rendezvous(self) -> None:
+    def _rendezvous(self) -> list:
+        """Every rank joins the process group at rank 0's address; returns those calls. Nothing blocks here: the
+        address and port go to the ranks as references, which Ray resolves before each rank's call runs."""
         master = self.actors[0]
-        addr, port = ray.get([master.node_ip.remote(), master.free_port.remote()])
-        ray.get([a.init_process_group.remote(addr, port) for a in self.actors])
+        addr, port = master.node_ip.remote(), master.free_port.remote()
+        return [a.init_process_group.remote(addr, port) for a in self.actors]
+
+    def wait(self) -> None:
+        """Until every rank has joined the group's process group; raises what a rank raised on the way."""
+        ray.get(self.joining)
+        self.joining = []
 
     def respawn(self, ranks: list[int]) -> list[int]:
         """Replace `ranks` with fresh actors in the same bundles (their resources stay reserved, so the new ones
@@ -105,7 +117,8 @@ class RankGroup:
         for i in ranks:
             self.actors[i] = self._spawn(i, len(self.actors))
         if self.distributed:
-            self._rendezvous()
+            self.joining = self._rendezvous()
+        self.wait()
         ray.get([self.actors[i].ready.remote() for i in ranks])
         return ranks
 

@@ -96,7 +96,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
         n, cpus, gpus, node = role_resources(cfg, role)
         return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed,
                          runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node,
-                         gpu_bundles=gpu_bundles)
+                         gpu_bundles=gpu_bundles, wait=False)       # every role starts up side by side
 
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
@@ -105,6 +105,9 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     tp = cfg.engine.tensor_parallel_size
     engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)),
                     gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
+    for g in (policy, critic, reference, reward, engines):
+        if g:
+            g.wait()
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines, placements)
 
