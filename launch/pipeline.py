@@ -305,6 +305,8 @@ def run_pipeline(cfg: Config) -> dict:
     table = summary_table(ev, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
     plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
     summary = {"eval": ev, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
+               "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
+                            for name, st in (("sft", sft), ("rm", rm), ("dpo", dpo))},
                "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
                "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,

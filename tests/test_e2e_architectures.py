@@ -3,8 +3,11 @@ world's tokenizer, weights drawn wide enough that its next-token distributions a
 steps; the engine's sampling logprobs must match the policy's own, before the first sync and after each one, to
 1e-4 (`rollout/logprob_diff_max`). That checks that vLLM loads the family, that the weight sync names and shapes
 every tensor as vLLM expects (GPT-2's transposed Conv1D, untied output embeddings, ...) and that both sides
-compute the same function. Slow: one PPO run per family."""
+compute the same function. Llama also takes the fp32 fast-step path (`ppo.reuse_sample_logprobs`: the engine's
+sampling logprobs as pi_old, no policy forward in scoring; GAE with a critic); its bf16 variant is in
+test_e2e_fast_step.py. Slow: one PPO run per family."""
 import json
+import math
 
 import pytest
 import transformers
@@ -25,6 +28,7 @@ FAMILIES = {                      # Qwen2, the tiny world's own family, is held 
                        {**SMALL, "sliding_window": None, "tie_word_embeddings": False}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=128, n_layer=2, n_head=2, n_positions=512)),
 }
+RUN = {"llama": ["ppo.reuse_sample_logprobs=true", "ppo.advantage=gae", "policy.micro_batch_size=4"]}
 
 
 def build_policy(family: str, tokenizer_dir: str, out) -> str:
@@ -46,10 +50,12 @@ def test_engine_and_policy_agree_for_every_family(family, tiny_world, tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         f"models.policy={policy}", "ppo.advantage=grpo", "policy.num_ranks=1", "policy.lr=1e-3",
-        "logging.wandb.enabled=false"])
+        "logging.wandb.enabled=false", *RUN.get(family, [])])
     train(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["rollout/logprob_diff_max"] for r in rows]
     print(f"{family}: engine-policy logprob gaps {gaps}, entropy {[r['policy/entropy'] for r in rows]}")
     assert len(rows) == 3 and all(g < 1e-4 for g in gaps), gaps
     assert rows[-1]["kl/ref_per_seq"] > 0                # the policy moved: the syncs carried new weights
+    assert all(math.isfinite(r["policy/loss"]) and r["policy/entropy"] > 0 for r in rows)   # entropy: outside the graph
+    assert all(math.isfinite(r.get("value/loss", 0.0)) for r in rows)
