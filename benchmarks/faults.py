@@ -10,7 +10,9 @@ of the same config:
     the driver recover on its own.
 A trial passes when the final policy and critic weights equal the undisturbed run's bit for bit, metrics.jsonl
 holds steps 1..8 once each with the undisturbed run's values (wall times aside), and 10 s after the run's end
-(and after each driver kill) no process the trial started is left. Prints the table and writes
+(and after each driver kill) no process the trial started is left. It also counts the run's processes whose
+environment no longer showed the cluster tag at the driver's last step (a process title written over it, as
+Ray's agents' sometimes is): the watchdog reaps those by descent alone. Prints the table and writes
 runs/bench-faults/faults.md. A benchmark, not a test: about an hour on 2 cores with the defaults.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
-from launch.reaper import actor_processes, alive, descendants, tagged  # noqa: E402
+from launch.reaper import TAG, actor_processes, alive, descendants, tagged  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-faults"
 STEPS = 8
@@ -54,6 +56,7 @@ class Trial:
                                      text=True)
         self.lines: list[str] = []
         self.family: dict[int, str] = {}      # processes seen below the driver (pid -> start time)
+        self.untagged = 0
 
     def until(self, prefix: str | None) -> bool:
         """Read until a line starting with `prefix` (True), or the end of the output (False)."""
@@ -67,7 +70,20 @@ class Trial:
         return False
 
     def note_family(self) -> None:
-        self.family.update(descendants(self.proc.pid))
+        """Remember the processes below the driver, and how many of them have lost the cluster tag from their
+        environment (a process title written over it): the watchdog finds those by descent only."""
+        now = descendants(self.proc.pid)
+        self.family.update(now)
+        envs, titles = {}, {}
+        for pid in now:
+            try:
+                envs[pid] = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+                titles[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+        tags = {e for env in envs.values() for e in env if e.startswith(f"{TAG}=".encode())}
+        self.untagged = sum(tags.isdisjoint(env) for pid, env in envs.items()
+                            if b"launch.reaper" not in titles[pid])      # the watchdog goes without, by design
 
     def kill(self) -> None:
         self.note_family()
@@ -132,7 +148,8 @@ def driver_kill(world: Path, ref, n: int, rng: random.Random) -> dict:
     resumed.until(None)
     same_w, same_rows = same_as(ref, run_dir)
     return {"what": "driver", "killed after": f"step {last}", "exit": resumed.proc.returncode,
-            "same weights": same_w, "same metrics": same_rows, "orphans": after_kill + leftovers(resumed, tag)}
+            "same weights": same_w, "same metrics": same_rows, "orphans": after_kill + leftovers(resumed, tag),
+            "untagged": t.untagged + resumed.untagged}
 
 
 def actor_kill(world: Path, ref, role: str, n: int, rng: random.Random) -> dict:
@@ -147,7 +164,7 @@ def actor_kill(world: Path, ref, role: str, n: int, rng: random.Random) -> dict:
     recovered = sum(" died (" in line and "replaying from step" in line for line in t.lines)
     same_w, same_rows = same_as(ref, run_dir)
     return {"what": role, "killed after": f"step {last}", "exit": t.proc.returncode, "recoveries": recovered,
-            "same weights": same_w, "same metrics": same_rows, "orphans": leftovers(t, tag)}
+            "same weights": same_w, "same metrics": same_rows, "orphans": leftovers(t, tag), "untagged": t.untagged}
 
 
 def main() -> None:
@@ -181,14 +198,16 @@ def main() -> None:
              f"({cpu_model()}, {os.cpu_count()} cores, {datetime.date.today()}, commit {git_commit()}, "
              f"{(time.time() - t0) / 60:.0f} min):", "",
              "| killed | trials | run finished | final weights bit-identical | metrics rows identical | "
-             "orphan processes 10 s later | killed after |", "|---|---|---|---|---|---|---|"]
+             "orphan processes 10 s later | of the run's processes, without the cluster tag | killed after |",
+             "|---|---|---|---|---|---|---|---|"]
     for what in ["driver", *ACTORS]:
         rs = [r for r in results if r["what"] == what]
         if not rs:
             continue
         lines.append(f"| {what} | {len(rs)} | {sum(r['exit'] == 0 for r in rs)}/{len(rs)} | "
                      f"{sum(r['same weights'] for r in rs)}/{len(rs)} | {sum(r['same metrics'] for r in rs)}/{len(rs)} | "
-                     f"{sum(len(r['orphans']) for r in rs)} | {', '.join(r['killed after'] for r in rs)} |")
+                     f"{sum(len(r['orphans']) for r in rs)} | {sum(r['untagged'] for r in rs)} | "
+                     f"{', '.join(r['killed after'] for r in rs)} |")
     publish("\n".join(lines), OUT / "faults.md")
 
 
