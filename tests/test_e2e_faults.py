@@ -129,7 +129,8 @@ def test_killed_drivers_and_dead_actors_end_the_run_as_if_nothing_happened(tiny_
 def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
     run_dir = tmp_path / "diverged"
     sets = tiny_overrides(tiny_world, run_dir) + ["policy.lr=1e30", "train.steps=3", "checkpoint.every=1",
-                                                  "ppo.advantage=grpo", "logging.wandb.enabled=false"]
+                                                  "ppo.advantage=grpo", "policy.num_ranks=1",
+                                                  "logging.wandb.enabled=false"]
     code = ppo_main(["--config", "configs/tiny_ppo.yaml", *[a for s in sets for a in ("--set", s)]])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]   # (actors log too)
     assert code == 1 and len(errors) == 1, errors
