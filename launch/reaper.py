@@ -8,7 +8,7 @@ whose only writer is the driver closes, or the watchdog finds itself re-parented
 process inherited the pipe). It then kills every process that carries the tag, and every process it last saw
 descending from the driver: the tag alone misses some, because a process that sets its title
 (setproctitle: "ray::DashboardAgent") may zero the start of its environment block as /proc shows it, and
-whether the tag sits there depends on the order the raylet put the variables in.
+whether the tag sits in that part varies from one cluster to the next.
 
     python -m launch.reaper <tag>       (started by watch_local_cluster, never by hand)
 """
