@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
-from launch.reaper import TAG, actor_processes, alive, descendants, tagged  # noqa: E402
+from launch.reaper import TAG, actor_processes, cluster_processes, descendants, tagged  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-faults"
 STEPS = 8
@@ -96,7 +96,7 @@ def leftovers(trial: Trial, tag: str, wait_s: float = 10.0) -> list[str]:
     alive `wait_s` seconds from now (polling: most are gone within 3 s), each as its title and state
     (/proc/<pid>/stat), so a report says what outlived the driver."""
     def left():
-        return sorted(set(tagged(tag, VAR)) | set(alive(trial.family)))
+        return cluster_processes(tag, trial.family, VAR)
     deadline = time.time() + wait_s
     while left() and time.time() < deadline:
         time.sleep(0.5)

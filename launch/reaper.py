@@ -90,6 +90,11 @@ def alive(procs: dict[int, str]) -> list[int]:
     return [pid for pid, started in procs.items() if start_time(pid) == started]
 
 
+def cluster_processes(tag: str, known: dict[int, str], var: str = TAG) -> list[int]:
+    """A cluster's live processes: those tagged var=tag, and those of `known` (pid -> start time) still running."""
+    return sorted(set(tagged(tag, var)) | set(alive(known)))
+
+
 def actor_processes(pids: list[int], cls: str) -> list[int]:
     """Those of `pids` that are Ray workers hosting an actor of class `cls` (titled ray::<cls>[.<method>])."""
     out = []
@@ -109,7 +114,7 @@ def reap(tag: str, known: dict[int, str], pause: float = 0.5, quiet_rounds: int 
     find none. Returns how many it killed."""
     killed, quiet = 0, 0
     for _ in range(max_rounds):
-        pids = set(tagged(tag)) | set(alive(known))
+        pids = cluster_processes(tag, known)
         quiet = 0 if pids else quiet + 1
         if quiet == quiet_rounds:
             break

@@ -56,7 +56,7 @@ def leftovers(proc, tag: str, wait_s: float = 10.0) -> list[bytes]:
     """Command lines of the processes a driver of this test started (tagged, or seen below the driver) that are
     still alive `wait_s` seconds from now (polled: most are gone within 3 s)."""
     def left():
-        return sorted(set(tagged(tag)) | set(reaper.alive(getattr(proc, "family", {}))))
+        return reaper.cluster_processes(tag, getattr(proc, "family", {}), "FAULT_TEST_TAG")
     deadline = time.time() + wait_s
     while left() and time.time() < deadline:
         time.sleep(0.5)
