@@ -15,19 +15,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlhf_ray.batch import Batch, batch_size, chunks, select, shard, sort_by_length
-from rlhf_ray.ds_config import deepspeed_config
+from rlhf_ray.batch import B, TensorBatch, chunks, select, shard, sort_by_length
+from rlhf_ray.ds_config import deepspeed_config, inference_config
+from rlhf_ray.seeds import derive_seed
 
 
 def full_numel(p: torch.Tensor) -> int:
     """Elements of the whole parameter, also when ZeRO-3 holds only this rank's partition of it."""
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def busy(method):
@@ -44,17 +39,19 @@ def busy(method):
 
 
 class RankActor:
-    """One rank of a role. Subclasses are wrapped with `ray.remote` in their role module. `cores` (the role's
-    cpu_cores, one machine only) pins the process there with one thread per core."""
+    """One rank of a role. Subclasses are wrapped with `ray.remote` in their role module. `device` is where the
+    driver placed the role ("cpu" or "cuda": Config.device_for). `cores` (the role's cpu_cores, one machine only)
+    pins the process there with one thread per core. `role` and `seed` (run.seed) name this rank's random streams
+    (rlhf_ray/seeds.py)."""
 
-    def __init__(self, rank: int, world_size: int, num_threads: int, device: str, cores: list[int] | None = None):
-        self.rank, self.world_size = rank, world_size
-        self.device = resolve_device(device)
+    def __init__(self, rank: int, world_size: int, device: str, *, role: str, seed: int, threads: float,
+                 cores: list[int] | None = None):
+        self.rank, self.world_size, self.device, self.role, self.seed = rank, world_size, device, role, seed
         if cores:
             os.sched_setaffinity(0, cores)
-            num_threads = len(cores)
-        torch.set_num_threads(max(1, num_threads))
-        torch.manual_seed(1234 + rank)
+            threads = len(cores)
+        torch.set_num_threads(max(1, int(threads)))
+        torch.manual_seed(derive_seed(seed, f"{role}/init", rank))     # e.g. a fresh value head's initialisation
         self._busy: defaultdict[str, float] = defaultdict(float)
 
     def take_busy(self) -> dict[str, float]:
@@ -94,24 +91,21 @@ class RankActor:
     def ready(self) -> bool:
         return True
 
-    def _to_device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
     collective = False      # ZeRO-3: every forward gathers parameters from all ranks
 
     @torch.no_grad()
-    def _forward_shard(self, batch: Batch, fn: Callable[[Batch], torch.Tensor], micro: int) -> torch.Tensor:
+    def _forward_shard(self, batch: B, fn: Callable[[B], torch.Tensor], micro: int) -> torch.Tensor:
         """Run `fn` over this rank's shard in micro-batches. Under ZeRO-3 every rank must call this, and every
         rank runs the same number of forwards (a rank with a shorter shard repeats one and drops the result)."""
         part, unsort = sort_by_length(shard(batch, self.rank, self.world_size))   # similar lengths trim well
         filler = select(batch, slice(0, 1))
-        empty = batch_size(part) == 0          # more ranks than rows: run one row for the shapes, return none
+        empty = len(part) == 0                 # more ranks than rows: run one row for the shapes, return none
         mbs = [filler] if empty else chunks(part, micro)
-        out = torch.cat([fn(self._to_device(mb)).cpu() for mb in mbs])
+        out = torch.cat([fn(mb.to(self.device)).cpu() for mb in mbs])
         if self.collective:
-            n_max = math.ceil(math.ceil(batch_size(batch) / self.world_size) / micro)
+            n_max = math.ceil(math.ceil(len(batch) / self.world_size) / micro)
             for _ in range(n_max - len(mbs)):
-                fn(self._to_device(filler))
+                fn(filler.to(self.device))
         return out[:0] if empty else out[unsort]
 
 
@@ -134,21 +128,18 @@ class FrozenRole(RankActor):
         if self._role_cfg.zero_stage != 3:
             return model.to(self.device).eval().requires_grad_(False)
         import deepspeed
-        ds_cfg = self._zero3_inference_config()
-        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+        engine, *_ = deepspeed.initialize(model=model, config=self._ds_config())
         self.collective = True
         self.device = engine.device
         return engine.module.eval().requires_grad_(False)
 
-    def _zero3_inference_config(self) -> dict:
-        return {"train_micro_batch_size_per_gpu": self._role_cfg.micro_batch_size, "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": 3}, "bf16": {"enabled": self._dtype == "bfloat16"}}
+    def _ds_config(self) -> dict:
+        return inference_config(self._role_cfg.micro_batch_size, self._dtype)
 
     def _before_load(self) -> None:
         """Call before from_pretrained: under ZeRO-3 the weights are then partitioned as they load (zero.Init)."""
         if self._role_cfg.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-            self._hf_ds_config = HfDeepSpeedConfig(self._zero3_inference_config())   # must stay alive
+            partition_at_load(self, self._ds_config())
 
 
 class DeepSpeedRole(RankActor):
@@ -163,9 +154,7 @@ class DeepSpeedRole(RankActor):
         self.zero_stage = ds_cfg["zero_optimization"]["stage"]
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
         if self.zero_stage == 3:
-            # Partition at load time (zero.Init inside from_pretrained): no rank ever holds the whole model.
-            from transformers.integrations import HfDeepSpeedConfig
-            self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)   # must stay alive while the model loads
+            partition_at_load(self, ds_cfg)
         model = load_model()
         if role_cfg.lora.rank > 0:
             model = add_lora(model, role_cfg.lora, head)
@@ -180,31 +169,35 @@ class DeepSpeedRole(RankActor):
         self.collective = self.zero_stage == 3
 
     # ------------------------------------------------------------------ epochs over minibatches (PPO, stages)
-    def _minibatch_updates(self, exp: Batch, epochs: int, minibatch_size: int, seed: int,
-                           loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]]) -> dict:
+    def _minibatch_updates(self, exp: B, epochs: int, minibatch_size: int, step: int,
+                           loss_fn: Callable[[B, float], tuple[torch.Tensor, dict]]) -> dict:
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
         A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
-        loss_fn(micro, denominators) gets the whole minibatch's loss denominators (see _loss_denominators).
+        loss_fn(micro, denominator) must divide its micro-batch's loss sum by `denominator`, the whole minibatch's
+        count (`_loss_count`) over the number of micro-batch losses DeepSpeed averages (accumulation steps x
+        ranks): the optimizer step's gradient is then exactly that of the minibatch's loss, however it is split.
         Its stats are averaged over micro-batches, except those named *_max, which are maxima.
 
         The shuffle is seeded identically on every rank so the ranks agree on each minibatch. A rank cuts its
         shard into micro-batches by length (the gradient is a sum over them, so their order is free). DeepSpeed
         averages gradients across ranks and accumulates over micro-batches; one optimizer step per minibatch.
+        Randomness derives from (run seed, role, step, rank), so a resumed run repeats it.
         """
         t0, skipped = time.perf_counter(), self.engine.skipped_steps
-        torch.manual_seed(seed * 1000 + self.rank)   # any randomness in the update (e.g. LoRA dropout) derives from
-        n = batch_size(exp)                          # (step, rank), so a resumed run repeats it
+        torch.manual_seed(derive_seed(self.seed, f"{self.role}/update", step, self.rank))   # e.g. LoRA dropout
+        n = len(exp)
+        losses_averaged = self.engine.gradient_accumulation_steps() * self.world_size
         stats: dict[str, list[float]] = defaultdict(list)
         self.engine.train()
         for epoch in range(epochs):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            for idx in perm.split(minibatch_size):
+            order = torch.Generator().manual_seed(derive_seed(self.seed, f"{self.role}/order", step, epoch))
+            for idx in torch.randperm(n, generator=order).split(minibatch_size):
                 if len(idx) < minibatch_size:
                     break
                 mb = select(exp, idx)
-                denominators = self._loss_denominators(mb)
+                denominator = self._loss_count(mb) / losses_averaged
                 for micro in chunks(sort_by_length(shard(mb, self.rank, self.world_size))[0], self.micro):
-                    loss, s = loss_fn(self._to_device(micro), denominators)
+                    loss, s = loss_fn(micro.to(self.device), denominator)
                     self.engine.backward(loss)
                     self.engine.step()
                     stats["loss"].append(loss.item())
@@ -221,16 +214,9 @@ class DeepSpeedRole(RankActor):
         return {"trainable": sum(full_numel(p) for p in params if p.requires_grad),
                 "total": sum(full_numel(p) for p in params)}
 
-    def _loss_denominators(self, minibatch: Batch) -> dict[str, float]:
-        """Per aggregation mode, the minibatch's token (or sequence) count divided by the number of micro-batch
-        losses DeepSpeed averages (gradient accumulation steps x ranks). Each micro-batch's loss divided by it
-        makes the optimizer step's gradient exactly that of the whole minibatch's loss, however it is split."""
-        k = self.engine.gradient_accumulation_steps() * self.world_size
-        seqs = batch_size(minibatch) / k
-        out = {"seq-mean-token-mean": seqs, "seq-mean-token-sum": seqs}
-        if "response_mask" in minibatch:
-            out["token-mean"] = float(minibatch["response_mask"].sum()) / k
-        return out
+    def _loss_count(self, minibatch: TensorBatch) -> float:
+        """What the role's loss averages over in a whole minibatch (tokens, sequences, rankings): each role says."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ full weights, bucket by bucket
     def _named_buckets(self, bucket_bytes: int, keep_on_device: bool = False) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -290,6 +276,13 @@ class DeepSpeedRole(RankActor):
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+
+def partition_at_load(actor, ds_cfg: dict) -> None:
+    """ZeRO-3: make the next from_pretrained partition the weights as they load (zero.Init), so no rank ever holds
+    the whole model. transformers reads the setting from a live HfDeepSpeedConfig: the actor keeps it."""
+    from transformers.integrations import HfDeepSpeedConfig
+    actor._hf_ds_config = HfDeepSpeedConfig(ds_cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA

@@ -12,6 +12,8 @@ from pathlib import Path
 import ray
 
 from actors.base import RankActor, busy
+from rlhf_ray.batch import Sample
+from rlhf_ray.seeds import derive_seed
 
 
 def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
@@ -35,7 +37,8 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
 
 class Engine(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.engine.cpus_per_engine), device, cfg.engine.cpu_cores)
+        super().__init__(rank, world_size, device, role="engine", seed=cfg.run.seed, threads=cfg.engine.cpus_per_engine,
+                         cores=cfg.engine.cpu_cores)
         self.version = 0          # the policy update whose weights this engine holds (0: models.policy)
         if self.device == "cpu" and cfg.rollout.max_staleness:
             # Off-policy, the engines generate the next step's rollout in the background, on cores the current
@@ -49,7 +52,8 @@ class Engine(RankActor):
                 Path(os.environ[d]).mkdir(parents=True, exist_ok=True)
         kwargs = dict(
             model=cfg.models.policy, tokenizer=cfg.models.tokenizer or cfg.models.policy,
-            dtype=cfg.train.dtype, enforce_eager=e.enforce_eager, seed=cfg.run.seed + rank,
+            dtype=cfg.train.dtype, enforce_eager=e.enforce_eager,
+            seed=derive_seed(cfg.run.seed, "engine/init", rank),   # each call reseeds sampling (generate)
             max_model_len=e.max_model_len, tensor_parallel_size=e.tensor_parallel_size,
             trust_remote_code=cfg.models.trust_remote_code,
             worker_extension_cls="actors.vllm_ext.WeightSyncExtension",
@@ -69,9 +73,9 @@ class Engine(RankActor):
 
     @busy
     def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> list[dict]:
-        """n samples per prompt, flattened prompt-major: [{"ids", "logprobs", "finished", "version"}] of
-        len(prompts)*n; "version" is the policy update whose weights sampled them."""
+                 top_p: float, seed: int) -> list[Sample]:
+        """n samples per prompt, flattened prompt-major: len(prompts) * n of them, each stamped with the policy
+        update whose weights sampled it."""
         from vllm import SamplingParams
         # Per-request seeds break the CPU build on chunked prefill (vLLM calls set_offset on a CPU generator:
         # "CPU Generator does not use offset"); there the workers' default generator is reseeded per call
@@ -85,8 +89,8 @@ class Engine(RankActor):
         for o in outs:
             for c in o.outputs:
                 ids = list(c.token_ids)
-                samples.append({"ids": ids, "logprobs": [d[t].logprob for d, t in zip(c.logprobs, ids)],
-                                "finished": c.finish_reason == "stop", "version": self.version})
+                samples.append(Sample(ids=ids, logprobs=[d[t].logprob for d, t in zip(c.logprobs, ids)],
+                                      finished=c.finish_reason == "stop", version=self.version))
         return samples
 
     @busy

@@ -5,14 +5,15 @@ import ray
 import torch
 
 from actors.base import DeepSpeedRole, busy
-from rlhf_ray.algos import aggregate, kl_estimate, masked_mean, ppo_policy_loss
-from rlhf_ray.batch import Batch
+from rlhf_ray.algos import aggregate, aggregation_count, kl_estimate, masked_mean, ppo_policy_loss
+from rlhf_ray.batch import Experience, RolloutBatch
 from rlhf_ray.models import load_causal_lm, response_logprobs
 
 
 class Policy(DeepSpeedRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.policy.cpus_per_rank), device, cfg.policy.cpu_cores)
+        super().__init__(rank, world_size, device, role="policy", seed=cfg.run.seed, threads=cfg.policy.cpus_per_rank,
+                         cores=cfg.policy.cpu_cores)
         self.cfg = cfg
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
@@ -23,15 +24,17 @@ class Policy(DeepSpeedRole):
                           c.policy, c.ppo.minibatch_size, c.train.dtype)
 
     @busy
-    def logprobs(self, batch: Batch) -> torch.Tensor:
-        """This rank's shard of response logprobs at the sampling temperature (PPO's old logprobs)."""
-        T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """This rank's shard of response logprobs at the sampling temperature (PPO's old logprobs). [B/ranks, T]."""
+        T, temp = batch.response_len, self.cfg.generation.temperature
         return self._forward_shard(
-            batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
-            self.micro)
+            batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
+
+    def _loss_count(self, minibatch: Experience) -> float:
+        return aggregation_count(minibatch.action_mask, self.cfg.ppo.loss_agg)
 
     @busy
-    def train(self, exp: Batch, seed: int, kl_coef: float = 0.0) -> dict:
+    def train(self, exp: Experience, step: int, kl_coef: float = 0.0) -> dict:
         """PPO epochs: clipped (optionally dual-clipped) surrogate, minus the entropy bonus, plus beta * KL to the
         reference when ppo.kl_placement is 'loss'; every term reduced by ppo.loss_agg over the whole minibatch.
 
@@ -41,30 +44,30 @@ class Policy(DeepSpeedRole):
         Entropy enters the graph, on every micro-batch, only when the bonus needs it (ppo.entropy_coef > 0): a
         full-vocabulary softmax and its backward cost as much as the LM head itself on a small model."""
         ppo, temp = self.cfg.ppo, self.cfg.generation.temperature
-        T = exp["response_mask"].size(1)
+        T = exp.response_len
         kl_in_loss = ppo.kl_placement == "loss"
         steps_before = self.engine.global_steps
 
-        def loss_fn(mb: Batch, denominators: dict):
+        def loss_fn(mb: Experience, den: float):
             first = self.engine.global_steps == steps_before
             want = "grad" if ppo.entropy_coef else "detached" if first else None
-            out = response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp, entropy=want)
+            out = response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp, entropy=want)
             lp, ent = out if want else (out, None)
-            mask, den = mb["response_mask"], denominators[ppo.loss_agg]
-            loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, ppo.clip, ppo.dual_clip,
-                                          ppo.loss_agg, den, mb.get("is_weights"))
+            mask = mb.action_mask
+            loss, stats = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mask, ppo.clip, ppo.dual_clip,
+                                          ppo.loss_agg, den, mb.is_weights)
             if ppo.entropy_coef:
                 loss = loss - ppo.entropy_coef * aggregate(ent, mask, ppo.loss_agg, den)
             if kl_in_loss:
-                kl = aggregate(kl_estimate(lp, mb["ref_logprobs"], ppo.kl_estimator), mask, ppo.loss_agg, den)
+                kl = aggregate(kl_estimate(lp, mb.ref_logprobs, ppo.kl_estimator), mask, ppo.loss_agg, den)
                 loss = loss + kl_coef * kl
                 stats["kl_loss"] = kl.detach()
             if first:
-                stats["logprob_diff_max"] = ((lp.detach() - mb["old_logprobs"]).abs() * mask).max()
+                stats["logprob_diff_max"] = ((lp.detach() - mb.old_logprobs).abs() * mask).max()
                 stats["entropy"] = masked_mean(ent, mask).detach()
             return loss, stats
 
-        return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, seed, loss_fn)
+        return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, step, loss_fn)
 
     def _send_buckets(self, bucket_bytes: int, send, keep_on_device: bool = False) -> dict:
         """Gather the weights bucket by bucket (collective under ZeRO-3, so every rank calls this); rank 0 hands

@@ -5,13 +5,14 @@ import ray
 import torch
 
 from actors.base import FrozenRole, busy
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.models import load_causal_lm, response_logprobs
 
 
 class Reference(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.reference.cpus_per_rank), device, cfg.reference.cpu_cores)
+        super().__init__(rank, world_size, device, role="reference", seed=cfg.run.seed,
+                         threads=cfg.reference.cpus_per_rank, cores=cfg.reference.cpu_cores)
         self.cfg = cfg
         self._frozen(cfg.reference, cfg.train.dtype, self._load_model)
 
@@ -23,10 +24,11 @@ class Reference(FrozenRole):
         self.model = self._prepare(model)
 
     @busy
-    def logprobs(self, batch: Batch) -> torch.Tensor:
-        T, temp = batch["response_mask"].size(1), self.cfg.generation.temperature
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """This rank's shard of the reference's response logprobs at the sampling temperature. [B/ranks, T]."""
+        T, temp = batch.response_len, self.cfg.generation.temperature
         return self._forward_shard(
-            batch, lambda mb: response_logprobs(self.model, mb["input_ids"], mb["attention_mask"], T, temp),
+            batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp),
             self.cfg.reference.micro_batch_size)
 
 

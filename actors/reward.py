@@ -8,14 +8,15 @@ import ray
 import torch
 
 from actors.base import FrozenRole, busy
-from rlhf_ray.batch import Batch, response_texts, shard, shard_list
+from rlhf_ray.batch import RewardScores, RolloutBatch, response_texts, shard, shard_list
 from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_ray.rewards import combine, text_scorer
 
 
 class Reward(FrozenRole):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, int(cfg.reward.cpus_per_rank), device, cfg.reward.cpu_cores)
+        super().__init__(rank, world_size, device, role="reward", seed=cfg.run.seed, threads=cfg.reward.cpus_per_rank,
+                         cores=cfg.reward.cpu_cores)
         self.cfg = cfg
         self.sources = cfg.reward_sources()
         self.weights = [s.weight for s in self.sources]
@@ -42,17 +43,17 @@ class Reward(FrozenRole):
                                                            cfg.models.trust_remote_code, "models.monitor",
                                                            cfg.train.attn_implementation))
 
-    def _model_scores(self, model, batch: Batch) -> torch.Tensor:
-        return self._forward_shard(batch, lambda mb: sequence_scores(model, mb["input_ids"], mb["attention_mask"]),
+    def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
+        return self._forward_shard(batch, lambda mb: sequence_scores(model, mb.input_ids, mb.attention_mask),
                                    self.cfg.reward.micro_batch_size)
 
     @busy
-    def scores_by_source(self, batch: Batch, prompts: list[str] | None = None,
-                         extras: dict[str, list] | None = None) -> torch.Tensor:
-        """[n, 1 + S (+ 1)] for this rank's shard: the weighted total, then each source's own score (then the
-        monitor's, when there is one). Text sources get
-        `prompts` (the data rows' prompt strings, one per sample, as written: no chat template) and the decoded
-        responses; `extras`: row fields (data.reward_keys), one entry per sample, as keyword lists."""
+    def scores(self, batch: RolloutBatch, prompts: list[str] | None = None,
+               extras: dict[str, list] | None = None) -> RewardScores:
+        """This rank's shard's scores: each source's own, their weighted total, and the monitor's when there is
+        one. Text sources get `prompts` (the data rows' prompt strings, one per sample, as written: no chat
+        template) and the decoded responses; `extras`: row fields (data.reward_keys), one entry per sample, as
+        keyword lists."""
         cols, texts = [], None
         for kind, scorer in self.scorers:
             if kind == "model":
@@ -66,10 +67,8 @@ class Reward(FrozenRole):
                 mine = {k: shard_list(v, self.rank, self.world_size) for k, v in (extras or {}).items()}
             cols.append(torch.tensor(scorer(*texts, **mine), dtype=torch.float32))
         per_source = torch.stack(cols, dim=-1)
-        out = [combine(per_source, self.weights)[:, None], per_source]
-        if self.monitor is not None:
-            out.append(self._model_scores(self.monitor, batch)[:, None])
-        return torch.cat(out, dim=-1)
+        monitor = self._model_scores(self.monitor, batch) if self.monitor is not None else None
+        return RewardScores(combine(per_source, self.weights), per_source, monitor)
 
 
 RewardActor = ray.remote(Reward)

@@ -1,11 +1,11 @@
 """Supervised stages on one DeepSpeed ZeRO rank: SFT and DPO train the policy's causal LM, the reward-model
 stage trains a scalar head with the Bradley-Terry loss. Same rank group, same minibatch loop as PPO.
 
-Batches (built in `rlhf_ray/stage_data.py`):
-    sft   input_ids, attention_mask, labels (IGNORE outside the assistant's tokens)
-    rm    input_ids, attention_mask [G, K, L] (a prompt's K answers), pairs [G, K, K] (a preferred to b)
-    dpo   the same plus labels [G, K, L] and ref_logprobs [G, K] (the starting weights' sequence logprobs)
+Batches (`rlhf_ray/batch.py`, built in `rlhf_ray/stage_data.py`): SFT trains on an `SFTBatch`; the reward model
+and DPO on a `RankingBatch` of K-way rankings (DPO with the starting weights' sequence logprobs as ref_logprobs).
 Each answer runs through the model once; all the C(K, 2) pairs of its ranking are formed from those K values.
+Every loss is exact across micro-batches: SFT averages over the minibatch's labelled tokens, RM and DPO over its
+rankings (each counting once), whatever the micro-batch a token or a ranking lands in.
 """
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ import ray
 import torch
 
 from actors.base import DeepSpeedRole
-from rlhf_ray.batch import Batch, chunks, shard
+from rlhf_ray.batch import RankingBatch, SFTBatch, chunks, shard
 from rlhf_ray.models import load_causal_lm, load_scalar_model, position_ids_from_mask, sequence_scores
 from rlhf_ray.prefs import bradley_terry_loss, dpo_loss
-from rlhf_ray.sft import sft_loss, sequence_logprobs
-from rlhf_ray.stage_data import listed_pairs
+from rlhf_ray.sft import labelled_tokens, sequence_logprobs, sft_loss
+from rlhf_ray.stage_data import listed_pairs, ranked_prompts
 
 
 class Supervised(DeepSpeedRole):
-    def __init__(self, rank: int, world_size: int, stage, objective: str, dtype: str, device: str,
+    def __init__(self, rank: int, world_size: int, stage, objective: str, dtype: str, device: str, seed: int,
                  trust_remote_code: bool = False):
-        super().__init__(rank, world_size, int(stage.trainer.cpus_per_rank), device)
+        super().__init__(rank, world_size, device, role=objective, seed=seed, threads=stage.trainer.cpus_per_rank)
         self.stage, self.objective, self.dtype, self.trust = stage, objective, dtype, trust_remote_code
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
@@ -40,48 +40,54 @@ class Supervised(DeepSpeedRole):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).logits
 
-    def _per_answer(self, mb: Batch, fn) -> torch.Tensor:
+    def _per_answer(self, mb: RankingBatch, fn) -> torch.Tensor:
         """fn(ids, mask, labels) -> [n] over the real answers of [G, K, L] groups, back as [G, K]."""
-        G, K, _ = mb["input_ids"].shape
-        ids, mask, labels = (mb[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "labels"))
+        G, K, _ = mb.input_ids.shape
+        ids, mask, labels = (t.flatten(0, 1) for t in (mb.input_ids, mb.attention_mask, mb.labels))
         rows = mask.any(-1).nonzero(as_tuple=True)[0]
         L = int(mask.sum(-1).max())                      # right-padded: drop the columns nobody uses
         vals = fn(ids[rows, :L], mask[rows, :L], labels[rows, :L])
         return vals.new_zeros(G * K).index_put((rows,), vals).view(G, K)
 
-    def _answer_logprobs(self, mb: Batch) -> torch.Tensor:
+    def _answer_logprobs(self, mb: RankingBatch) -> torch.Tensor:
         return self._per_answer(mb, lambda i, m, lab: sequence_logprobs(self._logits(i, m), lab))
 
-    def _loss(self, mb: Batch, denominators: dict | None = None) -> tuple[torch.Tensor, dict]:
+    def _loss_count(self, minibatch: SFTBatch | RankingBatch) -> float:
+        """SFT: the labelled tokens; RM and DPO: the rankings with a pair."""
+        return float(labelled_tokens(minibatch.labels)) if self.objective == "sft" else ranked_prompts(minibatch.pairs)
+
+    def _loss(self, mb: SFTBatch | RankingBatch, denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The objective's loss on a micro-batch, divided by `denominator` (default: the micro-batch's own count,
+        for evaluation)."""
         if self.objective == "sft":
-            loss, n = sft_loss(self._logits(mb["input_ids"], mb["attention_mask"]), mb["labels"])
+            loss, n = sft_loss(self._logits(mb.input_ids, mb.attention_mask), mb.labels, denominator)
             return loss, {"tokens": n}
         if self.objective == "rm":
             scores = self._per_answer(mb, lambda i, m, _: sequence_scores(self.model, i, m))
-            c, r, w = listed_pairs(scores, mb["pairs"])
-            loss = bradley_terry_loss(c, r, weights=w)
+            c, r, w = listed_pairs(scores, mb.pairs)
+            loss = bradley_terry_loss(c, r, weights=w, denominator=denominator)
             return loss, {"accuracy": (c > r).float().mean().detach(), "margin": (c - r).mean().detach()}
-        pc, pr, w = listed_pairs(self._answer_logprobs(mb), mb["pairs"])
-        rc, rr, _ = listed_pairs(mb["ref_logprobs"], mb["pairs"])
-        return dpo_loss(pc, pr, rc, rr, self.stage.beta, weights=w)
+        pc, pr, w = listed_pairs(self._answer_logprobs(mb), mb.pairs)
+        rc, rr, _ = listed_pairs(mb.ref_logprobs, mb.pairs)
+        return dpo_loss(pc, pr, rc, rr, self.stage.beta, weights=w, denominator=denominator)
 
     # ------------------------------------------------------------------ entry points (collective under ZeRO-3)
-    def train(self, data: Batch, seed: int) -> dict:
-        return self._minibatch_updates(data, 1, self.stage.batch_size, seed, self._loss)
+    def train(self, data: SFTBatch | RankingBatch, epoch: int) -> dict:
+        return self._minibatch_updates(data, 1, self.stage.batch_size, epoch, self._loss)
 
     @torch.no_grad()
-    def evaluate(self, data: Batch) -> dict:
+    def evaluate(self, data: SFTBatch | RankingBatch) -> dict:
         """Mean of the objective's loss and statistics over this rank's shard of `data` (equal shards)."""
         sums: dict[str, float] = {}
         batches = chunks(shard(data, self.rank, self.world_size), self.micro)
         for mb in batches:
-            loss, stats = self._loss(self._to_device(mb))
+            loss, stats = self._loss(mb.to(self.device))
             for k, v in {"loss": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {k: v / len(batches) for k, v in sums.items()}
 
     @torch.no_grad()
-    def answer_logprobs(self, data: Batch) -> torch.Tensor:
+    def answer_logprobs(self, data: RankingBatch) -> torch.Tensor:
         """[G, K] sequence logprobs of every answer in this rank's shard: before DPO's first step these are the
         reference's (the starting weights *are* the reference), so no second model is held."""
         return self._forward_shard(data, self._answer_logprobs, self.micro)

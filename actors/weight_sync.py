@@ -18,8 +18,10 @@ import time
 import ray
 
 
-class ObjectStoreSync:
-    method = "push_weights"
+class WeightSync:
+    """What every backend shares: the policy's ranks gather the weights bucket by bucket and rank 0 sends them by
+    the backend's own method (a Policy actor method, `method`); then every engine is told the version it holds."""
+    method: str
 
     def __init__(self, policy_group, engines: list, bucket_mb: float):
         self.policy_group, self.engines = policy_group, engines
@@ -34,7 +36,11 @@ class ObjectStoreSync:
         return {"bytes": results[0]["bytes"], "tensors": results[0]["tensors"], "seconds": time.perf_counter() - t0}
 
 
-class ProcessGroupSync(ObjectStoreSync):
+class ObjectStoreSync(WeightSync):
+    method = "push_weights"
+
+
+class ProcessGroupSync(WeightSync):
     method = "broadcast_weights"
 
     def __init__(self, policy_group, engines: list, bucket_mb: float, backend: str, tp: int):
@@ -46,15 +52,15 @@ class ProcessGroupSync(ObjectStoreSync):
                 + [e.open_sync_group.remote(addr, port, 1 + i * tp, world, backend) for i, e in enumerate(engines)])
 
 
-class CudaIpcSync(ObjectStoreSync):
+class CudaIpcSync(WeightSync):
     method = "share_weights_ipc"
 
 
-def make_weight_sync(cfg, policy_group, engines: list):
+def make_weight_sync(cfg, policy_group, engines: list) -> WeightSync:
     if cfg.weight_sync.backend == "object_store":
         return ObjectStoreSync(policy_group, engines, cfg.weight_sync.bucket_mb)
     if cfg.weight_sync.backend == "process_group":
-        backend = "nccl" if cfg.policy.gpus_per_rank > 0 and cfg.train.device != "cpu" else "gloo"
+        backend = "nccl" if cfg.device_for(cfg.policy.gpus_per_rank) == "cuda" else "gloo"
         return ProcessGroupSync(policy_group, engines, cfg.weight_sync.bucket_mb, backend,
                                 cfg.engine.tensor_parallel_size)
     if cfg.weight_sync.backend == "cuda_ipc":

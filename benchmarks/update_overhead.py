@@ -24,29 +24,28 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.vs_trl import SIZES, build_models  # noqa: E402
 from rlhf_ray.algos import ppo_policy_loss  # noqa: E402
-from rlhf_ray.batch import chunks, sort_by_length  # noqa: E402
+from rlhf_ray.batch import Experience, chunks, sort_by_length  # noqa: E402
 from rlhf_ray.models import load_causal_lm, response_logprobs  # noqa: E402
 
 B, P, T, MICRO, EPOCHS, LR = 32, 13, 32, 16, 4, 1e-5
 
 
-def make_batch() -> dict:
+def make_batch() -> Experience:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 2000, (B, P + T), generator=g)
     mask = torch.zeros(B, P + T, dtype=torch.long)
     for i, n in enumerate(torch.randint(3, P + 1, (B,), generator=g).tolist()):
         mask[i, P - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "response_mask": torch.ones(B, T),
-            "old_logprobs": torch.full((B, T), -7.6), "advantages": torch.randn(B, T, generator=g)}
+    return Experience(ids, mask, action_mask=torch.ones(B, T), old_logprobs=torch.full((B, T), -7.6),
+                      ref_logprobs=torch.full((B, T), -7.6), advantages=torch.randn(B, T, generator=g))
 
 
-def micro_losses(model, batch: dict):
+def micro_losses(model, batch: Experience):
     """The micro-batches' losses, each scaled so that their gradients add up to the minibatch's token mean."""
-    den = float(batch["response_mask"].sum())
+    den = float(batch.action_mask.sum())
     for mb in chunks(sort_by_length(batch)[0], MICRO):
-        lp = response_logprobs(model, mb["input_ids"], mb["attention_mask"], T)
-        yield ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["response_mask"], 0.2, None,
-                              "token-mean", den)[0]
+        lp = response_logprobs(model, mb.input_ids, mb.attention_mask, T)
+        yield ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mb.action_mask, 0.2, None, "token-mean", den)[0]
 
 
 class PlainTorch:
@@ -56,7 +55,7 @@ class PlainTorch:
         self.model = load_causal_lm(path)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
 
-    def update(self, batch: dict) -> None:
+    def update(self, batch: Experience) -> None:
         for _ in range(EPOCHS):
             for loss in micro_losses(self.model, batch):
                 loss.backward()
@@ -76,7 +75,7 @@ class DeepSpeedStage:
         model = load_causal_lm(path)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
 
-    def update(self, batch: dict) -> None:
+    def update(self, batch: Experience) -> None:
         for _ in range(EPOCHS):
             for loss in micro_losses(self.engine.module, batch):
                 self.engine.backward(loss)

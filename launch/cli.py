@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhf_ray.config import STAGES
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "pipeline":
         from launch.pipeline import main as pipeline_main
         return pipeline_main(rest)
-    if cmd in ("sft", "rm", "dpo"):
+    if cmd in STAGES:
         from launch.stages import main as stage_main
         return stage_main(cmd, rest)
     if cmd == "plan":

@@ -38,7 +38,7 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
 def cluster_device(cfg: Config, gpus_per_rank: float) -> str:
     """Where a role runs: train.device when set, else CUDA exactly when the role asks for GPUs. Says so in one
     line when bf16 is asked of a CPU (this one) that would only emulate it."""
-    device = cfg.train.device if cfg.train.device != "auto" else "cuda" if gpus_per_rank > 0 else "cpu"
+    device = cfg.device_for(gpus_per_rank)
     if device == "cpu" and cfg.train.dtype == "bfloat16" and not native_bf16_cpu():
         print("note: train.dtype=bfloat16 on a CPU without avx512_bf16 or AMX: PyTorch emulates bf16 here, about 5x "
               "slower than float32 (see rlhf_ray/hardware.py)", flush=True)

@@ -36,10 +36,11 @@ from actors.engine import EngineActor
 from actors.group import RankGroup
 from actors.reward import RewardActor
 from actors.sync_group import pack
-from launch.common import actor_env, cluster_device, engine_env, run_cli, start_ray
+from launch.common import RunError, actor_env, cluster_device, engine_env, run_cli, start_ray
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
-from rlhf_ray.batch import build_rollout_batch
+from rlhf_ray import checkpoint as ckpt
+from rlhf_ray.batch import build_rollout_batch, cat
 from rlhf_ray.config import Config, derive, dump_config
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
@@ -137,10 +138,10 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     max_tokens, pad = cfg.generation.max_new_tokens, tokenizer.pad_token_id
 
     def rm_scores(prompt_rep, responses):
-        """(proxy, monitor) scores; the reward group's last column is the monitor's when it has one."""
+        """(proxy, monitor) scores; the monitor's is None without a monitor RM."""
         batch = build_rollout_batch(prompt_rep, responses, [[0.0] * len(r) for r in responses], pad)
-        s = torch.cat(reward.run("scores_by_source", batch))
-        return s[:, 0], s[:, -1] if cfg.models.monitor else None
+        s = cat(reward.run("scores", batch))
+        return s.total, s.monitor
 
     def gold(responses):
         return torch.tensor([gold_score(t) for t in tokenizer.batch_decode(responses, skip_special_tokens=True)])
@@ -228,8 +229,24 @@ def summary_table(ev: dict, rm_eval: dict, monitor_eval: dict | None, monitor: d
     return "\n".join(lines)
 
 
+def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
+    """The PPO policy the evaluation measures: the run's newest published checkpoint. The divergence guard publishes
+    none from a step over its KL bound, so that may be an earlier step's (said in one line), or none at all (a
+    one-line error: there is nothing trustworthy to evaluate)."""
+    if ppo["checkpoint"] is None:
+        raise RunError(f"pipeline: PPO published no checkpoint to evaluate: its last step's KL to the reference was "
+                       f"over guard.max_kl_per_token ({cfg.guard.max_kl_per_token:g}) and checkpoint.every is "
+                       f"{cfg.checkpoint.every} (set it to keep earlier steps, or lower the policy's learning rate)")
+    step = ckpt.load_state(Path(ppo["checkpoint"]))["step"]
+    if step != cfg.train.steps:
+        print(f"pipeline: evaluating PPO's checkpoint of step {step}: later steps were over "
+              f"guard.max_kl_per_token and not published", flush=True)
+    return str(Path(ppo["checkpoint"]) / "policy")
+
+
 def run_pipeline(cfg: Config) -> dict:
     from tqdm import tqdm
+    cfg.check_pipeline()                  # every stage's settings, before the first one starts
     pc = cfg.pipeline
     run_dir = Path(cfg.run.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +297,7 @@ def run_pipeline(cfg: Config) -> dict:
     ppo = ppo_train(derive(cfg, {"models.policy": sft["model"], "models.reward": rm["model"], "models.monitor": monitor_dir,
                                  "data.prompts": data["ppo"], "run.output_dir": str(run_dir / "ppo"),
                                  "run.name": f"{cfg.run.name}-ppo"}), gold_fn=gold_score)
+    ppo_policy = ppo_checkpoint_policy(ppo, cfg)
     done("ppo", t0)
 
     t0 = stage("dpo")
@@ -293,7 +311,7 @@ def run_pipeline(cfg: Config) -> dict:
                        (eval_cfg, device), distributed=cfg.reward.zero_stage == 3,
                        runtime_env={"env_vars": actor_env(device)})
     ev = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"],
-                  {"sft": sft["model"], "ppo": ppo["checkpoint"] + "/policy", "dpo": dpo["model"]}, sft["model"])
+                  {"sft": sft["model"], "ppo": ppo_policy, "dpo": dpo["model"]}, sft["model"])
     reward.shutdown()
     sampler.group.shutdown()
     done("evaluate", t0)
@@ -310,7 +328,7 @@ def run_pipeline(cfg: Config) -> dict:
                "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
                "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,
-                          "ppo": ppo["checkpoint"] + "/policy", "dpo": dpo["model"]}, "plot": str(plot)}
+                          "ppo": ppo_policy, "dpo": dpo["model"]}, "plot": str(plot)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (run_dir / "summary.md").write_text(table + "\n")
     if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":

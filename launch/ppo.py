@@ -23,18 +23,20 @@ from actors.group import RankGroup, SharedPlacement
 from actors.policy import PolicyActor
 from actors.reference import ReferenceActor
 from actors.reward import RewardActor
-from actors.weight_sync import make_weight_sync
+from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import (RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli,
                            start_ray)
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import preflight
 from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
-from rlhf_ray.batch import build_rollout_batch, first_rollouts, merge_round_robin, response_texts, split_round_robin
+from rlhf_ray.batch import (RewardScores, RolloutBatch, cat, first_rollouts, merge_round_robin, response_texts,
+                            rollout_from_samples, split_round_robin)
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream
 from rlhf_ray.guard import DivergenceGuard
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.prompts import render_prompts
+from rlhf_ray.seeds import derive_seed
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -148,13 +150,13 @@ def start_rollout(cfg: Config, engines: list, tokenizer, stream: PromptStream, s
     prompts = [r["prompt"] for r in rows] if keys else rows
     ids = render_prompts(tokenizer, prompts, cfg.data)
     refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p,
-                              cfg.run.seed * 100_003 + step * 101 + i)
+                              derive_seed(cfg.run.seed, "sample", step, i))
             for i, (e, part) in enumerate(zip(engines, split_round_robin(ids, len(engines)))) if part]
     return Rollout(step, ids, [p for p in prompts for _ in range(g.n)],
                    {k: [r[k] for r in rows for _ in range(g.n)] for k in keys}, refs, state)
 
 
-def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> dict:
+def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> RolloutBatch:
     """Wait for a rollout: one padded batch (prompt-major) with each sample's weight version. An engine's
     failure becomes a one-line RolloutError, never a hang."""
     try:
@@ -162,11 +164,7 @@ def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> dict:
     except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
         raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {cause_line(e)}") from None
     samples = merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
-    prompts_rep = [p for p in rollout.prompt_ids for _ in range(cfg.generation.n)]
-    batch = build_rollout_batch(prompts_rep, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
-    batch["finished"] = torch.tensor([bool(s["finished"]) for s in samples])
-    batch["version"] = torch.tensor([s["version"] for s in samples])
-    return batch
+    return rollout_from_samples([p for p in rollout.prompt_ids for _ in range(cfg.generation.n)], samples, pad_id)
 
 
 def rollout_done(rollout: Rollout | None) -> None:
@@ -312,7 +310,7 @@ class Run:
     """What lives for the whole run: the config, the actors and the sync channel, the data and the loop's state."""
     cfg: Config
     actors: Actors
-    sync: object
+    sync: WeightSync
     tokenizer: object
     stream: PromptStream
     logger: MetricsLogger
@@ -342,7 +340,7 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
             ray.get([e.sleep.remote() for e in actors.engines])
     if overlap:
         next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
-    staleness = (step - 1) - batch["version"]      # policy updates between the sampling weights and this step's
+    staleness = (step - 1) - batch.version         # policy updates between the sampling weights and this step's
     if int(staleness.max()) > cfg.rollout.max_staleness:
         raise RunError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
     batch_ref = ray.put(batch)
@@ -350,21 +348,21 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
     #    rewards from every source (reward models, rules, remote scorers), weighted and summed
     with timer("score"):
-        refs = {"ref": actors.reference.call("logprobs", batch_ref),
-                "reward": actors.reward.call("scores_by_source", batch_ref, rollout.prompts, rollout.extras)}
-        if not ppo.reuse_sample_logprobs:      # else pi_old is the engines' sampling logprobs
-            refs["old"] = actors.policy.call("logprobs", batch_ref)
-        if actors.critic:
-            refs["values"] = actors.critic.call("values", batch_ref)
-        out = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
-        out.setdefault("old", batch["sample_logprobs"])
-        scores = run.norm(missing_eos_penalty(out["reward"][:, 0], batch["finished"], ppo.missing_eos_penalty))
+        ref_refs = actors.reference.call("logprobs", batch_ref)
+        reward_refs = actors.reward.call("scores", batch_ref, rollout.prompts, rollout.extras)
+        old_refs = None if ppo.reuse_sample_logprobs else actors.policy.call("logprobs", batch_ref)
+        value_refs = actors.critic.call("values", batch_ref) if actors.critic else None
+        ref_logprobs = torch.cat(ray.get(ref_refs))
+        rewards: RewardScores = cat(ray.get(reward_refs))
+        old_logprobs = torch.cat(ray.get(old_refs)) if old_refs else batch.sample_logprobs   # reused: the engines'
+        values = torch.cat(ray.get(value_refs)) if value_refs else None
+        scores = run.norm(missing_eos_penalty(rewards.total, batch.finished, ppo.missing_eos_penalty))
 
     # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator; importance
     #    weights between the sampling policy and pi_old (ppo.is_correction)
     with timer("advantage"):
         exp, exp_stats = compute_experience(
-            batch, out["old"], out["ref"], out.get("values"), scores, estimator=ppo.advantage, n=cfg.generation.n,
+            batch, old_logprobs, ref_logprobs, values, scores, estimator=ppo.advantage, n=cfg.generation.n,
             kl_coef=run.kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
             gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std,
             is_correction=ppo.is_correction, is_cap=ppo.is_cap)
@@ -386,8 +384,8 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     if not overlap and not last:
         next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
 
-    metrics = step_metrics(run, batch, out, scores, exp_stats, stats, sync_stats, staleness, timer, busy,
-                           time.perf_counter() - t_step)
+    metrics = step_metrics(run, batch, rewards, old_logprobs, scores, exp_stats, stats, sync_stats, staleness, timer,
+                           busy, time.perf_counter() - t_step)
     run.kl.update(exp_stats["kl/ref_per_seq"])
     run.logger.log(step, metrics)
     run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
@@ -415,26 +413,27 @@ def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
     return {role: max(ray.get(r), key=lambda spent: sum(spent.values())) for role, r in refs.items()}
 
 
-def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_stats: dict, stats: dict,
-                 sync_stats: dict, staleness: torch.Tensor, timer: PhaseTimer, busy: dict, step_seconds: float) -> dict:
+def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logprobs: torch.Tensor,
+                 scores: torch.Tensor, exp_stats: dict, stats: dict, sync_stats: dict, staleness: torch.Tensor,
+                 timer: PhaseTimer, busy: dict, step_seconds: float) -> dict:
     """The step's metrics row (metrics.jsonl and W&B): rollout, rewards, losses, staleness and importance
     weights, each phase's wall time and each role's busy time."""
     cfg, p = run.cfg, stats["policy"]
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     sources = cfg.reward_sources()
     m = {
         **exp_stats,
-        "response/finished_frac": batch["finished"].float().mean().item(),
+        "response/finished_frac": batch.finished.float().mean().item(),
         "response/length_mean": mask.sum(-1).mean().item(),
         "policy/loss": p["loss"], "policy/clipfrac": p["clipfrac"], "policy/approx_kl": p["approx_kl"],
         "policy/entropy": p["entropy"], **{f"policy/{k}": p[k] for k in ("kl_loss", "dual_clipfrac") if k in p},
         "policy/skipped_steps": p["skipped_steps"],
-        **{f"reward/source{i}_{s.kind}_mean": out["reward"][:, 1 + i].mean().item()
+        **{f"reward/source{i}_{s.kind}_mean": rewards.sources[:, i].mean().item()
            for i, s in enumerate(sources) if len(sources) > 1},
         "rollout/logprob_diff_max": (p["logprob_diff_max"] if cfg.ppo.reuse_sample_logprobs else
-                                     ((batch["sample_logprobs"] - out["old"]).abs() * mask).max().item()),
+                                     ((batch.sample_logprobs - old_logprobs).abs() * batch.action_mask).max().item()),
         "rollout/staleness_mean": staleness.float().mean().item(), "rollout/staleness_max": int(staleness.max()),
-        "rollout/engine_version": int(batch["version"].min()),
+        "rollout/engine_version": int(batch.version.min()),
         "perf/tokens_per_s": mask.sum().item() / max(busy["engine"].get("generate", 0.0), 1e-9),
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
         **{f"time/{k}": v for k, v in timer.seconds.items()},
@@ -448,9 +447,9 @@ def step_metrics(run: Run, batch: dict, out: dict, scores: torch.Tensor, exp_sta
                   "value/skipped_steps": stats["critic"]["skipped_steps"],
                   "time/critic_update": stats["critic"]["update_seconds"]})
     if run.norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
-        m["reward/raw_score_mean"] = out["reward"][:, 0].mean().item()
-    if cfg.models.monitor:               # overoptimisation monitor: a held-out RM beside the proxy, every step
-        m["monitor/score_mean"] = out["reward"][:, -1].mean().item()
+        m["reward/raw_score_mean"] = rewards.total.mean().item()
+    if rewards.monitor is not None:      # overoptimisation monitor: a held-out RM beside the proxy, every step
+        m["monitor/score_mean"] = rewards.monitor.mean().item()
     if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
         gold = torch.tensor([run.gold_fn(t) for t in response_texts(run.tokenizer, batch)])
         m["gold/mean"], m["gold/std"] = gold.mean().item(), gold.std().item()

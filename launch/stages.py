@@ -19,7 +19,6 @@ from actors.group import RankGroup
 from actors.supervised import SupervisedActor
 from launch.common import actor_env, cluster_device, mean_over_ranks, run_cli, start_ray
 from rlhf_ray import preflight
-from rlhf_ray.batch import batch_size
 from rlhf_ray.checkpoint import publish_dir
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import DataError
@@ -27,9 +26,6 @@ from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.metrics import MetricsLogger
 from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer
 from rlhf_ray.stage_data import ranking_batch, sft_batch, sft_prompt_key, split_by_prompt, trim_to_multiple
-
-STAGES = ("sft", "rm", "dpo")
-
 
 def stage_tensors(cfg: Config, name: str, tokenizer):
     """(train, held-out) tensors; prompts rendered as PPO renders them (data.apply_chat_template)."""
@@ -56,8 +52,8 @@ def run_stage(cfg: Config, name: str) -> dict:
     train, held = stage_tensors(cfg, name, tokenizer)
     ranks = st.trainer.num_ranks
     train, held = trim_to_multiple(train, ranks), trim_to_multiple(held, ranks)
-    if batch_size(train) < st.batch_size:
-        raise DataError(f"{st.data}: {batch_size(train)} training {'examples' if name == 'sft' else 'prompts'} after "
+    if len(train) < st.batch_size:
+        raise DataError(f"{st.data}: {len(train)} training {'examples' if name == 'sft' else 'prompts'} after "
                         f"holding out {name}.eval_fraction, fewer than one batch ({name}.batch_size {st.batch_size})")
     run_dir = preflight.output_dir(cfg.run.output_dir)
     out = Path(st.output) if st.output else run_dir / name
@@ -66,22 +62,22 @@ def run_stage(cfg: Config, name: str) -> dict:
 
     start_ray(cfg)
     group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
-                      (st, name, cfg.train.dtype, device, cfg.models.trust_remote_code), distributed=True,
+                      (st, name, cfg.train.dtype, device, cfg.run.seed, cfg.models.trust_remote_code), distributed=True,
                       runtime_env={"env_vars": actor_env(device)})
     logger = None
     try:
         if name == "dpo":              # reference logprobs: the starting weights, before the first step
             for batch in (train, held):
-                batch["ref_logprobs"] = torch.cat(group.run("answer_logprobs", ray.put(batch)))
+                batch.ref_logprobs = torch.cat(group.run("answer_logprobs", ray.put(batch)))
         train_ref, held_ref = ray.put(train), ray.put(held)
         logger = MetricsLogger(run_dir, cfg, f"{cfg.run.name}-{name}", filename=f"{name}_metrics.jsonl")
         before = mean_over_ranks(group.run("evaluate", held_ref))
         logger.log(0, {f"{name}/eval_{k}": v for k, v in before.items()})
-        print(f"{name}: {batch_size(train)} train, {batch_size(held)} held out; before: "
+        print(f"{name}: {len(train)} train, {len(held)} held out; before: "
               + "  ".join(f"{k} {v:.4f}" for k, v in before.items()), flush=True)
         evaluation = before
         for epoch in range(1, st.epochs + 1):
-            tr = mean_over_ranks(group.run("train", train_ref, cfg.run.seed + epoch))
+            tr = mean_over_ranks(group.run("train", train_ref, epoch))
             evaluation = mean_over_ranks(group.run("evaluate", held_ref))
             logger.log(epoch, {**{f"{name}/train_{k}": v for k, v in tr.items()},
                                **{f"{name}/eval_{k}": v for k, v in evaluation.items()}})

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_ray.batch import Experience, RolloutBatch
+from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, LossAggregation, options
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)
@@ -67,6 +70,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+assert tuple(KL_ESTIMATORS) == options(KLEstimator)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -143,25 +147,35 @@ def group_advantages(scores: torch.Tensor, n: int, estimator: str, norm_std: boo
     return adv.reshape(-1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float | None = None) -> torch.Tensor:
+def aggregation_count(mask: torch.Tensor, mode: LossAggregation) -> float:
+    """What `aggregate` divides by: the tokens (token-mean) or the sequences (seq-*) of `mask`. Summed over a
+    minibatch, it is the denominator that makes micro-batch losses add up to the minibatch's exactly."""
+    if mode not in options(LossAggregation):
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {options(LossAggregation)}")
+    return float(mask.sum()) if mode == "token-mean" else float(mask.size(0))
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation,
+              denominator: float | None = None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar.
 
     token-mean           sum_{b,t} l / #tokens                  (every token weighs the same)
     seq-mean-token-mean  mean_b (sum_t l / |y_b|)               (every sequence weighs the same; GRPO's paper)
     seq-mean-token-sum   mean_b sum_t l                         (Dr. GRPO: no length normalisation)
 
-    `denominator` replaces #tokens (token-mean) or #sequences (seq-*) by the whole minibatch's count, so that
-    micro-batches, each reduced with it, add up to exactly the minibatch's loss however it is split.
+    `denominator` replaces #tokens (token-mean) or #sequences (seq-*) by the whole minibatch's count (see
+    `aggregation_count`), so that micro-batches, each reduced with it, add up to exactly the minibatch's loss
+    however it is split.
     """
     if mode == "token-mean":
-        num, den = masked_sum(per_token, mask), mask.sum().clamp(min=1.0)
+        num = masked_sum(per_token, mask)
     elif mode == "seq-mean-token-mean":
-        num, den = masked_mean(per_token, mask, dim=-1).sum(), mask.size(0)
+        num = masked_mean(per_token, mask, dim=-1).sum()
     elif mode == "seq-mean-token-sum":
-        num, den = masked_sum(per_token, mask, dim=-1).sum(), mask.size(0)
+        num = masked_sum(per_token, mask, dim=-1).sum()
     else:
-        raise ValueError(f"unknown loss aggregation {mode!r}")
-    return num / (den if denominator is None else denominator)
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {options(LossAggregation)}")
+    return num / (denominator if denominator is not None else max(aggregation_count(mask, mode), 1.0))
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -195,11 +209,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, stats
 
 
-IS_CORRECTIONS = ("none", "tis", "mask")
-
-
-def importance_weights(old_logprobs: torch.Tensor, sample_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
-                       cap: float) -> tuple[torch.Tensor | None, dict]:
+def importance_weights(old_logprobs: torch.Tensor, sample_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: ISCorrection, cap: float) -> tuple[torch.Tensor | None, dict]:
     """Per-token off-policy correction between the policy that sampled (the engines: weights one update old under
     asynchronous rollout, or another numeric precision) and pi_old, the policy the PPO ratio starts from.
     With rho_t = pi_old(y_t) / pi_sample(y_t):
@@ -210,8 +221,8 @@ def importance_weights(old_logprobs: torch.Tensor, sample_logprobs: torch.Tensor
 
     The weights carry no gradient. Stats describe rho over the response tokens whatever the mode: its mean and max,
     and the fraction of tokens the chosen correction changes (clipped above C, or masked)."""
-    if mode not in IS_CORRECTIONS:
-        raise ValueError(f"unknown importance correction {mode!r}; expected one of {IS_CORRECTIONS}")
+    if mode not in options(ISCorrection):
+        raise ValueError(f"unknown importance correction {mode!r}; expected one of {options(ISCorrection)}")
     rho = torch.exp((old_logprobs - sample_logprobs) * mask).detach()
     outside = (rho > cap) if mode == "tis" else (rho > cap) | (rho < 1.0 / cap)
     stats = {"rollout/is_ratio_mean": masked_mean(rho, mask).item(),
@@ -267,15 +278,12 @@ def missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: f
     return scores - penalty * (~finished.bool()).to(scores.dtype)
 
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")    # only gae needs a critic (Config.needs_critic)
-
-
-def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                       values: torch.Tensor | None, scores: torch.Tensor, *, estimator: str = "gae", n: int = 1,
-                       kl_coef: float, kl_estimator: str = "k1", kl_in_reward: bool = True, gamma: float = 1.0,
-                       lam: float = 0.95, whiten_advantages: bool | None = None,
-                       grpo_norm_std: bool = True, is_correction: str = "none",
-                       is_cap: float = 2.0) -> tuple[dict, dict]:
+def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                       values: torch.Tensor | None, scores: torch.Tensor, *, estimator: AdvantageEstimator = "gae",
+                       n: int = 1, kl_coef: float, kl_estimator: KLEstimator = "k1", kl_in_reward: bool = True,
+                       gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool | None = None,
+                       grpo_norm_std: bool = True, is_correction: ISCorrection = "none",
+                       is_cap: float = 2.0) -> tuple[Experience, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -286,12 +294,13 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
     reinforce++   A = whiten_batch(sum_{s>=t} gamma^(s-t) r_s)     [Hu 2025]
     grpo / rloo   A_t = group_advantages(outcome) for every token of the response
     whiten_advantages None: the estimator's own default (gae and reinforce++ whiten, grpo and rloo do not).
-    is_correction: the policy loss's per-token weights between the sampling logprobs (batch["sample_logprobs"])
-    and pi_old (`importance_weights`), put into the experience as "is_weights" unless "none".
+    is_correction: the policy loss's per-token weights between the sampling logprobs (batch.sample_logprobs) and
+    pi_old (`importance_weights`), the experience's is_weights unless "none".
+    Every term counts the tokens of batch.action_mask (the policy's own tokens).
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ESTIMATORS}")
-    mask = batch["response_mask"]
+    if estimator not in options(AdvantageEstimator):
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {options(AdvantageEstimator)}")
+    mask = batch.action_mask
     beta = kl_coef if kl_in_reward else 0.0
     rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, kl_estimator)
     returns = None
@@ -304,17 +313,10 @@ def compute_experience(batch: dict, old_logprobs: torch.Tensor, ref_logprobs: to
         advantages = group_advantages(outcome, n, estimator, grpo_norm_std)[:, None] * mask
     if whiten_advantages if whiten_advantages is not None else estimator in ("gae", "reinforce++"):
         advantages = masked_whiten(advantages, mask)
-    exp = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "response_mask": mask,
-           "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages}
-    if values is not None:
-        exp["values"], exp["returns"] = values * mask, returns
-    is_stats = {}
-    if "sample_logprobs" in batch:
-        is_weights, is_stats = importance_weights(old_logprobs, batch["sample_logprobs"], mask, is_correction, is_cap)
-        if is_weights is not None:
-            exp["is_weights"] = is_weights
-    elif is_correction != "none":
-        raise ValueError("an importance correction needs the batch's sample_logprobs")
+    is_weights, is_stats = importance_weights(old_logprobs, batch.sample_logprobs, mask, is_correction, is_cap)
+    exp = Experience(batch.input_ids, batch.attention_mask, mask, old_logprobs, ref_logprobs, advantages,
+                     values=values * mask if values is not None else None, returns=returns if values is not None else None,
+                     is_weights=is_weights)
     seq_kl = masked_sum(kl, mask, dim=-1)
     stats = {
         "reward/score_mean": scores.mean().item(), "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,

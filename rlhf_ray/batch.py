@@ -1,19 +1,116 @@
-"""Padded tensor batches: what flows between the driver and the actors.
+"""Padded tensor batches: what flows between the driver and the actors, each a type whose fields state their shapes.
 
-A batch is a plain `dict[str, torch.Tensor]` whose tensors share the first (sequence) dimension. The driver
-puts it into the Ray object store once; every rank slices its own shard. No per-sample Python objects on
-the hot path.
+    B   rows (sequences; a PPO rollout is prompt-major: the n samples of a prompt are consecutive)
+    P   prompt columns, left-padded;  T   response columns, right-padded;  L = P + T
+    S   reward sources;  G, K   rankings and the answers of each (supervised stages)
+
+Every batch is a `TensorBatch`: tensor fields sharing the first (row) dimension, a field set to None being absent.
+The driver puts one into the Ray object store once; every rank slices its own shard with `shard` and cuts
+micro-batches with `chunks`. No per-sample Python objects on the hot path.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TypedDict, TypeVar
+
 import torch
 
-Batch = dict[str, torch.Tensor]
+B = TypeVar("B", bound="TensorBatch")
+
+
+class TensorBatch:
+    """Base of every batch type (all dataclasses): row-wise selection and device moves over its present fields."""
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The present (non-None) tensor fields, by name."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def map(self: B, fn) -> B:
+        """A batch of the same type with fn applied to every present field."""
+        return dataclasses.replace(self, **{k: fn(v) for k, v in self.fields().items()})
+
+    def __len__(self) -> int:
+        return next(iter(self.fields().values())).size(0)
+
+    def to(self: B, device) -> B:
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+
+class Sample(TypedDict):
+    """One sampled response, as an engine returns it (actors/engine.py)."""
+    ids: list[int]                     # response token ids, the EOS included when one was generated
+    logprobs: list[float]              # the sampling distribution's logprob of each id (temperature applied)
+    finished: bool                     # ended on EOS (False: cut at max_new_tokens)
+    version: int                       # the policy update whose weights sampled it (0: the starting weights)
+
+
+@dataclass
+class RolloutBatch(TensorBatch):
+    """One step's samples, padded: what the engines drew and what scoring and training read."""
+    input_ids: torch.Tensor            # [B, L] long: prompt (left-padded to P), then response (right-padded to T)
+    attention_mask: torch.Tensor       # [B, L] long: 1 on real tokens
+    response_mask: torch.Tensor        # [B, T] float: 1 on the response's tokens (what is decoded and scored)
+    action_mask: torch.Tensor          # [B, T] float: 1 on tokens the policy wrote, the only ones the loss, the KL
+                                       #   and the advantages count. Single-turn rollouts: == response_mask; a
+                                       #   multi-turn one has 0 on the observations an environment appended
+    sample_logprobs: torch.Tensor      # [B, T] float: the engines' sampling logprobs (0 off the response)
+    finished: torch.Tensor | None = None   # [B] bool: the response ended on EOS
+    version: torch.Tensor | None = None    # [B] long: the policy update whose weights sampled each row
+
+    @property
+    def response_len(self) -> int:     # T
+        return self.response_mask.size(1)
+
+
+@dataclass
+class Experience(TensorBatch):
+    """A rollout scored and with its advantages: what the policy and the critic train on (rlhf_ray/algos.py
+    `compute_experience`)."""
+    input_ids: torch.Tensor            # [B, L] long
+    attention_mask: torch.Tensor       # [B, L] long
+    action_mask: torch.Tensor          # [B, T] float: the tokens every loss term counts
+    old_logprobs: torch.Tensor         # [B, T] pi_old (the policy before this step's updates), sampling temperature
+    ref_logprobs: torch.Tensor         # [B, T] the reference's, for the KL (in the reward, or as a loss term)
+    advantages: torch.Tensor           # [B, T] per token (outcome estimators: the sequence's, on every token)
+    values: torch.Tensor | None = None     # [B, T] the critic's V(s_t) at rollout time (GAE only)
+    returns: torch.Tensor | None = None    # [B, T] value targets (GAE only)
+    is_weights: torch.Tensor | None = None  # [B, T] off-policy correction per token (ppo.is_correction), no grad
+
+    @property
+    def response_len(self) -> int:     # T
+        return self.action_mask.size(1)
+
+
+@dataclass
+class RewardScores(TensorBatch):
+    """The reward actor's scores of each sample (actors/reward.py)."""
+    total: torch.Tensor                # [B] sum over sources of weight x score: what the RL optimises
+    sources: torch.Tensor              # [B, S] each reward source's own score, in reward.sources order
+    monitor: torch.Tensor | None = None    # [B] the held-out monitor reward model's score (never optimised)
+
+
+@dataclass
+class SFTBatch(TensorBatch):
+    """Supervised fine-tuning examples (rlhf_ray/sft.py)."""
+    input_ids: torch.Tensor            # [B, L] long, right-padded
+    attention_mask: torch.Tensor       # [B, L] long
+    labels: torch.Tensor               # [B, L] long: the token to predict, IGNORE outside the assistant's tokens
+
+
+@dataclass
+class RankingBatch(TensorBatch):
+    """K-way rankings, one row per prompt (rlhf_ray/stage_data.py): the reward model's and DPO's data."""
+    input_ids: torch.Tensor            # [G, K, L] long: prompt + answer + EOS, right-padded; missing answers empty
+    attention_mask: torch.Tensor       # [G, K, L] long
+    labels: torch.Tensor               # [G, K, L] long: the answer's tokens, IGNORE elsewhere
+    pairs: torch.Tensor                # [G, K, K] float: 1 where answer a is preferred to answer b
+    ref_logprobs: torch.Tensor | None = None   # [G, K] DPO: the reference's sequence logprob of each answer
 
 
 def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int]],
-                        sample_logprobs: list[list[float]], pad_id: int) -> Batch:
-    """Left-pad prompts to P, right-pad responses to T: input_ids [B, P+T], response_mask [B, T]."""
+                        sample_logprobs: list[list[float]], pad_id: int) -> RolloutBatch:
+    """Left-pad prompts to P, right-pad responses to T; a single-turn rollout: every response token is an action."""
     B = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
     T = max(1, max(len(r) for r in response_ids))
@@ -29,34 +126,43 @@ def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int
             attention_mask[i, P:P + len(r)] = 1
             response_mask[i, :len(r)] = 1.0
             logprobs[i, :len(r)] = torch.tensor(lp, dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "response_mask": response_mask, "sample_logprobs": logprobs}
+    return RolloutBatch(input_ids, attention_mask, response_mask, response_mask.clone(), logprobs)
 
 
-def response_texts(tokenizer, batch: Batch) -> list[str]:
+def rollout_from_samples(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int) -> RolloutBatch:
+    """The padded batch of engine samples, each row's prompt given (prompt-major, one prompt per sample)."""
+    batch = build_rollout_batch(prompt_ids, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
+    batch.finished = torch.tensor([bool(s["finished"]) for s in samples])
+    batch.version = torch.tensor([s["version"] for s in samples])
+    return batch
+
+
+def response_texts(tokenizer, batch: RolloutBatch) -> list[str]:
     """The responses of a rollout batch as text, special tokens dropped."""
-    T = batch["response_mask"].size(1)
-    responses = [row[m.bool()] for row, m in zip(batch["input_ids"][:, -T:], batch["response_mask"])]
+    T = batch.response_len
+    responses = [row[m.bool()] for row, m in zip(batch.input_ids[:, -T:], batch.response_mask)]
     return tokenizer.batch_decode(responses, skip_special_tokens=True)
 
 
-def first_rollouts(tokenizer, batch: Batch, k: int) -> list[dict]:
+def first_rollouts(tokenizer, batch: RolloutBatch, k: int) -> list[dict]:
     """The first k rollouts as the policy saw them: the prompt's tokens (chat template included, padding
     dropped) and the response, decoded with special tokens kept."""
-    T = batch["response_mask"].size(1)
+    T = batch.response_len
     out = []
-    for row, m, rm in zip(batch["input_ids"][:k], batch["attention_mask"][:k], batch["response_mask"][:k]):
+    for row, m, rm in zip(batch.input_ids[:k], batch.attention_mask[:k], batch.response_mask[:k]):
         out.append({"prompt": tokenizer.decode(row[:-T][m[:-T].bool()]),
                     "response": tokenizer.decode(row[-T:][rm.bool()])})
     return out
 
 
-def batch_size(batch: Batch) -> int:
-    return next(iter(batch.values())).size(0)
+def cat(parts: list[B]) -> B:
+    """Batches of one type (e.g. each rank's results) joined along the rows."""
+    first = parts[0]
+    return dataclasses.replace(first, **{k: torch.cat([getattr(p, k) for p in parts]) for k in first.fields()})
 
 
-def select(batch: Batch, index) -> Batch:
-    return {k: v[index] for k, v in batch.items()}
+def select(batch: B, index) -> B:
+    return batch.map(lambda t: t[index])
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> slice:
@@ -64,26 +170,23 @@ def shard_bounds(n: int, rank: int, world_size: int) -> slice:
     return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def shard(batch: Batch, rank: int, world_size: int) -> Batch:
-    return select(batch, shard_bounds(batch_size(batch), rank, world_size))
+def shard(batch: B, rank: int, world_size: int) -> B:
+    return select(batch, shard_bounds(len(batch), rank, world_size))
 
 
 def shard_list(items: list, rank: int, world_size: int) -> list:
     return items[shard_bounds(len(items), rank, world_size)]
 
 
-def chunks(batch: Batch, size: int) -> list[Batch]:
-    n = batch_size(batch)
+def chunks(batch: B, size: int) -> list[B]:
+    n = len(batch)
     return [select(batch, slice(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def sort_by_length(batch: Batch) -> tuple[Batch, torch.Tensor]:
+def sort_by_length(batch: B) -> tuple[B, torch.Tensor]:
     """The rows ordered by real length (attention-mask sum), so that micro-batches cut from it hold rows of
-    similar length and lose their padding columns when trimmed; and the inverse order, to put results back.
-    A batch without an attention mask comes back as it is."""
-    if "attention_mask" not in batch:
-        return batch, torch.arange(batch_size(batch))
-    order = torch.argsort(batch["attention_mask"].flatten(1).sum(-1), stable=True)   # [B, L] or [G, K, L]
+    similar length and lose their padding columns when trimmed; and the inverse order, to put results back."""
+    order = torch.argsort(batch.attention_mask.flatten(1).sum(-1), stable=True)   # [B, L] or [G, K, L]
     return select(batch, order), torch.argsort(order)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 STATE_FILE = "state.json"
 FILES = "files.json"
+STATE_KEYS = {"step": int, "data": dict}     # what a resume cannot do without (the rest has defaults)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -84,8 +85,11 @@ def damage(ckpt: Path) -> str | None:
     file listed in files.json present at its recorded size."""
     try:
         state = load_state(ckpt)
-        if not isinstance(state, dict) or "step" not in state:
-            return f"{STATE_FILE} has no step"
+        if not isinstance(state, dict):
+            return f"{STATE_FILE} is not a JSON object"
+        for key, kind in STATE_KEYS.items():
+            if not isinstance(state.get(key), kind):
+                return f"{STATE_FILE} has no {key}" if key not in state else f"{STATE_FILE}: {key} is not a {kind.__name__}"
     except FileNotFoundError:
         return f"no {STATE_FILE} (never committed)"
     except (ValueError, OSError) as e:

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, KLPlacement, LossAggregation
+
 
 class ConfigError(ValueError):
     """A bad config value or key; the message is one line naming it."""
@@ -127,7 +129,7 @@ class RewardRoleConfig(InferenceRoleConfig):
 
 @dataclass
 class EngineConfig:
-    backend: Literal["vllm"] = "vllm"
+    """vLLM generation engines (the only backend)."""
     num_engines: int = 1
     tensor_parallel_size: int = 1
     cpus_per_engine: float = 1.0
@@ -154,7 +156,7 @@ class GenerationConfig:
 @dataclass
 class PPOConfig:
     """The RL update. Every flag, its formula and its source: docs/algorithms.md."""
-    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"   # only gae creates a critic actor
+    advantage: AdvantageEstimator = "gae"   # only gae creates a critic actor
     grpo_norm_std: bool = True         # grpo: divide by the group's reward std (false: Dr. GRPO)
     epochs: int = 1                    # passes over each step's experience
     minibatch_size: int = 8            # sequences per optimizer step (across all ranks)
@@ -164,13 +166,13 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05              # KL penalty coefficient beta (the initial value if adaptive)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_placement: Literal["reward", "loss"] = "reward"   # folded into the per-token reward, or a policy loss term
+    kl_estimator: KLEstimator = "k1"
+    kl_placement: KLPlacement = "reward"   # folded into the per-token reward, or a policy loss term
     kl_target: Optional[float] = None  # nats/sequence: adapt kl_coef toward it (Ziegler et al. 2019); None: fixed
     kl_horizon: float = 10.0           # steps over which the adaptive controller acts
     whiten_advantages: Optional[bool] = None   # None: the estimator's default (gae, reinforce++: on; grpo, rloo: off)
     entropy_coef: float = 0.0          # entropy bonus: loss -= coef * entropy
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    loss_agg: LossAggregation = "token-mean"
     missing_eos_penalty: float = 0.0   # subtracted from the score of responses cut at max_new_tokens without EOS
     reuse_sample_logprobs: bool = False   # take the engines' sampling logprobs as pi_old instead of a policy
                                        # forward (one fewer forward per step). Only where engine and trainer
@@ -179,7 +181,7 @@ class PPOConfig:
     reward_norm: Literal["none", "initial"] = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
                                        # first rollout's (the starting policy's), fixed thereafter; beta is then
                                        # in units of the starting policy's reward spread, whatever the RM's scale
-    is_correction: Literal["none", "tis", "mask"] = "none"   # off-policy correction between the engines'
+    is_correction: ISCorrection = "none"   # off-policy correction between the engines'
                                        # sampling logprobs and pi_old, per token: tis weighs the loss by
                                        # min(pi_old / pi_sample, is_cap); mask drops tokens whose ratio leaves
                                        # [1 / is_cap, is_cap]. Needed with rollout.max_staleness > 0; also corrects
@@ -336,20 +338,55 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def check_ppo(self) -> "Config":
-        """What a PPO run needs beyond a valid tree."""
-        _need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
+    # ------------------------------------------------------------------------------------------ checks
+    # Three levels, so that a command is refused only over what it uses: `validate` (on every load) checks each
+    # value on its own and the trainer settings of every stage; `check_ppo` the cross-field rules of a PPO run;
+    # `check_stage` those of one supervised stage. `paths=False` checks the rules alone (the pipeline checks every
+    # stage before it starts, while their model and data paths are still to be made).
+
+    def check_ppo(self, paths: bool = True) -> "Config":
+        """What a PPO run needs beyond valid values."""
+        need, ppo, gen = _need, self.ppo, self.generation
+        if paths:
+            need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
+            need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
         for i, src in enumerate(self.reward_sources()):
             key = f"reward.sources[{i}].path"
-            if src.kind == "model":
-                _need(bool(src.path), "models.reward", "is required (a scalar-head model directory), "
-                      "or list rule/remote scorers under reward.sources")
-            else:
-                _need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
+            if src.kind == "model" and paths:
+                need(bool(src.path), "models.reward", "is required (a scalar-head model directory), "
+                     "or list rule/remote scorers under reward.sources")
+            elif src.kind != "model":
+                need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
             if src.kind == "function":
-                _need(":" in src.path, key, f"must read 'package.module:function', got {src.path!r}")
+                need(":" in src.path, key, f"must read 'package.module:function', got {src.path!r}")
             if src.kind == "http":
-                _need(src.path.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {src.path!r}")
+                need(src.path.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {src.path!r}")
+        rollout = gen.prompts_per_step * gen.n
+        need(rollout % ppo.minibatch_size == 0, "ppo.minibatch_size",
+             f"must divide generation.prompts_per_step * generation.n = {rollout}")
+        for role in ("policy", "critic") if self.needs_critic() else ("policy",):
+            _check_trainer(role, getattr(self, role), ppo.minibatch_size, "ppo.minibatch_size")
+        if ppo.advantage in ("grpo", "rloo"):
+            need(gen.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={ppo.advantage} "
+                 "(advantages compare the samples of one prompt)")
+        longest = self.data.max_prompt_tokens + gen.max_new_tokens
+        need(longest <= self.engine.max_model_len, "engine.max_model_len", f"must hold data.max_prompt_tokens + "
+             f"generation.max_new_tokens = {longest} tokens, got {self.engine.max_model_len}")
+        if ppo.reuse_sample_logprobs:
+            need(ppo.is_correction == "none", "ppo.is_correction", "needs pi_old from the policy "
+                 "(ppo.reuse_sample_logprobs: false): with the engines' logprobs as pi_old every weight is 1")
+        if self.rollout.max_staleness:
+            need(not ppo.reuse_sample_logprobs, "ppo.reuse_sample_logprobs", "must be false with "
+                 "rollout.max_staleness > 0: the engines sampled with weights older than the policy's")
+            need(ppo.is_correction != "none", "ppo.is_correction", "must be tis or mask with "
+                 "rollout.max_staleness > 0 (stale samples need an importance correction)")
+            need(not self.placement.engines_sleep, "rollout.max_staleness", "must be 0 with placement.engines_sleep: "
+                 "engines that sleep while the trainers run cannot generate beside them")
+        self._check_layout()
+        return self
+
+    def _check_layout(self) -> None:
+        """Colocation and the weight-sync backend that depends on it."""
         if self.weight_sync.backend == "cuda_ipc":
             _need(any({"policy", "engine"} <= set(g) for g in self.placement.colocate) and self.policy.gpus_per_rank > 0,
                   "weight_sync.backend", "cuda_ipc needs the engines on policy rank 0's GPU: placement.colocate "
@@ -368,14 +405,22 @@ class Config:
             nodes = {r: getattr(self, r).node_resource for r in group}
             _need(len(set(nodes.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same node_resource, got {nodes}")
-        if self.rollout.max_staleness:
-            _need(not self.placement.engines_sleep, "rollout.max_staleness", "must be 0 with placement.engines_sleep: "
-                  "engines that sleep while the trainers run cannot generate beside them")
-        if self.ppo.advantage in ("grpo", "rloo"):
-            _need(self.generation.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={self.ppo.advantage} "
-                  "(advantages compare the samples of one prompt)")
-        _need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
-        return self
+
+    def check_stage(self, name: str, paths: bool = True) -> "StageConfig":
+        """What supervised stage `name` (sft, rm, dpo) needs beyond valid values."""
+        st: StageConfig = getattr(self, name)
+        if paths:
+            _need(bool(st.data), f"{name}.data", "is required (a data file or dataset directory)")
+            _need(bool(st.model), f"{name}.model", "is required (the HF model directory the stage starts from)")
+        _check_trainer(f"{name}.trainer", st.trainer, st.batch_size, f"{name}.batch_size")
+        _need(0 < st.eval_fraction < 1, f"{name}.eval_fraction", "must lie in (0, 1)")
+        return st
+
+    def check_pipeline(self) -> "Config":
+        """The pipeline's every stage, before any starts: their rules (the pipeline makes their paths)."""
+        for name in STAGES:
+            self.check_stage(name, paths=False)
+        return self.check_ppo(paths=False)
 
     def reward_sources(self) -> list[RewardSourceConfig]:
         """reward.sources, or the single reward model at models.reward when none are listed; a model source
@@ -392,59 +437,37 @@ class Config:
         models = [s.path for s in self.reward_sources() if s.kind == "model"]
         return self.models.critic or (models[0] if models else self.models.policy)
 
-    def check_stage(self, name: str) -> "StageConfig":
-        st: StageConfig = getattr(self, name)
-        _need(bool(st.data), f"{name}.data", "is required (a data file or dataset directory)")
-        _need(bool(st.model), f"{name}.model", "is required (the HF model directory the stage starts from)")
-        _need(st.batch_size % st.trainer.num_ranks == 0, f"{name}.batch_size",
-              f"must be a multiple of {name}.trainer.num_ranks ({st.trainer.num_ranks})")
-        _need(0 < st.eval_fraction < 1, f"{name}.eval_fraction", "must lie in (0, 1)")
-        return st
+    def device_for(self, gpus_per_rank: float) -> str:
+        """Where a role runs: train.device when set, else CUDA exactly when the role asks for GPUs."""
+        if self.train.device != "auto":
+            return self.train.device
+        return "cuda" if gpus_per_rank > 0 else "cpu"
 
     def validate(self) -> "Config":
-        """Cross-field checks that types alone cannot express."""
+        """Each value on its own (its range, its form) and every trainer's optimizer settings: what is wrong
+        whatever command runs. Cross-field rules of a command are in check_ppo / check_stage."""
         need = _need
         self._check_ranges()
-        for role in ("policy", "critic"):
-            r: TrainerRoleConfig = getattr(self, role)
-            need(r.zero_stage in (0, 1, 2, 3), f"{role}.zero_stage", f"must be 0-3, got {r.zero_stage}")
-            need(len(r.betas) == 2 and all(0 <= b < 1 for b in r.betas), f"{role}.betas",
+        for key in ("policy", "critic", *(f"{st}.trainer" for st in STAGES)):
+            r: TrainerRoleConfig = self._get(key)
+            need(r.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0-3, got {r.zero_stage}")
+            need(len(r.betas) == 2 and all(0 <= b < 1 for b in r.betas), f"{key}.betas",
                  f"must be two numbers in [0, 1), got {r.betas}")
-        rollout = self.generation.prompts_per_step * self.generation.n
-        need(rollout % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
-             f"must divide prompts_per_step*n = {rollout}")
+            need(r.lora.rank >= 0, f"{key}.lora.rank", "must be >= 0 (0: off)")
         for role in ("policy", "critic", "reference", "reward", "engine"):
             cores = getattr(self, role).cpu_cores
             need(cores is None or (len(cores) > 0 and min(cores) >= 0), f"{role}.cpu_cores",
                  f"must list core numbers (or be null), got {cores}")
-        for role in ("policy", "critic"):
-            r = getattr(self, role)
-            need(r.lora.rank >= 0, f"{role}.lora.rank", "must be >= 0 (0: off)")
-            per_rank, rem = divmod(self.ppo.minibatch_size, r.num_ranks)
-            need(rem == 0, "ppo.minibatch_size", f"must be a multiple of {role}.num_ranks ({r.num_ranks})")
-            need(per_rank % min(r.micro_batch_size, per_rank) == 0, f"{role}.micro_batch_size",
-                 f"must divide the per-rank minibatch ({per_rank})")
-        need(0 < self.ppo.lam <= 1 and 0 < self.ppo.gamma <= 1, "ppo.gamma/ppo.lam", "must lie in (0, 1]")
-        need(self.generation.temperature > 0, "generation.temperature", "must be > 0")
+        need(0 < self.ppo.gamma <= 1, "ppo.gamma", f"must lie in (0, 1], got {self.ppo.gamma}")
+        need(0 < self.ppo.lam <= 1, "ppo.lam", f"must lie in (0, 1], got {self.ppo.lam}")
         need(self.ppo.dual_clip is None or self.ppo.dual_clip > 1, "ppo.dual_clip", "must be > 1 (or null: off)")
         need(self.ppo.is_cap > 1, "ppo.is_cap", f"must be > 1, got {self.ppo.is_cap}")
         need(self.rollout.max_staleness in (0, 1), "rollout.max_staleness",
              f"must be 0 (synchronous) or 1 (one step off-policy), got {self.rollout.max_staleness}")
-        if self.ppo.reuse_sample_logprobs:
-            need(self.ppo.is_correction == "none", "ppo.is_correction", "needs pi_old from the policy "
-                 "(ppo.reuse_sample_logprobs: false): with the engines' logprobs as pi_old every weight is 1")
-        if self.rollout.max_staleness:
-            need(not self.ppo.reuse_sample_logprobs, "ppo.reuse_sample_logprobs", "must be false with "
-                 "rollout.max_staleness > 0: the engines sampled with weights older than the policy's")
-            need(self.ppo.is_correction != "none", "ppo.is_correction", "must be tis or mask with "
-                 "rollout.max_staleness > 0 (stale samples need an importance correction)")
         roles = {"policy", "critic", "reference", "reward", "engine"}
         for group in self.placement.colocate:
             unknown = [r for r in group if r not in roles]
             need(not unknown, "placement.colocate", f"names unknown role(s) {unknown} (roles: {sorted(roles)})")
-        longest = self.data.max_prompt_tokens + self.generation.max_new_tokens
-        need(longest <= self.engine.max_model_len, "engine.max_model_len", f"must hold data.max_prompt_tokens + "
-             f"generation.max_new_tokens = {longest} tokens, got {self.engine.max_model_len}")
         return self
 
     def _check_ranges(self) -> None:
@@ -456,7 +479,7 @@ class Config:
                     "fault_tolerance.max_actor_restarts": 0}
         for role in ("policy", "critic", "reference", "reward"):
             at_least.update({f"{role}.num_ranks": 1, f"{role}.micro_batch_size": 1})
-        for st in ("sft", "rm", "dpo"):
+        for st in STAGES:
             at_least.update({f"{st}.epochs": 1, f"{st}.batch_size": 1, f"{st}.max_len": 2,
                              f"{st}.trainer.num_ranks": 1, f"{st}.trainer.micro_batch_size": 1})
         for key, low in at_least.items():
@@ -464,11 +487,11 @@ class Config:
             _need(v >= low, key, f"must be >= {low}, got {v}")
         positive = ["ppo.clip", "generation.temperature", "generation.top_p", "engine.kv_cache_gib",
                     "fault_tolerance.probe_timeout_s"]
-        positive += [f"{r}.lr" for r in ("policy", "critic", "sft.trainer", "rm.trainer", "dpo.trainer")]
+        positive += [f"{r}.lr" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))]
         non_negative = ["ppo.kl_coef", "ppo.value_clip", "ppo.entropy_coef", "ppo.missing_eos_penalty",
                         "guard.max_kl_per_token"]
-        non_negative += [f"{r}.{k}" for r in ("policy", "critic") for k in ("grad_clip", "weight_decay",
-                                                                             "cpus_per_rank", "gpus_per_rank")]
+        non_negative += [f"{r}.{k}" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))
+                         for k in ("grad_clip", "weight_decay", "cpus_per_rank", "gpus_per_rank")]
         for key in positive + non_negative:
             v = self._get(key)
             ok = v is None or (math.isfinite(v) and (v > 0 if key in positive else v >= 0))
@@ -480,6 +503,19 @@ class Config:
         for part in dotted.split("."):
             node = getattr(node, part)
         return node
+
+
+STAGES = ("sft", "rm", "dpo")
+
+
+def _check_trainer(key: str, r: TrainerRoleConfig, batch_size: int, batch_key: str) -> None:
+    """A trained role's batch splits evenly: `batch_size` rows per optimizer step over its ranks, each rank's share
+    into whole micro-batches (DeepSpeed's train_batch_size = micro x accumulation steps x ranks)."""
+    per_rank, rem = divmod(batch_size, r.num_ranks)
+    _need(rem == 0, batch_key, f"must be a multiple of {key}.num_ranks ({r.num_ranks}), got {batch_size}")
+    _need(per_rank % min(r.micro_batch_size, per_rank) == 0, f"{key}.micro_batch_size",
+          f"must divide the per-rank batch ({batch_key} {batch_size} / {r.num_ranks} ranks = {per_rank}), "
+          f"got {r.micro_batch_size}")
 
 
 def _need(cond: bool, key: str, why: str) -> None:

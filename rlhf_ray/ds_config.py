@@ -1,4 +1,5 @@
-"""DeepSpeed config for a trained role, derived from the typed config (pure; unit-testable)."""
+"""DeepSpeed configs, derived from the typed config (pure; unit-testable): a trained role's ZeRO config, and ZeRO-3
+inference for a partitioned frozen model."""
 from __future__ import annotations
 
 
@@ -37,3 +38,10 @@ def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict
 
 def effective_zero_stage(role) -> int:
     return 0 if role.num_ranks == 1 and not role.offload else role.zero_stage
+
+
+def inference_config(micro_batch_size: int, dtype: str) -> dict:
+    """ZeRO-3 for a frozen model (reference, reward with zero_stage 3): weights partitioned over the ranks, no
+    optimizer; DeepSpeed still asks for batch sizes, which only forwards use here."""
+    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == "bfloat16"}}

@@ -78,19 +78,25 @@ def model_context_length(config: dict) -> int | None:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in an HF directory (pad = EOS when it has none); a directory that holds none, or a
+    damaged one, is a one-line ModelLoadError."""
     from transformers import AutoTokenizer
     if not Path(path).is_dir():
         raise ModelLoadError(f"tokenizer: directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        why = " ".join(str(e).split())
+        raise ModelLoadError(f"tokenizer: cannot load one from {path} ({type(e).__name__}: {why[:200]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str) -> dict:
-    """One-line error when the model directory is damaged (check_model_dir) or token ids of the tokenizer would
-    index past the model's embedding; returns the model's config.json."""
-    cfg = check_model_dir(model_dir, what)
+def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str, config: dict | None = None) -> dict:
+    """One-line error when the model directory is damaged (check_model_dir, unless its `config` was read already)
+    or token ids of the tokenizer would index past the model's embedding; returns the model's config.json."""
+    cfg = config if config is not None else check_model_dir(model_dir, what)
     vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise ModelLoadError(f"{what}: tokenizer has {len(tokenizer)} tokens but {model_dir} embeds only {vocab} "

@@ -9,25 +9,25 @@ from pathlib import Path
 
 from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data import load_prompts
-from rlhf_ray.models import check_tokenizer_matches, load_tokenizer, model_context_length
+from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer, model_context_length
 from rlhf_ray.rewards import load_function
 
 
 def ppo_inputs(cfg: Config):
     """(tokenizer, prompt rows) of a PPO run whose every input has been checked."""
     m = cfg.models
-    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     models = [("models.policy", m.policy), ("models.reference", m.reference), ("models.critic", m.critic),
               ("models.monitor", m.monitor)]
     models += [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]
-    for what, path in models:
-        if path:
-            config = check_tokenizer_matches(tokenizer, path, what)      # the directory's checks included
-            if what == "models.policy":
-                longest = model_context_length(config)
-                if longest is not None and cfg.engine.max_model_len > longest:
-                    raise ConfigError(f"config: engine.max_model_len {cfg.engine.max_model_len} exceeds the policy's "
-                                      f"context of {longest} tokens ({path}/config.json)")
+    # every directory (headers, not weights) before the tokenizer, so a damaged one is named as such
+    configs = {what: (path, check_model_dir(path, what)) for what, path in models if path}
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+    for what, (path, config) in configs.items():
+        check_tokenizer_matches(tokenizer, path, what, config)
+    longest = model_context_length(configs["models.policy"][1])
+    if longest is not None and cfg.engine.max_model_len > longest:
+        raise ConfigError(f"config: engine.max_model_len {cfg.engine.max_model_len} exceeds the policy's context of "
+                          f"{longest} tokens ({m.policy}/config.json)")
     for s in cfg.reward_sources():
         if s.kind == "function":
             load_function(s.path)

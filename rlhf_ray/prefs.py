@@ -29,16 +29,22 @@ def scores_to_pairs(scores: list[float]) -> list[tuple[int, int]]:
             for i, j in itertools.combinations(range(len(scores)), 2) if scores[i] != scores[j]]
 
 
+def weighted_mean(loss: torch.Tensor, weights: torch.Tensor | None, denominator: float | None) -> torch.Tensor:
+    """sum(w * loss) / denominator (default: sum(w); unweighted: the plain mean). With per-pair weights 1/#pairs of
+    their ranking and the whole minibatch's count of rankings as the denominator, every ranking counts once and
+    micro-batches add up to the minibatch's loss however it is cut."""
+    if weights is None:
+        weights = torch.ones_like(loss)
+    return (loss * weights).sum() / (denominator if denominator is not None else weights.sum())
+
+
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None,
-                       margin: torch.Tensor | None = None) -> torch.Tensor:
-    """-log sigmoid(r_chosen - r_rejected [- margin]), mean over pairs (optionally weighted, e.g. 1/C(K,2))."""
+                       margin: torch.Tensor | None = None, denominator: float | None = None) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected [- margin]) over pairs, reduced by `weighted_mean`."""
     diff = chosen - rejected
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff)
-    if weights is None:
-        return loss.mean()
-    return (loss * weights).sum() / weights.sum()
+    return weighted_mean(-F.logsigmoid(diff), weights, denominator)
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -81,16 +87,17 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             ref_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None,
+             denominator: float | None = None) -> tuple[torch.Tensor, dict]:
     """Direct Preference Optimisation (Rafailov et al. 2023) on summed sequence logprobs.
 
     loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
-    The implicit rewards beta * (log pi - log ref) give the reward accuracy and margin.
+    The implicit rewards beta * (log pi - log ref) give the reward accuracy and margin. Reduced over pairs by
+    `weighted_mean`.
     """
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen_reward - rejected_reward)
-    loss = loss.mean() if weights is None else (loss * weights).sum() / weights.sum()
+    loss = weighted_mean(-F.logsigmoid(chosen_reward - rejected_reward), weights, denominator)
     with torch.no_grad():
         stats = {"reward_acc": (chosen_reward > rejected_reward).float().mean(),
                  "reward_margin": (chosen_reward - rejected_reward).mean()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.batch import SFTBatch
 from rlhf_ray.prompts import render_chat, render_prompt
 
 IGNORE = -100
@@ -42,7 +43,7 @@ def sft_example(tokenizer, example: dict, max_len: int, chat: bool = True) -> tu
     return full[:max_len], labels[:max_len]
 
 
-def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> SFTBatch:
     """Right-padded input_ids, attention_mask and labels (IGNORE on padding)."""
     L = max(len(ids) for ids, _ in examples)
     B = len(examples)
@@ -53,17 +54,25 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
         input_ids[i, :len(ids)] = torch.tensor(ids)
         labels[i, :len(lab)] = torch.tensor(lab)
         mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return SFTBatch(input_ids, mask, labels)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean next-token cross-entropy over labelled positions; returns (loss, number of tokens)."""
+def labelled_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens the loss predicts: the labelled positions after the first (position t predicts t + 1)."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+             denominator: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy summed over labelled positions, divided by `denominator` (default: their count,
+    the token mean). Given the whole minibatch's count, micro-batches add up to the minibatch's token mean however
+    it is cut, long examples and short ones alike. Returns (loss, number of tokens)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    n = (shift_labels != IGNORE).sum()
+    n = labelled_tokens(labels)
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                              shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss / n.clamp(min=1), n
+    return loss / (denominator if denominator is not None else n.clamp(min=1)), n
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Held-out splits are by prompt, so no prompt (and none of its K answers) is in both train and eval.
 Preferences keep a prompt's K answers together, each run once, with its pairs as a K x K matrix; the pairs of
 one prompt share a weight 1/#pairs (InstructGPT: a prompt counts once, however many of its C(K, 2) pairs
-there are), rescaled to mean 1.
+there are).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from rlhf_ray.batch import Batch
+from rlhf_ray.batch import RankingBatch, SFTBatch, TensorBatch
 from rlhf_ray.data import DataError
 from rlhf_ray.prompts import render_prompt
 from rlhf_ray.sft import IGNORE, collate_sft, sft_example
@@ -34,7 +34,7 @@ def sft_prompt_key(example: dict) -> str:
     return "\x00".join(m["content"] for m in example["messages"][:-1])
 
 
-def sft_batch(tokenizer, examples: list[dict], max_len: int, chat: bool) -> Batch:
+def sft_batch(tokenizer, examples: list[dict], max_len: int, chat: bool) -> SFTBatch:
     return collate_sft([sft_example(tokenizer, e, max_len, chat) for e in examples], tokenizer.pad_token_id)
 
 
@@ -43,15 +43,11 @@ def _pad(seqs: list[list[int]], value: int, length: int) -> list[list[int]]:
 
 
 def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, int]]]], max_len: int,
-                  chat: bool) -> Batch:
+                  chat: bool) -> RankingBatch:
     """One row per prompt, each of its K answers tokenised once (InstructGPT: a ranking of K answers is one
-    batch element whose C(K, 2) pairs share the K forward passes):
-
-        input_ids, attention_mask, labels   [G, K, L]  right-padded prompt + answer + EOS sequences, the prompt
-                                                       rendered as PPO renders it; labels on the answer only
-        pairs                               [G, K, K]  1 where answer a is preferred to answer b
-
-    Prompts with fewer than K answers get all-padding rows that belong to no pair (and are never run).
+    batch element whose C(K, 2) pairs share the K forward passes); the prompt rendered as PPO renders it, labels
+    on the answer only. Prompts with fewer than K answers get all-padding rows that belong to no pair (and are
+    never run).
     """
     p_ids, answers, pairs = [], [], []
     for prompt, responses, prs in prefs:
@@ -72,21 +68,23 @@ def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, i
     for g, prs in enumerate(pairs):
         for a, b in prs:
             pair_matrix[g, a, b] = 1.0
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels),
-            "pairs": pair_matrix}
+    return RankingBatch(torch.tensor(ids), torch.tensor(mask), torch.tensor(labels), pair_matrix)
 
 
 def listed_pairs(values: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values of the preferred answers, values of the others, weights) over every listed pair of [G, K] values.
-    Each prompt's pairs share weight 1/#pairs (a prompt counts once however many pairs its ranking has),
-    rescaled to mean 1."""
+    Each prompt's pairs share weight 1/#pairs: the weights of a ranking sum to 1, so it counts once however many
+    pairs it has, and the weights' total is the number of rankings with a pair (`ranked_prompts`)."""
     g, a, b = pairs.nonzero(as_tuple=True)
-    per_prompt = pairs.sum((1, 2))
-    w = 1.0 / per_prompt[g]
-    return values[g, a], values[g, b], w / w.mean()
+    w = 1.0 / pairs.sum((1, 2))[g]
+    return values[g, a], values[g, b], w
 
 
-def trim_to_multiple(batch: Batch, k: int) -> Batch:
+def ranked_prompts(pairs: torch.Tensor) -> int:
+    """Rankings of [G, K, K] pairs that express a preference at all (a ranking of ties has no pair)."""
+    return int((pairs.sum((1, 2)) > 0).sum())
+
+
+def trim_to_multiple(batch: TensorBatch, k: int):
     """Drop the tail so every rank gets an equal shard (a ZeRO-3 forward is a collective)."""
-    n = next(iter(batch.values())).size(0) // k * k
-    return {key: v[:n] for key, v in batch.items()}
+    return batch.map(lambda t: t[:len(batch) // k * k])

@@ -32,3 +32,30 @@ def _fresh_ray_per_test():
     import ray
     if ray.is_initialized():
         ray.shutdown()
+
+
+class AccumulatingEngine:
+    """DeepSpeed's contract with a training loop, as arithmetic: backward() scales the micro-batch loss by
+    1 / gradient_accumulation_steps and accumulates; step() applies the optimizer once every
+    gradient_accumulation_steps micro-batches (here: records the gradient and zeroes it)."""
+
+    def __init__(self, model, gas: int):
+        self.model, self.gas, self.micro_steps, self.skipped_steps, self.global_steps = model, gas, 0, 0, 0
+        self.steps = []                  # the gradient (flat) at each optimizer step
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.gas
+
+    def train(self):
+        self.model.train()
+
+    def backward(self, loss):
+        (loss / self.gas).backward()
+
+    def step(self):
+        self.micro_steps += 1
+        if self.micro_steps % self.gas == 0:
+            import torch                 # not at the top: the environment above must be set before torch loads
+            self.steps.append(torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None]))
+            self.model.zero_grad()
+            self.global_steps += 1

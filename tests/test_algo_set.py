@@ -1,9 +1,11 @@
-"""The algorithm set of issue 4 against hand-computed cases and known properties (pure functions)."""
+"""The algorithm set beyond the classic PPO spine (GRPO, RLOO, REINFORCE++, dual clip, KL estimators and placement,
+loss aggregations, importance weights) against hand-computed cases and known properties (pure functions)."""
 import math
 
 import pytest
 import torch
 
+from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.algos import (aggregate, compute_experience, discounted_returns, gae_advantages, group_advantages,
                             kl_estimate, kl_k1, kl_k2, kl_k3, missing_eos_penalty, ppo_policy_loss)
 
@@ -59,15 +61,6 @@ def test_discounted_returns_hand_computed_with_padding():
     assert G.tolist() == [[1 + 0.5 * 0 + 0.25 * 2, 0 + 0.5 * 2, 2.0], [3 + 0.5 * 4, 4.0, 0.0]]
 
 
-def test_gae_with_lambda_one_equals_discounted_returns_minus_values():
-    torch.manual_seed(0)
-    r, v = torch.randn(4, 6), torch.randn(4, 6)
-    mask = torch.ones(4, 6)
-    mask[1, 4:] = 0
-    adv, _ = gae_advantages(r, v, mask, gamma=0.9, lam=1.0)
-    assert torch.allclose(adv, (discounted_returns(r, mask, 0.9) - v) * mask, atol=1e-5)
-
-
 def test_dual_clip_bounds_the_loss_of_a_negative_advantage():
     lp, old = torch.tensor([[math.log(10.0)]], requires_grad=True), torch.zeros(1, 1)   # ratio 10
     mask = torch.ones(1, 1)
@@ -102,8 +95,8 @@ def test_missing_eos_penalty_hits_only_truncated_responses():
 
 def _rollout():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    batch = {"input_ids": torch.zeros(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5), "response_mask": mask}
     lp = torch.full((4, 3), -1.0)
+    batch = RolloutBatch(torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5), mask, mask, lp.clone())
     ref = torch.full((4, 3), -1.5)
     return batch, lp, ref, mask
 
@@ -114,12 +107,12 @@ def test_group_estimators_need_no_values_and_give_every_token_the_sequence_advan
     scores = torch.tensor([1.0, 0.0, 2.0, 2.0])
     exp, st = compute_experience(batch, lp, ref, None, scores, estimator=estimator, n=2, kl_coef=0.0)
     seq = group_advantages(scores, 2, estimator)
-    assert torch.allclose(exp["advantages"], seq[:, None] * mask)
-    assert "values" not in exp and "value/mean" not in st
+    assert torch.allclose(exp.advantages, seq[:, None] * mask)
+    assert exp.values is None and "value/mean" not in st
     # KL in the reward becomes a sequence-level penalty on the outcome: beta * sum_t KL_t
     exp_kl, _ = compute_experience(batch, lp, ref, None, scores, estimator=estimator, n=2, kl_coef=1.0)
     outcome = scores - 0.5 * mask.sum(-1)
-    assert torch.allclose(exp_kl["advantages"], group_advantages(outcome, 2, estimator)[:, None] * mask)
+    assert torch.allclose(exp_kl.advantages, group_advantages(outcome, 2, estimator)[:, None] * mask)
 
 
 def test_kl_as_a_loss_term_leaves_the_reward_alone():
@@ -128,16 +121,16 @@ def test_kl_as_a_loss_term_leaves_the_reward_alone():
     in_loss, st = compute_experience(batch, lp, ref, None, scores, estimator="grpo", n=2, kl_coef=1.0,
                                      kl_in_reward=False)
     bare, _ = compute_experience(batch, lp, ref, None, scores, estimator="grpo", n=2, kl_coef=0.0)
-    assert torch.equal(in_loss["advantages"], bare["advantages"])
+    assert torch.equal(in_loss.advantages, bare.advantages)
     assert st["kl/ref_per_seq"] == pytest.approx((0.5 * mask.sum(-1)).mean().item())   # still measured
-    assert torch.equal(in_loss["ref_logprobs"], ref)                                      # for the policy's loss
+    assert torch.equal(in_loss.ref_logprobs, ref)                                      # for the policy's loss
 
 
 def test_reinforce_pp_whitens_kl_penalised_returns_over_the_batch():
     batch, lp, ref, mask = _rollout()
     scores = torch.tensor([1.0, 0.0, 2.0, 3.0])
     exp, _ = compute_experience(batch, lp, ref, None, scores, estimator="reinforce++", kl_coef=0.1, gamma=1.0)
-    a = exp["advantages"]
+    a = exp.advantages
     assert (a * mask).sum().item() == pytest.approx(0.0, abs=1e-5)
     from rlhf_ray.algos import kl_penalized_rewards, masked_whiten
     rewards, _ = kl_penalized_rewards(scores, lp, ref, mask, 0.1)
@@ -174,11 +167,11 @@ def test_token_weights_scale_each_tokens_policy_loss_and_reach_the_experience():
     weighted, _ = ppo_policy_loss(lp, old, adv, mask, 0.2, token_weights=w)
     assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-4.0 / 6)
     batch, lp, ref, mask = _rollout()
-    batch["sample_logprobs"] = lp - 0.5                                  # the engines' weights were older
+    batch.sample_logprobs = lp - 0.5                                  # the engines' weights were older
     exp, st = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo", n=2,
                                  kl_coef=0.0, is_correction="tis", is_cap=1.5)
-    assert torch.allclose(exp["is_weights"], 1.5 * mask)                 # rho = e^0.5 = 1.65 truncated at 1.5
+    assert torch.allclose(exp.is_weights, 1.5 * mask)                 # rho = e^0.5 = 1.65 truncated at 1.5
     assert st["rollout/is_corrected_frac"] == 1.0
     plain_exp, _ = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo",
                                       n=2, kl_coef=0.0)
-    assert "is_weights" not in plain_exp
+    assert plain_exp.is_weights is None

@@ -26,7 +26,7 @@ from conftest import tiny_overrides
     ("ppo.epochs=0", "ppo.epochs"), ("generation.prompts_per_step=0", "generation.prompts_per_step"),
     ("engine.num_engines=0", "engine.num_engines"), ("train.steps=0", "train.steps"),
     ("data.max_prompt_tokens=0", "data.max_prompt_tokens"), ("data.max_prompt_tokens=-100", "data.max_prompt_tokens"),
-    ("engine.max_model_len=40", "engine.max_model_len"), ("generation.top_p=0", "generation.top_p"),
+    ("generation.top_p=0", "generation.top_p"),
     ("ppo.kl_coef=-0.1", "ppo.kl_coef"), ("sft.batch_size=0", "sft.batch_size"),
     ("guard.patience=0", "guard.patience"), ("policy.betas=[0.9, 1.5]", "policy.betas"),
 ])
@@ -83,12 +83,17 @@ def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, 
     policy = tmp_path / "policy"
     shutil.copytree(tiny_world["policy"], policy)
     os.truncate(policy / "model.safetensors", 1000)
+    unparsable = tmp_path / "unparsable"                  # config.json "{": the tokenizer would read it first
+    shutil.copytree(tiny_world["policy"], unparsable)
+    (unparsable / "config.json").write_text("{")
     bad_prompts = tmp_path / "bad.jsonl"
     bad_prompts.write_bytes(b'{"prompt": "\xff\xfe"}\n')
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     cases = [
         ([f"models.policy={policy}"], 2, "model.safetensors is truncated"),
+        ([f"models.policy={unparsable}"], 2, "models.policy: " + str(unparsable / "config.json") + " is not valid JSON"),
+        (["engine.max_model_len=40"], 2, "engine.max_model_len must hold data.max_prompt_tokens"),
         ([f"models.reward={tmp_path / 'no_reward'}"], 2, "directory not found"),
         (["engine.max_model_len=1024"], 2, "exceeds the policy's context of 512"),
         ([f"data.prompts={bad_prompts}"], 2, "bad.jsonl:1: not valid UTF-8"),
@@ -131,3 +136,48 @@ def test_supervised_data_too_small_or_empty_names_the_file(tiny_world, tmp_path,
     line = one_error_line(capsys)
     assert str(data) in line and "distinct prompt" in line, line
     assert not (tmp_path / "run" / "config.yaml").exists() and not ray.is_initialized()
+
+
+def test_a_stage_trainer_split_deepspeed_would_refuse_is_one_line_before_anything_starts(tiny_world, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(64)))
+    sets = [f"sft.model={tiny_world['policy']}", f"sft.data={data}", "sft.batch_size=16", "sft.trainer.num_ranks=2",
+            "sft.trainer.micro_batch_size=5", f"run.output_dir={tmp_path / 'run'}", "ppo.minibatch_size=7"]
+    assert stage_main("sft", ["--config", "configs/tiny_ppo.yaml", *[a for o in sets for a in ("--set", o)]]) == 2
+    line = one_error_line(capsys)        # the stage's own rule, not the PPO key it does not use
+    assert "sft.trainer.micro_batch_size must divide the per-rank batch" in line, line
+    assert not (tmp_path / "run").exists() and not ray.is_initialized()
+
+
+def test_resume_passes_over_a_checkpoint_whose_state_lacks_what_resume_needs(tmp_path, capsys):
+    from launch.ppo import resume_point
+    from rlhf_ray import checkpoint as ckpt
+    root = ckpt.checkpoint_root(tmp_path)
+    ckpt.begin(root, 4)
+    whole = ckpt.commit(root, 4, {"step": 4, "data": {"epoch": 0, "pos": 8}})
+    ckpt.begin(root, 8)
+    ckpt.commit(root, 8, {"step": 8})                       # valid JSON, but no prompt-stream position
+    assert resume_point(tmp_path, True) == whole
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["warning: checkpoint step_000008: state.json has no data: passed over for an older one"], out
+    ckpt.begin(root, 12)
+    ckpt.commit(root, 12, {"step": 12, "data": [0, 8]})
+    assert resume_point(tmp_path, True) == whole
+    assert "state.json: data is not a dict" in capsys.readouterr().out
+
+
+def test_pipeline_with_no_published_ppo_checkpoint_says_so_in_one_line(tmp_path, capsys):
+    """checkpoint.every 0 (as configs/tiny_world.yaml sets) and a last step the divergence guard held back: nothing
+    trustworthy to evaluate. An earlier published checkpoint is evaluated instead, and the pipeline says which."""
+    from launch.common import RunError
+    from launch.pipeline import ppo_checkpoint_policy
+    from rlhf_ray import checkpoint as ckpt
+    cfg = load_config("configs/tiny_world.yaml")
+    with pytest.raises(RunError) as e:
+        ppo_checkpoint_policy({"checkpoint": None}, cfg)
+    assert "\n" not in str(e.value) and "PPO published no checkpoint to evaluate" in str(e.value)
+    root = ckpt.checkpoint_root(tmp_path)
+    ckpt.begin(root, 40)
+    earlier = ckpt.commit(root, 40, {"step": 40, "data": {"epoch": 0, "pos": 0}})
+    assert ppo_checkpoint_policy({"checkpoint": str(earlier)}, cfg) == str(earlier / "policy")
+    assert "evaluating PPO's checkpoint of step 40" in capsys.readouterr().out

@@ -33,7 +33,11 @@ def test_int_widens_to_float_and_yaml11_exponents_are_floats():
     ("train.dtype=float16", "train.dtype must be one of"),
     ("data.shuffle=3", "data.shuffle must be true/false"),
     ("policy.zero_stage=4", "policy.zero_stage must be 0-3"),
-    ("ppo.minibatch_size=7", "ppo.minibatch_size"),
+    ("sft.trainer.zero_stage=4", "sft.trainer.zero_stage must be 0-3"),
+    ("rm.trainer.betas=[0.9, 1.5]", "rm.trainer.betas must be two numbers in [0, 1)"),
+    ("dpo.trainer.lr=0", "dpo.trainer.lr must be a finite number > 0"),
+    ("ppo.gamma=0", "ppo.gamma must lie in (0, 1]"),
+    ("ppo.lam=1.5", "ppo.lam must lie in (0, 1]"),
 ])
 def test_bad_values_give_one_line_error_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -85,9 +89,33 @@ def test_derive_goes_through_the_same_typed_validated_path_as_set():
     assert isinstance(cfg.rm.trainer.lr, float) and cfg.rm.trainer.lr == 1.0          # int widened, as --set does
     assert base.models.policy == "" and base.run.name == "tiny-world"                  # the original is untouched
     for sets, needle in [({"rm.dta": "x"}, "unknown key 'rm.dta'"), ({"ppo.epochs": "two"}, "ppo.epochs must be int"),
-                         ({"ppo.minibatch_size": 7}, "ppo.minibatch_size"), ({"run.seed.x": 1}, "'seed' is not a section")]:
+                         ({"ppo.epochs": 0}, "ppo.epochs must be >= 1"), ({"run.seed.x": 1}, "'seed' is not a section")]:
         with pytest.raises(ConfigError, match=needle):
             derive(base, sets)
+
+
+def test_each_command_is_refused_only_over_what_it_uses():
+    """A PPO-only rule does not stop a supervised stage, and a stage's trainer split is checked before it starts
+    (not inside DeepSpeed after the actors did)."""
+    sets = BASE + ["sft.data=s.jsonl", "sft.model=m", "ppo.minibatch_size=7", "rollout.max_staleness=1"]
+    cfg = load_config("configs/tiny_ppo.yaml", sets)                        # values fine on their own
+    assert cfg.check_stage("sft").data == "s.jsonl"                         # an sft run goes ahead
+    with pytest.raises(ConfigError, match="ppo.minibatch_size must divide generation.prompts_per_step"):
+        cfg.check_ppo()
+    for override, needle in [
+            ("sft.trainer.micro_batch_size=5", "sft.trainer.micro_batch_size must divide the per-rank batch "
+                                               "(sft.batch_size 16 / 2 ranks = 8), got 5"),
+            ("sft.batch_size=15", "sft.batch_size must be a multiple of sft.trainer.num_ranks (2), got 15")]:
+        bad = load_config("configs/tiny_ppo.yaml", BASE + ["sft.data=s.jsonl", "sft.model=m", "sft.batch_size=16",
+                                                           "sft.trainer.num_ranks=2", override])
+        with pytest.raises(ConfigError) as e:
+            bad.check_stage("sft")
+        assert str(e.value) == f"config: {needle}"
+    with pytest.raises(ConfigError, match="dpo.trainer.micro_batch_size must divide"):  # the pipeline: every stage
+        load_config("configs/tiny_world.yaml", ["dpo.trainer.micro_batch_size=3"]).check_pipeline()
+    with pytest.raises(ConfigError, match="engine.max_model_len must hold"):
+        load_config("configs/tiny_world.yaml", ["engine.max_model_len=40"]).check_pipeline()
+    assert load_config("configs/tiny_world.yaml").check_pipeline()
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -101,7 +129,7 @@ def test_derive_goes_through_the_same_typed_validated_path_as_set():
 ])
 def test_async_rollout_and_importance_correction_settings_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as e:
-        load_config("configs/tiny_ppo.yaml", overrides)
+        load_config("configs/tiny_ppo.yaml", overrides).check_ppo()
     assert needle in str(e.value) and "\n" not in str(e.value)
     ok = load_config("configs/tiny_ppo.yaml", ["rollout.max_staleness=1", "ppo.is_correction=tis",
                                                "policy.cpu_cores=[1]"])

@@ -9,6 +9,8 @@ from rlhf_ray.config import load_config
 from rlhf_ray.data import DataError, PromptStream, load_prompts
 from rlhf_ray.ds_config import deepspeed_config
 
+DATA = {"epoch": 0, "pos": 0}          # the prompt-stream position every PPO checkpoint carries
+
 
 def test_prompts_load_and_malformed_rows_name_file_row_field(tmp_path):
     f = tmp_path / "p.jsonl"
@@ -40,12 +42,13 @@ def test_prompt_stream_is_seeded_and_resumable():
 
 def test_rollout_batch_layout_left_pads_prompts_right_pads_responses():
     b = build_rollout_batch([[1, 2], [3]], [[7, 8, 9], [6]], [[-1.0, -2.0, -3.0], [-0.5]], pad_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 7, 8, 9], [0, 3, 6, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
-    assert b["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert b["sample_logprobs"][1].tolist() == [-0.5, 0, 0]
-    assert [x["input_ids"].shape[0] for x in chunks(b, 1)] == [1, 1]
-    assert shard(b, 1, 2)["input_ids"].tolist() == [[0, 3, 6, 0, 0]]
+    assert b.input_ids.tolist() == [[1, 2, 7, 8, 9], [0, 3, 6, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+    assert b.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.sample_logprobs[1].tolist() == [-0.5, 0, 0]
+    assert b.action_mask.tolist() == b.response_mask.tolist()           # single-turn: every response token an action
+    assert [len(x) for x in chunks(b, 1)] == [1, 1]
+    assert shard(b, 1, 2).input_ids.tolist() == [[0, 3, 6, 0, 0]]
 
 
 def test_deepspeed_config_batch_arithmetic_and_cpu_optimizer():
@@ -64,18 +67,18 @@ def test_checkpoint_is_published_atomically_and_latest_skips_partial(tmp_path):
     root = tmp_path / "checkpoints"
     st = ckpt.begin(root, 1)
     (st / "policy").mkdir()
-    ckpt.commit(root, 1, {"step": 1})
+    ckpt.commit(root, 1, {"step": 1, "data": DATA})
     st2 = ckpt.begin(root, 2)                  # a crash here: step 2 never committed
     (st2 / "policy").mkdir()
     assert ckpt.latest(root).name == "step_000001"
-    assert ckpt.load_state(ckpt.latest(root)) == {"step": 1}
-    ckpt.commit(root, 2, {"step": 2})
+    assert ckpt.load_state(ckpt.latest(root)) == {"step": 1, "data": DATA}
+    ckpt.commit(root, 2, {"step": 2, "data": DATA})
     ckpt.begin(root, 2)                        # re-saving a step replaces it only on commit
     assert json.loads((root / "step_000002" / "state.json").read_text())["step"] == 2
-    ckpt.commit(root, 2, {"step": 2, "again": True})
+    ckpt.commit(root, 2, {"step": 2, "data": DATA, "again": True})
     assert ckpt.load_state(ckpt.latest(root))["again"] is True
     ckpt.begin(root, 3)
-    ckpt.commit(root, 3, {"step": 3})
+    ckpt.commit(root, 3, {"step": 3, "data": DATA})
     ckpt.prune(root, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
 
@@ -86,7 +89,7 @@ def test_latest_passes_over_a_damaged_checkpoint_and_says_why(tmp_path):
         st = ckpt.begin(root, step)
         (st / "policy_ds").mkdir()
         (st / "policy_ds" / "shard.pt").write_bytes(b"x" * 1000)
-        ckpt.commit(root, step, {"step": step})
+        ckpt.commit(root, step, {"step": step, "data": DATA})
     assert ckpt.latest(root).name == "step_000004" and ckpt.damage(root / "step_000004") is None
     shard = root / "step_000004" / "policy_ds" / "shard.pt"
     damages = {"truncated": lambda: shard.write_bytes(b"x" * 10),
@@ -101,7 +104,7 @@ def test_latest_passes_over_a_damaged_checkpoint_and_says_why(tmp_path):
         st = ckpt.begin(root, 4)                  # a whole step 4 again
         (st / "policy_ds").mkdir()
         (st / "policy_ds" / "shard.pt").write_bytes(b"x" * 1000)
-        ckpt.commit(root, 4, {"step": 4})
+        ckpt.commit(root, 4, {"step": 4, "data": DATA})
         damage()
         skipped = []
         assert ckpt.latest(root, skipped).name == "step_000002", name

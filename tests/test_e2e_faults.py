@@ -135,5 +135,4 @@ def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_wo
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]   # (actors log too)
     assert code == 1 and len(errors) == 1, errors
     assert errors[0].startswith("error: step 1: ") and ("diverged" in errors[0] or "skipped" in errors[0]), errors[0]
-    print(errors[0])
     assert not any((run_dir / "checkpoints").glob("step_*"))

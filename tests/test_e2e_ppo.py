@@ -58,8 +58,8 @@ def test_ppo_three_steps_at_zero3_then_engine_matches_policy(tiny_world, tmp_pat
         response = tok(" can be used in a function body", add_special_tokens=False)["input_ids"]
         batch = build_rollout_batch([prompt] * 2, [response] * 2, [[0.0] * len(response)] * 2, tok.pad_token_id)
         policy_lp = torch.cat(actors.policy.run("logprobs", batch))[0]        # both ZeRO ranks take a shard
-        hf_lp = response_logprobs(saved, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
-        start_lp = response_logprobs(start, batch["input_ids"][:1], batch["attention_mask"][:1], len(response))[0]
+        hf_lp = response_logprobs(saved, batch.input_ids[:1], batch.attention_mask[:1], len(response))[0]
+        start_lp = response_logprobs(start, batch.input_ids[:1], batch.attention_mask[:1], len(response))[0]
         for engine in actors.engines:      # (more than one engine, each getting every push: test_e2e_async.py)
             engine_lp = torch.tensor(ray.get(engine.prompt_logprobs.remote([prompt + response], [len(prompt)]))[0])
             assert (engine_lp - policy_lp).abs().max().item() < 1e-4

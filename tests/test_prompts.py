@@ -36,7 +36,7 @@ def test_every_stage_renders_the_same_prompt(tok, chat):
     # RM / DPO rankings: every answer's row starts with the prompt
     b = ranking_batch(tok, [(PROMPT, ["a class", "a value"], [(0, 1)])], max_len=256, chat=chat)
     for k in range(2):
-        assert b["input_ids"][0, k, :len(ids)].tolist() == ids
+        assert b.input_ids[0, k, :len(ids)].tolist() == ids
     # labelling, PPO rollouts and evaluation: render_prompts under the config's data section
     assert render_prompts(tok, [PROMPT], DataConfig(apply_chat_template=chat, max_prompt_tokens=64)) == [ids]
 

@@ -40,8 +40,8 @@ def test_loss_ignores_masked_positions():
     assert n.item() == 1
     assert loss.item() == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 2)))
     batch = collate_sft([([1, 2, 3], [IGNORE, 2, 3]), ([4], [4])], pad_id=0)
-    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.labels.tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_dpo_loss_values_and_reference_invariance():
@@ -60,17 +60,17 @@ def test_ranking_batch_keeps_a_prompts_answers_together_and_pads_short_groups(to
     prefs = [("Continue: the object", ["a class", "a value here", "types"], [(1, 0), (1, 2), (0, 2)]),
              ("Continue: a module", ["names", "a file"], [(0, 1)])]            # a pairwise row: K = 2
     b = ranking_batch(tok, prefs, max_len=64, chat=True)
-    G, K, L = b["input_ids"].shape
-    assert (G, K) == (2, 3) and b["labels"].shape == (G, K, L) and b["pairs"].shape == (G, K, K)
-    assert b["attention_mask"][1, 2].sum() == 0                         # the padded answer slot is empty
-    assert b["pairs"].sum((1, 2)).tolist() == [3.0, 1.0] and b["pairs"][0, 1, 0] == 1 and b["pairs"][0, 0, 1] == 0
+    G, K, L = b.input_ids.shape
+    assert (G, K) == (2, 3) and b.labels.shape == (G, K, L) and b.pairs.shape == (G, K, K)
+    assert b.attention_mask[1, 2].sum() == 0                         # the padded answer slot is empty
+    assert b.pairs.sum((1, 2)).tolist() == [3.0, 1.0] and b.pairs[0, 1, 0] == 1 and b.pairs[0, 0, 1] == 0
     for g, (_, answers, _) in enumerate(prefs):                         # labels: the answer (+ EOS) only
         for k, text in enumerate(answers):
-            lab = b["labels"][g, k]
+            lab = b.labels[g, k]
             got = lab[lab != IGNORE].tolist()
             assert got == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            n = int(b["attention_mask"][g, k].sum())
-            assert b["input_ids"][g, k, n - len(got):n].tolist() == got       # right-padded: answer ends the row
+            n = int(b.attention_mask[g, k].sum())
+            assert b.input_ids[g, k, n - len(got):n].tolist() == got       # right-padded: answer ends the row
 
 
 def test_listed_pairs_forms_every_pair_from_per_answer_values_with_per_prompt_weights():
@@ -82,7 +82,9 @@ def test_listed_pairs_forms_every_pair_from_per_answer_values_with_per_prompt_we
     pairs[1, 1, 0] = 1                                                    # a pair the values get wrong
     c, r, w = listed_pairs(values, pairs)
     assert sorted(zip(c.tolist(), r.tolist())) == [(2.0, 1.0), (3.0, 1.0), (3.0, 2.0), (4.0, 5.0)]
-    assert w.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])        # a prompt counts once, mean 1
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])        # a prompt counts once
+    from rlhf_ray.stage_data import ranked_prompts
+    assert ranked_prompts(pairs) == 2
     # the same loss as averaging each prompt's pairs and then the prompts
     per_prompt = [-torch.nn.functional.logsigmoid(torch.tensor([2.0, 1.0, 1.0])).mean(),
                   -torch.nn.functional.logsigmoid(torch.tensor(-1.0))]

@@ -22,13 +22,14 @@ def padded_batch(extra_left: int = 3, extra_right: int = 4):
     prompts = [torch.randint(1, 97, (p,), generator=g).tolist() for p, _ in lens]
     responses = [torch.randint(1, 97, (r,), generator=g).tolist() for _, r in lens]
     b = build_rollout_batch(prompts, responses, [[0.0] * len(r) for r in responses], 0)
-    ids, mask = b["input_ids"], b["attention_mask"]
+    ids, mask = b.input_ids, b.attention_mask
     B = ids.size(0)
-    b["input_ids"] = torch.cat([torch.zeros(B, extra_left, dtype=torch.long), ids,
-                                torch.zeros(B, extra_right, dtype=torch.long)], 1)
-    b["attention_mask"] = torch.cat([torch.zeros(B, extra_left, dtype=torch.long), mask,
-                                     torch.zeros(B, extra_right, dtype=torch.long)], 1)
-    b["response_mask"] = torch.cat([b["response_mask"], torch.zeros(B, extra_right)], 1)
+    b.input_ids = torch.cat([torch.zeros(B, extra_left, dtype=torch.long), ids,
+                             torch.zeros(B, extra_right, dtype=torch.long)], 1)
+    b.attention_mask = torch.cat([torch.zeros(B, extra_left, dtype=torch.long), mask,
+                                  torch.zeros(B, extra_right, dtype=torch.long)], 1)
+    b.response_mask = b.action_mask = torch.cat([b.response_mask, torch.zeros(B, extra_right)], 1)
+    b.sample_logprobs = torch.cat([b.sample_logprobs, torch.zeros(B, extra_right)], 1)
     return b
 
 
@@ -51,17 +52,17 @@ def grads(model):
 
 def test_trim_drops_only_columns_that_are_padding_everywhere():
     b = padded_batch()
-    T = b["response_mask"].size(1)
-    ids, mask, kept = trim_padding(b["input_ids"], b["attention_mask"], T)
+    T = b.response_mask.size(1)
+    ids, mask, kept = trim_padding(b.input_ids, b.attention_mask, T)
     assert kept == 7 and ids.size(1) == 6 + 7                   # longest prompt 6, longest response 7
-    assert mask.sum() == b["attention_mask"].sum()             # no real token lost
+    assert mask.sum() == b.attention_mask.sum()             # no real token lost
 
 
 def test_trimmed_policy_forward_matches_padded_logprobs_entropy_loss_and_grads():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**CFG))
     b = padded_batch()
-    ids, mask, rmask = b["input_ids"], b["attention_mask"], b["response_mask"]
+    ids, mask, rmask = b.input_ids, b.attention_mask, b.response_mask
     T = rmask.size(1)
     old = torch.randn(rmask.shape) * 0.1 - 4.6
     adv = torch.randn(rmask.shape)
@@ -92,9 +93,9 @@ def test_detached_entropy_is_outside_the_graph_and_equal():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**CFG))
     b = padded_batch()
-    T = b["response_mask"].size(1)
-    lp, ent = response_logprobs(model, b["input_ids"], b["attention_mask"], T, entropy="detached")
-    _, ent_grad = response_logprobs(model, b["input_ids"], b["attention_mask"], T, entropy="grad")
+    T = b.response_mask.size(1)
+    lp, ent = response_logprobs(model, b.input_ids, b.attention_mask, T, entropy="detached")
+    _, ent_grad = response_logprobs(model, b.input_ids, b.attention_mask, T, entropy="grad")
     assert lp.requires_grad and not ent.requires_grad and ent_grad.requires_grad
     assert torch.allclose(ent, ent_grad.detach(), atol=1e-6)
 
@@ -104,7 +105,7 @@ def test_trimmed_logprobs_at_temperature(temperature):
     torch.manual_seed(1)
     model = Qwen2ForCausalLM(Qwen2Config(**CFG)).eval()
     b = padded_batch(extra_left=0, extra_right=2)
-    ids, mask, rmask = b["input_ids"], b["attention_mask"], b["response_mask"]
+    ids, mask, rmask = b.input_ids, b.attention_mask, b.response_mask
     T = rmask.size(1)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
@@ -118,7 +119,7 @@ def test_trimmed_critic_values_value_loss_grads_and_reward_scores():
     torch.manual_seed(0)
     model = Qwen2ForSequenceClassification(Qwen2Config(**CFG, num_labels=1))
     b = padded_batch()
-    ids, mask, rmask = b["input_ids"], b["attention_mask"], b["response_mask"]
+    ids, mask, rmask = b.input_ids, b.attention_mask, b.response_mask
     T = rmask.size(1)
     old_v, returns = torch.randn(rmask.shape) * 0.1, torch.randn(rmask.shape)
 
@@ -149,6 +150,7 @@ def test_sort_by_length_round_trips():
     from rlhf_ray.batch import select, sort_by_length
     b = padded_batch()
     sorted_b, unsort = sort_by_length(b)
-    lengths = sorted_b["attention_mask"].sum(-1)
+    lengths = sorted_b.attention_mask.sum(-1)
     assert (lengths[1:] >= lengths[:-1]).all()
-    assert all(torch.equal(select(sorted_b, unsort)[k], b[k]) for k in b)
+    back = select(sorted_b, unsort)
+    assert all(torch.equal(getattr(back, k), v) for k, v in b.fields().items())

@@ -1,0 +1,19 @@
+"""Every algorithm choice the config names, defined once. The config types its keys with these, and the code that
+implements them (rlhf_ray/algos.py) checks its registry against them, so a choice cannot exist in one place and
+not the other. No torch here: the config (and `rlhf-ray plan`) loads without it."""
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce++"]       # only gae needs a critic
+KLEstimator = Literal["k1", "k2", "k3"]
+KLPlacement = Literal["reward", "loss"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+ISCorrection = Literal["none", "tis", "mask"]
+Device = Literal["cpu", "cuda"]
+
+
+def options(choice) -> tuple[str, ...]:
+    """The names a choice allows, e.g. options(LossAggregation)."""
+    return typing.get_args(choice)
