@@ -29,10 +29,11 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
                  + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
                  + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine,
                  *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
-    watch_local_cluster()                 # the cluster dies with this process, however it ends
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1),
-             include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+    num_cpus = cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1)
+    with watch_local_cluster():           # the cluster dies with this process, however it ends (not what it starts later)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
 
 
 def cluster_device(cfg: Config, gpus_per_rank: float) -> str:

@@ -1,14 +1,19 @@
-"""No orphans: the local Ray cluster a driver starts dies with the driver, however the driver ends (SIGKILL too).
+"""No orphans: the local Ray cluster a driver starts dies with the driver, however the driver ends (SIGKILL too);
+the driver's other processes do not.
 
 Ray ties its head processes to the driver, but the per-node agents (DashboardAgent, RuntimeEnvAgent) only notice
-their raylet is gone about a minute later. So before the driver starts a local cluster, `watch_local_cluster`
-tags the driver's environment with an id that every process of that cluster inherits (raylet, agents, workers),
-and starts this module as a watchdog in its own session. The watchdog waits until the driver is gone: the pipe
-whose only writer is the driver closes, or the watchdog finds itself re-parented (which holds even if some
-process inherited the pipe). It then kills every process that carries the tag, and every process it last saw
-descending from the driver: the tag alone misses some, because a process that sets its title
-(setproctitle: "ray::DashboardAgent") may zero the start of its environment block as /proc shows it, and
-whether the tag sits in that part varies from one cluster to the next.
+their raylet is gone about a minute later. So `watch_local_cluster` starts this module as a watchdog in its own
+session, once per driver process, and puts a tag in the driver's environment only while `ray.init` starts a local
+cluster: the head processes (gcs_server, raylet, dashboard, monitors) are spawned inside `ray.init` and inherit it,
+and so do the workers and agents the raylet spawns later; what the driver starts before or after (the user's own
+processes) does not. The watchdog waits until the driver is gone: the pipe whose only writer is the driver closes,
+or the watchdog finds itself re-parented (which holds even if some process inherited the pipe). Meanwhile, every
+half second, it notes the cluster's processes: those that carry the tag, and every process below one of them. The
+tag alone misses some, because a process that sets its title (setproctitle: "ray::DashboardAgent") may zero the
+start of its environment block as /proc shows it, and whether the tag sits in that part varies from one cluster to
+the next; such an agent is a child of the raylet, and below nothing tagged once the raylet has died with the
+driver, hence the noting. Then it kills those it noted and those it still finds. Processes below the driver but
+not below a tagged one are the user's: they are left alone.
 
     python -m launch.reaper <tag>       (started by watch_local_cluster, never by hand)
 """
@@ -21,23 +26,34 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 TAG = "RLHF_RAY_LOCAL_CLUSTER"
 
 
-def watch_local_cluster() -> None:
-    """Tag this process's environment and start the watchdog, once per driver process (later local clusters of
-    the same process, e.g. the pipeline's stages, carry the same tag)."""
-    if getattr(watch_local_cluster, "pipe", None) is not None:
-        return
-    tag = uuid.uuid4().hex       # fresh even when inherited: a parent's watchdog waits for the parent, not us
-    env = {k: v for k, v in os.environ.items() if k != TAG}
-    proc = subprocess.Popen([sys.executable, "-m", "launch.reaper", tag], stdin=subprocess.PIPE, env=env,
-                            cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextmanager
+def watch_local_cluster():
+    """Around a local `ray.init`: start the watchdog (once per driver process: later local clusters of the same
+    process, e.g. the pipeline's stages, carry the same tag), and tag the environment only while the block runs."""
+    tag = getattr(watch_local_cluster, "tag", None)
+    if tag is None:
+        tag = uuid.uuid4().hex   # fresh even when inherited: a parent's watchdog waits for the parent, not us
+        env = {k: v for k, v in os.environ.items() if k != TAG}
+        proc = subprocess.Popen([sys.executable, "-m", "launch.reaper", tag], stdin=subprocess.PIPE, env=env,
+                                cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        watch_local_cluster.pipe = proc.stdin    # held open for this process's life: its closing is the signal
+        watch_local_cluster.tag = tag
+    before = os.environ.get(TAG)                 # a driver running inside another local cluster keeps its tag
     os.environ[TAG] = tag
-    watch_local_cluster.pipe = proc.stdin        # held open for this process's life: its closing is the signal
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[TAG]
+        else:
+            os.environ[TAG] = before
 
 
 def tagged(tag: str, var: str = TAG) -> list[int]:
@@ -65,8 +81,8 @@ def start_time(pid: int) -> str | None:
         return None
 
 
-def descendants(root: int) -> dict[int, str]:
-    """Every live process below `root` (children, theirs, ...), each with its start time."""
+def process_table() -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Every live process's children, and each one's start time."""
     children, started = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -77,12 +93,30 @@ def descendants(root: int) -> dict[int, str]:
             continue
         children.setdefault(int(fields[1]), []).append(int(d.name))
         started[int(d.name)] = fields[19]
-    out, todo = {}, list(children.get(root, []))
+    return children, started
+
+
+def subtrees(roots: list[int], table: tuple[dict[int, list[int]], dict[int, str]]) -> dict[int, str]:
+    """The live processes of `roots` and every one below them, each with its start time."""
+    children, started = table
+    out, todo = {}, list(roots)
     while todo:
         pid = todo.pop()
-        out[pid] = started[pid]
-        todo += children.get(pid, [])
+        if pid in started and pid not in out:    # gone since tagged() found it, or reached already
+            out[pid] = started[pid]
+            todo += children.get(pid, [])
     return out
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live process below `root` (children, theirs, ...), each with its start time."""
+    table = process_table()
+    return subtrees(table[0].get(root, []), table)
+
+
+def cluster(tag: str, var: str = TAG) -> dict[int, str]:
+    """The live processes tagged var=tag and every process below one of them, each with its start time."""
+    return subtrees(tagged(tag, var), process_table())
 
 
 def alive(procs: dict[int, str]) -> list[int]:
@@ -91,8 +125,9 @@ def alive(procs: dict[int, str]) -> list[int]:
 
 
 def cluster_processes(tag: str, known: dict[int, str], var: str = TAG) -> list[int]:
-    """A cluster's live processes: those tagged var=tag, and those of `known` (pid -> start time) still running."""
-    return sorted(set(tagged(tag, var)) | set(alive(known)))
+    """A cluster's live processes: those tagged var=tag, those below one of them, and those of `known` (pid -> start
+    time) still running."""
+    return sorted(set(cluster(tag, var)) | set(alive(known)))
 
 
 def actor_processes(pids: list[int], cls: str) -> list[int]:
@@ -109,9 +144,8 @@ def actor_processes(pids: list[int], cls: str) -> list[int]:
 
 
 def reap(tag: str, known: dict[int, str], pause: float = 0.5, quiet_rounds: int = 6, max_rounds: int = 40) -> int:
-    """Kill every tagged process and every one of `known` (pid -> start time) still running, round after round (a
-    process being started as the driver died may appear a moment later), until `quiet_rounds` rounds in a row
-    find none. Returns how many it killed."""
+    """Kill the cluster's processes (`cluster_processes`) round after round (a process being started as the driver
+    died may appear a moment later), until `quiet_rounds` rounds in a row find none. Returns how many it killed."""
     killed, quiet = 0, 0
     for _ in range(max_rounds):
         pids = cluster_processes(tag, known)
@@ -132,9 +166,9 @@ def main(tag: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # a Ctrl-C meant for the driver must not stop the cleanup
     driver, known = os.getppid(), {}
     while os.getppid() == driver:                    # orphaned: the driver is gone, however it ended
-        # the driver's processes as of half a second ago, the ones that have died since dropped
-        known = {pid: t for pid, t in descendants(driver).items() if pid != os.getpid()} | \
-            {pid: known[pid] for pid in alive(known)}
+        # the cluster as of half a second ago, the processes that have died since dropped: once the raylet is
+        # gone, an agent that lost the tag is below nothing tagged
+        known = cluster(tag) | {pid: known[pid] for pid in alive(known)}
         ready, _, _ = select.select([sys.stdin], [], [], 0.5)
         if ready and not os.read(sys.stdin.fileno(), 1):
             break                                    # EOF: the driver, the pipe's only writer, is gone

@@ -1,6 +1,7 @@
 """The watchdog of launch/reaper.py on real processes (no Ray): a driver that started a local cluster is SIGKILLed,
-and every process below it dies with it, also one whose environment no longer shows the tag (as happens to Ray's
-agents when their process title overwrites the start of the environment block)."""
+and the cluster's processes die with it, also one whose environment no longer shows the tag (as happens to Ray's
+agents when their process title overwrites the start of the environment block), while the driver's own child lives
+on."""
 import os
 import signal
 import subprocess
@@ -13,13 +14,13 @@ from launch import reaper
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """
-import os, subprocess, sys, time
+import subprocess, time
 from launch.reaper import TAG, watch_local_cluster
-watch_local_cluster()
-tagged = subprocess.Popen(["sleep", "300"])                                   # inherits the tag, like raylet
-untagged = subprocess.Popen(["sleep", "300"], env={k: v for k, v in os.environ.items() if k != TAG})
-grandchild = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])              # below a child, like the agents
-print(tagged.pid, untagged.pid, grandchild.pid, flush=True)
+with watch_local_cluster():                                   # as around ray.init
+    # tagged, like the raylet; its child without the tag, like the agents
+    cluster = subprocess.Popen(["sh", "-c", f"env -u {TAG} sleep 300 & wait"])
+user = subprocess.Popen(["sleep", "300"])                     # the user's own, started after ray.init
+print(watch_local_cluster.tag, cluster.pid, user.pid, flush=True)
 time.sleep(300)
 """
 
@@ -34,17 +35,21 @@ def gone_within(pids: list[int], seconds: float) -> list[int]:
     return left
 
 
-def test_a_killed_driver_takes_its_processes_with_it_tag_or_no_tag():
+def test_a_killed_driver_takes_its_cluster_with_it_tag_or_no_tag_and_spares_its_own_processes():
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in driver.stdout.readline().split()]
-    time.sleep(1.5)                                        # the watchdog has seen the driver's processes
+    tag, cluster, user = driver.stdout.readline().split()
+    cluster, user = int(cluster), int(user)
+    time.sleep(1.5)                                        # the watchdog has seen the cluster's processes
     family = reaper.descendants(driver.pid)
-    assert set(pids) <= set(family)
-    assert len(family) == 5                                # the three, the grandchild's sleep, the watchdog
     try:
+        assert reaper.tagged(tag) == [cluster]             # the tag is on the cluster's root only
+        assert set(reaper.cluster(tag)) == set(reaper.descendants(cluster)) | {cluster}
+        assert len(reaper.cluster(tag)) == 2 and user in family and user not in reaper.cluster(tag)
+        assert len(family) == 4                            # the two, the user's child, the watchdog
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        assert gone_within(list(family), 10) == []
+        assert gone_within([p for p in family if p != user], 10) == []     # the watchdog too, its work done
+        assert reaper.alive({user: family[user]}) == [user]
     finally:
         for pid in reaper.alive(family):
             os.kill(pid, signal.SIGKILL)
