@@ -4,10 +4,15 @@ fitted from rankings (Bradley-Terry maximum likelihood, or Elo).
 InstructGPT (Ouyang et al. 2022) has labelers rank K in 4..9 answers per prompt and trains the reward model on
 all C(K, 2) pairs of each ranking, taken together as one batch element per prompt so that a prompt with many
 answers does not dominate. Bradley & Terry (1952): P(i beats j) = sigmoid(s_i - s_j).
+The same two fits rank policies against each other from games between their answers (`leaderboard`).
 """
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import statistics
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +83,51 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
             r[winner] += k * (1.0 - expected)
             r[loser] -= k * (1.0 - expected)
     return r
+
+
+def games_per_prompt(golds: list[list[list[float]]],
+                     apart: Collection[tuple[int, int]] = ()) -> list[list[tuple[int, int]]]:
+    """golds[e][p]: the gold values of entry e's answers to prompt p -> each prompt's (winner, loser) games:
+    entry a's answer j against entry b's answer j, for j below both counts. Equal gold is a tie and gives no game
+    (as in scores_to_pairs). Entry pairs (a, b), a < b, in `apart` play none: e.g. entries picked from the same
+    samples, whose games would not be independent draws."""
+    return [[(a, b) if ga > gb else (b, a)
+             for a, b in itertools.combinations(range(len(golds)), 2) if (a, b) not in apart
+             for ga, gb in zip(golds[a][p], golds[b][p]) if ga != gb]
+            for p in range(len(golds[0]))]
+
+
+def leaderboard(names: list[str], games: list[list[tuple[int, int]]], boot: int = 200, seed: int = 0,
+                rounds: int = 40) -> list[dict]:
+    """Ratings of the entries `names` from their games grouped by prompt (games_per_prompt), best first.
+
+    Per entry: "elo" (elo_ratings over all games) with its uncertainty from a bootstrap over prompts ("elo_sd",
+    and the 95 % percentile interval "elo_lo".."elo_hi": the prompts resampled with replacement `boot` times and
+    rated again; seeded, so deterministic), "bt" (fit_bradley_terry on the same games, in Elo points: 400 / ln 10
+    per unit of strength), "games" played and "win_rate" among them. Both scales have mean 1000 over the entries:
+    Elo's updates are zero-sum from 1000 and the BT fit is centred.
+    """
+    n = len(names)
+
+    def elo(pairs):
+        # k shrinks as games grow, at most elo_ratings' 16: with a fixed k the last games' random walk leaves
+        # ~9 sqrt(k) points of noise in a rating however many prompts there are; at k = 400 / (games per entry)
+        # it stays under the sampling error and `rounds` replays still reach the fixed point, which is the
+        # Bradley-Terry maximum-likelihood fit (observed wins = expected wins for every entry)
+        return elo_ratings(n, pairs, k=min(16.0, 400.0 * n / max(2 * len(pairs), 1)), rounds=rounds)
+
+    flat = [g for gs in games for g in gs]
+    rating, bt = elo(flat), fit_bradley_terry(n, flat)
+    rng = random.Random(seed)
+    reps = list(zip(*[elo([g for gs in rng.choices(games, k=len(games)) for g in gs]) for _ in range(boot)]))
+    played = [sum(i in g for g in flat) for i in range(n)]
+    rows = []
+    for i, name in enumerate(names):
+        q = statistics.quantiles(reps[i], n=40, method="inclusive")          # q[0] = 2.5 %, q[-1] = 97.5 %
+        rows.append({"name": name, "elo": rating[i], "elo_sd": statistics.stdev(reps[i]), "elo_lo": q[0],
+                     "elo_hi": q[-1], "bt": 1000.0 + bt[i] * 400.0 / math.log(10), "games": played[i],
+                     "win_rate": sum(w == i for w, _ in flat) / played[i] if played[i] else float("nan")})
+    return sorted(rows, key=lambda r: -r["elo"])
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
