@@ -12,13 +12,15 @@
                   are logged beside the proxy every step, so overoptimisation shows as it happens
     5. DPO        from the SFT model on the same rankings
     6. evaluate   on held-out prompts: gold (mean ± sd), proxy RM score and KL to SFT for SFT, PPO, DPO and
-                  best-of-n from SFT ranked by the RM. Writes summary.md / summary.json and PNG curves.
+                  best-of-n from SFT ranked by the RM, and an Elo leaderboard of them from head-to-head games
+                  that gold decides. Writes summary.md / summary.json and PNG curves.
 
 Every stage renders prompts with `rlhf_ray.prompts.render_prompt` under data.apply_chat_template, and every
 stage's config is derived from the pipeline's through `rlhf_ray.config.derive` (typed and validated, as --set).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -46,6 +48,7 @@ from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
+from rlhf_ray.prefs import games_per_prompt, leaderboard
 from rlhf_ray.prompts import render_prompts
 from rlhf_ray.tiny import TinySpec, build_tiny_world, corpus_text
 
@@ -127,11 +130,15 @@ def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path
 
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
-             policies: dict[str, str], sft_dir: str) -> dict:
+             policies: dict[str, str], sft_dir: str) -> tuple[dict, list[dict]]:
     """Gold, proxy (and monitor) RM scores and KL to SFT on held-out prompts, for each policy
     (pipeline.eval_samples answers per prompt) and for best-of-n from SFT ranked by the proxy RM. Best-of-n draws
     2 x max(n) answers per prompt and averages over their disjoint groups of n (16 groups of 2, ..., 2 of 16):
-    the same expectation as one group per prompt, with less sampling noise."""
+    the same expectation as one group per prompt, with less sampling noise.
+
+    Also the leaderboard (rlhf_ray.prefs.leaderboard) of all these entries: a game is two entries' answers to the
+    same prompt (answer j against answer j), won by the higher gold, ties dropped. Returns (per-entry means,
+    leaderboard rows best first)."""
     ids = render_prompts(tokenizer, read_prompts(prompts_path), cfg.data)
     k = cfg.pipeline.eval_samples
     ids_k = [p for p in ids for _ in range(k)]
@@ -146,7 +153,7 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     def gold(responses):
         return torch.tensor([gold_score(t) for t in tokenizer.batch_decode(responses, skip_special_tokens=True)])
 
-    results, drawn = {}, {}
+    results, drawn, per_prompt = {}, {}, {}          # per_prompt[entry][prompt]: its answers' gold
     for name, model_dir in policies.items():
         sampler.load(model_dir)
         s = sampler.sample(ids, k, max_tokens, cfg.run.seed + 3)
@@ -155,6 +162,7 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     for name, (responses, logp) in drawn.items():
         kl = (logp - sampler.sequence_logprobs(ids_k, responses)).mean().item() if name != "sft" else 0.0
         g, (proxy, monitor) = gold(responses), rm_scores(ids_k, responses)
+        per_prompt[name] = g.view(len(ids), k).tolist()
         results[name] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(), "proxy_mean": proxy.mean().item(),
                          **({"monitor_mean": monitor.mean().item()} if monitor is not None else {}), "kl_to_sft": kl}
     # best-of-n from SFT ranked by the learned RM: KL = log n - (n-1)/n (Stiennon et al. 2020)
@@ -165,9 +173,16 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
     golds = gold(responses).view(len(ids), m)
     for n in cfg.pipeline.best_of_n:
         g, proxy = best_of_n(scores, golds, n)
+        per_prompt[f"best_of_{n}"] = g.tolist()
         results[f"best_of_{n}"] = {"gold_mean": g.mean().item(), "gold_sd": g.std().item(),
                                    "proxy_mean": proxy.mean().item(), "kl_to_sft": math.log(n) - (n - 1) / n}
-    return results
+    # every n is on the board, a ladder of known KL to place the trained policies on; but best-of-n entries do
+    # not play each other: they pick from the same samples (best-of-2's first group lies inside best-of-4's), so
+    # their answer j often is the same answer (a tie) and their other games are not independent draws
+    names = list(per_prompt)
+    bon = [i for i, name in enumerate(names) if name.startswith("best_of_")]
+    games = games_per_prompt([per_prompt[name] for name in names], apart=set(itertools.combinations(bon, 2)))
+    return results, leaderboard(names, games, seed=cfg.run.seed)
 
 
 def zscore(x: list[float]) -> list[float]:
@@ -209,7 +224,8 @@ def monitor_figures(rows: list[dict], window: int) -> dict:
             for name, key in (("monitor", "monitor/score_mean"), ("proxy", "reward/score_mean")) if key in rows[0]}
 
 
-def summary_table(ev: dict, rm_eval: dict, monitor_eval: dict | None, monitor: dict, seconds: dict) -> str:
+def summary_table(ev: dict, board: list[dict], rm_eval: dict, monitor_eval: dict | None, monitor: dict,
+                  seconds: dict) -> str:
     sft = ev["sft"]
     has_monitor = "monitor_mean" in sft
     lines = ["| policy | gold (mean ± sd) | gain vs SFT (SFT sd) | proxy RM |" + (" monitor RM |" if has_monitor else "")
@@ -219,6 +235,13 @@ def summary_table(ev: dict, rm_eval: dict, monitor_eval: dict | None, monitor: d
         lines.append(f"| {name} | {r['gold_mean']:.3f} ± {r['gold_sd']:.3f} | {gain:+.2f} | {r['proxy_mean']:+.3f} |"
                      + (f" {r['monitor_mean']:+.3f} |" if "monitor_mean" in r else (" |" if has_monitor else ""))
                      + f" {r['kl_to_sft']:.3f} |")
+    lines += ["", "| entry | rating ± sd | 95 % interval | online Elo | games | win rate |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['rating']:.0f} ± {r['rating_sd']:.0f} | {r['rating_lo']:.0f}..{r['rating_hi']:.0f} | "
+              f"{r['elo']:.0f} | {r['games']} | {r['win_rate']:.2f} |" for r in board]
+    lines += ["", "Leaderboard: a game is two entries' answers to the same held-out prompt (answer j vs answer j), "
+              "won by the higher gold, ties dropped; best-of-n entries share samples and do not play each other. "
+              "Rating: the Bradley-Terry fit in Elo points (mean 1000), ± and interval from a bootstrap over "
+              "prompts; online Elo over the same games beside it."]
     lines += ["", f"RM held-out pairwise accuracy: {rm_eval['accuracy']:.3f} (mean margin {rm_eval['margin']:.3f})"]
     if monitor_eval:
         lines.append(f"Monitor RM held-out pairwise accuracy: {monitor_eval['accuracy']:.3f}")
@@ -310,8 +333,8 @@ def run_pipeline(cfg: Config) -> dict:
     reward = RankGroup(RewardActor, "eval-reward", 1, cfg.reward.cpus_per_rank, cfg.reward.gpus_per_rank,
                        (eval_cfg, device), distributed=cfg.reward.zero_stage == 3,
                        runtime_env={"env_vars": actor_env(device)})
-    ev = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"],
-                  {"sft": sft["model"], "ppo": ppo_policy, "dpo": dpo["model"]}, sft["model"])
+    ev, board = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"],
+                         {"sft": sft["model"], "ppo": ppo_policy, "dpo": dpo["model"]}, sft["model"])
     reward.shutdown()
     sampler.group.shutdown()
     done("evaluate", t0)
@@ -320,9 +343,9 @@ def run_pipeline(cfg: Config) -> dict:
 
     rows = [json.loads(line) for line in Path(ppo["metrics"]).read_text().splitlines()]
     monitor = monitor_figures(rows, pc.monitor_window)
-    table = summary_table(ev, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
+    table = summary_table(ev, board, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
     plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
-    summary = {"eval": ev, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
+    summary = {"eval": ev, "leaderboard": board, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
                             for name, st in (("sft", sft), ("rm", rm), ("dpo", dpo))},
                "monitor": monitor, "seconds": seconds,

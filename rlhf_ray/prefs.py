@@ -4,10 +4,15 @@ fitted from rankings (Bradley-Terry maximum likelihood, or Elo).
 InstructGPT (Ouyang et al. 2022) has labelers rank K in 4..9 answers per prompt and trains the reward model on
 all C(K, 2) pairs of each ranking, taken together as one batch element per prompt so that a prompt with many
 answers does not dominate. Bradley & Terry (1952): P(i beats j) = sigmoid(s_i - s_j).
+The same two fits rank policies against each other from games between their answers (`leaderboard`).
 """
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import statistics
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +89,53 @@ def elo_ratings(n_items: int, pairs: list[tuple[int, int]], k: float = 16.0, bas
             r[winner] += k * (1.0 - expected)
             r[loser] -= k * (1.0 - expected)
     return r
+
+
+def games_per_prompt(golds: list[list[list[float]]],
+                     apart: Collection[tuple[int, int]] = ()) -> list[list[tuple[int, int]]]:
+    """golds[e][p]: the gold values of entry e's answers to prompt p -> each prompt's (winner, loser) games:
+    entry a's answer j against entry b's answer j, for j below both counts. Equal gold is a tie and gives no game
+    (as in scores_to_pairs). Entry pairs (a, b), a < b, in `apart` play none: e.g. entries picked from the same
+    samples, whose games would not be independent draws."""
+    return [[(a, b) if ga > gb else (b, a)
+             for a, b in itertools.combinations(range(len(golds)), 2) if (a, b) not in apart
+             for ga, gb in zip(golds[a][p], golds[b][p]) if ga != gb]
+            for p in range(len(golds[0]))]
+
+
+def leaderboard(names: list[str], games: list[list[tuple[int, int]]], boot: int = 200, seed: int = 0,
+                rounds: int = 40) -> list[dict]:
+    """Ratings of the entries `names` from their games grouped by prompt (games_per_prompt), best first.
+
+    Per entry: "rating", the Bradley-Terry maximum-likelihood strength (fit_bradley_terry) in Elo points (400 / ln 10
+    per unit, mean 1000 over the entries), as Chatbot Arena reports its ratings, with its uncertainty from a
+    bootstrap over prompts ("rating_sd" and the 95 % percentile interval "rating_lo".."rating_hi": the prompts
+    resampled with replacement `boot` times and fitted again; seeded, so deterministic); "elo", the classic online
+    Elo (elo_ratings) over the same games, replayed `rounds` times, for comparison; "games" played and "win_rate".
+
+    Why the fit and not online Elo carries the error bar: online Elo depends on the order of games and its last
+    updates leave noise of ~9 sqrt(k) points in every rating however many games there are; its fixed point, reached
+    with a step k small against the games per entry, is the same maximum-likelihood fit. The fit is also ~100x
+    cheaper to bootstrap (a 7-entry, 128-prompt board: 3 s against 20 s).
+    """
+    n = len(names)
+    flat = [g for gs in games for g in gs]
+
+    def rating(pairs):
+        return [1000.0 + s * 400.0 / math.log(10) for s in fit_bradley_terry(n, pairs)]
+
+    rng = random.Random(seed)
+    reps = list(zip(*[rating([g for gs in rng.choices(games, k=len(games)) for g in gs]) for _ in range(boot)]))
+    # k at most elo_ratings' 16, smaller as games grow: then the replays settle near the fixed point (see above)
+    elo = elo_ratings(n, flat, k=min(16.0, 400.0 * n / max(2 * len(flat), 1)), rounds=rounds)
+    played = [sum(i in g for g in flat) for i in range(n)]
+    rows = []
+    for i, (name, r) in enumerate(zip(names, rating(flat))):
+        q = statistics.quantiles(reps[i], n=40, method="inclusive")          # q[0] = 2.5 %, q[-1] = 97.5 %
+        rows.append({"name": name, "rating": r, "rating_sd": statistics.stdev(reps[i]), "rating_lo": q[0],
+                     "rating_hi": q[-1], "elo": elo[i], "games": played[i],
+                     "win_rate": sum(w == i for w, _ in flat) / played[i] if played[i] else float("nan")})
+    return sorted(rows, key=lambda r: -r["rating"])
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

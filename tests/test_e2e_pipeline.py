@@ -40,6 +40,13 @@ def test_pipeline_small(tiny_world, tmp_path):
         assert all(math.isfinite(v) for v in r.values()), (name, r)
     assert s["eval"]["sft"]["kl_to_sft"] == 0.0 and s["eval"]["ppo"]["kl_to_sft"] > 0
     assert s["eval"]["best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    board = s["leaderboard"]                          # every evaluated entry rated from gold-decided games, best first
+    assert {r["name"] for r in board} == set(s["eval"]) and len(board) == len(s["eval"])
+    assert [r["rating"] for r in board] == sorted((r["rating"] for r in board), reverse=True)
+    assert sum(r["elo"] for r in board) / len(board) == pytest.approx(1000.0)    # Elo's updates are zero-sum
+    for r in board:
+        assert all(math.isfinite(r[k]) for k in ("rating", "rating_sd", "rating_lo", "rating_hi", "elo", "win_rate")), r
+        assert r["games"] > 0 and r["rating_sd"] > 0 and r["rating_lo"] <= r["rating"] <= r["rating_hi"], r
     assert 0.0 <= s["rm_eval"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("gold/mean" in r and "monitor/score_mean" in r for r in rows)   # beside the proxy
@@ -50,6 +57,8 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert set(s["monitor"]) == {"monitor", "proxy"} and -1 <= s["monitor"]["monitor"]["pearson"] <= 1
     assert "monitor_mean" in s["eval"]["ppo"] and 0.0 <= s["monitor_rm_eval"]["accuracy"] <= 1.0
     assert (run / "summary.md").read_text().startswith("| policy |")
+    assert "| entry | Elo ± sd |" in (run / "summary.md").read_text()
+    assert json.loads((run / "summary.json").read_text())["leaderboard"][0]["name"] == board[0]["name"]
     assert (run / "ppo_curves.png").stat().st_size > 10_000
     rankings = [json.loads(line) for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines()]
     assert rankings and all(sorted(r["ranking"]) == list(range(cfg.pipeline.k)) for r in rankings)

@@ -1,11 +1,12 @@
 """Rankings -> pairs, Bradley-Terry loss and fits (pure logic)."""
 import math
+import random
 
 import pytest
 import torch
 
-from rlhf_ray.prefs import (bradley_terry_loss, elo_ratings, fit_bradley_terry, pairwise_accuracy,
-                            ranking_from_scores, ranking_to_pairs, scores_to_pairs)
+from rlhf_ray.prefs import (bradley_terry_loss, elo_ratings, fit_bradley_terry, games_per_prompt, leaderboard,
+                            pairwise_accuracy, ranking_from_scores, ranking_to_pairs, scores_to_pairs)
 
 
 @pytest.mark.parametrize("k", [2, 4, 9])
@@ -52,6 +53,53 @@ def test_bt_fit_recovers_the_generating_order():
 def test_bt_fit_is_finite_for_an_undefeated_item():
     s = fit_bradley_terry(3, [(0, 1), (0, 2), (1, 2)])
     assert all(math.isfinite(x) for x in s) and s[0] > s[1] > s[2]
+
+
+def test_games_pair_answers_by_index_and_drop_ties():
+    golds = [[[3.0, 1.0, 2.0]],          # entry 0: three answers to the one prompt
+             [[1.0, 1.0]],               # entry 1: two (answer j meets answer j, so its third is unmatched)
+             [[0.0, 5.0, 9.0]]]
+    assert games_per_prompt(golds) == [[(0, 1), (0, 2), (2, 0), (2, 0), (1, 2), (2, 1)]]   # 0-1's 2nd: a tie
+    assert games_per_prompt(golds, apart={(0, 2)}) == [[(0, 1), (1, 2), (2, 1)]]
+
+
+def _games(strengths, n_prompts, answers=4, seed=0):
+    """Games per prompt between entries whose answers' gold is their strength plus unit Gaussian noise."""
+    rng = random.Random(seed)
+    golds = [[[s + rng.gauss(0.0, 1.0) for _ in range(answers)] for _ in range(n_prompts)] for s in strengths]
+    return games_per_prompt(golds)
+
+
+def test_leaderboard_ranks_a_dominant_entry_first_and_elo_agrees_with_bt():
+    board = leaderboard(["weak", "mid", "strong"], _games([0.0, 0.5, 3.0], 64))
+    assert [r["name"] for r in board] == ["strong", "mid", "weak"]
+    assert [r["name"] for r in sorted(board, key=lambda r: -r["elo"])] == ["strong", "mid", "weak"]
+    assert board[0]["win_rate"] > 0.9 and board[0]["games"] == 2 * 64 * 4
+    assert sum(r["elo"] for r in board) / 3 == pytest.approx(1000.0)      # both scales: mean 1000
+    assert sum(r["rating"] for r in board) / 3 == pytest.approx(1000.0)
+    for r in board:                                          # converged Elo is the BT fit, within its noise
+        assert r["elo"] == pytest.approx(r["rating"], abs=r["rating_sd"])
+        assert r["rating_lo"] < r["rating"] < r["rating_hi"] and r["rating_sd"] > 0
+
+
+def test_leaderboard_rates_symmetric_entries_equal():
+    # a and b split their games; c beats each 2 games in 3: BT puts c ln 2 above them, 400 log10(2) Elo points
+    games = [[(0, 1), (1, 0), (2, 0), (2, 1), (2, 0), (2, 1), (0, 2), (1, 2)]] * 50
+    board = {r["name"]: r for r in leaderboard(["a", "b", "c"], games)}
+    assert board["a"]["rating"] == pytest.approx(board["b"]["rating"], abs=1e-6)
+    assert board["a"]["elo"] == pytest.approx(board["b"]["elo"], abs=5.0)    # Elo only up to the order of games
+    assert board["c"]["rating"] - board["a"]["rating"] == pytest.approx(400 * math.log10(2), abs=1.0)
+    assert board["c"]["elo"] - board["a"]["elo"] == pytest.approx(400 * math.log10(2), abs=5.0)
+    assert board["a"]["win_rate"] == pytest.approx(2 / 5) and board["c"]["win_rate"] == pytest.approx(2 / 3)
+
+
+def test_leaderboard_bootstrap_is_seeded_and_shrinks_with_more_prompts():
+    names, games = ["a", "b", "c"], _games([0.0, 0.3, 0.6], 32)
+    few = leaderboard(names, games, boot=50, seed=1)
+    assert few == leaderboard(names, games, boot=50, seed=1) != leaderboard(names, games, boot=50, seed=2)
+    many = leaderboard(names, _games([0.0, 0.3, 0.6], 256), boot=50, seed=1)
+    sd = {r["name"]: r["rating_sd"] for r in few}
+    assert all(r["rating_sd"] < sd[r["name"]] / 2 for r in many)          # 8x the prompts: ~1/2.8 the sd
 
 
 def test_gold_and_noisy_labelers():
