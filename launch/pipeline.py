@@ -347,7 +347,7 @@ def run_pipeline(cfg: Config) -> dict:
     plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
     summary = {"eval": ev, "leaderboard": board, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
-                            for name, st in (("sft", sft), ("rm", rm), ("dpo", dpo))},
+                            for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo)) if st},
                "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
                "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,

@@ -1,7 +1,7 @@
 """The tiny-world pipeline end to end with small counts: every stage on the real actor machinery (Ray,
 DeepSpeed ZeRO over 2 ranks, vLLM), each handing its HF checkpoint to the next (SFT -> reward model from K-way
-rankings -> PPO, and DPO at ZeRO-3); each stage learned on held-out data; summary, curves and gold monitor
-written. Slow."""
+rankings -> PPO, and DPO at ZeRO-3); SFT, both reward models and DPO learned on held-out data, PPO and DPO moved
+away from SFT; summary, leaderboard, curves and gold monitor written. Slow."""
 import json
 import math
 
@@ -29,6 +29,9 @@ def test_pipeline_small(tiny_world, tmp_path):
     run = tmp_path / "run"
     held = s["held_out"]
     assert held["sft"]["after"]["loss"] < held["sft"]["before"]["loss"]     # response-token loss fell
+    for rm in ("rm", "monitor_rm"):                                         # both reward models learned the rankings
+        assert held[rm]["after"]["loss"] < held[rm]["before"]["loss"], (rm, held[rm])
+        assert held[rm]["after"]["accuracy"] > 0.5, (rm, held[rm])
     with torch.no_grad():                                                   # a scalar head on the SFT backbone
         assert load_scalar_model(s["models"]["rm"])(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 1)
     assert held["dpo"]["before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference at first
@@ -38,8 +41,7 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert set(s["eval"]) == {"sft", "ppo", "dpo", "best_of_2", "best_of_4"}
     for name, r in s["eval"].items():
         assert all(math.isfinite(v) for v in r.values()), (name, r)
-    assert s["eval"]["sft"]["kl_to_sft"] == 0.0 and s["eval"]["ppo"]["kl_to_sft"] > 0
-    assert s["eval"]["best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    assert s["eval"]["ppo"]["kl_to_sft"] > 0 and s["eval"]["dpo"]["kl_to_sft"] > 0   # both moved away from SFT
     board = s["leaderboard"]                          # every evaluated entry rated from gold-decided games, best first
     assert {r["name"] for r in board} == set(s["eval"]) and len(board) == len(s["eval"])
     assert [r["rating"] for r in board] == sorted((r["rating"] for r in board), reverse=True)
@@ -47,17 +49,15 @@ def test_pipeline_small(tiny_world, tmp_path):
     for r in board:
         assert all(math.isfinite(r[k]) for k in ("rating", "rating_sd", "rating_lo", "rating_hi", "elo", "win_rate")), r
         assert r["games"] > 0 and r["rating_sd"] > 0 and r["rating_lo"] <= r["rating"] <= r["rating_hi"], r
-    assert 0.0 <= s["rm_eval"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("gold/mean" in r and "monitor/score_mean" in r for r in rows)   # beside the proxy
     samples = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * cfg.logging.samples_per_step
     for r in samples:        # PPO samples from the chat-rendered prompt, exactly as SFT, the RM and evaluation do
         assert r["prompt"].startswith("<|user|>\nContinue: ") and r["prompt"].endswith("\n<|assistant|>\n"), r
-    assert set(s["monitor"]) == {"monitor", "proxy"} and -1 <= s["monitor"]["monitor"]["pearson"] <= 1
-    assert "monitor_mean" in s["eval"]["ppo"] and 0.0 <= s["monitor_rm_eval"]["accuracy"] <= 1.0
+    assert set(s["monitor"]) == {"monitor", "proxy"} and "monitor_mean" in s["eval"]["ppo"]
     assert (run / "summary.md").read_text().startswith("| policy |")
-    assert "| entry | Elo ± sd |" in (run / "summary.md").read_text()
+    assert "| entry | rating ± sd |" in (run / "summary.md").read_text()
     assert json.loads((run / "summary.json").read_text())["leaderboard"][0]["name"] == board[0]["name"]
     assert (run / "ppo_curves.png").stat().st_size > 10_000
     rankings = [json.loads(line) for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines()]
