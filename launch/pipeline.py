@@ -40,7 +40,7 @@ from launch.common import actor_env, cluster_device, engine_env, run_cli, start_
 from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray.batch import build_rollout_batch
-from rlhf_ray.config import Config, derive, dump_config
+from rlhf_ray.config import Config, derive, dump_config, resolve_paths
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
@@ -230,8 +230,9 @@ def summary_table(ev: dict, rm_eval: dict, monitor_eval: dict | None, monitor: d
 
 def run_pipeline(cfg: Config) -> dict:
     from tqdm import tqdm
+    cfg = resolve_paths(cfg)
     pc = cfg.pipeline
-    run_dir = Path(cfg.run.output_dir).resolve()
+    run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)
@@ -247,7 +248,7 @@ def run_pipeline(cfg: Config) -> dict:
         bar.update(1)
 
     t0 = stage("pretrain")
-    world = Path(pc.world_dir).resolve()
+    world = Path(pc.world_dir)
     if not (world / "policy" / "model.safetensors").is_file():
         build_tiny_world(world, TinySpec(pretrain_steps=pc.pretrain_steps, seed=cfg.run.seed))
     base = str(world / "policy")
