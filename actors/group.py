@@ -10,7 +10,7 @@ import json
 import re
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -54,6 +54,17 @@ def unplaceable(bundles: list[dict], nodes: list[dict], strategy: str = "PACK") 
     return None
 
 
+def room_left(nodes: dict[str, dict], held: list[tuple[str, dict]]) -> list[dict]:
+    """Each node's total resources less the bundles (node id, resources) this run already holds there: while one of
+    its roles waits, the others keep theirs, so that room never frees."""
+    left = {n: dict(r) for n, r in nodes.items()}
+    for node, b in held:
+        for k, v in b.items():
+            if node in left:
+                left[node][k] = left[node].get(k, 0) - v
+    return list(left.values())
+
+
 def node_shapes(nodes: list[dict], keys) -> str:
     """The nodes' totals of the resources in `keys`, alike ones counted: "2 nodes: {'CPU': 8.0, 'GPU': 0}"."""
     shapes = [str({k: n.get(k, 0) for k in sorted(keys)}) for n in nodes]
@@ -87,6 +98,18 @@ def _cluster_can_grow() -> bool | None:
     return not all(re.fullmatch(r"node_[0-9a-f]+", t) for t in types)
 
 
+_reserved = []                         # the placement groups this process reserved
+
+
+def _held_bundles() -> list[tuple[str, dict]]:
+    """(node id, resources) of every bundle this process holds; groups since removed (or of an earlier cluster)
+    are forgotten."""
+    tables = [(pg, placement_group_table(pg)) for pg in _reserved]
+    _reserved[:] = [pg for pg, t in tables if t.get("state") == "CREATED"]
+    return [(t["bundles_to_node_id"][i], b) for _, t in tables if t.get("state") == "CREATED"
+            for i, b in t["bundles"].items()]
+
+
 def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeout: float = 600):
     """A placement group. On a cluster that cannot grow, one that no node layout could ever hold is a one-line
     error at once; otherwise it is waited for, with a progress line every 30 s and a clear error at the timeout."""
@@ -96,14 +119,18 @@ def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeou
     while not ray.wait([ready], timeout=tick)[0]:
         waited += tick
         if not checked:                # a group that is not placed at once: can it ever be?
-            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-            why = unplaceable(bundles, nodes, strategy)
+            nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+            held = _held_bundles()
+            why = unplaceable(bundles, room_left(nodes, held), strategy)
             grows = _cluster_can_grow() if why else True
             checked = grows is not None
             if why and grows is False:
                 remove_placement_group(pg)
+                keys = set().union(*bundles)
+                ours = {k: sum(b.get(k, 0) for _, b in held) for k in sorted(keys)}
                 raise PlacementError(f"{what} can never be placed on this cluster's nodes "
-                                     f"({node_shapes(nodes, set().union(*bundles))}): {why}; "
+                                     f"({node_shapes(list(nodes.values()), keys)}"
+                                     f"{f'; this run already holds {ours}' if held else ''}): {why}; "
                                      "the cluster cannot grow (no autoscaler)")
         if waited >= ready_timeout:
             remove_placement_group(pg)
@@ -112,6 +139,7 @@ def reserve(name: str, bundles: list[dict], strategy: str = "PACK", ready_timeou
         if waited % 30 < tick:
             print(f"{what} still waiting for resources after {waited:.0f}s "
                   f"(available: {ray.available_resources()})", flush=True)
+    _reserved.append(pg)
     return pg
 
 

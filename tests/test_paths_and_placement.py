@@ -1,7 +1,7 @@
 """Quick, pure: relative paths against run.base_dir, and whether a layout can ever fit a fixed cluster's nodes."""
 from pathlib import Path
 
-from actors.group import node_shapes, unplaceable
+from actors.group import node_shapes, room_left, unplaceable
 from rlhf_ray.config import load_config, resolve_paths
 
 PATH_KEYS = ["models.policy", "models.reference", "models.reward", "models.critic", "models.monitor",
@@ -65,3 +65,10 @@ def test_strategies_and_mixed_bundles():
 def test_node_shapes_names_what_the_nodes_have_of_what_was_asked():
     nodes = [{"CPU": 8.0, "memory": 1e9}, {"CPU": 8.0}, {"CPU": 2.0, "GPU": 1.0}]
     assert node_shapes(nodes, {"CPU", "GPU"}) == "1 node: {'CPU': 2.0, 'GPU': 1.0}; 2 nodes: {'CPU': 8.0, 'GPU': 0}"
+
+
+def test_room_this_run_already_holds_never_frees():
+    nodes = {"a": {"CPU": 2.0}, "b": {"CPU": 4.0, "GPU": 1.0}}
+    left = room_left(nodes, [("a", {"CPU": 2.0}), ("b", {"CPU": 1.0, "GPU": 1.0})])
+    assert left == [{"CPU": 0.0}, {"CPU": 3.0, "GPU": 0.0}] and nodes["a"] == {"CPU": 2.0}
+    assert unplaceable([CPU1] * 3, left) is None and unplaceable([CPU1] * 4, left) == "room for 3 of 4"
