@@ -27,12 +27,14 @@ EXCLUDES = [".venv", "runs", "assets", "wandb", ".git", "**/__pycache__", ".pyte
 
 
 def head_is_local(address: str) -> bool:
+    """A loopback address: the head runs on this machine, so this interpreter's path exists there too."""
     host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def entrypoint(config: str, overrides: list[str], python: str, base_dir: str) -> str:
-    args = [python, "-m", "launch.ppo", "--config", config, "--set", "ray.address=auto", "--set", f"run.base_dir={base_dir}"]
+    args = [python, "-m", "launch.ppo", "--config", config, "--set", "ray.address=auto",
+            "--set", f"run.base_dir={base_dir}"]
     for o in overrides:                  # after ours: a user's own run.base_dir wins
         args += ["--set", o]
     return " ".join(shlex.quote(a) for a in args)
