@@ -17,8 +17,8 @@ def value(cfg, key):
 def test_relative_paths_resolve_against_base_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                      # not the base: nothing may resolve against the cwd
     base = tmp_path / "submitted from"
-    sets = [f"{k}=rel/{k}" for k in PATH_KEYS] + [f"run.base_dir={base}",
-                                                  "reward.sources=[{kind: model, path: rm}, {kind: function, path: 'm:f'}]"]
+    sets = [f"{k}=rel/{k}" for k in PATH_KEYS] + [
+        f"run.base_dir={base}", "reward.sources=[{kind: model, path: rm}, {kind: function, path: 'm:f'}]"]
     cfg = resolve_paths(load_config(None, sets))
     for k in PATH_KEYS:
         assert value(cfg, k) == str(base / "rel" / k), k
