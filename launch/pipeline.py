@@ -43,7 +43,7 @@ from launch.ppo import train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, cat
-from rlhf_ray.config import Config, derive, dump_config
+from rlhf_ray.config import Config, derive, dump_config, resolve_paths
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
@@ -269,9 +269,9 @@ def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
 
 def run_pipeline(cfg: Config) -> dict:
     from tqdm import tqdm
-    cfg.check_pipeline()                  # every stage's settings, before the first one starts
+    cfg = resolve_paths(cfg.check_pipeline())    # every stage's settings, before the first one starts
     pc = cfg.pipeline
-    run_dir = Path(cfg.run.output_dir).resolve()
+    run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)
@@ -287,7 +287,7 @@ def run_pipeline(cfg: Config) -> dict:
         bar.update(1)
 
     t0 = stage("pretrain")
-    world = Path(pc.world_dir).resolve()
+    world = Path(pc.world_dir)
     if not (world / "policy" / "model.safetensors").is_file():
         build_tiny_world(world, TinySpec(pretrain_steps=pc.pretrain_steps, seed=cfg.run.seed))
     base = str(world / "policy")

@@ -28,6 +28,8 @@ class RunConfig:
     name: str = "ppo"
     output_dir: str = "runs/ppo"       # metrics.jsonl, W&B files, checkpoints, resolved config
     seed: int = 42
+    base_dir: Optional[str] = None     # relative model, data and output paths resolve against it; null: the
+                                       # directory the command runs in (`rlhf-ray submit` sets the submitting one)
 
 
 @dataclass
@@ -635,10 +637,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """Make local model/data paths absolute, so actors (whose working directory may differ, e.g. under
-    `ray job submit`) open the same files. Names that are not local paths (hub ids) are left as they are."""
+    """Make every relative model, data and output path absolute against `run.base_dir` (null: the directory the
+    command runs in), so actors, and a job whose working directory is Ray's copy of the code (`ray job submit`),
+    open the same files. Absolute paths stay as they are, empty ones stay empty. Models are local directories
+    (check_model_dir refuses anything else), so a relative name is always a path, never a hub id."""
+    base = Path(cfg.run.base_dir or Path.cwd()).absolute()
+
     def fix(p):
-        return str(Path(p).resolve()) if p and Path(p).exists() else p
+        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+    cfg.run.base_dir = str(base)
     m = cfg.models
     m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
         fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
@@ -646,7 +653,8 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]
     for st in (cfg.sft, cfg.rm, cfg.dpo):
-        st.data, st.model, st.output = fix(st.data), fix(st.model), st.output and str(Path(st.output).resolve())
+        st.data, st.model, st.output = fix(st.data), fix(st.model), fix(st.output)
+    cfg.run.output_dir, cfg.pipeline.world_dir = fix(cfg.run.output_dir), fix(cfg.pipeline.world_dir)
     return cfg
 
 
