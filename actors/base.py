@@ -17,6 +17,7 @@ import torch
 
 from rlhf_ray.batch import B, TensorBatch, chunks, select, shard, sort_by_length
 from rlhf_ray.ds_config import deepspeed_config, inference_config
+from rlhf_ray.metrics import process_started_at
 from rlhf_ray.seeds import derive_seed
 
 
@@ -46,6 +47,8 @@ class RankActor:
 
     def __init__(self, rank: int, world_size: int, device: str, *, role: str, seed: int, threads: float,
                  cores: list[int] | None = None):
+        # start-up marks (wall-clock): the worker process's start, then here, the role's module imports done
+        self._startup = {"process": process_started_at(), "imported": time.time()}
         self.rank, self.world_size, self.device, self.role, self.seed = rank, world_size, device, role, seed
         if cores:
             os.sched_setaffinity(0, cores)
@@ -53,6 +56,14 @@ class RankActor:
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(derive_seed(seed, f"{role}/init", rank))     # e.g. a fresh value head's initialisation
         self._busy: defaultdict[str, float] = defaultdict(float)
+
+    def _mark(self, name: str) -> None:
+        """A start-up mark: `name` done now (first time only)."""
+        self._startup.setdefault(name, time.time())
+
+    def startup_marks(self) -> dict[str, float]:
+        """Wall-clock times of this rank's start-up phases, in order (see launch/ppo.py `startup_report`)."""
+        return dict(self._startup)
 
     def take_busy(self) -> dict[str, float]:
         """Seconds spent in each work method since the last call."""
@@ -87,8 +98,10 @@ class RankActor:
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo" if self.device == "cpu" else "nccl",
                                    auto_mpi_discovery=False, verbose=False)
+        self._mark("process_group")
 
     def ready(self) -> bool:
+        self._mark("ready")
         return True
 
     collective = False      # ZeRO-3: every forward gathers parameters from all ranks
@@ -116,9 +129,12 @@ class FrozenRole(RankActor):
 
     def _frozen(self, role_cfg, dtype: str, load: Callable[[], None]) -> None:
         """Remember how to load; stage 0 loads now, stage 3 once the rank has joined its process group."""
-        self._role_cfg, self._dtype, self._load = role_cfg, dtype, load
-        if role_cfg.zero_stage != 3:
+        def load_and_mark():
             load()
+            self._mark("model_loaded")
+        self._role_cfg, self._dtype, self._load = role_cfg, dtype, load_and_mark
+        if role_cfg.zero_stage != 3:
+            load_and_mark()
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         super().init_process_group(master_addr, master_port)
@@ -156,6 +172,7 @@ class DeepSpeedRole(RankActor):
         if self.zero_stage == 3:
             partition_at_load(self, ds_cfg)
         model = load_model()
+        self._mark("model_loaded")
         if role_cfg.lora.rank > 0:
             model = add_lora(model, role_cfg.lora, head)
         if role_cfg.gradient_checkpointing:
@@ -167,6 +184,7 @@ class DeepSpeedRole(RankActor):
         self.model = self.engine.module
         self.device = self.engine.device
         self.collective = self.zero_stage == 3
+        self._mark("deepspeed_ready")
 
     # ------------------------------------------------------------------ epochs over minibatches (PPO, stages)
     def _minibatch_updates(self, exp: B, epochs: int, minibatch_size: int, step: int,

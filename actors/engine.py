@@ -46,6 +46,7 @@ class Engine(RankActor):
             # (its threads, vLLM's included, are created after this and inherit the policy).
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         from vllm import LLM
+        self._mark("vllm_imported")
         e = cfg.engine
         for d in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
             if os.environ.get(d):
@@ -67,9 +68,11 @@ class Engine(RankActor):
             if e.tensor_parallel_size > 1:
                 kwargs["distributed_executor_backend"] = "ray"
         self.llm = LLM(**kwargs)
+        self._mark("engine_built")
         # The first generate pays a one-time setup (~10 s on CPU); pay it here so step 1's timings are honest.
         from vllm import SamplingParams
         self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=2), use_tqdm=False)
+        self._mark("warmed_up")
 
     @busy
     def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,

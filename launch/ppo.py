@@ -8,8 +8,10 @@ and padded tensors between the actors and does the (cheap) advantage math.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +36,11 @@ from rlhf_ray.batch import (RewardScores, RolloutBatch, cat, first_rollouts, mer
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream
 from rlhf_ray.guard import DivergenceGuard
-from rlhf_ray.metrics import MetricsLogger
+from rlhf_ray.metrics import MetricsLogger, process_started_at, startup_report
 from rlhf_ray.prompts import render_prompts
 from rlhf_ray.seeds import derive_seed
+
+IMPORTED_AT = time.time()          # the driver's imports (torch, Ray, the actor modules) done
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -100,13 +104,13 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
                          runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node,
                          gpu_bundles=gpu_bundles, wait=False)       # every role starts up side by side
 
+    tp = cfg.engine.tensor_parallel_size
+    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)),
+                    gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
-    tp = cfg.engine.tensor_parallel_size
-    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)),
-                    gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
     for g in (policy, critic, reference, reward, engines):
         if g:
             g.wait()
@@ -321,6 +325,7 @@ class Run:
     guard: DivergenceGuard
     gold_fn: object = None
     restarts: int = 0                 # actor deaths recovered from so far (fault_tolerance.max_actor_restarts)
+    startup: dict | None = None       # the driver's start-up marks, until the first step reports them
 
 
 def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Path | None]:
@@ -391,6 +396,8 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
         first_rollouts(run.tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
     print(step_line(cfg, step, metrics), flush=True)
+    if run.startup is not None:
+        report_startup(run)
 
     # 6. the divergence guard, then a checkpoint: never of a diverged state
     stop, healthy = run.guard.check(step, metrics)
@@ -404,6 +411,17 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
         else:
             print(f"step {step}: checkpoint held back: KL to the reference over guard.max_kl_per_token", flush=True)
     return next_rollout, saved
+
+
+def report_startup(run: Run) -> None:
+    """After the first step: one line on where the start-up went, and startup.json with every actor's phases."""
+    run.startup["first_step"] = time.time()
+    marks = {f"{role} {i}": m for role, g in run.actors.groups().items()
+             for i, m in enumerate(ray.get([a.startup_marks.remote() for a in g.actors]))}
+    line, table = startup_report(run.startup, marks)
+    print(line, flush=True)
+    (run.run_dir / "startup.json").write_text(json.dumps(table, indent=1))
+    run.startup = None
 
 
 def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
@@ -466,22 +484,42 @@ def step_line(cfg: Config, step: int, m: dict) -> str:
             f" sync {m['time/weight_sync']:.2f}s step {m['time/step']:.2f}s")
 
 
+def tokenizer_beside_ray(cfg: Config, configs: dict):
+    """The run's tokenizer (loading it imports transformers: seconds) while the Ray cluster starts (seconds too,
+    mostly waiting on its processes). A tokenizer that does not fit stops a cluster this started, then is raised:
+    no actor started."""
+    joined = ray.is_initialized()
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(preflight.ppo_tokenizer, cfg, configs)
+        start_ray(cfg)
+        try:
+            return loading.result()
+        except BaseException:
+            if not joined:
+                ray.shutdown()
+            raise
+
+
 def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, gold_fn=None) -> dict:
     """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors).
     resume: True continues from the newest whole checkpoint (none is an error), "auto" also starts fresh.
     gold_fn(text) -> float, when given, is logged beside the proxy reward every step (the tiny world's monitor)."""
+    startup = {"start": process_started_at() or IMPORTED_AT, "imports": IMPORTED_AT}
     cfg = resolve_paths(cfg.check_ppo())
-    tokenizer, prompts = preflight.ppo_inputs(cfg)        # every input checked before anything starts or is written
+    prompts, model_configs = preflight.ppo_inputs(cfg)   # every input checked before anything starts or is written
     run_dir = preflight.output_dir(cfg.run.output_dir)
     latest = resume_point(run_dir, resume)
+    startup["inputs"] = time.time()
+    tokenizer = tokenizer_beside_ray(cfg, model_configs)
+    startup["ray_and_tokenizer"] = time.time()
     dump_config(cfg, run_dir / "config.yaml")
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     torch.manual_seed(cfg.run.seed)
     tok_dir = cfg.models.tokenizer or cfg.models.policy
     stream = PromptStream(prompts, cfg.generation.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
 
-    start_ray(cfg)
     actors = build_actors(cfg, device, run_dir)
+    startup["actors"] = time.time()
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
     for name, group in actors.trained.items():
         counts = ray.get(group.actors[0].parameter_counts.remote())
@@ -491,7 +529,7 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
     start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
     run = Run(cfg, actors, sync, tokenizer, stream, logger, run_dir, tok_dir, KLCoef(cfg.ppo),
-              ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn)
+              ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, startup=startup)
     last_ckpt = latest
     try:
         step, rollout = restore(run, latest, push=latest is not None)

@@ -78,6 +78,18 @@ def _open_rows(path: Path, resume_step: int | None):
     return path.open("a" if resume_step is not None else "w")
 
 
+def process_started_at(pid: int | str = "self") -> float | None:
+    """When a process started, as wall-clock time (Linux: /proc/<pid>/stat field 22 after boot, /proc/stat btime);
+    None where /proc does not say."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def moving_average(x: list[float], window: int) -> list[float]:
     """Trailing mean over up to `window` values (the first values average what there is so far)."""
     return [sum(x[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(x))]
@@ -113,3 +125,25 @@ def best_of_n(scores, values, n: int):
     s = scores[:, :groups * n].reshape(scores.size(0), groups, n)
     best = s.argmax(-1, keepdim=True)
     return values[:, :groups * n].reshape(s.shape).gather(-1, best).squeeze(-1), s.gather(-1, best).squeeze(-1)
+
+
+def startup_report(driver: dict[str, float], actors: dict[str, dict[str, float]]) -> tuple[str, dict]:
+    """Where a run's start-up went: `driver` marks (wall-clock, in order, from "start": the driver process's start,
+    to "first_step": its first step's line) and each actor's marks (from "process": its worker's start, through
+    "imported": its role's modules imported, to "ready"), all as seconds since the driver started. Returns one
+    line for the console (the driver's phases, and the actor that was ready last, phase by phase) and the whole
+    table (startup.json)."""
+    t0 = driver["start"]
+
+    def phases(marks: dict[str, float]) -> dict[str, float]:
+        names = list(marks)
+        return {b: marks[b] - marks[a] for a, b in zip(names, names[1:]) if marks[b] is not None and marks[a] is not None}
+
+    table = {"driver": {k: v - t0 for k, v in driver.items()},
+             **{name: {k: (v - t0 if v is not None else None) for k, v in m.items()} for name, m in actors.items()}}
+    last = max(actors, key=lambda name: actors[name].get("ready") or 0.0)
+    drv = ", ".join(f"{k} {v:.1f}" for k, v in phases(driver).items())
+    act = ", ".join(f"{k} {v:.1f}" for k, v in phases(actors[last]).items())
+    line = (f"start-up: {driver['first_step'] - t0:.1f} s to the first step ({drv}); last actor ready: {last}, "
+            f"process started at {table[last]['process']:.1f} s ({act})")
+    return line, table

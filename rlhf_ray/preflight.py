@@ -13,17 +13,16 @@ from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_token
 from rlhf_ray.rewards import load_function
 
 
-def ppo_inputs(cfg: Config):
-    """(tokenizer, prompt rows) of a PPO run whose every input has been checked."""
+def ppo_inputs(cfg: Config) -> tuple[list, dict[str, tuple[str, dict]]]:
+    """(prompt rows, {what: (model directory, its config.json)}) of a PPO run: every model directory whole, the
+    policy's context long enough, every reward function importable, the prompts parsed. Reads headers and small
+    files only (no transformers import): fast, so it runs before anything starts. The tokenizer comes after
+    (`ppo_tokenizer`)."""
     m = cfg.models
     models = [("models.policy", m.policy), ("models.reference", m.reference), ("models.critic", m.critic),
               ("models.monitor", m.monitor)]
     models += [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]
-    # every directory (headers, not weights) before the tokenizer, so a damaged one is named as such
     configs = {what: (path, check_model_dir(path, what)) for what, path in models if path}
-    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-    for what, (path, config) in configs.items():
-        check_tokenizer_matches(tokenizer, path, what, config)
     longest = model_context_length(configs["models.policy"][1])
     if longest is not None and cfg.engine.max_model_len > longest:
         raise ConfigError(f"config: engine.max_model_len {cfg.engine.max_model_len} exceeds the policy's context of "
@@ -31,7 +30,16 @@ def ppo_inputs(cfg: Config):
     for s in cfg.reward_sources():
         if s.kind == "function":
             load_function(s.path)
-    return tokenizer, load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys)
+    return load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys), configs
+
+
+def ppo_tokenizer(cfg: Config, configs: dict[str, tuple[str, dict]]):
+    """The run's tokenizer, checked against every model's embedding (`configs` from ppo_inputs)."""
+    m = cfg.models
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+    for what, (path, config) in configs.items():
+        check_tokenizer_matches(tokenizer, path, what, config)
+    return tokenizer
 
 
 def output_dir(path: str) -> Path:
