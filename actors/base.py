@@ -75,10 +75,11 @@ class RankActor:
         return ray.util.get_node_ip_address()
 
     def placement(self) -> dict:
-        """Where this rank runs: node, placement group and the GPUs Ray gave it."""
+        """Where this rank runs: node, placement group, the GPUs Ray gave it, and its process."""
         import ray
         ctx = ray.get_runtime_context()
-        return {"node": ctx.get_node_id(), "pg": ctx.get_placement_group_id(), "gpu_ids": ray.get_gpu_ids()}
+        return {"node": ctx.get_node_id(), "pg": ctx.get_placement_group_id(), "gpu_ids": ray.get_gpu_ids(),
+                "pid": os.getpid()}
 
     def free_port(self) -> int:
         with socket.socket() as s:

@@ -231,7 +231,16 @@ class RankGroup:
     def run(self, method: str, *args, **kwargs) -> list:
         return ray.get(self.call(method, *args, **kwargs))
 
+    @property
+    def base(self) -> "RankGroup":
+        """The group whose processes these are (a RoleView of shared processes answers with the host group)."""
+        return self
+
     def shutdown(self) -> None:
+        """Kill the ranks and free their placement group; a second call does nothing."""
+        if getattr(self, "_down", False):
+            return
+        self._down = True
         for a in self.actors:
             ray.kill(a)
         if self.owns_pg:

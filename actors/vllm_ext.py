@@ -16,6 +16,24 @@ Two traps this handles:
 from __future__ import annotations
 
 
+def _eager_token_ranks() -> None:
+    """On CPU, count each sampled token's rank among the vocabulary eagerly. vLLM torch.compiles that count (the
+    `rank` its logprobs carry, which rlhf-ray never reads) to spare GPU memory a copy of the logits; on CPU the
+    compile is what costs: 2-5 s (dynamo, an inductor build with a C++ compiler) at each engine process's first
+    sampled logprob, for a [tokens, vocab] comparison that takes microseconds eagerly at these sizes."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    import vllm.v1.sample.sampler as sampler
+
+    def batched_count_greater_than(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return (x >= values).sum(-1)
+    sampler.batched_count_greater_than = batched_count_greater_than
+
+
+_eager_token_ranks()
+
+
 def _shared_parameters(model) -> list[tuple[str, str]]:
     """(alias, owner) pairs of parameter names that are the same tensor (e.g. lm_head.weight -> embed_tokens)."""
     owner_of: dict[int, str] = {}

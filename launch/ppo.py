@@ -20,11 +20,12 @@ import ray
 import torch
 
 from actors.critic import CriticActor
-from actors.engine import EngineActor
+from actors.engine import Engine, EngineActor
 from actors.group import RankGroup, SharedPlacement
+from actors.host import RoleHostActor, RoleView
 from actors.policy import PolicyActor
-from actors.reference import ReferenceActor
-from actors.reward import RewardActor
+from actors.reference import Reference, ReferenceActor
+from actors.reward import Reward, RewardActor
 from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import (RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli,
                            start_ray)
@@ -85,7 +86,8 @@ def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | Non
 
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     """Every role's rank group. Roles listed together in placement.colocate share one placement group: rank i of
-    each in bundle i, on the same node and the same GPU (each taking a share of it)."""
+    each in bundle i, on the same node and the same GPU (each taking a share of it). Roles listed together in
+    placement.share_process share rank i's worker process too (actors/host.py)."""
     args = (cfg, device)
     shared, placements = {}, []
     for members in cfg.placement.colocate:
@@ -97,16 +99,27 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
                              len(present), res[0][3])
         placements.append(sp)
         shared.update({m: sp for m in present})
+    env = {"env_vars": actor_env(device)}
+    engine_runtime = engine_env(cfg, device, str(run_dir))
+    hosted = {}
+    for members in cfg.placement.share_process:
+        res = [role_resources(cfg, m) for m in members]
+        ordered = sorted(members, key=lambda m: m == "engine")     # vLLM last: it sets the process's threads
+        hosts = RankGroup(RoleHostActor, "+".join(members), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
+                          ([(m, ROLE_CLASSES[m], args) for m in ordered],), node_resource=res[0][3], wait=False,
+                          runtime_env=engine_runtime if "engine" in members else env)
+        hosted.update({m: RoleView(hosts, m) for m in members})
 
-    def group(actor_cls, role, distributed=False, env=None, gpu_bundles=1):
+    def group(actor_cls, role, distributed=False, runtime=env, gpu_bundles=1):
+        if role in hosted:
+            return hosted[role]
         n, cpus, gpus, node = role_resources(cfg, role)
-        return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed,
-                         runtime_env=env or {"env_vars": actor_env(device)}, shared=shared.get(role), node_resource=node,
-                         gpu_bundles=gpu_bundles, wait=False)       # every role starts up side by side
+        return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed, runtime_env=runtime,
+                         shared=shared.get(role), node_resource=node, gpu_bundles=gpu_bundles,
+                         wait=False)       # every role starts up side by side
 
     tp = cfg.engine.tensor_parallel_size
-    engines = group(EngineActor, "engine", env=engine_env(cfg, device, str(run_dir)),
-                    gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
+    engines = group(EngineActor, "engine", runtime=engine_runtime, gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
     policy = group(PolicyActor, "policy", True)
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
@@ -116,6 +129,9 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
             g.wait()
     ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
     return Actors(policy, critic, reference, reward, engines, placements)
+
+
+ROLE_CLASSES = {"reference": Reference, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts
 
 
 class PhaseTimer:
@@ -268,8 +284,12 @@ def recover(run: "Run", step: int, error: BaseException, latest: Path | None) ->
     respawned = {role for role, _ in dead}
     if latest is None:                  # no checkpoint to roll back to: every trained role starts over
         respawned |= set(actors.trained)
+    bases: dict[int, tuple] = {}       # roles sharing processes are respawned together, once
     for role in sorted(respawned):
-        groups[role].respawn([rank for r, rank in dead if r == role])
+        base = groups[role].base
+        bases.setdefault(id(base), (base, set()))[1].update(rank for r, rank in dead if r == role)
+    for base, ranks in bases.values():
+        base.respawn(sorted(ranks))
     run.sync = make_weight_sync(cfg, actors.policy, actors.engines)
     back_to = ckpt.load_state(latest)["step"] if latest is not None else 0
     run.logger.rewind(back_to)

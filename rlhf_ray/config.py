@@ -297,6 +297,10 @@ class PlacementConfig:
     """Which roles share GPUs, and the cluster's GPUs (the planner's inputs; see rlhf_ray/planner.py)."""
     colocate: list[list[str]] = field(default_factory=list)   # e.g. [[policy, reference], [critic, reward]]
     engines_sleep: bool = False        # vLLM sleep mode: engines free their GPU memory while the trainers run
+    share_process: list[list[str]] = field(default_factory=list)   # roles whose rank i lives in one worker process,
+                                       # e.g. [[reference, reward]] or [[engine, reference, reward]]: on a small box
+                                       # each process costs seconds of imports at start-up; shared roles' calls run
+                                       # one at a time (actors/host.py)
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
     cpu_memory_gib: float = 1152.0     # per node (p4de.24xlarge), for offloaded optimizer states
@@ -388,7 +392,31 @@ class Config:
         return self
 
     def _check_layout(self) -> None:
-        """Colocation and the weight-sync backend that depends on it."""
+        """Colocation, shared processes and the weight-sync backend that depends on them."""
+        seen: set[str] = set()
+        for group in self.placement.share_process:
+            key = "placement.share_process"
+            _need(len(group) >= 2 and set(group) <= SHAREABLE, key, f"lists groups of at least two of "
+                  f"{sorted(SHAREABLE)} (the frozen roles and the engines), got {group}")
+            _need(not seen & set(group), key, f"names a role twice: {sorted(seen & set(group))}")
+            seen |= set(group)
+            _need(not any(set(group) & set(c) for c in self.placement.colocate), key,
+                  f"{group}: a role that shares a process is placed with it; leave it out of placement.colocate")
+            ranks = {r: (self.engine.num_engines if r == "engine" else getattr(self, r).num_ranks) for r in group}
+            _need(len(set(ranks.values())) == 1, key, f"roles sharing processes need the same number of ranks, got {ranks}")
+            for r in group:
+                _need(r == "engine" or getattr(self, r).zero_stage == 0, key, f"{r}.zero_stage 3 joins a process "
+                      "group of its own (one per process): it cannot share a process")
+                _need(getattr(self, r).cpu_cores == getattr(self, group[0]).cpu_cores, key,
+                      f"roles sharing processes need the same cpu_cores, got {r}.cpu_cores "
+                      f"{getattr(self, r).cpu_cores} and {group[0]}.cpu_cores {getattr(self, group[0]).cpu_cores}")
+                _need(getattr(self, r).node_resource == getattr(self, group[0]).node_resource, key,
+                      "roles sharing processes need the same node_resource")
+            if "engine" in group:
+                _need(self.rollout.max_staleness == 0, key, "an engine sharing a process with scoring roles must "
+                      "be synchronous (rollout.max_staleness 0): off-policy it generates beside their scoring")
+                _need(self.engine.tensor_parallel_size == 1, key, "an engine sharing a process needs "
+                      "engine.tensor_parallel_size 1")
         if self.weight_sync.backend == "cuda_ipc":
             _need(any({"policy", "engine"} <= set(g) for g in self.placement.colocate) and self.policy.gpus_per_rank > 0,
                   "weight_sync.backend", "cuda_ipc needs the engines on policy rank 0's GPU: placement.colocate "
@@ -508,6 +536,7 @@ class Config:
 
 
 STAGES = ("sft", "rm", "dpo")
+SHAREABLE = {"reference", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
 
 
 def _check_trainer(key: str, r: TrainerRoleConfig, batch_size: int, batch_key: str) -> None:

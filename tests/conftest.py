@@ -21,17 +21,42 @@ def tiny_overrides(world: dict, run_dir) -> list[str]:
     """The tiny PPO config, pointed at the test's world and run directory, sized for a quick test."""
     return [f"models.policy={world['policy']}", f"models.reward={world['reward']}", f"data.prompts={world['prompts']}",
             f"run.output_dir={run_dir}", "generation.prompts_per_step=8", "ppo.minibatch_size=8",
-            "generation.max_new_tokens=16", "train.steps=3", "checkpoint.every=0"]
+            "generation.max_new_tokens=16", "train.steps=3", "checkpoint.every=0",
+            "placement.share_process=[[reference, reward]]"]        # one process fewer to start (actors/host.py)
+
+
+SHARED_CLUSTER_CPUS = 16        # logical CPUs: room for every in-process test's layout (the actors share the cores)
+
+
+@pytest.fixture
+def ray_cluster():
+    """The session's one local Ray cluster, started on first use and kept between tests: starting one costs ~6 s,
+    and each in-process end-to-end test tears its own actors and placement groups down (train() does, and the
+    tests that keep actors shut them down). It dies with the session (launch/reaper.py)."""
+    import ray
+    if not ray.is_initialized():
+        from launch.common import start_ray
+        from rlhf_ray.config import load_config
+        start_ray(load_config(None, [f"ray.num_cpus={SHARED_CLUSTER_CPUS}"]))
+    yield
 
 
 @pytest.fixture(autouse=True)
-def _fresh_ray_per_test():
-    """Each test that starts Ray gets its own local cluster, sized by its own config (start_ray reuses a running
-    one, so a cluster sized for one test could leave the next one's actors waiting for CPUs)."""
-    yield
+def _shared_ray_for_slow_tests(request):
+    """Slow tests run on the shared cluster, unless marked own_cluster (they start and stop their own: it is shut
+    down before them and started again on next use); quick tests start none."""
     import ray
-    if ray.is_initialized():
-        ray.shutdown()
+    if request.node.get_closest_marker("own_cluster"):
+        if ray.is_initialized():
+            ray.shutdown()
+        yield
+        if ray.is_initialized():
+            ray.shutdown()
+    elif request.node.get_closest_marker("slow"):
+        request.getfixturevalue("ray_cluster")
+        yield
+    else:
+        yield
 
 
 class AccumulatingEngine:

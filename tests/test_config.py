@@ -148,3 +148,24 @@ def test_resolve_paths_makes_every_local_model_path_absolute(tmp_path, monkeypat
                                            "reward.sources=[{kind: model, path: rm_a}, {kind: function, path: 'm:f'}]"]))
     assert cfg.models.policy == str(tmp_path / "rm_a") and cfg.data.prompts == str(tmp_path / "prompts.jsonl")
     assert [s.path for s in cfg.reward.sources] == [str(tmp_path / "rm_a"), "m:f"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["placement.share_process=[[reference, policy]]"], "lists groups of at least two of ['engine', 'reference', 'reward']"),
+    (["placement.share_process=[[reference]]"], "lists groups of at least two"),
+    (["placement.share_process=[[reference, reward], [reward, engine]]"], "names a role twice: ['reward']"),
+    (["placement.share_process=[[reference, reward]]", "reward.num_ranks=2"], "need the same number of ranks"),
+    (["placement.share_process=[[reference, reward]]", "reference.zero_stage=3"], "reference.zero_stage 3 joins"),
+    (["placement.share_process=[[reference, reward]]", "placement.colocate=[[policy, reference]]"],
+     "leave it out of placement.colocate"),
+    (["placement.share_process=[[engine, reward]]", "rollout.max_staleness=1", "ppo.is_correction=tis"],
+     "must be synchronous"),
+    (["placement.share_process=[[reference, reward]]", "reference.cpu_cores=[0]"], "need the same cpu_cores"),
+])
+def test_shared_processes_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny_ppo.yaml", BASE + overrides).check_ppo()
+    assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(
+        "config: placement.share_process "), str(e.value)
+    ok = load_config("configs/tiny_ppo.yaml", BASE + ["placement.share_process=[[engine, reference, reward]]"])
+    assert ok.check_ppo().placement.share_process == [["engine", "reference", "reward"]]

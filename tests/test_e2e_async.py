@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -68,6 +69,8 @@ def test_grpo_learns_one_step_off_policy_with_truncated_importance_weights_on_tw
     actors = summary["actors"]
     try:
         assert actors.critic is None
+        where = {r: ray.get(g.actors[0].placement.remote()) for r, g in actors.groups().items()}
+        assert where["reference"]["pid"] == where["reward"]["pid"] != where["policy"]["pid"]   # share_process
         rows = read_metrics(run_dir)
         assert len(actors.engines) == 2
         assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1, 1, 1]

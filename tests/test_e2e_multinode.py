@@ -12,12 +12,10 @@ from conftest import tiny_overrides
 from launch.ppo import train
 from rlhf_ray.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
 
 def test_roles_land_on_the_nodes_the_layout_names_and_sync_crosses_nodes(tiny_world, tmp_path):
-    if ray.is_initialized():
-        ray.shutdown()                                   # leave the session's local cluster for this one
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 << 20,
                                                             "include_dashboard": False})
     nodes = {name: cluster.add_node(num_cpus=cpus, resources={name: 100}, object_store_memory=200 << 20)

@@ -27,7 +27,6 @@ def rollout_of(refs) -> Rollout:
 
 
 def test_a_failed_or_dead_engine_is_a_one_line_error_not_a_hang():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     cfg = load_config(None, ["models.policy=p", "data.prompts=x", "generation.n=1"])
     engine = BrokenEngine.remote()
     with pytest.raises(RolloutError) as e:
@@ -66,7 +65,6 @@ class BrokenScorer:
 def test_an_actor_exception_reaches_the_cli_as_one_line(capsys, tmp_path):
     """A reward source answering wrongly (or any exception in an actor that kills no actor) is not a fault to
     recover from: the CLI prints the method and the root cause in one line and exits 1."""
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("models: {policy: p}\n")
     scorer = BrokenScorer.remote()
@@ -83,7 +81,6 @@ def test_a_dead_actor_past_the_restart_bound_stops_the_run_in_one_line():
 
     from actors.group import RankGroup
     from launch.ppo import Actors, dead_actors, recover
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     class Standin:            # a rank that only answers whether it is alive (what the recovery asks first);
         def __init__(self, rank, world_size):      # defined here so that Ray ships it by value to its workers
@@ -104,3 +101,37 @@ def test_a_dead_actor_past_the_restart_bound_stops_the_run_in_one_line():
     assert str(e.value).startswith("step 5: engine rank 1 died (RayActorError") and \
         str(e.value).endswith("fault_tolerance.max_actor_restarts (0) already used") and "\n" not in str(e.value)
     actors.shutdown()
+
+
+def test_roles_sharing_processes_live_and_die_together_and_are_replaced_once():
+    from actors.group import RankGroup
+    from actors.host import RoleHostActor, RoleView
+
+    class Counter:
+        """A stand-in role: plain class, built in a RoleHost like Reference or Reward (defined here, so Ray ships
+        it by value)."""
+
+        def __init__(self, rank, world_size, start):
+            self.n = start
+
+        def bump(self):
+            self.n += 1
+            return self.n
+
+        def pid(self):
+            import os
+            return os.getpid()
+
+    hosts = RankGroup(RoleHostActor, "a+b", 2, 0.01, 0, ([("a", Counter, (0,)), ("b", Counter, (100,))],))
+    a, b = RoleView(hosts, "a"), RoleView(hosts, "b")
+    assert a.base is b.base is hosts
+    assert a.run("bump") == [1, 1] and b.run("bump") == [101, 101]        # each rank keeps its own roles' state
+    assert a.run("pid") == b.run("pid") and len(set(a.run("pid"))) == 2    # rank i of both: one process each
+    ray.kill(hosts.actors[1])
+    for view in (a, b):                                                    # both roles died with the process
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(view.actors[1].bump.remote())
+    a.base.respawn([1])
+    assert a.run("bump") == [2, 1] and b.run("bump") == [102, 101]         # rank 1 fresh, rank 0 untouched
+    a.shutdown()
+    b.shutdown()                                                           # a second shutdown does nothing
