@@ -22,7 +22,7 @@ def tiny_overrides(world: dict, run_dir) -> list[str]:
     return [f"models.policy={world['policy']}", f"models.reward={world['reward']}", f"data.prompts={world['prompts']}",
             f"run.output_dir={run_dir}", "generation.prompts_per_step=8", "ppo.minibatch_size=8",
             "generation.max_new_tokens=16", "train.steps=3", "checkpoint.every=0",
-            "placement.share_process=[[reference, reward]]"]        # one process fewer to start (actors/host.py)
+            "placement.share_process=[[engine, reference, reward]]"]    # two processes fewer to start (actors/host.py)
 
 
 SHARED_CLUSTER_CPUS = 16        # logical CPUs: room for every in-process test's layout (the actors share the cores)

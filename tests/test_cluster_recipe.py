@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]     # its own head, by the README
 REPO = Path(__file__).resolve().parents[1]
 # The jobs as the head saw them, through the job SDK (run with the recipe's environment: its token).
 LIST_JOBS = """import json, sys
@@ -147,7 +147,7 @@ def test_readme_cluster_recipe_runs_as_written(tiny_world, tmp_path):
     assert any(line.startswith(f"step {steps}/{steps} ") for _, line in out[end:])
 
     # The outputs landed in the submitting directory, under runs/, as the README says.
-    for run in ("tiny-ppo-submit", "tiny-ppo-job"):
+    for run in ("tiny-grpo-submit", "tiny-grpo-job"):
         run_dir = repo / "runs" / run
         assert (run_dir / "metrics.jsonl").read_text().count("\n") == steps, run
         assert (run_dir / "checkpoints" / f"step_{steps:06d}").is_dir(), sorted((run_dir / "checkpoints").iterdir())

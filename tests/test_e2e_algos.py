@@ -53,7 +53,7 @@ def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny
                ' {kind: function, path: "rlhf_ray.rule_rewards:contains_answer", weight: 0.2}]')
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "models.reward=", f"reward.sources={sources}", f"data.prompts={prompts}", "data.reward_keys=[answer]",
-        "reward.num_ranks=2",
+        "reward.num_ranks=2", "placement.share_process=[]",
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
         "policy.lr=1e-3", "train.steps=12"])
@@ -110,7 +110,8 @@ def test_adaptive_kl_controller_steers_the_kl_toward_its_target(tiny_world, tmp_
     run_dir = tmp_path / "run"
     target = 1.0
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "ppo.kl_coef=1.0", f"ppo.kl_target={target}", "ppo.kl_horizon=1", "policy.lr=3e-4", "train.steps=14"])
+        "ppo.kl_coef=1.0", f"ppo.kl_target={target}", "ppo.kl_horizon=1", "policy.lr=3e-4", "train.steps=14",
+        "policy.num_ranks=1"])
     train(cfg)
     rows = read_metrics(run_dir)
     kl, coef = [r["kl/ref_per_seq"] for r in rows], [r["kl/coef"] for r in rows]

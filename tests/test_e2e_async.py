@@ -19,6 +19,10 @@ SAME = ["reward/score_mean", "reward/score_std", "kl/ref_per_seq", "policy/loss"
         "advantage/mean", "returns/mean", "response/length_mean", "rollout/is_ratio_max"]
 
 
+# an engine generating beside scoring has a process of its own; one policy rank (what is compared needs no ZeRO split)
+OFF_POLICY_LAYOUT = ["placement.share_process=[[reference, reward]]", "policy.num_ranks=1"]
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -31,7 +35,8 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     for staleness in (0, 1):
         run_dir = tmp_path / f"staleness{staleness}"
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-            f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=1e-30", "checkpoint.every=2"])
+            f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=1e-30", "checkpoint.every=2",
+            *OFF_POLICY_LAYOUT])
         summary = train(cfg)
         runs[staleness] = (read_metrics(run_dir), summary["checkpoint"])
     (sync_rows, sync_ckpt), (async_rows, async_ckpt) = runs[0], runs[1]
@@ -50,7 +55,7 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     # (stale by one, as the uninterrupted run did) instead of sampling afresh
     run_dir = tmp_path / "staleness1"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=1e-30", "train.steps=4"])
+        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=1e-30", "train.steps=4", *OFF_POLICY_LAYOUT])
     (run_dir / "checkpoints" / "step_000003").rename(run_dir / "checkpoints" / "moved_aside")
     train(cfg, resume=True)
     rows = read_metrics(run_dir)
@@ -62,7 +67,7 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
 def test_grpo_learns_one_step_off_policy_with_truncated_importance_weights_on_two_engines(tiny_world, tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0", "policy.num_ranks=1",
+        "rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0", "policy.num_ranks=1", *OFF_POLICY_LAYOUT,
         "engine.num_engines=2", "generation.prompts_per_step=8", "generation.n=4", "ppo.minibatch_size=16",
         "policy.lr=1e-3", "train.steps=5"])
     summary = train(cfg, keep_actors=True)

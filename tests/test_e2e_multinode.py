@@ -25,7 +25,8 @@ def test_roles_land_on_the_nodes_the_layout_names_and_sync_crosses_nodes(tiny_wo
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
             f"ray.address={cluster.address}", "policy.zero_stage=3", "policy.node_resource=trainer",
             "critic.node_resource=trainer", "reference.node_resource=scorer", "reward.node_resource=scorer",
-            "engine.node_resource=rollout", "weight_sync.backend=process_group", "logging.wandb.enabled=false"])
+            "engine.node_resource=rollout", "weight_sync.backend=process_group", "logging.wandb.enabled=false",
+            "placement.share_process=[[reference, reward]]"])   # the engine on a node of its own
         summary = train(cfg, keep_actors=True)
         actors = summary["actors"]
         node_of = {n.node_id: name for name, n in nodes.items()}

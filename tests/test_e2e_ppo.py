@@ -31,7 +31,7 @@ def test_ppo_three_steps_at_zero3_then_engine_matches_policy(tiny_world, tmp_pat
     # the frozen roles are partitioned too: reference over 2 ranks, reward over 3 ranks whose shards (5, 5, 6 rows
     # in micro-batches of 5) need different numbers of forwards, which the collective evens out
     frozen = ["reference.zero_stage=3", "reference.num_ranks=2", "reward.zero_stage=3", "reward.num_ranks=3",
-              "reward.micro_batch_size=5"]
+              "reward.micro_batch_size=5", "placement.share_process=[]"]
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + ["policy.zero_stage=3"] + frozen)
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
