@@ -1,18 +1,25 @@
 """The PPO step against TRL 1.12's PPOTrainer, side by side on this box, at three model sizes.
 
-    .venv/bin/python benchmarks/vs_trl.py [--sizes 0.6M 3M 17M] [--steps 8] [--rounds 1] [--bf16] [--set key=value ...]
+    .venv/bin/python benchmarks/vs_trl.py [--sizes 0.6M 3M 17M] [--steps 8] [--rounds 1] [--bf16] [--no-async]
+                                          [--set key=value ...]
 
 Builds Qwen2 policy and scalar-head models of each size once (random init, the tiny world's 2,048-token BPE;
 tied embeddings; heads of 64 dims), under runs/bench-vs-trl/<size>/, and the prompt token ids both systems
 get. Then, per size and round, one after the other: TRL (its own virtual environment, .venv-trl, made here on
 first use: TRL 1.12 is the last release with PPOTrainer and needs transformers 5.23, which our vLLM does not
-allow), rlhf-ray at fp32 (FAST below) and, on a CPU with native bf16 (AMX or avx512_bf16; or with --bf16),
-rlhf-ray in bf16 (BF16). The recommended setting is BF16 where the CPU has native bf16 and FAST elsewhere
-(rlhf_ray/hardware.py). Same workload everywhere: 32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE
+allow), rlhf-ray at fp32 (FAST below), rlhf-ray in bf16 (BF16) where `train.dtype: auto` picks bf16 on this
+machine (a measured matmul, rlhf_ray/hardware.py; or with --bf16), and rlhf-ray one step off-policy (ASYNC: the
+engine samples step s+1 while step s trains, truncated importance weights) at the dtype auto picks. Same workload
+everywhere: 32 prompts x 1 sample x up to 32 new tokens (stop at EOS), GAE
 with a critic initialised from the reward model, 4 PPO epochs over one minibatch of 32, KL coefficient 0.05. Each
 figure is the median over steps 2..N of every round (step 1 warms up), phases alike. TRL runs with
 OMP_NUM_THREADS=2, the box's two cores; rlhf-ray runs its actors with one thread each (policy and critic train
 in parallel, one core each).
+
+Training FLOP/s: the useful work of the train phase, 6 x parameters x tokens (prompt + rlhf-ray's mean response
+length) x epochs for the policy and again for the critic, over the phase's seconds; the same numerator for both
+systems (TRL also computes over the padding after EOS, not counted). Against the machine's peak at that dtype: the
+one-thread matmul of rlhf_ray/hardware.py times the cores.
 
 Prints one table (step time and phases per system, the ratios, weight sync's share of the step) and writes it to
 runs/bench-vs-trl/vs_trl.md. A benchmark, not a test: nothing here is in .ci/run.
@@ -32,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
-from rlhf_ray.hardware import NATIVE_BF16_FLAGS, cpu_flags, native_bf16_cpu  # noqa: E402
+from rlhf_ray.hardware import SHAPE, fastest_dtype, matmul_ms  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-vs-trl"
 TRL_VENV = ROOT / ".venv-trl"
@@ -44,6 +51,8 @@ BATCH, RESPONSE, EPOCHS, KL = 32, 32, 4, 0.05
 FAST = ["ppo.reuse_sample_logprobs=true", "policy.micro_batch_size=16", "critic.micro_batch_size=16"]
 BF16 = ["policy.micro_batch_size=16", "critic.micro_batch_size=16", "train.dtype=bfloat16",
         "train.attn_implementation=eager"]
+ASYNC = ["rollout.max_staleness=1", "ppo.is_correction=tis", "policy.micro_batch_size=16",
+         "critic.micro_batch_size=16"]
 PHASES = ["generate", "score", "train", "weight_sync"]     # TRL has no weight sync: it generates with its policy
 
 
@@ -132,6 +141,7 @@ def summarize(runs: list[list[dict]]) -> dict:
         return {"step": med("step"), "phases": {p: med(p) for p in PHASES if p in rows[0]}}
     out = {"step": med("time/step"), "phases": {p: med(f"time/{p}") for p in PHASES},
            "logprob_gap": max(r["rollout/logprob_diff_max"] for r in rows),
+           "response_length": med("response/length_mean"),
            "updates": {k: med(k) for k in ("time/policy_update", "time/critic_update")}}
     out["sync_share"] = out["phases"]["weight_sync"] / out["step"]
     return out
@@ -141,29 +151,51 @@ def phases(s: dict) -> str:
     return " / ".join(f"{s['phases'][p]:.2f}" if p in s["phases"] else "-" for p in PHASES)
 
 
-def report(rows: list[dict], a, bf16_native: bool) -> str:
-    rec_name = "bf16" if bf16_native else "fp32"
+def peak_flops(dtype: str) -> float:
+    """The machine's matmul peak at `dtype`: the one-thread SHAPE matmul's rate times the cores."""
+    import torch
+    m, k, n = SHAPE
+    return 2 * m * k * n / (matmul_ms(getattr(torch, dtype)) / 1e3) * (os.cpu_count() or 1)
+
+
+def train_flops(r: dict, prompt_tokens: float, ours: dict) -> float:
+    """Useful training FLOPs per step: policy and critic, forward and backward, every epoch (module docstring)."""
+    return 2 * 6 * r["params"] * 1e6 * BATCH * (prompt_tokens + ours["response_length"]) * EPOCHS
+
+
+def report(rows: list[dict], a, choice) -> str:
+    rec_name = "bf16" if choice.dtype == "bfloat16" else "fp32"
+    peak = {d: peak_flops(d) for d in {"float32", choice.dtype}}
     lines = ["| policy | TRL 1.12 step | TRL phases | rlhf-ray fp32 step | rlhf-ray phases | fp32 ratio "
-             "| bf16 step | bf16 ratio | recommended here | recommended ratio | sync share | engine-policy logprob gap |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bf16 step | bf16 ratio | auto picks | auto ratio | off-policy (auto) step | off-policy ratio "
+             "| train GFLOP/s (% of peak): TRL / ours at auto | sync share | engine-policy logprob gap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        trl, fp32, bf = r["trl"], r["fp32"], r.get("bf16")
-        rec = bf if bf16_native else fp32
-        runs = [x for x in (fp32, bf) if x]
+        trl, fp32, bf, asy = r["trl"], r["fp32"], r.get("bf16"), r.get("async")
+        rec = bf if rec_name == "bf16" else fp32
+        runs = [x for x in (fp32, bf, asy) if x]
         bf_step, bf_ratio = (f"{bf['step']:.2f} s", f"{bf['step'] / trl['step']:.2f}x") if bf else ("-", "-")
+        as_step, as_ratio = (f"{asy['step']:.2f} s", f"**{asy['step'] / trl['step']:.2f}x**") if asy else ("-", "-")
+        flops = train_flops(r, r["prompt_tokens"], rec)
+        rate = [flops / s["phases"]["train"] for s in (trl, rec)]
+        fl = " / ".join(f"{x / 1e9:.2f} ({100 * x / peak[choice.dtype]:.0f} %)" for x in rate)
         gaps = " / ".join(f"{x['logprob_gap']:.1e}" for x in runs)
         lines.append(
             f"| {r['size']} ({r['params']:.1f} M) | {trl['step']:.2f} s | {phases(trl)} | {fp32['step']:.2f} s "
             f"| {phases(fp32)} | **{fp32['step'] / trl['step']:.2f}x** | {bf_step} | {bf_ratio} | {rec_name} "
-            f"| **{rec['step'] / trl['step']:.2f}x** | {100 * max(x['sync_share'] for x in runs):.1f} % | {gaps} |")
-    flags = sorted(f for f in cpu_flags() if f in NATIVE_BF16_FLAGS) or ["none"]
+            f"| **{rec['step'] / trl['step']:.2f}x** | {as_step} | {as_ratio} | {fl} "
+            f"| {100 * max(x['sync_share'] for x in runs):.1f} % | {gaps} |")
     lines += ["", f"Median over steps 2-{a.steps} of {a.rounds} round(s), TRL and rlhf-ray alternating. Phases: "
               f"{' / '.join(PHASES)} in seconds (TRL's from its own functions, timed by benchmarks/trl_peer.py; it "
-              "has no weight sync). Ratio: rlhf-ray's step over TRL's. Sync share: weight sync's share of rlhf-ray's "
-              "step, the larger over its runs. Logprob gap: the largest rollout/logprob_diff_max (engine vs policy, "
-              f"nats). fp32: {', '.join(FAST + a.extra)}. bf16: {', '.join(BF16 + a.extra)}.",
-              f"{cpu_model()}, {os.cpu_count()} cores, native bf16 flags: {', '.join(flags)} (recommended dtype here: "
-              f"{rec_name}); {datetime.date.today().isoformat()}; commit {git_commit()}."]
+              "has no weight sync). Ratio: rlhf-ray's step over TRL's. Off-policy: one step stale, the engine "
+              "generating beside training (its generate phase is not on the step's critical path). Sync share: "
+              "weight sync's share of rlhf-ray's step, the largest over its runs. Logprob gap: the largest "
+              f"rollout/logprob_diff_max (engine vs policy, nats). fp32: {', '.join(FAST + a.extra)}. bf16: "
+              f"{', '.join(BF16 + a.extra)}. Off-policy: {', '.join(ASYNC + a.extra)}. Training FLOP/s as in the "
+              f"module docstring; peak here: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peak.items())
+              + ".",
+              f"{cpu_model()}, {os.cpu_count()} cores; {choice.line()}; {datetime.date.today().isoformat()}; "
+              f"commit {git_commit()}."]
     return "\n".join(lines)
 
 
@@ -172,24 +204,32 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=1, help="TRL / rlhf-ray alternations per size (steps pooled)")
-    ap.add_argument("--bf16", action="store_true", help="also run bf16 on a CPU without native bf16")
+    ap.add_argument("--bf16", action="store_true", help="also run bf16 where train.dtype auto picks fp32")
+    ap.add_argument("--no-async", dest="async_", action="store_false", help="skip the one-step-off-policy runs")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides for our runs")
     a = ap.parse_args()
-    bf16_native = native_bf16_cpu()
+    choice = fastest_dtype("cpu")
+    print(choice.line(), flush=True)
+    auto = BF16 if choice.dtype == "bfloat16" else FAST
     rows = []
     for size in a.sizes:
         d = build_models(size)
         from safetensors.torch import load_file
         params = sum(t.numel() for t in load_file(str(d / "policy" / "model.safetensors")).values()) / 1e6
-        runs: dict[str, list] = {"trl": [], "fp32": [], "bf16": []}
+        prompt_tokens = statistics.mean(len(p) for p in json.loads((d / "prompt_ids.json").read_text()))
+        runs: dict[str, list] = {"trl": [], "fp32": [], "bf16": [], "async": []}
         for i in range(a.rounds):
             runs["trl"].append(run_trl(d, a.steps))
             runs["fp32"].append(run_ours(d, a.steps, f"fp32-{i}", FAST + a.extra))
-            if bf16_native or a.bf16:
+            if choice.dtype == "bfloat16" or a.bf16:
                 runs["bf16"].append(run_ours(d, a.steps, f"bf16-{i}", BF16 + a.extra))
-        rows.append({"size": size, "params": params, **{k: summarize(v) for k, v in runs.items() if v}})
+            if a.async_:
+                dtype = [o for o in auto if o.startswith("train.")]       # bf16's, where auto picks it
+                runs["async"].append(run_ours(d, a.steps, f"async-{i}", ASYNC + dtype + a.extra))
+        rows.append({"size": size, "params": params, "prompt_tokens": prompt_tokens,
+                     **{k: summarize(v) for k, v in runs.items() if v}})
         print(json.dumps(rows[-1]), flush=True)
-    publish(report(rows, a, bf16_native), OUT / "vs_trl.md")
+    publish(report(rows, a, choice), OUT / "vs_trl.md")
     return 0
 
 

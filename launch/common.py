@@ -9,7 +9,7 @@ import ray
 
 from launch.reaper import watch_local_cluster
 from rlhf_ray.config import Config
-from rlhf_ray.hardware import native_bf16_cpu
+from rlhf_ray.hardware import fastest_dtype
 
 
 def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
@@ -37,12 +37,13 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
 
 
 def cluster_device(cfg: Config, gpus_per_rank: float) -> str:
-    """Where a role runs: train.device when set, else CUDA exactly when the role asks for GPUs. Says so in one
-    line when bf16 is asked of a CPU (this one) that would only emulate it."""
+    """Where a role runs: train.device when set, else CUDA exactly when the role asks for GPUs. Resolves
+    `train.dtype: auto` in place, before any actor sees the config, and says what it picked and why in one line."""
     device = cfg.device_for(gpus_per_rank)
-    if device == "cpu" and cfg.train.dtype == "bfloat16" and not native_bf16_cpu():
-        print("note: train.dtype=bfloat16 on a CPU without avx512_bf16 or AMX: PyTorch emulates bf16 here, about 5x "
-              "slower than float32 (see rlhf_ray/hardware.py)", flush=True)
+    if cfg.train.dtype == "auto":
+        choice = fastest_dtype(device)
+        cfg.train.dtype = choice.dtype
+        print(choice.line(), flush=True)
     return device
 
 

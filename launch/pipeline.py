@@ -273,8 +273,8 @@ def run_pipeline(cfg: Config) -> dict:
     pc = cfg.pipeline
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    device = cluster_device(cfg, cfg.policy.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
     dump_config(cfg, run_dir / "config.yaml")
-    device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     seconds, t_all = {}, time.perf_counter()
     bar = tqdm(total=7, desc="pipeline", unit="stage", dynamic_ncols=True)
 

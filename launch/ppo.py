@@ -532,8 +532,8 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
     startup["inputs"] = time.time()
     tokenizer = tokenizer_beside_ray(cfg, model_configs)
     startup["ray_and_tokenizer"] = time.time()
+    device = cluster_device(cfg, cfg.policy.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
     dump_config(cfg, run_dir / "config.yaml")
-    device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     torch.manual_seed(cfg.run.seed)
     tok_dir = cfg.models.tokenizer or cfg.models.policy
     stream = PromptStream(prompts, cfg.generation.prompts_per_step, cfg.run.seed, cfg.data.shuffle)

@@ -57,8 +57,8 @@ def run_stage(cfg: Config, name: str) -> dict:
                         f"holding out {name}.eval_fraction, fewer than one batch ({name}.batch_size {st.batch_size})")
     run_dir = preflight.output_dir(cfg.run.output_dir)
     out = Path(st.output) if st.output else run_dir / name
+    device = cluster_device(cfg, st.trainer.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
     dump_config(cfg, run_dir / "config.yaml")
-    device = cluster_device(cfg, st.trainer.gpus_per_rank)
 
     start_ray(cfg)
     group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,

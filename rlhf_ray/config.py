@@ -195,8 +195,9 @@ class PPOConfig:
 class TrainConfig:
     steps: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"   # bfloat16: bf16 weights and compute, fp32 master weights
-                                       # and optimizer states (DeepSpeed bf16); the engines sample in bf16 too
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"   # bfloat16: bf16 weights and compute, fp32 master
+                                       # weights and optimizer states (DeepSpeed bf16); the engines sample in bf16
+                                       # too. auto: the faster of the two on this machine, measured (hardware.py)
     attn_implementation: Optional[Literal["sdpa", "eager"]] = None   # HF attention kernel of every trainer-side
                                        # model; None: transformers' default (sdpa). On CPU in bf16, eager trains
                                        # ~17 % faster at short lengths: the CPU flash-attention backward is slow

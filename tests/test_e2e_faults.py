@@ -110,7 +110,7 @@ def test_killed_drivers_and_dead_actors_end_the_run_as_if_nothing_happened(tiny_
     assert kill_and_count_leftovers(proc, tag) == []
     proc = driver(tiny_world, run_dir, tag, "--resume", "auto")
     out = run_until(proc, "step 1/")
-    # reference and reward share a process (tiny_overrides): killing it kills both, replaced together, once
+    # engine, reference and reward share a process (tiny_overrides): killing it kills all three, replaced once
     os.kill(actor_pids(tag, "RoleHost")[0], signal.SIGKILL)         # no checkpoint yet: every role starts over
     out += run_until(proc, "step 3/")
     os.kill(actor_pids(tag, "Policy")[-1], signal.SIGKILL)          # one ZeRO-3 rank: its group is replaced whole
@@ -118,7 +118,7 @@ def test_killed_drivers_and_dead_actors_end_the_run_as_if_nothing_happened(tiny_
     time.sleep(1.0)
     assert kill_and_count_leftovers(proc, tag) == []                # the driver, mid-checkpoint or mid-step 5
     notes = [line for line in out if " died (" in line and "replaying from step" in line]
-    assert len(notes) == 2 and "reference rank 0, reward rank 0 died" in notes[0], notes
+    assert len(notes) == 2 and "reference rank 0, reward rank 0, engine rank 0 died" in notes[0], notes
     assert "replaying from step 1 (restart 1 of 3)" in notes[0], notes
     assert "policy rank" in notes[1] and "replaying from step 3 (restart 2 of 3)" in notes[1], notes
     proc = driver(tiny_world, run_dir, tag, "--resume")
