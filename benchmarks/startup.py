@@ -115,7 +115,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "launch.cli", "tiny-world"], cwd=ROOT, check=True)
     run_dir = OUT / "run"
     cmd = [str(Path(sys.executable).parent / "rlhf-ray"), "ppo", "--config", a.config]
-    for s in [f"run.output_dir={run_dir}", "train.steps=2", "logging.wandb.enabled=false", *a.extra]:
+    for s in [f"run.output_dir={run_dir}", "train.steps=2", *a.extra]:        # W&B as the config has it (offline)
         cmd += ["--set", s]
     runs = []
     for i in range(a.runs + 1):

@@ -239,7 +239,9 @@ class GuardConfig:
     max_kl_per_token for `patience` consecutive steps stops it too. No checkpoint is published from a step that
     stops the run or is over the KL bound."""
     max_kl_per_token: Optional[float] = 1.0   # nats per response token (kl/ref_per_seq / mean length); null: off.
-                                       # A healthy run sits far below (the tiny world: ~0.1)
+                                       # Against a learned reward model a healthy run sits far below (the tiny
+                                       # world's PPO: ~0.1) and more is exploitation; a verifiable reward can move
+                                       # further by learning (configs/tiny_grpo.yaml sets it off)
     patience: int = 3                  # consecutive steps over max_kl_per_token before the run stops
 
 

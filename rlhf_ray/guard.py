@@ -33,5 +33,6 @@ class DivergenceGuard:
         self.strikes += 1
         if self.strikes >= self.cfg.patience:
             return (f"step {step}: KL to the reference {per_token:.3g} nats/token, over guard.max_kl_per_token "
-                    f"({bound:g}) for {self.strikes} consecutive steps: the policy ran away"), False
+                    f"({bound:g}) for {self.strikes} consecutive steps: the policy ran away (against a learned reward "
+                    f"model; a verifiable reward may move it this far by learning: raise the bound or set it null)"), False
         return None, False

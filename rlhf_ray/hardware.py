@@ -21,12 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhf_ray.cache import cache_dir
+
 SHAPE = (2048, 512, 1024)          # (m, k, n): a layer's activations times a weight matrix, as a small model's step
 BF16_MARGIN = 1.1                  # bf16 must be this much faster than fp32 to be chosen
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("RLHF_RAY_CACHE") or Path.home() / ".cache" / "rlhf-ray") / "dtype.json"
+    return cache_dir() / "dtype.json"
 
 
 @dataclass

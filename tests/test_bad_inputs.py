@@ -166,6 +166,20 @@ def test_resume_passes_over_a_checkpoint_whose_state_lacks_what_resume_needs(tmp
     assert "state.json: data is not a dict" in capsys.readouterr().out
 
 
+def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path, capsys):
+    """`--resume auto` (a spot job's restart, e.g. after its driver was killed before the first checkpoint) starts
+    afresh where there is no whole checkpoint; plain `--resume` says so in one line."""
+    from launch.common import RunError
+    from launch.ppo import resume_point
+    from rlhf_ray import checkpoint as ckpt
+    assert resume_point(tmp_path, "auto") is None
+    assert "--resume auto: no complete checkpoint under" in capsys.readouterr().out
+    ckpt.begin(ckpt.checkpoint_root(tmp_path), 2)                   # begun, never committed: not whole
+    assert resume_point(tmp_path, "auto") is None
+    with pytest.raises(RunError, match="--resume: no complete checkpoint under"):
+        resume_point(tmp_path, True)
+
+
 def test_pipeline_with_no_published_ppo_checkpoint_says_so_in_one_line(tmp_path, capsys):
     """checkpoint.every 0 (as configs/tiny_world.yaml sets) and a last step the divergence guard held back: nothing
     trustworthy to evaluate. An earlier published checkpoint is evaluated instead, and the pipeline says which."""

@@ -6,7 +6,8 @@ What differs from the README, each substitution checked: the head's ports (free 
 clusters on this machine hold the defaults), and how the head is started and stopped (with `--block` in the
 background, stopped by its PID: `ray stop` would stop every Ray cluster of the user on the machine). The
 environment differs in two ways: HOME is a scratch directory, so the token the recipe makes lands there and not in
-the user's ~/.ray, and PYTHONPATH names the scratch copy, since the venv's editable install points elsewhere."""
+the user's ~/.ray, PYTHONPATH names the scratch copy, since the venv's editable install points elsewhere, and
+RLHF_RAY_CACHE names the user's rlhf-ray cache (rlhf_ray/cache.py), which the scratch HOME would hide."""
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rlhf_ray.cache import cache_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]     # its own head, by the README
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +105,7 @@ def test_readme_cluster_recipe_runs_as_written(tiny_world, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "VIRTUAL_ENV")}
-    env.update(HOME=str(home), PYTHONPATH=str(repo))
+    env.update(HOME=str(home), PYTHONPATH=str(repo), RLHF_RAY_CACHE=str(cache_dir()))
     bash = subprocess.Popen(["bash", "-exo", "pipefail", "-c", localise(script, ports, work)], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     limit = threading.Timer(900, os.killpg, (bash.pid, signal.SIGKILL))

@@ -24,7 +24,8 @@ def test_pipeline_small(tiny_world, tmp_path):
         "pipeline.sft_examples=128", "pipeline.label_prompts=128", "pipeline.monitor_prompts=32", "pipeline.ppo_prompts=64",
         "pipeline.eval_prompts=16", "pipeline.best_of_n=[2,4]", "sft.epochs=1", "dpo.epochs=1",
         "dpo.trainer.zero_stage=3",
-        "train.steps=3", "generation.prompts_per_step=8", "ppo.minibatch_size=16"])
+        "train.steps=3", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
+        "placement.share_process=[[engine, reference, reward]]"])     # PPO: two processes fewer to start
     s = run_pipeline(cfg)
     run = tmp_path / "run"
     held = s["held_out"]

@@ -1,6 +1,8 @@
-"""End to end on a local Ray cluster: a DeepSpeed ZeRO-3 policy (2 ranks), critic, ZeRO-3 reference and reward
-model, and one vLLM CPU engine; nothing mocked. (ZeRO-2, the default, runs in most other end-to-end tests.) Slow:
-it starts every actor (about a minute)."""
+"""PPO end to end on a multi-node Ray cluster simulated on loopback (ray.cluster_utils.Cluster: a head and three
+worker nodes, each its own raylet and object store, with custom resources naming their roles): a DeepSpeed ZeRO-3
+policy (2 ranks) and a critic on the trainer node, a ZeRO-3 reference (2 ranks) and reward model (3 ranks) on the
+scorer node, one vLLM CPU engine on the rollout node; the weights cross nodes over the process-group backend (gloo).
+Nothing mocked. (ZeRO-2, the default, runs in most other end-to-end tests.) Slow: it starts every actor."""
 import json
 import math
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from ray.cluster_utils import Cluster
 
 from conftest import tiny_overrides
 from launch.ppo import train
@@ -15,7 +18,7 @@ from rlhf_ray.batch import build_rollout_batch
 from rlhf_ray.config import load_config
 from rlhf_ray.models import load_causal_lm, load_tokenizer, response_logprobs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
 REQUIRED = ["reward/score_mean", "reward/score_std", "kl/ref_per_seq", "policy/loss", "value/loss", "policy/clipfrac",
             "policy/entropy", "policy/approx_kl", "response/length_mean", "perf/tokens_per_s", "time/generate",
@@ -26,16 +29,31 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ppo_three_steps_at_zero3_then_engine_matches_policy(tiny_world, tmp_path):
+def test_ppo_at_zero3_across_nodes_then_engine_matches_policy(tiny_world, tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 << 20,
+                                                            "include_dashboard": False})
+    nodes = {name: cluster.add_node(num_cpus=cpus, resources={name: 100}, object_store_memory=200 << 20)
+             for name, cpus in (("trainer", 3), ("scorer", 5), ("rollout", 1))}
     run_dir = tmp_path / "run"
     # the frozen roles are partitioned too: reference over 2 ranks, reward over 3 ranks whose shards (5, 5, 6 rows
     # in micro-batches of 5) need different numbers of forwards, which the collective evens out
     frozen = ["reference.zero_stage=3", "reference.num_ranks=2", "reward.zero_stage=3", "reward.num_ranks=3",
               "reward.micro_batch_size=5", "placement.share_process=[]"]
-    cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + ["policy.zero_stage=3"] + frozen)
-    summary = train(cfg, keep_actors=True)
-    actors = summary["actors"]
+    nodes_of_roles = ["policy.node_resource=trainer", "critic.node_resource=trainer", "reference.node_resource=scorer",
+                      "reward.node_resource=scorer", "engine.node_resource=rollout"]
     try:
+        cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
+            f"ray.address={cluster.address}", "policy.zero_stage=3", "weight_sync.backend=process_group",
+            *frozen, *nodes_of_roles])
+        summary = train(cfg, keep_actors=True)
+        actors = summary["actors"]
+        node_of = {n.node_id: name for name, n in nodes.items()}
+        where = {name: {node_of.get(ray.get(a.placement.remote())["node"]) for a in g.actors}
+                 for name, g in (("policy", actors.policy), ("critic", actors.critic), ("reference", actors.reference),
+                                 ("reward", actors.reward), ("engine", actors.engine_group))}
+        assert where == {"policy": {"trainer"}, "critic": {"trainer"}, "reference": {"scorer"},
+                         "reward": {"scorer"}, "engine": {"rollout"}}
+
         rows = read_metrics(run_dir)
         assert [r["step"] for r in rows] == [1, 2, 3]
         for r in rows:
@@ -44,7 +62,8 @@ def test_ppo_three_steps_at_zero3_then_engine_matches_policy(tiny_world, tmp_pat
             assert all(math.isfinite(r[k]) for k in REQUIRED), r
         assert abs(rows[0]["kl/ref_per_seq"]) < 1e-4               # step 1: the reference is the starting policy
         assert rows[-1]["kl/ref_per_seq"] > 0                      # the policy moved away from the reference
-        assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3   # engine sampled from the synced policy
+        # steps 2 and 3 sampled with weights broadcast from the trainer node to the rollout node
+        assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3 and rows[-1]["perf/weight_sync_mb"] > 1
 
         # the saved policy is an HF directory that from_pretrained opens, and it differs from the start
         saved = load_causal_lm(summary["checkpoint"] + "/policy")
@@ -68,5 +87,7 @@ def test_ppo_three_steps_at_zero3_then_engine_matches_policy(tiny_world, tmp_pat
 
         wandb_dir = summary["wandb"]
         assert wandb_dir and list(Path(wandb_dir).glob("*.wandb"))
-    finally:
         actors.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
