@@ -67,7 +67,9 @@ def main():
     policy = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32, use_safetensors=True)
     batch = a.prompts_per_step * a.n
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], save_strategy="no", logging_steps=10 ** 6,
+        # bf16=False: TRL's configs default to bf16 mixed precision (autocast), even on CPU; the comparison is fp32
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
+        logging_steps=10 ** 6,
         seed=a.seed, disable_tqdm=True, learning_rate=a.lr, beta=a.beta, loss_type="grpo", scale_rewards="group",
         num_generations=a.n, per_device_train_batch_size=batch // a.minibatches, gradient_accumulation_steps=1,
         steps_per_generation=a.minibatches, num_iterations=1, max_completion_length=a.max_new_tokens,
@@ -81,6 +83,7 @@ def main():
     ends = clock.marks[::a.minibatches]                  # the start, then the end of each generation step
     print(json.dumps({"step_seconds": [b - e for e, b in zip(ends, ends[1:])], "tokens": clock.tokens,
                       "gold": clock.gold, "to_train_end": t_end - T_START, "threads": torch.get_num_threads(),
+                      "bf16": trainer.args.bf16, "dtype": str(next(policy.parameters()).dtype),
                       "trl": __import__("trl").__version__}))
 
 

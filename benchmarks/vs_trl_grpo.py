@@ -71,6 +71,8 @@ def run_trl(w: Path, seed: int, steps: int) -> dict:
                        str(LR), "--beta", str(BETA), "--seed", str(seed)],
                       {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r["bf16"] or r["dtype"] != "torch.float32":
+        sys.exit(f"TRL did not run in fp32 (bf16 {r['bf16']}, weights {r['dtype']})")
     return {"wall": wall, "steps": [{"time": t, "tokens": n, "gold": g}
                                     for t, n, g in zip(r["step_seconds"], r["tokens"], r["gold"])]}
 
