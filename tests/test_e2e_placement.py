@@ -1,5 +1,6 @@
 """Colocated roles on the real machinery: placement.colocate puts rank i of each listed role in bundle i of one
-shared placement group (same node, same GPU share on a cluster); PPO then runs as usual. Slow."""
+shared placement group (same node, same GPU share on a cluster); PPO then runs as usual, here with LoRA adapters
+on a ZeRO-3 policy, whose merged weights reach the engine. Slow."""
 import json
 
 import pytest
@@ -8,19 +9,22 @@ import ray
 from conftest import tiny_overrides
 from launch.ppo import train
 from rlhf_ray.config import load_config
+from rlhf_ray.models import load_causal_lm
 
 pytestmark = pytest.mark.slow
 
 
 
-def test_colocated_roles_share_bundles_and_ppo_runs(tiny_world, tmp_path):
+def test_colocated_roles_share_bundles_and_ppo_with_lora_runs(tiny_world, tmp_path):
     """Two shared placement groups in one run: policy beside reference (2 ranks each), and critic, reward and the
     engine in one bundle, the engine sleeping while the trainers run (a no-op on CPU: no GPU memory, but the
-    driver's sleep and wake calls run)."""
+    driver's sleep and wake calls run). The policy and critic train LoRA adapters only; the policy at ZeRO-3, so
+    adapters and base weights are merged from partitions before each push to the engine."""
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "placement.colocate=[[policy, reference], [critic, reward, engine]]", "placement.engines_sleep=true",
-        "reference.num_ranks=2", "placement.share_process=[]"])
+        "reference.num_ranks=2", "placement.share_process=[]",
+        "policy.zero_stage=3", "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
@@ -30,7 +34,19 @@ def test_colocated_roles_share_bundles_and_ppo_runs(tiny_world, tmp_path):
                    [(w["pg"], w["node"], w["gpu_ids"]) for w in where[b]]
         assert where["policy"][0]["pg"] != where["critic"][0]["pg"]
         assert len({w["pid"] for ws in where.values() for w in ws}) == 7    # placed together, each its own process
+        for group in (actors.policy, actors.critic):
+            counts = group.run("parameter_counts")[0]
+            assert 0 < counts["trainable"] < 0.2 * counts["total"], counts
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        # steps 2 and 3 sampled from engines that had received the merged weights W + (alpha/r) B A:
+        # their sampling logprobs match the adapted policy's own forward pass
         assert len(rows) == 3 and max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
+        assert rows[-1]["kl/ref_per_seq"] > 0
+        saved = load_causal_lm(summary["checkpoint"] + "/policy")       # merged, plain HF names
+        start = load_causal_lm(tiny_world["policy"])
+        assert set(saved.state_dict()) == set(start.state_dict())
+        moved = {k: (saved.state_dict()[k] - v).abs().max().item() for k, v in start.state_dict().items()}
+        assert max(moved.values()) > 1e-4
+        assert moved["model.embed_tokens.weight"] == 0.0               # frozen outside the adapters
     finally:
         actors.shutdown()
