@@ -117,6 +117,16 @@ class Engine(RankActor):
                 for o, t, s in zip(outs, token_ids, starts)]
 
     @busy
+    def label_logprobs(self, prompt_token_ids: list[list[int]], label_ids: list[int]) -> list[list[float]]:
+        """For each prompt, the logprob (over the whole vocabulary, temperature 1) of each label token at the next
+        position: what a judge's verdict is read from (rlhf_ray/judge.py). One forward per prompt; the token it
+        picks (greedily: no sampling state touched) is dropped."""
+        from vllm import SamplingParams
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(label_ids), detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
+        return [[o.outputs[0].logprobs[0][t].logprob for t in label_ids] for o in outs]
+
+    @busy
     def load_weights(self, meta: list, flat) -> int:
         """Load one packed bucket (actors/sync_group.py: meta + flat uint8 numpy array, read-only from the object
         store). An in-process engine core hands the workers a tensor over that memory (no copy); in vLLM's

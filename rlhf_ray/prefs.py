@@ -56,8 +56,11 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def fit_bradley_terry(n_items: int, pairs: list[tuple[int, int]], l2: float = 1e-3, iters: int = 500) -> list[float]:
+def fit_bradley_terry(n_items: int, pairs: list[tuple[int, int]], l2: float = 1e-3, iters: int = 500,
+                      wins: list[float] | None = None) -> list[float]:
     """Maximum-likelihood Bradley-Terry strengths for n_items from (winner, loser) pairs, centred to mean 0.
+    wins[k], when given, is the probability that the first item of pairs[k] won (a judge's soft verdict; 1 for a
+    hard one): each pair then counts as wins[k] of a win and 1 - wins[k] of a loss.
 
     A small L2 term keeps the optimum finite when an item wins (or loses) every comparison.
     """
@@ -65,12 +68,14 @@ def fit_bradley_terry(n_items: int, pairs: list[tuple[int, int]], l2: float = 1e
         return [0.0] * n_items
     w = torch.tensor([p[0] for p in pairs])
     lo = torch.tensor([p[1] for p in pairs])
+    q = torch.ones(len(pairs), dtype=torch.float64) if wins is None else torch.tensor(wins, dtype=torch.float64)
     s = torch.zeros(n_items, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([s], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = -F.logsigmoid(s[w] - s[lo]).sum() + l2 * (s ** 2).sum()
+        margin = s[w] - s[lo]
+        loss = -(q * F.logsigmoid(margin) + (1 - q) * F.logsigmoid(-margin)).sum() + l2 * (s ** 2).sum()
         loss.backward()
         return loss
 

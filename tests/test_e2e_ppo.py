@@ -84,6 +84,12 @@ def test_ppo_at_zero3_across_nodes_then_engine_matches_policy(tiny_world, tmp_pa
             assert (engine_lp - policy_lp).abs().max().item() < 1e-4
             assert (engine_lp - hf_lp.detach()).abs().max().item() < 1e-4
             assert (engine_lp - start_lp.detach()).abs().max().item() > 1e-3   # no longer the start weights
+            # a judge's verdict is read the same way: the next-token logprobs of given label tokens
+            labels = tok(" 1 2 3 A B", add_special_tokens=False)["input_ids"]
+            judged = torch.tensor(ray.get(engine.label_logprobs.remote([prompt + response], labels))[0])
+            with torch.no_grad():
+                hf_next = torch.log_softmax(saved(torch.tensor([prompt + response])).logits[0, -1].float(), -1)
+            assert (judged - hf_next[labels]).abs().max().item() < 1e-4, (judged, hf_next[labels])
 
         wandb_dir = summary["wandb"]
         assert wandb_dir and list(Path(wandb_dir).glob("*.wandb"))
