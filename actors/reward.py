@@ -1,6 +1,7 @@
 """The reward actor: scores each whole (prompt, response) with every configured source and sums
-weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`) or an
-HTTP scorer (rlhf_ray/rewards.py); rule and remote sources see the decoded texts. A held-out monitor reward
+weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`), an
+HTTP scorer (rlhf_ray/rewards.py) or an LLM judge on engines of its own (actors/judge.py); rule, remote and judge
+sources see the decoded texts. A held-out monitor reward
 model (models.monitor), when configured, is scored beside them and never enters the sum."""
 from __future__ import annotations
 
@@ -32,9 +33,14 @@ class Reward(FrozenRole):
                                           f"reward.sources[{i}]", cfg.train.attn_implementation)
                 self.scorers.append(("model", self._prepare(model)))
             else:
-                self.scorers.append(("text", text_scorer(src.kind, src.path, batch_size=src.batch_size,
-                                                         timeout_s=src.timeout_s, retries=src.retries,
-                                                         auth_env=src.auth_env)))
+                if src.kind == "judge":
+                    from actors.judge import JudgeScorer
+                    scorer = JudgeScorer(cfg, load_tokenizer(cfg.judge.tokenizer or cfg.judge.model,
+                                                             cfg.models.trust_remote_code))
+                else:
+                    scorer = text_scorer(src.kind, src.path, batch_size=src.batch_size, timeout_s=src.timeout_s,
+                                         retries=src.retries, auth_env=src.auth_env)
+                self.scorers.append(("text", scorer))
                 if self.tokenizer is None:
                     self.tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.policy, cfg.models.trust_remote_code)
         if cfg.models.monitor:
@@ -46,6 +52,23 @@ class Reward(FrozenRole):
     def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb.input_ids, mb.attention_mask),
                                    self.cfg.reward.micro_batch_size)
+
+    def attach_judge(self, engines: list) -> bool:
+        """Hand the judge sources the judge engines' handles (at start, and after any actor was replaced)."""
+        for _, scorer in self.scorers:
+            if hasattr(scorer, "attach"):
+                scorer.attach(engines)
+        return True
+
+    def judge_stats(self) -> dict:
+        """Since the last call: answers judged, fallbacks, retries, the judge's mass on its labels (summed) and
+        the seconds spent judging, over this rank's judge sources."""
+        total: dict = {}
+        for _, scorer in self.scorers:
+            if hasattr(scorer, "take_stats"):
+                for k, v in scorer.take_stats().items():
+                    total[k] = total.get(k, 0) + v
+        return total
 
     @busy
     def scores(self, batch: RolloutBatch, prompts: list[str] | None = None,

@@ -27,7 +27,8 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
         return
     needed = max(cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
                  + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
-                 + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine,
+                 + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine
+                 + (cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if cfg.needs_judge() else 0),
                  *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
     num_cpus = cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1)

@@ -54,6 +54,7 @@ class Actors:
     reward: RankGroup
     engine_group: RankGroup
     placements: list = field(default_factory=list)   # shared placement groups of colocated roles
+    judge: RankGroup | None = None    # the LLM judge's engines (a reward source of kind judge), weights never synced
 
     @property
     def engines(self) -> list:
@@ -62,7 +63,13 @@ class Actors:
     def groups(self) -> dict[str, RankGroup]:
         """Every role's rank group, by role."""
         return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
-                "reference": self.reference, "reward": self.reward, "engine": self.engine_group}
+                "reference": self.reference, "reward": self.reward, "engine": self.engine_group,
+                **({"judge": self.judge} if self.judge else {})}
+
+    def attach_judge(self) -> None:
+        """The reward ranks' judge sources get the judge engines' handles: at start and after any replacement."""
+        if self.judge:
+            self.reward.run("attach_judge", self.judge.actors)
 
     @property
     def trained(self) -> dict[str, RankGroup]:
@@ -77,8 +84,8 @@ class Actors:
 
 def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | None]:
     """(ranks, CPUs per rank, GPUs per rank, node_resource) of a role; an engine's rank is a whole engine."""
-    if role == "engine":
-        e = cfg.engine
+    if role in ("engine", "judge"):
+        e = cfg.engine if role == "engine" else cfg.judge.engine
         return e.num_engines, e.cpus_per_engine, e.gpus_per_engine * e.tensor_parallel_size, e.node_resource
     rc = getattr(cfg, role)
     return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
@@ -124,11 +131,20 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
-    for g in (policy, critic, reference, reward, engines):
+    judge = None
+    if cfg.needs_judge():          # the policy's engine code serving the judge's model (Config.judge_engine_config)
+        jcfg = cfg.judge_engine_config()
+        n, cpus, gpus, node = role_resources(cfg, "judge")
+        judge = RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=False,
+                          runtime_env=engine_env(jcfg, device, str(run_dir)))
+    every = (policy, critic, reference, reward, engines, judge)
+    for g in every:
         if g:
             g.wait()
-    ray.get([a.ready.remote() for g in (policy, critic, reference, reward, engines) if g for a in g.actors])
-    return Actors(policy, critic, reference, reward, engines, placements)
+    ray.get([a.ready.remote() for g in every if g for a in g.actors])
+    actors = Actors(policy, critic, reference, reward, engines, placements, judge)
+    actors.attach_judge()
+    return actors
 
 
 ROLE_CLASSES = {"reference": Reference, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts
@@ -291,6 +307,7 @@ def recover(run: "Run", step: int, error: BaseException, latest: Path | None) ->
     for base, ranks in bases.values():
         base.respawn(sorted(ranks))
     run.sync = make_weight_sync(cfg, actors.policy, actors.engines)
+    actors.attach_judge()
     back_to = ckpt.load_state(latest)["step"] if latest is not None else 0
     run.logger.rewind(back_to)
     print(f"step {step}: {who} died ({cause}); replaced {', '.join(sorted(respawned))}, replaying from step "
@@ -406,11 +423,12 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
             ray.get([e.wake_up.remote() for e in actors.engines])
         sync_stats = run.sync.push(version=step)
     busy = busy_seconds(actors)                    # every actor is idle here
+    judged = judge_stats(actors)
     if not overlap and not last:
         next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
 
     metrics = step_metrics(run, batch, rewards, old_logprobs, scores, exp_stats, stats, sync_stats, staleness, timer,
-                           busy, time.perf_counter() - t_step)
+                           busy, time.perf_counter() - t_step, judged)
     run.kl.update(exp_stats["kl/ref_per_seq"])
     run.logger.log(step, metrics)
     run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
@@ -451,9 +469,20 @@ def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
     return {role: max(ray.get(r), key=lambda spent: sum(spent.values())) for role, r in refs.items()}
 
 
+def judge_stats(actors: Actors) -> dict | None:
+    """The judge sources' counts since the last call, summed over the reward ranks (None: no judge)."""
+    if not actors.judge:
+        return None
+    total: dict = {}
+    for stats in actors.reward.run("judge_stats"):
+        for k, v in stats.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logprobs: torch.Tensor,
                  scores: torch.Tensor, exp_stats: dict, stats: dict, sync_stats: dict, staleness: torch.Tensor,
-                 timer: PhaseTimer, busy: dict, step_seconds: float) -> dict:
+                 timer: PhaseTimer, busy: dict, step_seconds: float, judged: dict | None = None) -> dict:
     """The step's metrics row (metrics.jsonl and W&B): rollout, rewards, losses, staleness and importance
     weights, each phase's wall time and each role's busy time."""
     cfg, p = run.cfg, stats["policy"]
@@ -486,6 +515,13 @@ def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logpr
                   "time/critic_update": stats["critic"]["update_seconds"]})
     if run.norm.mode != "none":          # reward/score_* are then the normalised scores PPO optimises
         m["reward/raw_score_mean"] = rewards.total.mean().item()
+    if judged:                           # the LLM judge: answers scored, bounded failures, how sure it was
+        answers = max(judged["answers"], 1)
+        m.update({"judge/answers": judged["answers"], "judge/fallbacks": judged["fallbacks"],
+                  "judge/retries": judged["retries"],
+                  "judge/label_mass_mean": judged["label_mass"] / max(answers - judged["fallbacks"], 1),
+                  "judge/answers_per_s": judged["answers"] / max(judged["seconds"], 1e-9),
+                  "time/judge": judged["seconds"] / max(len(run.actors.reward.actors), 1)})
     if rewards.monitor is not None:      # overoptimisation monitor: a held-out RM beside the proxy, every step
         m["monitor/score_mean"] = rewards.monitor.mean().item()
     if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step

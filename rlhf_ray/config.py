@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, KLPlacement, LossAggregation
+from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
 
 
 class ConfigError(ValueError):
@@ -112,10 +113,11 @@ class InferenceRoleConfig:
 @dataclass
 class RewardSourceConfig:
     """One source of reward; the reward actor scores with every source and sums weight * score."""
-    kind: Literal["model", "function", "http"] = "model"
+    kind: Literal["model", "function", "http", "judge"] = "model"
     path: str = ""                     # model: scalar-head HF dir ("" -> models.reward); function:
                                        # "package.module:function" (fn(prompts, responses) -> list of floats,
-                                       # importable on every node); http: the endpoint URL
+                                       # importable on every node); http: the endpoint URL; judge: unused (the
+                                       # judge section says which model and how it is asked)
     weight: float = 1.0
     batch_size: int = 64               # http: responses per request
     timeout_s: float = 30.0            # http: per request
@@ -144,6 +146,29 @@ class EngineConfig:
     node_resource: Optional[str] = None   # pin the engines to nodes advertising this custom resource
     cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
                                        # cores, vLLM's threads bound there; null: the OS places it
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM judge (rlhf_ray/judge.py): a frozen causal LM on vLLM engines of its own (weights never synced),
+    its verdict read from its next-token distribution over label tokens, never parsed from text. A reward source
+    of kind judge scores each rollout with it, pointwise."""
+    model: str = ""                    # HF directory of the judge's causal LM ("": no judge)
+    tokenizer: Optional[str] = None    # None: the judge's directory
+    engine: EngineConfig = field(default_factory=EngineConfig)   # the judge's engines (num_engines, cores, length)
+    pointwise: str = JUDGE_POINTWISE   # fields {prompt}, {response}
+    pairwise: str = JUDGE_PAIRWISE     # fields {prompt}, {a}, {b}
+    score_labels: list[str] = field(default_factory=lambda: [" 1", " 2", " 3", " 4", " 5"])   # one token each
+    score_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0])
+    verdict_labels: list[str] = field(default_factory=lambda: [" A", " B"])   # first answer, second answer
+    chat_template: bool = False        # ask as one user turn of the judge tokenizer's chat template
+    max_pairs: Optional[int] = None    # pairwise: comparisons per prompt of K answers (None: all C(K, 2))
+    batch_size: int = 64               # answers per call to one engine
+    timeout_s: float = 120.0           # per call
+    retries: int = 2                   # further attempts after a call that failed or timed out (a dead engine is
+                                       # not retried: the run replaces it, see fault_tolerance)
+    fallback_score: Optional[float] = None   # after the retries: null stops the step with one line; a number
+                                       # scores the call's answers with it, counted in judge/fallbacks
 
 
 @dataclass
@@ -328,6 +353,7 @@ class Config:
     reference: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -364,6 +390,10 @@ class Config:
             if src.kind == "model" and paths:
                 need(bool(src.path), "models.reward", "is required (a scalar-head model directory), "
                      "or list rule/remote scorers under reward.sources")
+            elif src.kind == "judge":
+                need(bool(self.judge.model) or not paths, "judge.model", f"is required by reward.sources[{i}] "
+                     "(kind judge): the judge's HF causal LM directory")
+                self.judge_format()
             elif src.kind != "model":
                 need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
             if src.kind == "function":
@@ -461,6 +491,27 @@ class Config:
         srcs = self.reward.sources or [RewardSourceConfig(kind="model")]
         return [dataclasses.replace(s, path=s.path or self.models.reward) if s.kind == "model" else s for s in srcs]
 
+    def needs_judge(self) -> bool:
+        return any(s.kind == "judge" for s in self.reward_sources())
+
+    def judge_format(self):
+        """The judge section's templates and labels, checked (rlhf_ray/judge.py: a bad one is a ConfigError)."""
+        from rlhf_ray.judge import JudgeError, JudgeFormat
+        j = self.judge
+        try:
+            return JudgeFormat(j.pointwise, j.pairwise, tuple(j.score_labels), tuple(j.score_values),
+                               tuple(j.verdict_labels), j.chat_template)
+        except JudgeError as e:
+            raise ConfigError(str(e)) from None
+
+    def judge_engine_config(self) -> "Config":
+        """The config a judge engine is built from: the policy's engine code serving judge.model with the judge's
+        engine settings, synchronous (no off-policy scheduling), its weights its own."""
+        j = self.judge
+        return derive(self, {"models.policy": j.model, "models.tokenizer": j.tokenizer or j.model,
+                             "engine": dataclasses.asdict(j.engine), "rollout.max_staleness": 0,
+                             "ppo.is_correction": "none", "placement.engines_sleep": False})
+
     def needs_critic(self) -> bool:
         return self.ppo.advantage == "gae"
 
@@ -512,6 +563,8 @@ class Config:
                     "fault_tolerance.max_actor_restarts": 0}
         for role in ("policy", "critic", "reference", "reward"):
             at_least.update({f"{role}.num_ranks": 1, f"{role}.micro_batch_size": 1})
+        at_least.update({"judge.engine.num_engines": 1, "judge.engine.max_model_len": 2, "judge.batch_size": 1,
+                         "judge.retries": 0, "judge.timeout_s": 1e-3})
         for st in STAGES:
             at_least.update({f"{st}.epochs": 1, f"{st}.batch_size": 1, f"{st}.max_len": 2,
                              f"{st}.trainer.num_ranks": 1, f"{st}.trainer.micro_batch_size": 1})
@@ -681,6 +734,7 @@ def resolve_paths(cfg: Config) -> Config:
     m = cfg.models
     m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
         fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
+    cfg.judge.model, cfg.judge.tokenizer = fix(cfg.judge.model), fix(cfg.judge.tokenizer)
     cfg.data.prompts = fix(cfg.data.prompts)
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]

@@ -20,7 +20,6 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from rlhf_ray.prefs import fit_bradley_terry, ranking_from_scores
 
 POINTWISE = ("Rate how well the answer responds to the request, from 1 (worst) to 5 (best).\n\n"
              "Request: {prompt}\n\nAnswer: {response}\n\nRating:")
@@ -154,6 +153,7 @@ class Ranking:
 
 def rank_answers(k: int, verdicts: dict[tuple[int, int], PairVerdict]) -> Ranking:
     """K answers ranked by a Bradley-Terry fit of the judge's averaged soft verdicts (pair (i, j): P(i beats j))."""
-    pairs = sorted(verdicts)
+    from rlhf_ray.prefs import fit_bradley_terry, ranking_from_scores     # (torch: not at import, the config reads
+    pairs = sorted(verdicts)                                              # this module's templates)
     strengths = fit_bradley_terry(k, pairs, wins=[verdicts[p].p for p in pairs])
     return Ranking(ranking_from_scores(strengths), strengths, dict(verdicts))

@@ -30,6 +30,11 @@ def ppo_inputs(cfg: Config) -> tuple[list, dict[str, tuple[str, dict]]]:
     for s in cfg.reward_sources():
         if s.kind == "function":
             load_function(s.path)
+    if cfg.needs_judge():                 # its own tokenizer: not among the models checked against the policy's
+        judge = model_context_length(check_model_dir(cfg.judge.model, "judge.model"))
+        if judge is not None and cfg.judge.engine.max_model_len > judge:
+            raise ConfigError(f"config: judge.engine.max_model_len {cfg.judge.engine.max_model_len} exceeds the "
+                              f"judge's context of {judge} tokens ({cfg.judge.model}/config.json)")
     return load_prompts(cfg.data.prompts, cfg.data.prompt_key, cfg.data.reward_keys), configs
 
 
@@ -39,6 +44,21 @@ def ppo_tokenizer(cfg: Config, configs: dict[str, tuple[str, dict]]):
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     for what, (path, config) in configs.items():
         check_tokenizer_matches(tokenizer, path, what, config)
+    if cfg.needs_judge():
+        judge_tokenizer(cfg)
+    return tokenizer
+
+
+def judge_tokenizer(cfg: Config):
+    """The judge's tokenizer, its labels checked to be one token each (a ConfigError naming the key if not)."""
+    from rlhf_ray.judge import JudgeError, label_ids
+    j = cfg.judge
+    tokenizer = load_tokenizer(j.tokenizer or j.model, cfg.models.trust_remote_code)
+    try:
+        label_ids(tokenizer, tuple(j.score_labels), "judge.score_labels")
+        label_ids(tokenizer, tuple(j.verdict_labels), "judge.verdict_labels")
+    except JudgeError as e:
+        raise ConfigError(f"config: {e}") from None
     return tokenizer
 
 

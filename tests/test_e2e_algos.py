@@ -1,16 +1,20 @@
 """The algorithm set end to end on the real actor machinery (Ray, DeepSpeed ZeRO over gloo, the vLLM CPU
-engine): GRPO on a rule reward with no reward model and no critic; the adaptive KL controller steering toward
-its target. (PPO with LoRA adapters runs in test_e2e_placement.py, in the colocated layout's run.) Slow."""
+engine): GRPO on rule, remote and LLM-judge rewards with no reward model and no critic; the adaptive KL
+controller steering toward its target. (PPO with LoRA adapters runs in test_e2e_placement.py, in the colocated
+layout's run.) Slow."""
 import json
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import ray
+import torch
 
 from conftest import tiny_overrides
 from launch.ppo import train
 from rlhf_ray.config import load_config
+from rlhf_ray.models import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +43,9 @@ class LengthScorer(BaseHTTPRequestHandler):
         pass
 
 
-def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
+def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
+    """Four sources weighted: a rule, an HTTP scorer, a rule reading a row field, and an LLM judge on an engine of
+    its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge)."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), LengthScorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
@@ -49,13 +55,15 @@ def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny
                                for line in open(tiny_world["prompts"])))
     sources = ('[{kind: function, path: "rlhf_ray.rule_rewards:tiny_gold", weight: 1.0},'
                f' {{kind: http, path: "{url}", weight: 0.1, batch_size: 16}},'
-               ' {kind: function, path: "rlhf_ray.rule_rewards:contains_answer", weight: 0.2}]')
+               ' {kind: function, path: "rlhf_ray.rule_rewards:contains_answer", weight: 0.2},'
+               ' {kind: judge, weight: 0.05}]')
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "models.reward=", f"reward.sources={sources}", f"data.prompts={prompts}", "data.reward_keys=[answer]",
         "reward.num_ranks=2", "placement.share_process=[]",
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
-        "policy.lr=1e-3", "train.steps=12"])
+        "policy.lr=1e-3", "train.steps=12",
+        f"judge.model={tiny_world['policy']}", "judge.score_labels=['1','2','3','4','5']", "judge.batch_size=8"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
@@ -69,8 +77,21 @@ def test_grpo_on_rule_and_remote_rewards_with_no_reward_model_and_no_critic(tiny
         assert LengthScorer.requests == 12 * 2
         for r in rows:
             total = (r["reward/source0_function_mean"] + 0.1 * r["reward/source1_http_mean"]
-                     + 0.2 * r["reward/source2_function_mean"])
+                     + 0.2 * r["reward/source2_function_mean"] + 0.05 * r["reward/source3_judge_mean"])
             assert r["reward/score_mean"] == pytest.approx(total, rel=1e-4, abs=1e-5)
+            # the judge scored all 32 answers a step (8 prompts x 4), in calls of 8, none failed; its expected
+            # score lies within the labels' values, and some of its next-token mass sat on them
+            assert (r["judge/answers"], r["judge/fallbacks"], r["judge/retries"]) == (32, 0, 0), r
+            assert 1 <= r["reward/source3_judge_mean"] <= 5 and 0 < r["judge/label_mass_mean"] <= 1, r
+            assert r["judge/answers_per_s"] > 0 and r["time/busy/judge"] > 0
+        # the judge's engine holds the judge's own weights (never synced): its label logprobs are the HF model's
+        judge, tok = load_causal_lm(tiny_world["policy"]), load_tokenizer(tiny_world["policy"])
+        ids = tok("Rate: the cat sat", add_special_tokens=False)["input_ids"]
+        labels = [tok(str(d), add_special_tokens=False)["input_ids"][0] for d in range(1, 6)]
+        got = torch.tensor(ray.get(actors.judge.actors[0].label_logprobs.remote([ids], labels))[0])
+        with torch.no_grad():
+            want = torch.log_softmax(judge(torch.tensor([ids])).logits[0, -1], -1)[labels]
+        assert (got - want).abs().max().item() < 1e-4, (got, want)
         assert 0 < mean([r["reward/source2_function_mean"] for r in rows]) < 1
         first = mean([r["reward/source0_function_mean"] for r in rows[:3]])
         last = mean([r["reward/source0_function_mean"] for r in rows[-3:]])
