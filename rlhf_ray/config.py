@@ -340,6 +340,7 @@ class PlanConfig:
     "" reads models.policy / models.reward."""
     policy_arch: str = ""
     reward_arch: str = ""              # the reward model's and the critic's ("" -> models.reward, else policy_arch)
+    judge_arch: str = ""               # the LLM judge's, when a reward source is a judge ("" -> judge.model)
 
 
 @dataclass

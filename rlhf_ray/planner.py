@@ -147,7 +147,7 @@ def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, zero3: 
     return RolePlan(role, n, {"weights": weights, "activations": work}, resident=weights)
 
 
-def plan_engine(arch: Arch, ec, gen, gpu_bytes: float) -> tuple[RolePlan, int, int]:
+def plan_engine(arch: Arch, ec, gen, gpu_bytes: float, role: str = "engine") -> tuple[RolePlan, int, int]:
     """vLLM preallocates gpu_memory_utilization of each GPU: its share of the weights, the rest as KV cache.
     Returns the plan, the KV cache's room in tokens per engine, and the rollout sequences each engine must hold
     (it runs as many at once as the room allows and queues the rest)."""
@@ -156,7 +156,7 @@ def plan_engine(arch: Arch, ec, gen, gpu_bytes: float) -> tuple[RolePlan, int, i
     kv = max(0.0, ec.gpu_memory_utilization * gpu_bytes - weights)
     capacity_tokens = int(kv * tp / arch.kv_bytes_per_token())
     seqs = math.ceil(gen.prompts_per_step * gen.n / ec.num_engines)
-    return RolePlan("engine", ec.num_engines * tp, {"weights": weights, "kv_cache": kv}), capacity_tokens, seqs
+    return RolePlan(role, ec.num_engines * tp, {"weights": weights, "kv_cache": kv}), capacity_tokens, seqs
 
 
 @dataclass
@@ -194,6 +194,9 @@ def make_plan(cfg) -> Plan:
         roles["critic"] = plan_trained("critic", rew, cfg.critic, seq)
     engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes)
     roles["engine"] = engine
+    if cfg.needs_judge():            # its own engines, sized like the policy's: weights, then KV cache
+        roles["judge"] = plan_engine(arch_from(pl.judge_arch or cfg.judge.model), cfg.judge.engine, cfg.generation,
+                                     gpu_bytes, role="judge")[0]
 
     problems: list[str] = []
     groups: list[tuple[list[str], int, float]] = []
@@ -220,7 +223,8 @@ def make_plan(cfg) -> Plan:
         if name not in placed:
             groups.append(([name], r.gpus, r.total))
     for members, _, peak in groups:
-        limit = place.gpu_memory_gib * GiB * (cfg.engine.gpu_memory_utilization if members == ["engine"] else 1.0)
+        util = {"engine": cfg.engine.gpu_memory_utilization, "judge": cfg.judge.engine.gpu_memory_utilization}
+        limit = place.gpu_memory_gib * GiB * (util[members[0]] if len(members) == 1 and members[0] in util else 1.0)
         if peak > limit:
             problems.append(f"{'+'.join(members)} needs {peak / GiB:.1f} GiB per GPU, over the "
                             f"{limit / GiB:.1f} GiB it may use by {(peak - limit) / GiB:.1f} GiB")

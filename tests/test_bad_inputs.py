@@ -99,6 +99,10 @@ def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, 
         ([f"data.prompts={bad_prompts}"], 2, "bad.jsonl:1: not valid UTF-8"),
         (["reward.sources=[{kind: function, path: 'no_such_module:score'}]"], 2, "cannot load it"),
         ([f"run.output_dir={blocker}"], 2, "is a file, not a directory"),
+        (["reward.sources=[{kind: judge}]"], 2, "judge.model is required by reward.sources[0] (kind judge)"),
+        (["reward.sources=[{kind: judge}]", f"judge.model={tmp_path / 'no_judge'}"], 2, "directory not found"),
+        (["reward.sources=[{kind: judge}]", f"judge.model={tiny_world['policy']}", "judge.pointwise='Rate {prompt}'"],
+         2, "judge.pointwise template: no {response} in it"),
     ]
     for i, (sets, code, text) in enumerate(cases):
         run_dir = tmp_path / f"run{i}"
@@ -111,6 +115,17 @@ def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, 
                      *[a for o in tiny_overrides(tiny_world, tmp_path / "nothing") for a in ("--set", o)]]) == 1
     assert "--resume: no complete checkpoint under" in one_error_line(capsys)
     assert not (tmp_path / "nothing" / "config.yaml").exists() and not ray.is_initialized()
+
+
+def test_judge_labels_must_be_single_tokens_of_the_judges_tokenizer(tiny_world):
+    """Checked beside the cluster's start, before any actor: the tiny tokenizer splits " 1" in two."""
+    from rlhf_ray.preflight import judge_tokenizer
+    sets = ["reward.sources=[{kind: judge}]", f"judge.model={tiny_world['policy']}"]
+    with pytest.raises(ConfigError, match=r"judge.score_labels: ' 1' is 2 tokens for the judge's tokenizer"):
+        judge_tokenizer(load_config("configs/tiny_grpo.yaml", sets))
+    ok = load_config("configs/tiny_grpo.yaml", sets + ["judge.score_labels=['1','2','3','4','5']",
+                                                      "judge.verdict_labels=[A, B]"])
+    assert judge_tokenizer(ok) is not None
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

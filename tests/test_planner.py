@@ -73,6 +73,17 @@ def test_a_hand_checked_layout():
     assert big.problems == [f"policy needs {need:.1f} GiB per GPU, over the 80.0 GiB it may use by {need - 80:.1f} GiB"]
 
 
+def test_a_judge_counts_its_own_engines():
+    """A judge reward source adds the judge's engines: its weights and KV cache at its gpu_memory_utilization."""
+    sets = ["reward.sources=[{kind: judge}]", "plan.judge_arch=llama2-13b", "judge.engine.num_engines=2",
+            "judge.engine.gpu_memory_utilization=0.9"]
+    base, plan = make_plan(_tiny_layout()), make_plan(_tiny_layout(sets))
+    judge = next(r for r in plan.roles if r.role == "judge")
+    assert judge.per_gpu["weights"] == 2 * PRESETS["llama2-13b"].params()
+    assert judge.gpus == 2 and judge.total == pytest.approx(0.9 * 80 * GiB) and plan.gpus == base.gpus + 2
+    assert plan.fits
+
+
 def test_the_shipped_cluster_layouts_fit_and_70b_takes_four_nodes(capsys):
     nodes = {}
     for size in ("7b", "13b", "70b"):

@@ -1,6 +1,8 @@
 """A rollout that fails in the background reaches the driver as one line, never a hang: the driver's collection
 path (`launch.ppo.collect_rollout`) on a real local Ray cluster, against stand-in engine actors that raise or
-die mid-generation (what is tested is the driver's handling, not vLLM). Slow: it starts Ray."""
+die mid-generation (what is tested is the driver's handling, not vLLM), and the judge reward source against
+stand-in judge engines that hang, raise or die. Slow: it starts Ray."""
+import math
 import time
 
 import pytest
@@ -9,6 +11,7 @@ import ray
 from launch.common import RunError, run_cli
 from launch.ppo import RolloutError, Rollout, collect_rollout
 from rlhf_ray.config import load_config
+from rlhf_ray.rewards import RewardSourceError
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +138,67 @@ def test_roles_sharing_processes_live_and_die_together_and_are_replaced_once():
     assert a.run("bump") == [2, 1] and b.run("bump") == [102, 101]         # rank 1 fresh, rank 0 untouched
     a.shutdown()
     b.shutdown()                                                           # a second shutdown does nothing
+
+
+@ray.remote(num_cpus=0)
+class StandInJudge:
+    """A judge engine's contract (Engine.label_logprobs), scripted: what is tested is the judge source's handling
+    of slow, failing and dead engines (actors/judge.py), not vLLM."""
+
+    def __init__(self, script: list[str]):
+        self.script, self.calls = list(script), 0
+
+    def label_logprobs(self, prompt_token_ids, label_ids):
+        self.calls += 1
+        what = self.script.pop(0) if self.script else "ok"
+        if what == "hang":
+            time.sleep(30)
+        if what == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access\n(second line)")
+        return [[math.log(0.5), math.log(0.25)] for _ in prompt_token_ids]    # expected score 1/3 on values (0, 1)
+
+
+class CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [{"good": 1, "bad": 2}.get(text, 3)] if text in ("good", "bad") else
+                [ord(c) % 100 for c in text]}
+
+
+def judge_scorer(*sets):
+    from actors.judge import JudgeScorer
+    cfg = load_config(None, ["reward.sources=[{kind: judge}]", "judge.model=j", "judge.score_labels=[bad, good]",
+                             "judge.score_values=[0.0, 1.0]", "judge.verdict_labels=[good, bad]", "judge.batch_size=2",
+                             "judge.timeout_s=1", *sets])
+    return JudgeScorer(cfg, CharTokenizer())
+
+
+def test_a_judge_call_that_fails_is_retried_a_bounded_number_of_times_then_fails_in_one_line_or_falls_back():
+    prompts, responses = ["p"] * 4, ["r1", "r2", "r3", "r4"]
+    scorer = judge_scorer("judge.retries=1")                   # two engines: chunk k goes to engine k, retries rotate
+    scorer.attach([StandInJudge.remote(["raise"]), StandInJudge.remote([])])
+    assert scorer(prompts, responses) == pytest.approx([1 / 3] * 4)
+    stats = scorer.take_stats()
+    assert (stats["answers"], stats["retries"], stats["fallbacks"]) == (4, 1, 0)
+    assert stats["label_mass"] == pytest.approx(4 * 0.75)
+
+    t0 = time.time()
+    scorer = judge_scorer("judge.retries=1")                   # hangs twice: 2 x timeout_s, then one line
+    scorer.attach([StandInJudge.remote(["hang", "hang"])])
+    with pytest.raises(RewardSourceError) as e:
+        scorer(prompts[:2], responses[:2])
+    assert time.time() - t0 < 10 and "\n" not in str(e.value)
+    assert str(e.value).startswith("judge: a call for 2 answers failed 2 times (last: no answer within "
+                                   "judge.timeout_s 1 s)"), str(e.value)
+
+    scorer = judge_scorer("judge.retries=0", "judge.fallback_score=-1")   # fails: scored with the fallback, counted
+    scorer.attach([StandInJudge.remote(["raise"])])
+    assert scorer(prompts, responses) == pytest.approx([-1, -1, 1 / 3, 1 / 3])
+    assert scorer.take_stats()["fallbacks"] == 2
+
+    dead = StandInJudge.remote([])                             # a dead engine is not retried: the run replaces it
+    ray.kill(dead)
+    scorer = judge_scorer("judge.retries=3")
+    scorer.attach([dead])
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        scorer(prompts[:2], responses[:2])
+    assert scorer.take_stats()["retries"] == 0
