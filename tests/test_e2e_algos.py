@@ -2,9 +2,14 @@
 engine): GRPO on rule, remote and LLM-judge rewards with no reward model and no critic; the adaptive KL
 controller steering toward its target. (PPO with LoRA adapters runs in test_e2e_placement.py, in the colocated
 layout's run.) Slow."""
+import contextlib
+import io
 import json
 import math
+import os
+import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,6 +17,7 @@ import ray
 import torch
 
 from conftest import tiny_overrides
+from launch import reaper
 from launch.ppo import train
 from rlhf_ray.config import load_config
 from rlhf_ray.models import load_causal_lm, load_tokenizer
@@ -43,9 +49,30 @@ class LengthScorer(BaseHTTPRequestHandler):
         pass
 
 
+def kill_the_judge_after(metrics, step: int, seen: list[str]) -> None:
+    """Once `step` rows are logged: keep them, then SIGKILL this test's judge engine, the one process titled
+    ray::Engine below this process (the cluster is this pytest worker's; the policy's engine lives in a RoleHost)."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        text = metrics.read_text() if metrics.exists() else ""
+        if text.endswith("\n") and len(text.splitlines()) >= step:
+            seen.extend(text.splitlines()[:step])
+            judges = reaper.actor_processes(list(reaper.descendants(os.getpid())), "Engine")
+            assert len(judges) == 1, judges
+            os.kill(judges[0], signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def strip_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/", "fault/")) and k != "judge/answers_per_s"}
+
+
 def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
     """Four sources weighted: a rule, an HTTP scorer, a rule reading a row field, and an LLM judge on an engine of
-    its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge)."""
+    its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge).
+    The judge's engine is killed after step 3: the run replaces it and, with no checkpoint yet, replays from step
+    1, which must give the same rows as before the kill."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), LengthScorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
@@ -59,22 +86,34 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
                ' {kind: judge, weight: 0.05}]')
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "models.reward=", f"reward.sources={sources}", f"data.prompts={prompts}", "data.reward_keys=[answer]",
-        "reward.num_ranks=2", "placement.share_process=[]",
+        "reward.num_ranks=2", "placement.share_process=[[engine, reference]]",   # the judge: the one ray::Engine
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
         "policy.lr=1e-3", "train.steps=12",
         f"judge.model={tiny_world['policy']}", "judge.score_labels=['1','2','3','4','5']", "judge.batch_size=8"])
-    summary = train(cfg, keep_actors=True)
+    before: list[str] = []
+    killer = threading.Thread(target=kill_the_judge_after, args=(run_dir / "metrics.jsonl", 3, before), daemon=True)
+    killer.start()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train(cfg, keep_actors=True)
+    killer.join(timeout=1)
     actors = summary["actors"]
     try:
         assert actors.critic is None                                   # no critic actor was created
+        died = [line for line in out.getvalue().splitlines() if " died (" in line]
+        assert len(died) == 1 and ": judge rank 0 died (" in died[0] and "replaying from step 1 " in died[0], died
+        failed_at = int(died[0].split(":")[0].split()[1])
         rows = read_metrics(run_dir)
+        replayed = [json.loads(line) for line in before]
+        assert [strip_timing(r) for r in rows[:3]] == [strip_timing(r) for r in replayed]   # as if nothing happened
         assert len(rows) == 12 and all("value/loss" not in r for r in rows)
         assert all(math.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)   # k3 >= 0
         assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
         # every source scored in the reward actor's two ranks (16 responses each a step, one request each),
         # the row field reached the rule, and the sources were weighted
-        assert LengthScorer.requests == 12 * 2
+        # (steps 1 .. failed_at - 1 and failed_at's own request before its judge call, then all 12 again)
+        assert LengthScorer.requests == 2 * failed_at + 12 * 2
         for r in rows:
             total = (r["reward/source0_function_mean"] + 0.1 * r["reward/source1_http_mean"]
                      + 0.2 * r["reward/source2_function_mean"] + 0.05 * r["reward/source3_judge_mean"])
