@@ -13,7 +13,8 @@ import time
 
 import ray
 
-from rlhf_ray.judge import JudgeFormat, expected_score, label_ids, pointwise_text, render
+from rlhf_ray.judge import JudgeFormat, expected_score, label_ids, pointwise_text
+from rlhf_ray.prompts import render_prompt
 from rlhf_ray.rewards import RewardSourceError
 
 
@@ -39,7 +40,7 @@ class JudgeScorer:
         if not self.engines:
             raise RewardSourceError("judge: no judge engines attached to the reward actor")
         t0 = time.perf_counter()
-        ids = [render(self.tokenizer, pointwise_text(self.fmt, p, r), self.fmt.chat_template)
+        ids = [render_prompt(self.tokenizer, pointwise_text(self.fmt, p, r), self.fmt.chat_template)
                for p, r in zip(prompts, responses)]
         n = self.cfg.batch_size
         chunks = [(i, ids[i:i + n]) for i in range(0, len(ids), n)]

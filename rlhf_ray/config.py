@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, KLPlacement, LossAggregation
-from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
+from rlhf_ray.judge import POINTWISE as JUDGE_POINTWISE
 
 
 class ConfigError(ValueError):
@@ -157,12 +157,9 @@ class JudgeConfig:
     tokenizer: Optional[str] = None    # None: the judge's directory
     engine: EngineConfig = field(default_factory=EngineConfig)   # the judge's engines (num_engines, cores, length)
     pointwise: str = JUDGE_POINTWISE   # fields {prompt}, {response}
-    pairwise: str = JUDGE_PAIRWISE     # fields {prompt}, {a}, {b}
     score_labels: list[str] = field(default_factory=lambda: [" 1", " 2", " 3", " 4", " 5"])   # one token each
     score_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0])
-    verdict_labels: list[str] = field(default_factory=lambda: [" A", " B"])   # first answer, second answer
     chat_template: bool = False        # ask as one user turn of the judge tokenizer's chat template
-    max_pairs: Optional[int] = None    # pairwise: comparisons per prompt of K answers (None: all C(K, 2))
     batch_size: int = 64               # answers per call to one engine
     timeout_s: float = 120.0           # per call
     retries: int = 2                   # further attempts after a call that failed or timed out (a dead engine is
@@ -500,8 +497,8 @@ class Config:
         from rlhf_ray.judge import JudgeError, JudgeFormat
         j = self.judge
         try:
-            return JudgeFormat(j.pointwise, j.pairwise, tuple(j.score_labels), tuple(j.score_values),
-                               tuple(j.verdict_labels), j.chat_template)
+            return JudgeFormat(pointwise=j.pointwise, score_labels=tuple(j.score_labels),
+                               score_values=tuple(j.score_values), chat_template=j.chat_template)
         except JudgeError as e:
             raise ConfigError(str(e)) from None
 

@@ -40,14 +40,14 @@ class JudgeFormat:
     score_labels: tuple[str, ...] = (" 1", " 2", " 3", " 4", " 5")
     score_values: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
     verdict_labels: tuple[str, str] = (" A", " B")
-    chat_template: bool = False                # wrap the filled template as one user turn of the tokenizer's chat
+    chat_template: bool = False                # ask as one user turn (rlhf_ray/prompts.py render_prompt)
 
     def __post_init__(self):
         if len(self.score_labels) != len(self.score_values) or len(self.score_labels) < 2:
             raise JudgeError(f"judge: {len(self.score_labels)} score_labels and {len(self.score_values)} "
                              "score_values; give two or more, one value per label")
         if len(self.verdict_labels) != 2:
-            raise JudgeError(f"judge.verdict_labels: two labels (first answer, second answer), "
+            raise JudgeError(f"verdict_labels: two labels (first answer, second answer), "
                              f"got {list(self.verdict_labels)}")
         for name, text, fields in (("pointwise", self.pointwise, ("prompt", "response")),
                                    ("pairwise", self.pairwise, ("prompt", "a", "b"))):
@@ -69,14 +69,6 @@ def label_ids(tokenizer, labels: tuple[str, ...], key: str) -> list[int]:
     if len(set(ids)) != len(ids):
         raise JudgeError(f"{key}: labels {list(labels)} share token ids {ids}")
     return ids
-
-
-def render(tokenizer, text: str, chat_template: bool) -> list[int]:
-    """The judge's prompt tokens: the filled template, as one user turn of the chat template if asked."""
-    if chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _fill(template: str, **values: str) -> str:
@@ -136,7 +128,7 @@ def comparison_pairs(k: int, max_pairs: int | None, seed: int) -> list[tuple[int
     if max_pairs is None or max_pairs >= len(every):
         return every
     if max_pairs < k:
-        raise JudgeError(f"judge.max_pairs: {max_pairs} comparisons cannot rank {k} answers (at least {k}: "
+        raise JudgeError(f"max_pairs: {max_pairs} comparisons cannot rank {k} answers (at least {k}: "
                          "each answer in two, every answer connected)")
     cycle = [tuple(sorted((i, (i + 1) % k))) for i in range(k)] if k > 2 else [(0, 1)]
     rest = [p for p in every if p not in cycle]

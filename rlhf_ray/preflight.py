@@ -56,7 +56,6 @@ def judge_tokenizer(cfg: Config):
     tokenizer = load_tokenizer(j.tokenizer or j.model, cfg.models.trust_remote_code)
     try:
         label_ids(tokenizer, tuple(j.score_labels), "judge.score_labels")
-        label_ids(tokenizer, tuple(j.verdict_labels), "judge.verdict_labels")
     except JudgeError as e:
         raise ConfigError(f"config: {e}") from None
     return tokenizer
