@@ -1,11 +1,14 @@
-"""The judge as a reward source: the reward actor's ranks ask the judge's engines (actors/engine.py `Engine`
-serving judge.model, built from `Config.judge_engine_config`) for each answer's score labels' logprobs and read
-the expected score (rlhf_ray/judge.py).
+"""Asking the judge: its engines (actors/engine.py `Engine` serving judge.model, built from
+`Config.judge_engine_config`) return label tokens' logprobs, read as verdicts by rlhf_ray/judge.py.
 
-Calls are bounded: each waits at most judge.timeout_s and a failed or timed-out one is retried judge.retries times
-(on the next engine when there are several); then either the step fails with one line, or, with
-judge.fallback_score set, the call's answers get that score and are counted. A dead engine is never retried: its
-error goes up to the driver, which replaces the engine like any other actor and replays from the checkpoint.
+- `JudgeScorer`: the judge as a reward source. The reward actor's ranks score each answer pointwise.
+- `judge_rankings`: K answers per prompt ranked from pairwise verdicts, both orders (the label stage).
+
+Calls are bounded (`JudgeClient`): each waits at most judge.timeout_s and a failed or timed-out one is retried
+judge.retries times (on the next engine when there are several); then the caller fails with one line, or, where
+judge.fallback_score is set (rewards only: labels are never made up), the call's answers get that score and are
+counted. A dead engine is never retried: its error goes up, and a PPO run replaces the engine like any other
+actor and replays from the checkpoint.
 """
 from __future__ import annotations
 
@@ -13,9 +16,56 @@ import time
 
 import ray
 
-from rlhf_ray.judge import JudgeFormat, expected_score, label_ids, pointwise_text
+from rlhf_ray.judge import (JudgeFormat, PairVerdict, Ranking, comparison_pairs, expected_score, label_ids,
+                            pair_verdict, pairwise_text, pointwise_text, rank_answers)
 from rlhf_ray.prompts import render_prompt
 from rlhf_ray.rewards import RewardSourceError
+
+
+class JudgeClient:
+    """Label logprobs for many judge prompts: chunks of judge.batch_size spread over the engines, all in flight at
+    once, each collected with bounded retries."""
+
+    def __init__(self, jc, engines: list):
+        self.cfg, self.engines, self.retries = jc, list(engines), 0
+
+    def label_logprobs(self, prompts: list[list[int]], labels: list[int],
+                       fallback: bool) -> list[list[float] | None]:
+        """One list of label logprobs per prompt; None for the prompts of a call that failed past its retries
+        when `fallback` (else a one-line RewardSourceError)."""
+        if not self.engines:
+            raise RewardSourceError("judge: no judge engines attached")
+        n = self.cfg.batch_size
+        chunks = [prompts[i:i + n] for i in range(0, len(prompts), n)]
+        calls = [self._call(c, labels, k) for k, c in enumerate(chunks)]
+        out: list[list[float] | None] = []
+        for k, (ref, chunk) in enumerate(zip(calls, chunks)):
+            got = self._collect(ref, chunk, labels, k, fallback)
+            out += got if got is not None else [None] * len(chunk)
+        return out
+
+    def _call(self, chunk: list[list[int]], labels: list[int], engine: int):
+        return self.engines[engine % len(self.engines)].label_logprobs.remote(chunk, labels)
+
+    def _collect(self, ref, chunk, labels, k: int, fallback: bool) -> list[list[float]] | None:
+        last = ""
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                self.retries += 1
+                ref = self._call(chunk, labels, k + attempt)
+            try:
+                return ray.get(ref, timeout=self.cfg.timeout_s)
+            except ray.exceptions.ActorDiedError:
+                raise                                     # replaced by the run (launch/ppo.py recover)
+            except ray.exceptions.GetTimeoutError:
+                last = f"no answer within judge.timeout_s {self.cfg.timeout_s:g} s"
+            except ray.exceptions.RayTaskError as e:
+                last = " ".join(str(e.cause if isinstance(e.cause, BaseException) else e).split())[-200:]
+        if fallback:
+            return None
+        raise RewardSourceError(f"judge: a call for {len(chunk)} answers failed {self.cfg.retries + 1} times "
+                                f"(last: {last})" + ("; set judge.fallback_score to score such answers and go on"
+                                                     if self.cfg.fallback_score is None else ""))
 
 
 class JudgeScorer:
@@ -25,60 +75,52 @@ class JudgeScorer:
         self.cfg, self.tokenizer = cfg.judge, tokenizer
         self.fmt: JudgeFormat = cfg.judge_format()
         self.labels = label_ids(tokenizer, self.fmt.score_labels, "judge.score_labels")
-        self.engines: list = []
+        self.client = JudgeClient(self.cfg, [])
         self.stats = {"answers": 0, "fallbacks": 0, "retries": 0, "label_mass": 0.0, "seconds": 0.0}
 
     def attach(self, engines: list) -> None:
         """The judge engines' handles (again after any of them was replaced)."""
-        self.engines = list(engines)
+        self.client.engines = list(engines)
 
     def take_stats(self) -> dict:
+        self.stats["retries"], self.client.retries = self.client.retries, 0
         out, self.stats = self.stats, dict.fromkeys(self.stats, 0)
         return out
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
-        if not self.engines:
-            raise RewardSourceError("judge: no judge engines attached to the reward actor")
         t0 = time.perf_counter()
         ids = [render_prompt(self.tokenizer, pointwise_text(self.fmt, p, r), self.fmt.chat_template)
                for p, r in zip(prompts, responses)]
-        n = self.cfg.batch_size
-        chunks = [(i, ids[i:i + n]) for i in range(0, len(ids), n)]
-        calls = {i: self._call(c, k % len(self.engines)) for k, (i, c) in enumerate(chunks)}   # all in flight
-        scores: list[float] = []
-        for k, (i, chunk) in enumerate(chunks):
-            logprobs = self._collect(calls[i], chunk, k)
-            if logprobs is None:                                  # fallback, counted
-                scores += [self.cfg.fallback_score] * len(chunk)
-                self.stats["fallbacks"] += len(chunk)
+        scores = []
+        for lp in self.client.label_logprobs(ids, self.labels, fallback=self.cfg.fallback_score is not None):
+            if lp is None:                                     # past its retries: the fallback, counted
+                scores.append(self.cfg.fallback_score)
+                self.stats["fallbacks"] += 1
                 continue
-            for lp in logprobs:
-                s = expected_score(lp, self.fmt.score_values)
-                scores.append(s.score)
-                self.stats["label_mass"] += s.mass
+            s = expected_score(lp, self.fmt.score_values)
+            scores.append(s.score)
+            self.stats["label_mass"] += s.mass
         self.stats["answers"] += len(ids)
         self.stats["seconds"] += time.perf_counter() - t0
         return scores
 
-    def _call(self, chunk: list[list[int]], engine: int):
-        return self.engines[engine].label_logprobs.remote(chunk, self.labels)
 
-    def _collect(self, ref, chunk: list[list[int]], k: int) -> list[list[float]] | None:
-        """The chunk's label logprobs, with bounded retries; None when they ran out and a fallback is set."""
-        last = ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                self.stats["retries"] += 1
-                ref = self._call(chunk, (k + attempt) % len(self.engines))
-            try:
-                return ray.get(ref, timeout=self.cfg.timeout_s)
-            except ray.exceptions.ActorDiedError:
-                raise                                             # the driver replaces it (launch/ppo.py recover)
-            except ray.exceptions.GetTimeoutError:
-                last = f"no answer within judge.timeout_s {self.cfg.timeout_s:g} s"
-            except ray.exceptions.RayTaskError as e:
-                last = " ".join(str(e.cause if isinstance(e.cause, BaseException) else e).split())[-200:]
-        if self.cfg.fallback_score is not None:
-            return None
-        raise RewardSourceError(f"judge: a call for {len(chunk)} answers failed {self.cfg.retries + 1} times "
-                                f"(last: {last}); set judge.fallback_score to score such answers and go on")
+def judge_rankings(cfg, engines: list, tokenizer, prompts: list[str], answers: list[list[str]],
+                   seed: int) -> list[Ranking]:
+    """Each prompt's K answers ranked by the judge: every compared pair (judge.max_pairs) asked in both orders,
+    the verdicts averaged (rlhf_ray/judge.py pair_verdict), a Bradley-Terry fit over them. A call that fails past
+    its retries is a one-line error: labels are never made up."""
+    fmt: JudgeFormat = cfg.judge_format()
+    verdict_ids = label_ids(tokenizer, fmt.verdict_labels, "judge.verdict_labels")
+    asks, keys = [], []
+    for i, (p, ans) in enumerate(zip(prompts, answers)):
+        for a, b in comparison_pairs(len(ans), cfg.judge.max_pairs, seed + i):
+            for first, second in ((a, b), (b, a)):
+                asks.append(render_prompt(tokenizer, pairwise_text(fmt, p, ans[first], ans[second]),
+                                          fmt.chat_template))
+            keys.append((i, a, b))
+    lps = JudgeClient(cfg.judge, engines).label_logprobs(asks, verdict_ids, fallback=False)
+    verdicts: list[dict[tuple[int, int], PairVerdict]] = [{} for _ in prompts]
+    for j, (i, a, b) in enumerate(keys):
+        verdicts[i][(a, b)] = pair_verdict(lps[2 * j], lps[2 * j + 1])
+    return [rank_answers(len(ans), v) for ans, v in zip(answers, verdicts)]

@@ -5,7 +5,8 @@
     0. pretrain   a tiny LM on real text (Python's own documentation), if the world is not built yet
     1. SFT        on instruction pairs cut from that text
     2. label      the SFT model samples K answers per prompt (vLLM); simulated labelers rank them by a hidden
-                  gold score plus noise. The reward model only ever sees these rankings.
+                  gold score plus noise, or (pipeline.labels: judge) an LLM judge does, from pairwise verdicts
+                  asked in both orders. The reward model only ever sees these rankings.
     3. RM         Bradley-Terry on all C(K, 2) pairs per ranking, initialised from the SFT model; a second,
                   held-out monitor RM on rankings of other prompts (pipeline.monitor_prompts)
     4. PPO        against the learned RM with a KL penalty to the SFT model; the monitor RM and the gold reward
@@ -54,8 +55,36 @@ from rlhf_ray.tiny import TinySpec, build_tiny_world, corpus_text
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Whole or not at all: written beside, then renamed into place (a stage that fails leaves no half file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
     return path
+
+
+class Judge:
+    """The LLM judge for the label stage (the judge section; actors/judge.py judge_rankings), on `engines`."""
+
+    def __init__(self, cfg: Config, engines: list, group: RankGroup | None = None):
+        from rlhf_ray.preflight import judge_tokenizer
+        self.cfg, self.engines, self.group, self.tokenizer = cfg, engines, group, judge_tokenizer(cfg)
+
+    @classmethod
+    def start(cls, cfg: Config, run_dir: Path, device: str) -> "Judge":
+        """The judge's own engines, started for this stage (`shutdown` stops them)."""
+        jcfg, e = cfg.judge_engine_config(), cfg.judge.engine
+        group = RankGroup(EngineActor, "judge", e.num_engines, e.cpus_per_engine,
+                          e.gpus_per_engine * e.tensor_parallel_size, (jcfg, device), node_resource=e.node_resource,
+                          runtime_env=engine_env(jcfg, device, str(run_dir)))
+        return cls(cfg, group.actors, group)
+
+    def rank(self, prompts: list[str], answers: list[list[str]], seed: int) -> list:
+        from actors.judge import judge_rankings
+        return judge_rankings(self.cfg, self.engines, self.tokenizer, prompts, answers, seed)
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
 
 
 def make_task_data(out: Path, cfg: Config) -> dict:
@@ -88,11 +117,15 @@ class Sampler:
     """One vLLM engine for labelling and evaluation; models are swapped in with the same in-place weight
     loading the PPO sync uses (a few ms), instead of starting an engine per model."""
 
-    def __init__(self, cfg: Config, run_dir: Path, device: str):
-        self.group = RankGroup(EngineActor, "eval-engine", 1, cfg.engine.cpus_per_engine, cfg.engine.gpus_per_engine,
-                               (cfg, device), runtime_env=engine_env(cfg, device, str(run_dir)))
-        self.engine = self.group.actors[0]
-        self.loaded = cfg.models.policy
+    def __init__(self, engine, model_dir: str, group: RankGroup | None = None):
+        """On `engine`, which holds `model_dir`'s weights; `group`, when this sampler started it."""
+        self.engine, self.loaded, self.group = engine, model_dir, group
+
+    @classmethod
+    def start(cls, cfg: Config, run_dir: Path, device: str) -> "Sampler":
+        group = RankGroup(EngineActor, "eval-engine", 1, cfg.engine.cpus_per_engine, cfg.engine.gpus_per_engine,
+                          (cfg, device), runtime_env=engine_env(cfg, device, str(run_dir)))
+        return cls(group.actors[0], cfg.models.policy, group)
 
     def load(self, model_dir: str) -> None:
         if model_dir != self.loaded:
@@ -114,9 +147,11 @@ def read_prompts(path: str) -> list[str]:
     return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines()]
 
 
-def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int) -> str:
-    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers; written beside
-    the prompts as <name>_rankings.jsonl."""
+def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
+          judge: Judge | None = None) -> str:
+    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers, or by the judge
+    (its Bradley-Terry strengths and how many of its pair verdicts flipped with the order kept beside each
+    ranking); written beside the prompts as <name>_rankings.jsonl."""
     pc = cfg.pipeline
     prompts = read_prompts(prompts_path)
     samples = sampler.sample(render_prompts(tokenizer, prompts, cfg.data), pc.k, cfg.generation.max_new_tokens, seed)
@@ -125,7 +160,14 @@ def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path
     for i, p in enumerate(prompts):
         texts = tokenizer.batch_decode([s["ids"] for s in samples[i * pc.k:(i + 1) * pc.k]], skip_special_tokens=True)
         if all(t.strip() for t in texts) and len(set(texts)) == len(texts):
-            rows.append({"prompt": p, "responses": texts, "ranking": simulated_ranking(texts, rng, pc.labeler_noise)})
+            rows.append({"prompt": p, "responses": texts})
+    if judge is None:
+        for r in rows:
+            r["ranking"] = simulated_ranking(r["responses"], rng, pc.labeler_noise)
+    else:
+        for r, ranked in zip(rows, judge.rank([r["prompt"] for r in rows], [r["responses"] for r in rows], seed)):
+            r.update(ranking=ranked.ranking, judge_strengths=ranked.strengths, judge_pairs=len(ranked.verdicts),
+                     judge_flips=sum(v.flipped for v in ranked.verdicts.values()))
     return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows))
 
 
@@ -270,6 +312,9 @@ def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
 def run_pipeline(cfg: Config) -> dict:
     from tqdm import tqdm
     cfg = resolve_paths(cfg.check_pipeline())    # every stage's settings, before the first one starts
+    if cfg.pipeline.labels == "judge":
+        from rlhf_ray.preflight import judge_tokenizer
+        judge_tokenizer(cfg)                       # the judge's model and labels, before hours of SFT
     pc = cfg.pipeline
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,8 +339,10 @@ def run_pipeline(cfg: Config) -> dict:
     data = make_task_data(run_dir / "data", cfg)
     done("pretrain", t0)
 
-    # the sampler engine and the evaluation reward model live beside each stage's actors
-    start_ray(cfg, extra_cpus=cfg.engine.cpus_per_engine + cfg.reward.cpus_per_rank)
+    # the sampler engine and the evaluation reward model live beside each stage's actors (and the judge's
+    # engines beside the sampler while labelling)
+    judge_cpus = cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if pc.labels == "judge" else 0
+    start_ray(cfg, extra_cpus=cfg.engine.cpus_per_engine + cfg.reward.cpus_per_rank + judge_cpus)
     t0 = stage("sft")
     sft = run_stage(derive(cfg, {"sft.data": data["sft"], "sft.model": base, "sft.output": str(run_dir / "sft")}),
                     "sft")
@@ -303,10 +350,13 @@ def run_pipeline(cfg: Config) -> dict:
 
     t0 = stage("label")
     tokenizer = load_tokenizer(sft["model"])
-    sampler = Sampler(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
-    rankings = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1)
-    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5)
+    sampler = Sampler.start(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
+    judge = Judge.start(cfg, run_dir, device) if pc.labels == "judge" else None
+    rankings = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
+    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5, judge)
                      if pc.monitor_prompts else None)
+    if judge is not None:
+        judge.shutdown()
     done("label", t0)
 
     t0 = stage("rm")

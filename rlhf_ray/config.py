@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, KLPlacement, LossAggregation
-from rlhf_ray.judge import POINTWISE as JUDGE_POINTWISE
+from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
 
 
 class ConfigError(ValueError):
@@ -159,6 +159,10 @@ class JudgeConfig:
     pointwise: str = JUDGE_POINTWISE   # fields {prompt}, {response}
     score_labels: list[str] = field(default_factory=lambda: [" 1", " 2", " 3", " 4", " 5"])   # one token each
     score_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0])
+    pairwise: str = JUDGE_PAIRWISE     # fields {prompt}, {a}, {b}: the label stage's question
+    verdict_labels: list[str] = field(default_factory=lambda: [" A", " B"])   # first answer, second: one token each
+    max_pairs: Optional[int] = None    # label stage: pairs compared per prompt of K answers (None: all C(K, 2);
+                                       # fewer: a cycle through all K first, the rest drawn with the run seed)
     chat_template: bool = False        # ask as one user turn of the judge tokenizer's chat template
     batch_size: int = 64               # answers per call to one engine
     timeout_s: float = 120.0           # per call
@@ -306,7 +310,9 @@ class PipelineConfig:
     world_dir: str = "assets/tiny"     # the pretrained base model (built there if missing)
     pretrain_steps: int = 300
     sft_examples: int = 1000           # instruction pairs cut from the corpus
-    label_prompts: int = 256           # prompts whose K sampled answers the simulated labelers rank
+    labels: Literal["simulated", "judge"] = "simulated"   # who ranks the K answers: the simulated labelers (noisy
+                                       # gold) or the LLM judge (the judge section; pairwise, both orders)
+    label_prompts: int = 256           # prompts whose K sampled answers are ranked
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
     monitor_prompts: int = 0           # prompts labelled for a held-out monitor RM (disjoint from the RM's; 0: none)
@@ -481,6 +487,10 @@ class Config:
         """The pipeline's every stage, before any starts: their rules (the pipeline makes their paths)."""
         for name in STAGES:
             self.check_stage(name, paths=False)
+        if self.pipeline.labels == "judge":
+            _need(bool(self.judge.model), "judge.model", "is required by pipeline.labels: judge "
+                  "(the judge's HF causal LM directory)")
+            self.judge_format()
         return self.check_ppo(paths=False)
 
     def reward_sources(self) -> list[RewardSourceConfig]:
@@ -497,8 +507,8 @@ class Config:
         from rlhf_ray.judge import JudgeError, JudgeFormat
         j = self.judge
         try:
-            return JudgeFormat(pointwise=j.pointwise, score_labels=tuple(j.score_labels),
-                               score_values=tuple(j.score_values), chat_template=j.chat_template)
+            return JudgeFormat(j.pointwise, j.pairwise, tuple(j.score_labels), tuple(j.score_values),
+                               tuple(j.verdict_labels), j.chat_template)
         except JudgeError as e:
             raise ConfigError(str(e)) from None
 

@@ -41,13 +41,14 @@ class JudgeFormat:
     score_values: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
     verdict_labels: tuple[str, str] = (" A", " B")
     chat_template: bool = False                # ask as one user turn (rlhf_ray/prompts.py render_prompt)
+    # (the config's judge section holds the same fields, with these defaults)
 
     def __post_init__(self):
         if len(self.score_labels) != len(self.score_values) or len(self.score_labels) < 2:
             raise JudgeError(f"judge: {len(self.score_labels)} score_labels and {len(self.score_values)} "
                              "score_values; give two or more, one value per label")
         if len(self.verdict_labels) != 2:
-            raise JudgeError(f"verdict_labels: two labels (first answer, second answer), "
+            raise JudgeError(f"judge.verdict_labels: two labels (first answer, second answer), "
                              f"got {list(self.verdict_labels)}")
         for name, text, fields in (("pointwise", self.pointwise, ("prompt", "response")),
                                    ("pairwise", self.pairwise, ("prompt", "a", "b"))):
@@ -128,7 +129,7 @@ def comparison_pairs(k: int, max_pairs: int | None, seed: int) -> list[tuple[int
     if max_pairs is None or max_pairs >= len(every):
         return every
     if max_pairs < k:
-        raise JudgeError(f"max_pairs: {max_pairs} comparisons cannot rank {k} answers (at least {k}: "
+        raise JudgeError(f"judge.max_pairs: {max_pairs} comparisons cannot rank {k} answers (at least {k}: "
                          "each answer in two, every answer connected)")
     cycle = [tuple(sorted((i, (i + 1) % k))) for i in range(k)] if k > 2 else [(0, 1)]
     rest = [p for p in every if p not in cycle]

@@ -53,9 +53,11 @@ def judge_tokenizer(cfg: Config):
     """The judge's tokenizer, its labels checked to be one token each (a ConfigError naming the key if not)."""
     from rlhf_ray.judge import JudgeError, label_ids
     j = cfg.judge
+    check_model_dir(j.model, "judge.model")
     tokenizer = load_tokenizer(j.tokenizer or j.model, cfg.models.trust_remote_code)
     try:
         label_ids(tokenizer, tuple(j.score_labels), "judge.score_labels")
+        label_ids(tokenizer, tuple(j.verdict_labels), "judge.verdict_labels")
     except JudgeError as e:
         raise ConfigError(f"config: {e}") from None
     return tokenizer

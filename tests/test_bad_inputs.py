@@ -123,7 +123,11 @@ def test_judge_labels_must_be_single_tokens_of_the_judges_tokenizer(tiny_world):
     sets = ["reward.sources=[{kind: judge}]", f"judge.model={tiny_world['policy']}"]
     with pytest.raises(ConfigError, match=r"judge.score_labels: ' 1' is 2 tokens for the judge's tokenizer"):
         judge_tokenizer(load_config("configs/tiny_grpo.yaml", sets))
-    ok = load_config("configs/tiny_grpo.yaml", sets + ["judge.score_labels=['1','2','3','4','5']"])
+    ok = load_config("configs/tiny_grpo.yaml", sets + ["judge.score_labels=['1','2','3','4','5']",
+                                                      "judge.verdict_labels=[A, B]"])
+    with pytest.raises(ConfigError, match=r"judge.verdict_labels: ' 1' is 2 tokens"):
+        judge_tokenizer(load_config("configs/tiny_grpo.yaml", sets + ["judge.score_labels=['1','2','3','4','5']",
+                                                                      "judge.verdict_labels=[' 1', B]"]))
     assert judge_tokenizer(ok) is not None
 
 

@@ -18,8 +18,10 @@ import torch
 
 from conftest import tiny_overrides
 from launch import reaper
+from launch.pipeline import Judge, Sampler, label
 from launch.ppo import train
 from rlhf_ray.config import load_config
+from rlhf_ray.judge import comparison_pairs, pair_verdict, pairwise_text, rank_answers
 from rlhf_ray.models import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -72,7 +74,8 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
     """Four sources weighted: a rule, an HTTP scorer, a rule reading a row field, and an LLM judge on an engine of
     its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge).
     The judge's engine is killed after step 3: the run replaces it and, with no checkpoint yet, replays from step
-    1, which must give the same rows as before the kill."""
+    1, which must give the same rows as before the kill. Then the pipeline's label stage ranks K answers per prompt
+    with the same judge engine, pairwise in both orders, as HF's verdicts would."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), LengthScorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
@@ -131,6 +134,33 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         with torch.no_grad():
             want = torch.log_softmax(judge(torch.tensor([ids])).logits[0, -1], -1)[labels]
         assert (got - want).abs().max().item() < 1e-4, (got, want)
+
+        # the label stage's judge on the same engine: K answers per prompt (sampled by the trained policy's engine)
+        # ranked from pairwise verdicts asked in both orders; the strengths are what HF's verdicts give
+        few = tmp_path / "label_prompts.jsonl"
+        few.write_text("".join(open(tiny_world["prompts"]).readlines()[:4]))
+        path = label(cfg, Sampler(actors.engines[0], tiny_world["policy"]), tok, str(few), tmp_path, 7,
+                     Judge(cfg, actors.judge.actors))
+        ranked = [json.loads(line) for line in open(path)]
+        assert ranked and path.endswith("label_rankings.jsonl")
+        fmt = cfg.judge_format()
+        verdict_ids = [tok(v, add_special_tokens=False)["input_ids"][0] for v in fmt.verdict_labels]
+        for r in ranked:
+            k = len(r["responses"])
+            assert sorted(r["ranking"]) == list(range(k)) and r["judge_pairs"] == k * (k - 1) // 2
+            assert r["ranking"] == sorted(range(k), key=lambda i: (-r["judge_strengths"][i], i))
+            assert 0 <= r["judge_flips"] <= r["judge_pairs"]
+        r = ranked[0]
+        hf = {}
+        for a, b in comparison_pairs(len(r["responses"]), None, 0):
+            lps = []
+            for x, y in ((a, b), (b, a)):
+                ids = tok(pairwise_text(fmt, r["prompt"], r["responses"][x], r["responses"][y]),
+                          add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    lps.append(torch.log_softmax(judge(torch.tensor([ids])).logits[0, -1], -1)[verdict_ids].tolist())
+            hf[(a, b)] = pair_verdict(*lps)
+        assert rank_answers(len(r["responses"]), hf).strengths == pytest.approx(r["judge_strengths"], abs=1e-3)
         assert 0 < mean([r["reward/source2_function_mean"] for r in rows]) < 1
         first = mean([r["reward/source0_function_mean"] for r in rows[:3]])
         last = mean([r["reward/source0_function_mean"] for r in rows[-3:]])

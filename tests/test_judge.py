@@ -48,7 +48,7 @@ def test_comparison_pairs_all_or_a_connected_seeded_subset():
     assert len(five) == 5 and set(comparison_pairs(4, 4, seed=0)) < set(five)
     assert five == comparison_pairs(4, 5, seed=0)                                      # seeded
     assert comparison_pairs(2, 1, seed=0) == [(0, 1)]
-    with pytest.raises(JudgeError, match="max_pairs: 3 comparisons cannot rank 4"):
+    with pytest.raises(JudgeError, match="judge.max_pairs: 3 comparisons cannot rank 4"):
         comparison_pairs(4, 3, seed=0)
 
 

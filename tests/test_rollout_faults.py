@@ -167,7 +167,7 @@ class CharTokenizer:
 def judge_scorer(*sets):
     from actors.judge import JudgeScorer
     cfg = load_config(None, ["reward.sources=[{kind: judge}]", "judge.model=j", "judge.score_labels=[bad, good]",
-                             "judge.score_values=[0.0, 1.0]", "judge.batch_size=2",
+                             "judge.score_values=[0.0, 1.0]", "judge.verdict_labels=[good, bad]", "judge.batch_size=2",
                              "judge.timeout_s=1", *sets])
     return JudgeScorer(cfg, CharTokenizer())
 
