@@ -6,6 +6,7 @@
     rlhf-ray ppo --config C [--set k=v] [--resume [auto]]   run PPO (local Ray cluster, or the one it runs on)
     rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
     rlhf-ray plan --config C [--set k=v]             per-GPU memory of each role of a layout; refuses misfits
+    rlhf-ray label --config C [--set k=v]            rank K answers per prompt with the LLM judge (pairwise)
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "plan":
         from launch.plan import main as plan_main
         return plan_main(rest)
+    if cmd == "label":
+        from launch.label import main as label_main
+        return label_main(rest)
     if cmd == "submit":
         from launch.submit import main as submit_main
         return submit_main(rest)

@@ -147,27 +147,39 @@ def read_prompts(path: str) -> list[str]:
     return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines()]
 
 
-def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
-          judge: Judge | None = None) -> str:
-    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers, or by the judge
-    (its Bradley-Terry strengths and how many of its pair verdicts flipped with the order kept beside each
-    ranking); written beside the prompts as <name>_rankings.jsonl."""
-    pc = cfg.pipeline
-    prompts = read_prompts(prompts_path)
-    samples = sampler.sample(render_prompts(tokenizer, prompts, cfg.data), pc.k, cfg.generation.max_new_tokens, seed)
-    rng = random.Random(seed + 1)
+def answer_sets(cfg: Config, sampler: Sampler, tokenizer, prompts: list[str], k: int, seed: int) -> list[dict]:
+    """K answers per prompt sampled on `sampler`, rows {prompt, responses}; a prompt whose answers are not K
+    distinct, non-empty texts is left out (nothing to rank)."""
+    samples = sampler.sample(render_prompts(tokenizer, prompts, cfg.data), k, cfg.generation.max_new_tokens, seed)
     rows = []
     for i, p in enumerate(prompts):
-        texts = tokenizer.batch_decode([s["ids"] for s in samples[i * pc.k:(i + 1) * pc.k]], skip_special_tokens=True)
+        texts = tokenizer.batch_decode([s["ids"] for s in samples[i * k:(i + 1) * k]], skip_special_tokens=True)
         if all(t.strip() for t in texts) and len(set(texts)) == len(texts):
             rows.append({"prompt": p, "responses": texts})
+    return rows
+
+
+def judge_ranked(rows: list[dict], judge: Judge, seed: int) -> list[dict]:
+    """Each row's ranking by the judge, with its Bradley-Terry strengths and how many of its pair verdicts
+    flipped with the order kept beside it."""
+    for r, ranked in zip(rows, judge.rank([r["prompt"] for r in rows], [r["responses"] for r in rows], seed)):
+        r.update(ranking=ranked.ranking, judge_strengths=ranked.strengths, judge_pairs=len(ranked.verdicts),
+                 judge_flips=sum(v.flipped for v in ranked.verdicts.values()))
+    return rows
+
+
+def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
+          judge: Judge | None = None) -> str:
+    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers, or by the judge;
+    written beside the prompts as <name>_rankings.jsonl."""
+    pc = cfg.pipeline
+    rows = answer_sets(cfg, sampler, tokenizer, read_prompts(prompts_path), pc.k, seed)
     if judge is None:
+        rng = random.Random(seed + 1)
         for r in rows:
             r["ranking"] = simulated_ranking(r["responses"], rng, pc.labeler_noise)
     else:
-        for r, ranked in zip(rows, judge.rank([r["prompt"] for r in rows], [r["responses"] for r in rows], seed)):
-            r.update(ranking=ranked.ranking, judge_strengths=ranked.strengths, judge_pairs=len(ranked.verdicts),
-                     judge_flips=sum(v.flipped for v in ranked.verdicts.values()))
+        judge_ranked(rows, judge, seed)
     return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows))
 
 

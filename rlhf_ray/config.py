@@ -324,6 +324,14 @@ class PipelineConfig:
 
 
 @dataclass
+class LabelConfig:
+    """`rlhf-ray label` (launch/label.py): K answers per prompt ranked by the LLM judge (the judge section)."""
+    responses: str = ""                # JSONL rows {prompt, responses: [K answers]}: ranked as they are; or
+    prompts: str = ""                  # JSONL prompts whose answers models.policy samples first (generation.n each)
+    output: str = ""                   # the rankings JSONL ("" -> <run.output_dir>/rankings.jsonl)
+
+
+@dataclass
 class PlacementConfig:
     """Which roles share GPUs, and the cluster's GPUs (the planner's inputs; see rlhf_ray/planner.py)."""
     colocate: list[list[str]] = field(default_factory=list)   # e.g. [[policy, reference], [critic, reward]]
@@ -371,6 +379,7 @@ class Config:
     rm: StageConfig = field(default_factory=StageConfig)
     dpo: StageConfig = field(default_factory=StageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
@@ -492,6 +501,18 @@ class Config:
                   "(the judge's HF causal LM directory)")
             self.judge_format()
         return self.check_ppo(paths=False)
+
+    def check_label(self) -> "Config":
+        """What `rlhf-ray label` needs: a judge, and answers given or a policy to sample them from."""
+        lc = self.label
+        _need(bool(self.judge.model), "judge.model", "is required (the judge's HF causal LM directory)")
+        _need(bool(lc.responses) != bool(lc.prompts), "label", "takes label.responses (answers to rank) or "
+              "label.prompts (answers sampled from models.policy first), one of them")
+        if lc.prompts:
+            _need(bool(self.models.policy), "models.policy", "is required to sample answers for label.prompts")
+            _need(self.generation.n >= 2, "generation.n", "must be >= 2: the answers per prompt to rank")
+        self.judge_format()
+        return self
 
     def reward_sources(self) -> list[RewardSourceConfig]:
         """reward.sources, or the single reward model at models.reward when none are listed; a model source
@@ -743,6 +764,8 @@ def resolve_paths(cfg: Config) -> Config:
     m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
         fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
     cfg.judge.model, cfg.judge.tokenizer = fix(cfg.judge.model), fix(cfg.judge.tokenizer)
+    cfg.label.responses, cfg.label.prompts, cfg.label.output = map(fix, (cfg.label.responses, cfg.label.prompts,
+                                                                      cfg.label.output))
     cfg.data.prompts = fix(cfg.data.prompts)
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]

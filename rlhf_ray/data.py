@@ -35,6 +35,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def load_answer_sets(path: str | Path) -> list[dict]:
+    """Rows {"prompt": str, "responses": [two or more distinct, non-empty strings]} (what `rlhf-ray label`
+    ranks); a bad row is a one-line DataError naming file and row."""
+    rows = []
+    for row, obj in read_jsonl(path):
+        prompt, answers = obj.get("prompt"), obj.get("responses")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{path}:{row}: 'prompt' must be a non-empty string")
+        if (not isinstance(answers, list) or len(answers) < 2 or not all(isinstance(a, str) and a.strip() for a in answers)
+                or len(set(answers)) != len(answers)):
+            raise DataError(f"{path}:{row}: 'responses' must list two or more distinct, non-empty strings")
+        rows.append({"prompt": prompt, "responses": answers})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
 def load_prompts(path: str | Path, key: str = "prompt", extra_keys: list[str] | tuple = ()) -> list:
     """The prompt strings of a JSONL file; with extra_keys, dicts {"prompt": ..., <key>: ...} carrying those
     fields of each row too (e.g. a reference answer for a rule reward)."""

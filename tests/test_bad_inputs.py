@@ -117,6 +117,25 @@ def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, 
     assert not (tmp_path / "nothing" / "config.yaml").exists() and not ray.is_initialized()
 
 
+def test_rlhf_ray_label_refuses_bad_inputs_in_one_line_before_starting_anything(tiny_world, tmp_path, capsys):
+    from launch.label import main as label_main
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n"
+                   + json.dumps({"prompt": "q", "responses": ["same", "same"]}) + "\n")
+    judge = [f"judge.model={tiny_world['policy']}", "judge.score_labels=['1','2','3','4','5']"]
+    cases = [
+        ([f"label.responses={bad}"], "judge.model is required"),
+        ([*judge], "label takes label.responses (answers to rank) or label.prompts"),
+        ([*judge, f"label.responses={bad}", f"label.prompts={bad}"], "one of them"),
+        ([*judge, f"label.responses={bad}"], "answers.jsonl:2: 'responses' must list two or more distinct"),
+        ([*judge, f"label.responses={tmp_path / 'none.jsonl'}"], "none.jsonl: file not found"),
+    ]
+    for sets, text in cases:
+        assert label_main(["--config", "configs/tiny_grpo.yaml", *[a for s in sets for a in ("--set", s)]]) == 2
+        assert text in one_error_line(capsys), (sets, text)
+    assert not ray.is_initialized()
+
+
 def test_judge_labels_must_be_single_tokens_of_the_judges_tokenizer(tiny_world):
     """Checked beside the cluster's start, before any actor: the tiny tokenizer splits " 1" in two."""
     from rlhf_ray.preflight import judge_tokenizer

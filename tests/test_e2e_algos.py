@@ -18,6 +18,7 @@ import torch
 
 from conftest import tiny_overrides
 from launch import reaper
+from launch.label import main as label_main
 from launch.pipeline import Judge, Sampler, label
 from launch.ppo import train
 from rlhf_ray.config import load_config
@@ -75,7 +76,8 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
     its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge).
     The judge's engine is killed after step 3: the run replaces it and, with no checkpoint yet, replays from step
     1, which must give the same rows as before the kill. Then the pipeline's label stage ranks K answers per prompt
-    with the same judge engine, pairwise in both orders, as HF's verdicts would."""
+    with the same judge engine, pairwise in both orders, as HF's verdicts would, and `rlhf-ray label` (judge
+    engines of its own) ranks those answers the same."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), LengthScorer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/score"
@@ -162,6 +164,16 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
                     lps.append(torch.log_softmax(judge(torch.tensor([ids])).logits[0, -1], -1)[verdict_ids].tolist())
             hf[(a, b)] = pair_verdict(*lps)
         assert rank_answers(len(r["responses"]), hf).strengths == pytest.approx(r["judge_strengths"], abs=1e-3)
+
+        # `rlhf-ray label` on those answers, with judge engines of its own (on this cluster), ranks them the same
+        sets = [f"label.responses={path}", f"label.output={tmp_path / 'cli' / 'ranked.jsonl'}", "run.seed=7",
+                f"judge.model={tiny_world['policy']}", "judge.score_labels=['1','2','3','4','5']", "judge.max_pairs=5",
+                "reward.sources=[]", f"models.policy={tiny_world['policy']}", "logging.wandb.enabled=false"]
+        assert label_main(["--config", "configs/tiny_grpo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0
+        again = [json.loads(line) for line in open(tmp_path / "cli" / "ranked.jsonl")]
+        assert [a["ranking"] for a in again] == [r["ranking"] for r in ranked]
+        for a, r in zip(again, ranked):
+            assert a["judge_strengths"] == pytest.approx(r["judge_strengths"], abs=1e-6)
         assert 0 < mean([r["reward/source2_function_mean"] for r in rows]) < 1
         first = mean([r["reward/source0_function_mean"] for r in rows[:3]])
         last = mean([r["reward/source0_function_mean"] for r in rows[-3:]])
