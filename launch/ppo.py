@@ -98,7 +98,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     args = (cfg, device)
     shared, placements = {}, []
     for members in cfg.placement.colocate:
-        present = [m for m in members if m != "critic" or cfg.needs_critic()]
+        present = [m for m in members if (m != "critic" or cfg.needs_critic()) and (m != "judge" or cfg.needs_judge())]
         if len(present) < 2:
             continue
         res = [role_resources(cfg, m) for m in present]
@@ -136,7 +136,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
         jcfg = cfg.judge_engine_config()
         n, cpus, gpus, node = role_resources(cfg, "judge")
         judge = RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=False,
-                          runtime_env=engine_env(jcfg, device, str(run_dir)))
+                          runtime_env=engine_env(jcfg, device, str(run_dir)), shared=shared.get("judge"))
     every = (policy, critic, reference, reward, engines, judge)
     for g in every:
         if g:

@@ -334,7 +334,8 @@ class LabelConfig:
 @dataclass
 class PlacementConfig:
     """Which roles share GPUs, and the cluster's GPUs (the planner's inputs; see rlhf_ray/planner.py)."""
-    colocate: list[list[str]] = field(default_factory=list)   # e.g. [[policy, reference], [critic, reward]]
+    colocate: list[list[str]] = field(default_factory=list)   # e.g. [[policy, reference], [critic, reward]];
+                                       # the judge's engines too, e.g. [[reward, judge]] (they never sleep)
     engines_sleep: bool = False        # vLLM sleep mode: engines free their GPU memory while the trainers run
     share_process: list[list[str]] = field(default_factory=list)   # roles whose rank i lives in one worker process,
                                        # e.g. [[reference, reward]] or [[engine, reference, reward]]: on a small box
@@ -474,11 +475,14 @@ class Config:
                       "while the trainers run)")
                 _need(self.engine.tensor_parallel_size == 1, "engine.tensor_parallel_size",
                       "must be 1 for engines colocated with trainers (one engine per rank's GPU)")
-            ranks = {r: (self.engine.num_engines if r == "engine" else getattr(self, r).num_ranks)
-                     for r in group if r != "critic" or self.needs_critic()}
+            if "judge" in group:
+                _need(self.judge.engine.tensor_parallel_size == 1, "judge.engine.tensor_parallel_size",
+                      "must be 1 for judge engines colocated with other roles (one engine per rank's GPU)")
+            present = [r for r in group if (r != "critic" or self.needs_critic()) and (r != "judge" or self.needs_judge())]
+            ranks = {r: self.role_ranks(r) for r in present}
             _need(len(set(ranks.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same num_ranks, got {ranks}")
-            nodes = {r: getattr(self, r).node_resource for r in group}
+            nodes = {r: self.role_section(r).node_resource for r in group}
             _need(len(set(nodes.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same node_resource, got {nodes}")
 
@@ -519,6 +523,14 @@ class Config:
         without a path takes models.reward."""
         srcs = self.reward.sources or [RewardSourceConfig(kind="model")]
         return [dataclasses.replace(s, path=s.path or self.models.reward) if s.kind == "model" else s for s in srcs]
+
+    def role_section(self, role: str):
+        """The config section that places a role's ranks (the judge's engines: judge.engine)."""
+        return self.judge.engine if role == "judge" else getattr(self, role)
+
+    def role_ranks(self, role: str) -> int:
+        """A role's rank count: engines for the engine roles, num_ranks for the others."""
+        return self.role_section(role).num_engines if role in ("engine", "judge") else self.role_section(role).num_ranks
 
     def needs_judge(self) -> bool:
         return any(s.kind == "judge" for s in self.reward_sources())
@@ -577,7 +589,7 @@ class Config:
         need(self.ppo.is_cap > 1, "ppo.is_cap", f"must be > 1, got {self.ppo.is_cap}")
         need(self.rollout.max_staleness in (0, 1), "rollout.max_staleness",
              f"must be 0 (synchronous) or 1 (one step off-policy), got {self.rollout.max_staleness}")
-        roles = {"policy", "critic", "reference", "reward", "engine"}
+        roles = {"policy", "critic", "reference", "reward", "engine", "judge"}
         for group in self.placement.colocate:
             unknown = [r for r in group if r not in roles]
             need(not unknown, "placement.colocate", f"names unknown role(s) {unknown} (roles: {sorted(roles)})")

@@ -16,24 +16,27 @@ pytestmark = pytest.mark.slow
 
 
 def test_colocated_roles_share_bundles_and_ppo_with_lora_runs(tiny_world, tmp_path):
-    """Two shared placement groups in one run: policy beside reference (2 ranks each), and critic, reward and the
-    engine in one bundle, the engine sleeping while the trainers run (a no-op on CPU: no GPU memory, but the
-    driver's sleep and wake calls run). The policy and critic train LoRA adapters only; the policy at ZeRO-3, so
-    adapters and base weights are merged from partitions before each push to the engine."""
+    """Two shared placement groups in one run: policy beside reference (2 ranks each), and critic, reward, the
+    engine and an LLM judge's engine in one bundle, the engine sleeping while the trainers run (a no-op on CPU: no
+    GPU memory, but the driver's sleep and wake calls run; the judge scores every step, at weight 0 here). The
+    policy and critic train LoRA adapters only; the policy at ZeRO-3, so adapters and base weights are merged from
+    partitions before each push to the engine."""
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "placement.colocate=[[policy, reference], [critic, reward, engine]]", "placement.engines_sleep=true",
+        "placement.colocate=[[policy, reference], [critic, reward, engine, judge]]", "placement.engines_sleep=true",
+        "reward.sources=[{kind: model}, {kind: judge, weight: 0.0}]", f"judge.model={tiny_world['policy']}",
+        "judge.score_labels=['1','2','3','4','5']",
         "reference.num_ranks=2", "placement.share_process=[]",
         "policy.zero_stage=3", "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
         where = {name: ray.get([a.placement.remote() for a in g.actors]) for name, g in actors.groups().items()}
-        for a, b in [("policy", "reference"), ("critic", "reward"), ("critic", "engine")]:   # rank i beside rank i
+        for a, b in [("policy", "reference"), ("critic", "reward"), ("critic", "engine"), ("critic", "judge")]:
             assert [(w["pg"], w["node"], w["gpu_ids"]) for w in where[a]] == \
                    [(w["pg"], w["node"], w["gpu_ids"]) for w in where[b]]
         assert where["policy"][0]["pg"] != where["critic"][0]["pg"]
-        assert len({w["pid"] for ws in where.values() for w in ws}) == 7    # placed together, each its own process
+        assert len({w["pid"] for ws in where.values() for w in ws}) == 8    # placed together, each its own process
         for group in (actors.policy, actors.critic):
             counts = group.run("parameter_counts")[0]
             assert 0 < counts["trainable"] < 0.2 * counts["total"], counts
@@ -41,6 +44,7 @@ def test_colocated_roles_share_bundles_and_ppo_with_lora_runs(tiny_world, tmp_pa
         # steps 2 and 3 sampled from engines that had received the merged weights W + (alpha/r) B A:
         # their sampling logprobs match the adapted policy's own forward pass
         assert len(rows) == 3 and max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
+        assert all(r["judge/answers"] == 16 and r["judge/fallbacks"] == 0 for r in rows)      # 8 prompts x 2
         assert rows[-1]["kl/ref_per_seq"] > 0
         saved = load_causal_lm(summary["checkpoint"] + "/policy")       # merged, plain HF names
         start = load_causal_lm(tiny_world["policy"])

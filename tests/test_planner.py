@@ -108,3 +108,7 @@ def test_a_layout_that_cannot_fit_is_refused_naming_the_role_and_the_overflow(ca
 def test_placement_names_are_checked():
     with pytest.raises(ConfigError, match="placement.colocate"):
         load_config(None, ["placement.colocate=[[policy, refrence]]"])
+    judge = ["reward.sources=[{kind: judge}]", "judge.model=j", "placement.colocate=[[reward, judge]]"]
+    with pytest.raises(ConfigError, match=r"same num_ranks, got \{'reward': 1, 'judge': 2\}"):
+        load_config(None, judge + ["judge.engine.num_engines=2"]).check_ppo(paths=False)
+    load_config(None, judge).check_ppo(paths=False)                   # one rank each: accepted
