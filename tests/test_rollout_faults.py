@@ -202,3 +202,23 @@ def test_a_judge_call_that_fails_is_retried_a_bounded_number_of_times_then_fails
     with pytest.raises(ray.exceptions.ActorDiedError):
         scorer(prompts[:2], responses[:2])
     assert scorer.take_stats()["retries"] == 0
+
+
+def test_the_label_stage_never_makes_a_label_up():
+    """Ranking K answers with a judge that fails past its retries is a one-line error even with a fallback score
+    set (that is for rewards), and a dead judge's error goes up as it is (the command prints it in one line)."""
+    from actors.judge import judge_rankings
+    cfg = load_config(None, ["judge.model=j", "judge.score_labels=[bad, good]", "judge.score_values=[0.0, 1.0]",
+                             "judge.verdict_labels=[good, bad]", "judge.timeout_s=1", "judge.retries=0",
+                             "judge.fallback_score=0"])
+    answers = [["x", "y", "z"]]
+    ranked = judge_rankings(cfg, [StandInJudge.remote([])], CharTokenizer(), ["p"], answers, seed=0)[0]
+    assert sorted(ranked.ranking) == [0, 1, 2] and len(ranked.verdicts) == 3
+    assert all(v.p == pytest.approx(0.5) for v in ranked.verdicts.values())   # "good" first at 2:1 in both orders
+    with pytest.raises(RewardSourceError, match=r"^judge: a call for 6 answers failed 1 times") as e:
+        judge_rankings(cfg, [StandInJudge.remote(["raise"])], CharTokenizer(), ["p"], answers, seed=0)
+    assert "\n" not in str(e.value)
+    dead = StandInJudge.remote([])
+    ray.kill(dead)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        judge_rankings(cfg, [dead], CharTokenizer(), ["p"], answers, seed=0)
