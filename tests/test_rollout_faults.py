@@ -148,6 +148,9 @@ class StandInJudge:
     def __init__(self, script: list[str]):
         self.script, self.calls = list(script), 0
 
+    def ready(self):
+        return True
+
     def label_logprobs(self, prompt_token_ids, label_ids):
         self.calls += 1
         what = self.script.pop(0) if self.script else "ok"
@@ -156,6 +159,14 @@ class StandInJudge:
         if what == "raise":
             raise RuntimeError("CUDA error: an illegal memory access\n(second line)")
         return [[math.log(0.5), math.log(0.25)] for _ in prompt_token_ids]    # expected score 1/3 on values (0, 1)
+
+
+def started(*scripts: list[str]) -> list:
+    """Stand-in judges, each answering before it is handed over (a real judge engine is up before step 1: judge
+    timeouts are per call, and a worker starting on a busy box can take longer than the 1 s these tests allow)."""
+    judges = [StandInJudge.remote(s) for s in scripts]
+    ray.get([j.ready.remote() for j in judges])
+    return judges
 
 
 class CharTokenizer:
@@ -175,15 +186,15 @@ def judge_scorer(*sets):
 def test_a_judge_call_that_fails_is_retried_a_bounded_number_of_times_then_fails_in_one_line_or_falls_back():
     prompts, responses = ["p"] * 4, ["r1", "r2", "r3", "r4"]
     scorer = judge_scorer("judge.retries=1")                   # two engines: chunk k goes to engine k, retries rotate
-    scorer.attach([StandInJudge.remote(["raise"]), StandInJudge.remote([])])
+    scorer.attach(started(["raise"], []))
     assert scorer(prompts, responses) == pytest.approx([1 / 3] * 4)
     stats = scorer.take_stats()
     assert (stats["answers"], stats["retries"], stats["fallbacks"]) == (4, 1, 0)
     assert stats["label_mass"] == pytest.approx(4 * 0.75)
 
-    t0 = time.time()
     scorer = judge_scorer("judge.retries=1")                   # hangs twice: 2 x timeout_s, then one line
-    scorer.attach([StandInJudge.remote(["hang", "hang"])])
+    scorer.attach(started(["hang", "hang"]))
+    t0 = time.time()
     with pytest.raises(RewardSourceError) as e:
         scorer(prompts[:2], responses[:2])
     assert time.time() - t0 < 10 and "\n" not in str(e.value)
@@ -191,7 +202,7 @@ def test_a_judge_call_that_fails_is_retried_a_bounded_number_of_times_then_fails
                                    "judge.timeout_s 1 s)"), str(e.value)
 
     scorer = judge_scorer("judge.retries=0", "judge.fallback_score=-1")   # fails: scored with the fallback, counted
-    scorer.attach([StandInJudge.remote(["raise"])])
+    scorer.attach(started(["raise"]))
     assert scorer(prompts, responses) == pytest.approx([-1, -1, 1 / 3, 1 / 3])
     assert scorer.take_stats()["fallbacks"] == 2
 
@@ -212,11 +223,11 @@ def test_the_label_stage_never_makes_a_label_up():
                              "judge.verdict_labels=[good, bad]", "judge.timeout_s=1", "judge.retries=0",
                              "judge.fallback_score=0"])
     answers = [["x", "y", "z"]]
-    ranked = judge_rankings(cfg, [StandInJudge.remote([])], CharTokenizer(), ["p"], answers, seed=0)[0]
+    ranked = judge_rankings(cfg, started([]), CharTokenizer(), ["p"], answers, seed=0)[0]
     assert sorted(ranked.ranking) == [0, 1, 2] and len(ranked.verdicts) == 3
     assert all(v.p == pytest.approx(0.5) for v in ranked.verdicts.values())   # "good" first at 2:1 in both orders
     with pytest.raises(RewardSourceError, match=r"^judge: a call for 6 answers failed 1 times") as e:
-        judge_rankings(cfg, [StandInJudge.remote(["raise"])], CharTokenizer(), ["p"], answers, seed=0)
+        judge_rankings(cfg, started(["raise"]), CharTokenizer(), ["p"], answers, seed=0)
     assert "\n" not in str(e.value)
     dead = StandInJudge.remote([])
     ray.kill(dead)
