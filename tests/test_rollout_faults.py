@@ -131,6 +131,14 @@ def test_roles_sharing_processes_live_and_die_together_and_are_replaced_once():
     assert a.run("bump") == [1, 1] and b.run("bump") == [101, 101]        # each rank keeps its own roles' state
     assert a.run("pid") == b.run("pid") and len(set(a.run("pid"))) == 2    # rank i of both: one process each
     ray.kill(hosts.actors[1])
+    deadline = time.time() + 30
+    while True:           # ray.kill is asynchronous: a call sent at once may still be served on a busy box
+        try:
+            ray.get(hosts.actors[1].ready.remote())
+        except ray.exceptions.RayActorError:
+            break
+        assert time.time() < deadline, "a killed host still answers after 30 s"
+        time.sleep(0.1)
     for view in (a, b):                                                    # both roles died with the process
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(view.actors[1].bump.remote())
