@@ -40,7 +40,7 @@ from actors.group import RankGroup
 from actors.reward import RewardActor
 from actors.sync_group import pack
 from launch.common import RunError, actor_env, cluster_device, engine_env, run_cli, start_ray
-from launch.ppo import train as ppo_train
+from launch.ppo import judge_group, train as ppo_train
 from launch.stages import run_stage
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, cat
@@ -72,10 +72,7 @@ class Judge:
     @classmethod
     def start(cls, cfg: Config, run_dir: Path, device: str) -> "Judge":
         """The judge's own engines, started for this stage (`shutdown` stops them)."""
-        jcfg, e = cfg.judge_engine_config(), cfg.judge.engine
-        group = RankGroup(EngineActor, "judge", e.num_engines, e.cpus_per_engine,
-                          e.gpus_per_engine * e.tensor_parallel_size, (jcfg, device), node_resource=e.node_resource,
-                          runtime_env=engine_env(jcfg, device, str(run_dir)))
+        group = judge_group(cfg, device, run_dir)
         return cls(cfg, group.actors, group)
 
     def rank(self, prompts: list[str], answers: list[list[str]], seed: int) -> list:

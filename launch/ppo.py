@@ -91,6 +91,15 @@ def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | Non
     return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
 
 
+def judge_group(cfg: Config, device: str, run_dir: Path, shared: SharedPlacement | None = None,
+                wait: bool = True) -> RankGroup:
+    """The LLM judge's engines: the policy's engine code serving judge.model (Config.judge_engine_config)."""
+    jcfg = cfg.judge_engine_config()
+    n, cpus, gpus, node = role_resources(cfg, "judge")
+    return RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=wait,
+                     runtime_env=engine_env(jcfg, device, str(run_dir)), shared=shared)
+
+
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     """Every role's rank group. Roles listed together in placement.colocate share one placement group: rank i of
     each in bundle i, on the same node and the same GPU (each taking a share of it). Roles listed together in
@@ -131,12 +140,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
-    judge = None
-    if cfg.needs_judge():          # the policy's engine code serving the judge's model (Config.judge_engine_config)
-        jcfg = cfg.judge_engine_config()
-        n, cpus, gpus, node = role_resources(cfg, "judge")
-        judge = RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=False,
-                          runtime_env=engine_env(jcfg, device, str(run_dir)), shared=shared.get("judge"))
+    judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
     every = (policy, critic, reference, reward, engines, judge)
     for g in every:
         if g:
