@@ -6,8 +6,9 @@ from __future__ import annotations
 def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict:
     """ZeRO config for one optimizer step per PPO minibatch of `minibatch_size` sequences across all ranks.
 
-    On CPU the plain torch AdamW is used (`torch_adam`), since DeepSpeed's FusedAdam JIT-builds a CUDA/C++
-    op (~2 min). With optimizer offload, DeepSpeedCPUAdam is what DeepSpeed runs.
+    Adam is torch's AdamW (`torch_adam`; foreach kernels on CUDA) on CPU and GPU alike: DeepSpeed's FusedAdam
+    JIT-builds a C++/CUDA op on first use (~2 min on CPU, minutes of nvcc on a GPU node, and it needs a CUDA
+    toolkit matching torch's). With optimizer offload, DeepSpeedCPUAdam is what DeepSpeed runs.
 
     One rank without offload runs stage 0 whatever zero_stage says: there is nothing to partition, and stage 2's
     gradient bucketing and flat-buffer copies cost ~9 % of a CPU policy update (benchmarks/vs_trl.py).
@@ -30,7 +31,7 @@ def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict
         "bf16": {"enabled": dtype == "bfloat16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": role.lr, "betas": list(role.betas), "eps": 1e-8, "weight_decay": role.weight_decay,
-            "torch_adam": device == "cpu" and not role.offload}},
+            "torch_adam": not role.offload}},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

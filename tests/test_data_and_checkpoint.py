@@ -61,6 +61,8 @@ def test_deepspeed_config_batch_arithmetic_and_cpu_optimizer():
     assert ds["optimizer"]["params"]["torch_adam"] is False  # offload runs DeepSpeedCPUAdam
     ds2 = deepspeed_config(load_config("configs/tiny_ppo.yaml").policy, 16, "float32", "cpu")
     assert ds2["optimizer"]["params"]["torch_adam"] is True and "offload_param" not in ds2["zero_optimization"]
+    gpu = deepspeed_config(load_config("configs/tiny_ppo.yaml").policy, 16, "bfloat16", "cuda")
+    assert gpu["optimizer"]["params"]["torch_adam"] is True     # no FusedAdam JIT build on a GPU node either
 
 
 def test_checkpoint_is_published_atomically_and_latest_skips_partial(tmp_path):
