@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections import defaultdict
@@ -263,7 +264,7 @@ def run_compare(job: dict) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     f, b = runs["float32"], runs["bfloat16"]
-    gf, gb = f["grad"], b["grad"]
+    gf, gb = f["grad"].double(), b["grad"].double()      # float64: sums over ~1e9 elements
     df, db = f["after"] - f["logprobs"], b["after"] - b["logprobs"]
     return {
         "logprob_max_abs_diff": float((b["logprobs"] - f["logprobs"]).abs().max()),
@@ -276,11 +277,35 @@ def run_compare(job: dict) -> dict:
     }
 
 
+def run_ipc(job: dict) -> dict:
+    """CUDA IPC under this process's allocator settings (what the cuda_ipc weight sync does): a bucket's tensors
+    shared with `reduce_tensor`, rebuilt and read in another process."""
+    import torch
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.reductions import reduce_tensor
+    tensors = [torch.arange(n, dtype=torch.bfloat16, device="cuda") for n in (1000, 4096 * 1024, 333)]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_ipc_reader, args=([reduce_tensor(t) for t in tensors], q))
+    p.start()
+    sums = q.get(timeout=60)
+    p.join(60)
+    return {"ipc_ok": sums == [float(t.float().sum()) for t in tensors],
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+
+
+def _ipc_reader(handles, q) -> None:
+    q.put([float(fn(*args).float().sum()) for fn, args in handles])
+
+
 def worker(job: dict) -> dict:
-    return {"build": run_build, "train": run_train, "compare": run_compare}[job["kind"]](job)
+    return {"build": run_build, "train": run_train, "compare": run_compare, "ipc": run_ipc}[job["kind"]](job)
 
 
 # ------------------------------------------------------------------------------------------------ the driver
+
+_log_lock = threading.Lock()
+
 
 def run_job(job: dict, log, timeout: float) -> dict:
     """The job in a fresh process; its result, or what went wrong in one line (the matrix goes on)."""
@@ -292,8 +317,9 @@ def run_job(job: dict, log, timeout: float) -> dict:
             out, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
             out, rc = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout:.0f} s", -1
-        log.write(f"===== {job['name']} (rc {rc}, {time.perf_counter() - t0:.1f} s)\n{out}\n")
-        log.flush()
+        with _log_lock:
+            log.write(f"===== {job['name']} (rc {rc}, {time.perf_counter() - t0:.1f} s)\n{out}\n")
+            log.flush()
         text = Path(res.name).read_text()
         if rc == 0 and text:
             return {**job, **json.loads(text), "wall_s": time.perf_counter() - t0}
@@ -317,6 +343,8 @@ def jobs(args) -> list[dict]:
             out.append({**base, "kind": "compare", "size": size, "model": model, "role": "policy", "stage": 0,
                         "ckpt": False, "micro": 4 if not args.tiny else 2, "lr": 1e-5,
                         "name": f"{size} policy bf16 vs fp32, one step"})
+    if args.device == "cuda":
+        out.append({**base, "kind": "ipc", "name": "CUDA IPC of a bucket under this allocator setting"})
     return out
 
 
@@ -375,6 +403,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per configuration")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--parallel", type=int, default=1, help="configurations at once (memory only: timings overlap)")
+    ap.add_argument("--alloc-conf", default=None, help="PYTORCH_CUDA_ALLOC_CONF for the workers")
     ap.add_argument("--report", default=None, help="print the tables of a saved gpu_check.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -392,17 +422,32 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "dtype": args.dtype}
+    if args.alloc_conf is not None:                       # the workers inherit it
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = meta["alloc_conf"] = args.alloc_conf
     results: list[dict] = []
+
+    def done(r: dict) -> None:
+        results.append(r)
+        print(f"{r['name']}: " + (r.get("error") or f"{r.get('wall_s', 0):.1f} s"), flush=True)
+        (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp, (out / "gpu_check.log").open("w") as log:
         args.models = args.models or tmp
-        for job in jobs(args):
-            results.append(run_job(job, log, args.timeout))
-            r = results[-1]
-            print(f"{r['name']}: " + (r.get("error") or f"{r.get('wall_s', 0):.1f} s"), flush=True)
-            (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-            if "error" in r and not any(x["kind"] == "train" and "error" not in x for x in results):
-                print("stopping: nothing has run yet, the rest would fail the same way", flush=True)
-                break
+        todo = jobs(args)
+        if args.parallel > 1:        # memory per process stays exact; the timings are then not for reading
+            meta["parallel"] = args.parallel
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(args.parallel) as pool:
+                for r in pool.map(lambda j: run_job(j, log, args.timeout), [j for j in todo if j["kind"] == "build"]):
+                    done(r)
+                for r in pool.map(lambda j: run_job(j, log, args.timeout), [j for j in todo if j["kind"] != "build"]):
+                    done(r)
+        else:
+            for job in todo:
+                done(run_job(job, log, args.timeout))
+                if "error" in results[-1] and not any(x["kind"] == "train" and "error" not in x for x in results):
+                    print("stopping: nothing has run yet, the rest would fail the same way", flush=True)
+                    break
     text = report(results, meta)
     (out / "gpu_check.md").write_text(text + "\n")
     print("\n" + text)
