@@ -3,7 +3,7 @@ actors/critic.py: DeepSpeed init, `logprobs`/`values`, the PPO micro-batch loop 
 models built from config, each configuration's memory, step time and tokens/s, beside what `rlhf-ray plan`
 predicts; and one bf16 step of the PPO loss against fp32 from the same weights.
 
-    python benchmarks/gpu_check.py --out DIR             # on a GPU: the matrix below (~4 min on an H200)
+    python benchmarks/gpu_check.py --out DIR             # on a GPU: the matrix below (~7 min on an H200)
     python benchmarks/gpu_check.py --tiny --device cpu   # the same code at toy sizes on CPU (tests/test_gpu_check.py)
     python benchmarks/gpu_check.py --report FILE.json    # the tables again from a saved run, with today's planner
 
@@ -348,47 +348,74 @@ def jobs(args) -> list[dict]:
     return out
 
 
-def predicted(r: dict) -> dict:
-    """What rlhf_ray/planner.py says for the configuration: model states + activations (+ the ZeRO-3 layers in
-    flight), per GPU, for the same arch (read from the built config.json), role settings and lengths."""
-    from rlhf_ray.planner import arch_from, plan_trained
-    arch = arch_from(r["model"]) if Path(r["model"], "config.json").is_file() else None
-    if arch is None:                                      # --report on another machine: the shape we built
-        from rlhf_ray.planner import Arch
-        s = SHAPES[r["size"]]
-        arch = Arch(s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
-                    s["intermediate_size"], s["vocab_size"], tied_embeddings=True)
-    cfg = config_for(r, r["dtype"])
-    rc = getattr(cfg, r["role"])
+def predicted(r: dict, meta: dict) -> dict:
+    """What rlhf_ray/planner.py says for the configuration, per GPU, for the same arch, role settings, lengths,
+    allocator setting and ZeRO-3 sub-group as the run: `used` (what the device must have) and `allocated` (the
+    same without the allocator's slack and the CUDA context)."""
+    from rlhf_ray.planner import Arch, plan_trained
+    s = SHAPES[r["size"]]
+    arch = Arch(s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
+                s["intermediate_size"], s["vocab_size"], tied_embeddings=True)
+    rc = getattr(config_for(r, r["dtype"]), r["role"])
     T = r["work"]["response"]
-    plan = plan_trained(r["role"], arch, rc, r["work"]["prompt"] + T, T if r["role"] == "policy" else 0)
-    return {"total": plan.total, "states": plan.resident}
+    plan = plan_trained(r["role"], arch, rc, r["work"]["prompt"] + T, T if r["role"] == "policy" else 0,
+                        cuda_alloc_conf=meta.get("alloc_conf"), sub_group=meta.get("zero3_sub_group", 1e9))
+    outside = plan.per_gpu["allocator_slack"] + plan.per_gpu["cuda_context"]
+    return {"used": plan.total, "allocated": plan.total - outside}
+
+
+def measured_used(r: dict, meta: dict) -> float:
+    """The device memory the configuration took. Run one at a time: the device's own count. Run in parallel (the
+    device's count then holds a neighbour too): the peak reserved plus the planner's CUDA context, which is what
+    the one-at-a-time runs measured outside the allocator (1.29-1.30 GiB in every configuration)."""
+    from rlhf_ray.planner import CUDA_CONTEXT
+    return r["device_used"] if meta.get("parallel", 1) == 1 else r["peak_reserved"] + CUDA_CONTEXT
+
+
+def planner_errors(results: list[dict], meta: dict) -> list[dict]:
+    """Per configuration: the planner's prediction against the measurement, in per cent (positive: over)."""
+    rows = []
+    for r in results:
+        if r["kind"] != "train" or "error" in r or r.get("peak_allocated") is None:
+            continue
+        p, used = predicted(r, meta), measured_used(r, meta)
+        rows.append({"name": r["name"], "size": r["size"], "used": used, "predicted_used": p["used"],
+                     "used_error": (p["used"] - used) / used * 100, "allocated": r["peak_allocated"],
+                     "predicted_allocated": p["allocated"],
+                     "allocated_error": (p["allocated"] - r["peak_allocated"]) / r["peak_allocated"] * 100})
+    return rows
 
 
 def report(results: list[dict], meta: dict) -> str:
+    alone = meta.get("parallel", 1) == 1
     lines = [f"GPU check: {meta.get('gpu', '?')}, torch {meta.get('torch', '?')}, {meta.get('date', '?')}, "
              f"commit {meta.get('commit', '?')}; workload {json.dumps(results[0]['work'])} per step, "
-             f"{meta.get('dtype', '?')}", "",
+             f"{meta.get('dtype', '?')}; PYTORCH_CUDA_ALLOC_CONF {meta.get('alloc_conf') or 'unset'}"
+             + ("" if alone else f"; {meta['parallel']} configurations at once (memory only: timings overlap)"), "",
              "| configuration | params | step (s) | tokens/s | model TFLOP/s | resident GiB | peak alloc GiB | "
-             "peak reserved GiB | device used GiB | planner GiB | planner error vs used |",
+             "peak reserved GiB | device used GiB | planner: alloc GiB (error) | planner: used GiB (error) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     g = lambda b: f"{b / GiB:.2f}" if isinstance(b, (int, float)) else "-"       # noqa: E731
+    errors = {e["name"]: e for e in planner_errors(results, meta)}
     for r in results:
         if r["kind"] != "train":
             continue
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |")
             continue
-        p = predicted(r)
-        err = f"{(p['total'] - r['device_used']) / r['device_used'] * 100:+.0f} %" if r["device_used"] else "-"
+        e = errors.get(r["name"])
+        plan = (f"{g(e['predicted_allocated'])} ({e['allocated_error']:+.0f} %) | {g(e['predicted_used'])} "
+                f"({e['used_error']:+.0f} %)") if e else "- | -"
         lines.append(f"| {r['name']} | {r['params'] / 1e9:.2f} B | {r['train_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['model_tflops']:.1f} | {g(r['resident'])} | {g(r['peak_allocated'])} | "
-                     f"{g(r['peak_reserved'])} | {g(r['device_used'])} | {g(p['total'])} | {err} |")
+                     f"{g(r['peak_reserved'])} | {g(measured_used(r, meta)) if e else '-'} | {plan} |")
     for r in results:
         if r["kind"] == "compare":
             lines += ["", f"bf16 vs fp32 ({r['name']}): " + (r.get("error") or ", ".join(
                 f"{k} {v:.4g}" for k, v in r.items() if k.startswith(("logprob_", "grad_", "step_")) and
                 isinstance(v, float)))]
+        if r["kind"] == "ipc":
+            lines += ["", f"{r['name']}: " + (r.get("error") or ("round trip ok" if r["ipc_ok"] else "WRONG VALUES"))]
     return "\n".join(lines)
 
 
@@ -418,10 +445,12 @@ def main() -> int:
         return 0
     import torch
     from benchmarks.machine import git_commit
+    from rlhf_ray.ds_config import ZERO3_SUB_GROUP
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "dtype": args.dtype}
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "dtype": args.dtype,
+            "zero3_sub_group": ZERO3_SUB_GROUP}
     if args.alloc_conf is not None:                       # the workers inherit it
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = meta["alloc_conf"] = args.alloc_conf
     results: list[dict] = []

@@ -58,6 +58,17 @@ def actor_env(device: str) -> dict:
     return env
 
 
+def trainer_env(cfg: Config, device: str) -> dict:
+    """runtime_env of a trained role's ranks (policy, critic, a supervised stage): the common actor environment,
+    and on CUDA the caching allocator's settings (train.cuda_alloc_conf; read once, at the process's first CUDA
+    allocation). Trained roles never share a process with a vLLM engine, whose sleep mode refuses expandable
+    segments."""
+    env = actor_env(device)
+    if device == "cuda" and cfg.train.cuda_alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = cfg.train.cuda_alloc_conf
+    return {"env_vars": env}
+
+
 def mean_over_ranks(stats: list[dict]) -> dict:
     """Each rank reports means over its equal-sized shards; the group's figure is their mean (or, for a stat named
     *_max, their maximum)."""

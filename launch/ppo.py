@@ -28,7 +28,7 @@ from actors.reference import Reference, ReferenceActor
 from actors.reward import Reward, RewardActor
 from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import (RunError, actor_env, cause_line, cluster_device, engine_env, mean_over_ranks, run_cli,
-                           start_ray)
+                           start_ray, trainer_env)
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import preflight
 from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
@@ -136,8 +136,8 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
 
     tp = cfg.engine.tensor_parallel_size
     engines = group(EngineActor, "engine", runtime=engine_runtime, gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
-    policy = group(PolicyActor, "policy", True)
-    critic = group(CriticActor, "critic", True) if cfg.needs_critic() else None
+    policy = group(PolicyActor, "policy", True, runtime=trainer_env(cfg, device))
+    critic = group(CriticActor, "critic", True, runtime=trainer_env(cfg, device)) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
     judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None

@@ -17,7 +17,7 @@ import torch
 
 from actors.group import RankGroup
 from actors.supervised import SupervisedActor
-from launch.common import actor_env, cluster_device, mean_over_ranks, run_cli, start_ray
+from launch.common import cluster_device, mean_over_ranks, run_cli, start_ray, trainer_env
 from rlhf_ray import preflight
 from rlhf_ray.checkpoint import publish_dir
 from rlhf_ray.config import Config, dump_config, resolve_paths
@@ -63,7 +63,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     start_ray(cfg)
     group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
                       (st, name, cfg.train.dtype, device, cfg.run.seed, cfg.models.trust_remote_code), distributed=True,
-                      runtime_env={"env_vars": actor_env(device)})
+                      runtime_env=trainer_env(cfg, device))
     logger = None
     try:
         if name == "dpo":              # reference logprobs: the starting weights, before the first step

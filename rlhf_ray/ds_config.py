@@ -3,6 +3,12 @@ inference for a partitioned frozen model."""
 from __future__ import annotations
 
 
+# ZeRO-3 steps the optimizer one sub-group of parameters at a time; each takes 8 bytes per element of working set
+# (fp32 gradients, foreach-Adam temporaries: rlhf_ray/planner.py). DeepSpeed's default, 1e9 elements, is 7.5 GiB
+# per GPU of a 7B model's step (measured at 1e9 on an H200, benchmarks/gpu_check.py); 1e8 makes it 0.75 GiB.
+ZERO3_SUB_GROUP = 100_000_000
+
+
 def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict:
     """ZeRO config for one optimizer step per PPO minibatch of `minibatch_size` sequences across all ranks.
 
@@ -21,7 +27,8 @@ def deepspeed_config(role, minibatch_size: int, dtype: str, device: str) -> dict
         if role.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
     if zero["stage"] == 3:
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False,
+                     "sub_group_size": ZERO3_SUB_GROUP})
     return {
         "train_batch_size": minibatch_size,
         "train_micro_batch_size_per_gpu": micro,

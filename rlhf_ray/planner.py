@@ -10,18 +10,35 @@ Offload (ZeRO-Offload) moves the 12Ψ optimizer states to CPU memory, and at sta
 Stage 3 also holds the gathered parameters of the layers in flight (two layers, bf16). With LoRA only the Ψ_t
 adapter parameters have gradients and optimizer states; the frozen base keeps its 2Ψ (2Ψ/N at stage 3).
 
-Activations per micro-batch of b sequences of s tokens, hidden h, L layers (Korthikanti et al. 2022, "Reducing
-Activation Recomputation", bf16, no tensor parallelism, flash attention so no s² term): 34·s·b·h bytes per
-layer; with full gradient checkpointing 2·s·b·h per layer (each layer's input) plus one layer's 34·s·b·h during
-its recomputation. A causal LM adds its logits on the T response positions only (the LM head runs on nothing
-else): bf16 logits, their fp32 upcast and its gradient, 10·T·b·V; with an entropy bonus in the loss
-(ppo.entropy_coef > 0) its log-softmax and probabilities stay in the graph too, 8·T·b·V more.
-Frozen roles (reference, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3) and one layer's forward
-working set. A vLLM engine takes gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV
-cache at 2·L·kv_heads·head_dim·2 bytes per token (split over TP).
+What DeepSpeed and PyTorch add to the paper's states, measured on one H200 (benchmarks/gpu_check.py: Qwen2-shaped
+0.5 B and 1.5 B models, one rank, stages 0, 2 and 3 forced; the terms below were set on the 0.5 B runs and hold
+on the 1.5 B ones within a few per cent, README "The trainer on a GPU"):
+- A trained role's peak is the larger of two phases. Backward: the states, the activations, and at stage 2 the
+  gradient bucket (reduce_bucket_size bf16 elements). Optimizer step: the states plus the step's working set,
+  the fp32 gradients of the partition being stepped and torch's foreach-Adam temporaries, 8 bytes per element
+  (stage 0: 8Ψ; stages 1-2: 6Ψ/N, the bf16 gradients are released as they are converted; stage 3: 8 bytes per
+  element of one sub-group, min(Ψ/N, sub_group_size), measured at DeepSpeed's default 1e9; rlhf-ray sets 1e8,
+  rlhf_ray/ds_config.py); none with optimizer offload (the step runs on the CPU).
+- Stage 3 keeps its gradient bucket resident (2 x reduce_bucket_size bytes).
+- Activations per micro-batch of b sequences of s tokens, L HF decoder layers of hidden h and MLP width i, bf16,
+  no tensor parallelism, an attention kernel without an s² term: (24h + 8i)·s·b bytes per layer (RMSNorm's fp32
+  upcasts, q/k/v with the KV heads repeated to every query head, the SwiGLU's four intermediates); with full
+  gradient checkpointing 2·s·b·h per layer (each layer's input) plus one layer's (24h + 8i)·s·b during its
+  recomputation. A causal LM adds its logits on the T response positions only (the LM head runs on nothing
+  else): bf16 logits, their fp32 upcast, and the first micro-batch's entropy for logging (log-softmax, its exp,
+  their product), 18·T·b·V; with an entropy bonus in the loss (ppo.entropy_coef > 0) its log-softmax and
+  probabilities stay in the graph, 8·T·b·V more.
+- The caching allocator reserves more than it hands out (SLACK, a share of the peak, by stage and by
+  train.cuda_alloc_conf), and every GPU process holds CUDA_CONTEXT outside it (CUDA context, cuBLAS, NCCL).
+Frozen roles (reference, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3), one layer's forward
+working set and their logits, and a CUDA context (not measured on a GPU). A vLLM engine takes
+gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV cache at 2·L·kv_heads·head_dim·2
+bytes per token (split over TP).
 
 Roles colocated on the same GPUs add up. With the engines sleeping (vLLM sleep mode) they hold nothing while the
 trainers run; during generation the trainers' model states stay resident beside the engine.
+What one rank cannot show, and so stays the paper's arithmetic: the 1/N division across ranks, ZeRO-3's
+prefetch at N > 1, NCCL's buffers per peer.
 """
 from __future__ import annotations
 
@@ -30,7 +47,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray.ds_config import ZERO3_SUB_GROUP
+
 GiB = 1024 ** 3
+
+# Measured on one H200 (torch 2.11, CUDA 13; benchmarks/results/gpu_check_h200_*.json), set on the 0.5 B runs:
+CUDA_CONTEXT = 1.30 * GiB    # per GPU process outside the caching allocator: CUDA context 0.61, cuBLAS and NCCL 0.69
+# Reserved beyond the peak allocated, as a share of it, by ZeRO stage, keyed by expandable segments on or off
+# (train.cuda_alloc_conf). Stages 2 and 3 keep apart the blocks of their reduction and prefetch streams
+# (overlap_comm), which expandable segments do not merge. Stage 1 was not measured: stage 2's.
+SLACK = {True: {0: 0.012, 1: 0.354, 2: 0.354, 3: 0.225}, False: {0: 0.332, 1: 0.449, 2: 0.449, 3: 0.425}}
+REDUCE_BUCKET = 5e8          # DeepSpeed's reduce_bucket_size default (elements, bf16): ZeRO-2/3's gradient bucket
 
 
 @dataclass(frozen=True)
@@ -105,12 +132,29 @@ def model_states(psi: int, n: int, stage: int, offload: bool = False, trainable:
     return {"weights": weights, "grads": grads, "optimizer": optim}
 
 
+def layer_activations(arch: Arch, seq: int, micro: int) -> float:
+    """Bytes one HF decoder layer saves for its backward, bf16 (see the module's docstring)."""
+    return (24 * arch.hidden + 8 * arch.intermediate) * seq * micro
+
+
 def activations(arch: Arch, seq: int, micro: int, checkpointing: bool, lm_tokens: int = 0,
                 entropy_in_graph: bool = False) -> float:
     """Activation bytes of one micro-batch; lm_tokens: the positions the LM head runs on (0: no LM head)."""
-    per_layer = 34 * seq * micro * arch.hidden
-    acts = (2 * seq * micro * arch.hidden * arch.layers + per_layer) if checkpointing else per_layer * arch.layers
-    return acts + (10 + 8 * entropy_in_graph) * lm_tokens * micro * arch.vocab
+    layer = layer_activations(arch, seq, micro)
+    acts = (2 * seq * micro * arch.hidden * arch.layers + layer) if checkpointing else layer * arch.layers
+    return acts + (18 + 8 * entropy_in_graph) * lm_tokens * micro * arch.vocab
+
+
+def step_working_set(t: float, n: int, stage: int, offload: bool, sub_group: float = ZERO3_SUB_GROUP) -> float:
+    """Bytes the optimizer step adds to the states: fp32 gradients of what is stepped and foreach-Adam's
+    temporaries (t: trainable parameters, n ranks; ZeRO-3 steps `sub_group` elements at a time)."""
+    if offload:
+        return 0.0
+    return {0: 8 * t, 1: 6 * t / n, 2: 6 * t / n}.get(stage, 8 * min(t / n, sub_group))
+
+
+def slack(stage: int, cuda_alloc_conf: str | None) -> float:
+    return SLACK["expandable_segments:True" in (cuda_alloc_conf or "")][stage]
 
 
 @dataclass
@@ -126,25 +170,39 @@ class RolePlan:
         return sum(self.per_gpu.values())
 
 
-def plan_trained(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, entropy_in_graph: bool = False) -> RolePlan:
+def plan_trained(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, entropy_in_graph: bool = False,
+                 cuda_alloc_conf: str | None = None, sub_group: float = ZERO3_SUB_GROUP) -> RolePlan:
+    """Per GPU: the paper's states, ZeRO-3's layers in flight and resident bucket, then the larger of the backward
+    phase (activations, stage 2's bucket) and the optimizer step's working set, the allocator's slack on all of
+    that, and the CUDA context."""
     lm_head = lm_tokens > 0
     psi = arch.params(lm_head)
-    n = rc.num_ranks
+    n, stage = rc.num_ranks, rc.zero_stage
     trainable = arch.lora_params(rc.lora.rank) + (0 if lm_head else arch.hidden) if rc.lora.rank else None
-    states = model_states(psi, n, rc.zero_stage, rc.offload, trainable)
-    offloaded = {k: v - states[k] for k, v in model_states(psi, n, rc.zero_stage, False, trainable).items()}
-    gathered = 2 * 2 * arch.layer_params() if rc.zero_stage == 3 else 0.0
-    acts = activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_tokens, entropy_in_graph)
-    per_gpu = {**states, "zero3_gathered": gathered, "activations": acts}
-    return RolePlan(role, n, per_gpu, resident=sum(states.values()), cpu_per_rank=sum(offloaded.values()))
+    t = psi if trainable is None else trainable
+    states = model_states(psi, n, stage, rc.offload, trainable)
+    offloaded = {k: v - states[k] for k, v in model_states(psi, n, stage, False, trainable).items()}
+    bucket = 2 * min(REDUCE_BUCKET, t)
+    fixed = {"zero3_gathered": 2 * 2 * arch.layer_params() if stage == 3 else 0.0,
+             "zero3_bucket": bucket if stage == 3 else 0.0}
+    backward = (activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_tokens, entropy_in_graph)
+                + (bucket if stage in (1, 2) else 0.0))
+    step = step_working_set(t, n, stage, rc.offload, sub_group)
+    phase = {"activations": backward} if backward >= step else {"optimizer_step": step}
+    allocated = sum(states.values()) + sum(fixed.values()) + max(backward, step)
+    per_gpu = {**states, **fixed, **phase, "allocator_slack": slack(stage, cuda_alloc_conf) * allocated,
+               "cuda_context": CUDA_CONTEXT}
+    return RolePlan(role, n, per_gpu, resident=sum(states.values()) + sum(fixed.values()) + CUDA_CONTEXT,
+                    cpu_per_rank=sum(offloaded.values()))
 
 
 def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, zero3: bool = False) -> RolePlan:
     psi = arch.params(lm_tokens > 0)
     n = rc.num_ranks
     weights = 2 * psi / n if zero3 else 2 * psi
-    work = 34 * seq * rc.micro_batch_size * arch.hidden + 6 * lm_tokens * rc.micro_batch_size * arch.vocab
-    return RolePlan(role, n, {"weights": weights, "activations": work}, resident=weights)
+    work = layer_activations(arch, seq, rc.micro_batch_size) + 6 * lm_tokens * rc.micro_batch_size * arch.vocab
+    return RolePlan(role, n, {"weights": weights, "activations": work, "cuda_context": CUDA_CONTEXT},
+                    resident=weights + CUDA_CONTEXT)
 
 
 def plan_engine(arch: Arch, ec, gen, gpu_bytes: float, role: str = "engine") -> tuple[RolePlan, int, int]:
@@ -186,12 +244,13 @@ def make_plan(cfg) -> Plan:
     T = cfg.generation.max_new_tokens
     seq = cfg.data.max_prompt_tokens + T
     roles = {
-        "policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0),
+        "policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0,
+                               cuda_alloc_conf=cfg.train.cuda_alloc_conf),
         "reference": plan_frozen("reference", pol, cfg.reference, seq, T, cfg.reference.zero_stage == 3),
         "reward": plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3),
     }
     if cfg.needs_critic():
-        roles["critic"] = plan_trained("critic", rew, cfg.critic, seq)
+        roles["critic"] = plan_trained("critic", rew, cfg.critic, seq, cuda_alloc_conf=cfg.train.cuda_alloc_conf)
     engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes)
     roles["engine"] = engine
     if cfg.needs_judge():            # its own engines, sized like the policy's: weights, then KV cache
