@@ -16,8 +16,8 @@ import time
 
 import ray
 
-from rlhf_ray.judge import (JudgeFormat, PairVerdict, Ranking, comparison_pairs, expected_score, label_ids,
-                            pair_verdict, pairwise_text, pointwise_text, rank_answers)
+from rlhf_ray.judge import (JudgeFormat, PairVerdict, PointScore, Ranking, comparison_pairs, expected_score,
+                            label_ids, pair_verdict, pairwise_text, pointwise_text, rank_answers)
 from rlhf_ray.prompts import render_prompt
 from rlhf_ray.rewards import RewardSourceError
 
@@ -89,20 +89,27 @@ class JudgeScorer:
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
         t0 = time.perf_counter()
-        ids = [render_prompt(self.tokenizer, pointwise_text(self.fmt, p, r), self.fmt.chat_template)
-               for p, r in zip(prompts, responses)]
         scores = []
-        for lp in self.client.label_logprobs(ids, self.labels, fallback=self.cfg.fallback_score is not None):
-            if lp is None:                                     # past its retries: the fallback, counted
+        for s in pointwise_scores(self.client, self.tokenizer, self.fmt, self.labels, prompts, responses,
+                                  fallback=self.cfg.fallback_score is not None):
+            if s is None:                                      # past its retries: the fallback, counted
                 scores.append(self.cfg.fallback_score)
                 self.stats["fallbacks"] += 1
                 continue
-            s = expected_score(lp, self.fmt.score_values)
             scores.append(s.score)
             self.stats["label_mass"] += s.mass
-        self.stats["answers"] += len(ids)
+        self.stats["answers"] += len(prompts)
         self.stats["seconds"] += time.perf_counter() - t0
         return scores
+
+
+def pointwise_scores(client: JudgeClient, tokenizer, fmt: JudgeFormat, labels: list[int], prompts: list[str],
+                     responses: list[str], fallback: bool) -> list[PointScore | None]:
+    """Each answer's expected score (and the judge's mass on the score labels); None for the answers of a call
+    that failed past its retries when `fallback` (else a one-line RewardSourceError)."""
+    ids = [render_prompt(tokenizer, pointwise_text(fmt, p, r), fmt.chat_template) for p, r in zip(prompts, responses)]
+    return [None if lp is None else expected_score(lp, fmt.score_values)
+            for lp in client.label_logprobs(ids, labels, fallback=fallback)]
 
 
 def judge_rankings(cfg, engines: list, tokenizer, prompts: list[str], answers: list[list[str]],

@@ -1,6 +1,6 @@
 """The tiny-world pipeline over several seeds, against the targets and the best-of-n baseline.
 
-    .venv/bin/python benchmarks/tiny_world.py --seeds 0 1 2 [--set key=value ...]
+    .venv/bin/python benchmarks/tiny_world.py --seeds 0 1 2 [--labels judge simulated] [--set key=value ...]
 
 Each seed is a whole world of its own: its own pretrained base model, tokenizer, data split, labeler noise and
 every stage's randomness (run.seed), built from scratch under runs/bench-tiny-world/seed<N>/. Prints, per seed
@@ -11,7 +11,10 @@ KL between n = 1, 2, 4, 8, 16); how the held-out monitor RM tracks gold over the
 each target as met or missed, the machine and the date. The whole report is also written to
 runs/bench-tiny-world/benchmark.md.
 
-The peer in the same run is best-of-n: the baseline every RLHF paper compares against.
+The peer in the same run is best-of-n: the baseline every RLHF paper compares against. With `--labels judge
+simulated`, each seed's world runs the pipeline twice, its rankings from the stand-in LLM judge (RLAIF, no labeler;
+rlhf_ray/tiny_judge.py) and from the simulated labelers (RLHF), and the report adds the judge's agreement with gold
+and RLAIF's PPO gain beside RLHF's.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from rlhf_ray.config import load_config  # noqa: E402
 from rlhf_ray.metrics import interpolate_from_origin  # noqa: E402
 
 TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "ppo_kl": 2.0, "bon_ratio": 0.9,
-           "total_seconds": 600}
+           "total_seconds": 600, "rlaif_ratio": 0.9}
 
 
 def seed_row(s: dict, best_of: list[int]) -> dict:
@@ -48,6 +51,12 @@ def seed_row(s: dict, best_of: list[int]) -> dict:
            **{f"bo{n}_gain": g for n, (_, g) in bon.items()}, "bon_at_ppo_kl": at_kl,
            "ppo_over_bon": gain(ev["ppo"]) / at_kl if at_kl > 0 else float("nan"), "bon_extrapolated": extrapolated,
            "seconds": s["seconds"]["total"]}
+    if s.get("judge_eval"):
+        j = s["judge_eval"]
+        row.update({"judge_first": j["pair_acc_first"], "judge_second": j["pair_acc_second"],
+                    "judge_avg": j["pair_acc_averaged"], "judge_point": j["pair_acc_pointwise"],
+                    "judge_flips": j["flip_rate"], "judge_build_s": s["seconds"].get("judge", 0.0),
+                    "label_s": s["seconds"]["label"]})
     if s.get("monitor_rm_eval"):
         m = s["monitor"]["monitor"]
         row.update({"monitor_acc": s["monitor_rm_eval"]["accuracy"], "monitor_r": m["pearson"],
@@ -65,11 +74,20 @@ COLUMNS = [  # (key, header, format)
     ("proxy_r", "proxy-gold r", "{:+.2f}"), ("monitor_peak", "monitor peak step", "{:.0f}"),
     ("gold_peak", "gold peak step", "{:.0f}"), ("seconds", "wall s", "{:.0f}"),
 ]
+JUDGE_COLUMNS = [  # the judge against gold on the label stage's answers (pairs whose gold differs)
+    ("judge_first", "pairwise, A/B order", "{:.3f}"), ("judge_second", "pairwise, B/A order", "{:.3f}"),
+    ("judge_avg", "pairwise, both orders averaged", "{:.3f}"), ("judge_point", "pointwise", "{:.3f}"),
+    ("judge_flips", "verdicts flipped by the order", "{:.3f}"), ("judge_build_s", "judge built, s", "{:.0f}"),
+    ("label_s", "label stage, s", "{:.0f}"),
+]
 
 
 def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
     cols = [c for c in COLUMNS if all(c[0] in r for r in rows.values())]
     lines = seed_table(rows, cols, mark=lambda k, r: "*" if k == "bon_at_ppo_kl" and r["bon_extrapolated"] else "")
+    if all("judge_avg" in r for r in rows.values()):
+        lines += ["", "The judge's agreement with gold on the label stage's answers (the SFT policy's samples, never "
+                  "seen by the judge), over the compared pairs whose gold differs:", "", *seed_table(rows, JUDGE_COLUMNS)]
     if any(r["bon_extrapolated"] for r in rows.values()):
         lines.append("\n\\* PPO's KL lies beyond best-of-16's: best-of-n's last segment extended.")
 
@@ -92,24 +110,52 @@ def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
+def compare(rows: dict[str, dict[int, dict]]) -> str:
+    """RLAIF beside RLHF on the same worlds: the judge's labels against the simulated labelers'."""
+    both = {seed: {"rm_hf": r["rm_acc"], "rm_ai": rows["judge"][seed]["rm_acc"], "gain_hf": r["ppo_gain"],
+                   "gain_ai": rows["judge"][seed]["ppo_gain"], "kl_hf": r["ppo_kl"], "kl_ai": rows["judge"][seed]["ppo_kl"],
+                   "ratio": rows["judge"][seed]["ppo_gain"] / r["ppo_gain"]}
+            for seed, r in rows["simulated"].items()}
+    cols = [("rm_hf", "RM acc, labelers", "{:.3f}"), ("rm_ai", "RM acc, judge", "{:.3f}"),
+            ("gain_hf", "PPO gain, labelers (sd)", "{:+.2f}"), ("gain_ai", "PPO gain, judge (sd)", "{:+.2f}"),
+            ("kl_hf", "PPO KL, labelers", "{:.2f}"), ("kl_ai", "PPO KL, judge", "{:.2f}"),
+            ("ratio", "RLAIF ÷ RLHF gain", "{:.2f}×")]
+    mean_ratio = statistics.mean(r["gain_ai"] for r in both.values()) / statistics.mean(r["gain_hf"] for r in both.values())
+    return "\n".join(["RLAIF (rankings from the judge, no labeler) beside RLHF (the simulated labelers), same world, "
+                      "prompts and budgets per seed:", "", *seed_table(both, cols), "",
+                      f"- [{'met' if mean_ratio >= TARGETS['rlaif_ratio'] else 'MISSED'}] RLAIF's mean PPO gold gain "
+                      f">= {TARGETS['rlaif_ratio']} x RLHF's: {mean_ratio:.2f}x"])
+
+
 def main() -> int:
     import ray
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/tiny_world.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--labels", nargs="+", choices=["judge", "simulated"], default=["simulated"],
+                    help="who ranks the answers; both: RLAIF beside RLHF on each seed's world (the judge's run first, "
+                         "so that it pays for building the world as well as the judge)")
     ap.add_argument("--out", default="runs/bench-tiny-world")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     out = Path(args.out)
-    rows = {}
+    labels = sorted(set(args.labels))                       # judge before simulated
+    rows: dict[str, dict[int, dict]] = {lab: {} for lab in labels}
     for seed in args.seeds:
-        cfg = load_config(args.config, [f"run.seed={seed}", f"run.output_dir={out}/seed{seed}",
-                                        f"pipeline.world_dir={out}/seed{seed}/world", *args.overrides])
-        s = run_pipeline(cfg)
-        rows[seed] = seed_row(s, cfg.pipeline.best_of_n)
-        ray.shutdown()                     # the next seed starts on a fresh local cluster
-        print(f"\nseed {seed} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
-    text = report(rows, args.config, args.overrides)
+        for lab in labels:
+            run = out / f"seed{seed}" / (lab if len(labels) > 1 else "")
+            cfg = load_config(args.config, [f"run.seed={seed}", f"run.output_dir={run}", f"pipeline.labels={lab}",
+                                            f"pipeline.world_dir={out}/seed{seed}/world", *args.overrides])
+            s = run_pipeline(cfg)
+            rows[lab][seed] = seed_row(s, cfg.pipeline.best_of_n)
+            ray.shutdown()                 # the next run starts on a fresh local cluster
+            print(f"\nseed {seed}, labels {lab} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[lab][seed].items()),
+                  flush=True)
+    parts = [(f"### Labels: {lab}\n\n" if len(labels) > 1 else "") + report(rows[lab], args.config, args.overrides)
+             for lab in labels]
+    if len(labels) > 1:
+        parts.append(compare(rows))
+    text = "\n\n".join(parts)
     (out / "benchmark.md").write_text(text + "\n")
     print("\nbenchmark: tiny world, " + ", ".join(map(str, args.seeds)) + "\n\n" + text)
     return 0

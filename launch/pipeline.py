@@ -47,6 +47,7 @@ from rlhf_ray.batch import build_rollout_batch, cat
 from rlhf_ray.config import Config, derive, dump_config, resolve_paths
 from rlhf_ray.data import DataError
 from rlhf_ray.gold import gold_score, simulated_ranking
+from rlhf_ray.judge import PairVerdict, agreement, label_ids
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prefs import games_per_prompt, leaderboard
@@ -78,6 +79,14 @@ class Judge:
     def rank(self, prompts: list[str], answers: list[list[str]], seed: int) -> list:
         from actors.judge import judge_rankings
         return judge_rankings(self.cfg, self.engines, self.tokenizer, prompts, answers, seed)
+
+    def scores(self, prompts: list[str], answers: list[str]) -> list[float]:
+        """Each answer's pointwise expected score (a failed call past its retries is a one-line error)."""
+        from actors.judge import JudgeClient, pointwise_scores
+        fmt = self.cfg.judge_format()
+        labels = label_ids(self.tokenizer, fmt.score_labels, "judge.score_labels")
+        return [s.score for s in pointwise_scores(JudgeClient(self.cfg.judge, self.engines), self.tokenizer, fmt,
+                                                  labels, prompts, answers, fallback=False)]
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -161,23 +170,40 @@ def judge_ranked(rows: list[dict], judge: Judge, seed: int) -> list[dict]:
     flipped with the order kept beside it."""
     for r, ranked in zip(rows, judge.rank([r["prompt"] for r in rows], [r["responses"] for r in rows], seed)):
         r.update(ranking=ranked.ranking, judge_strengths=ranked.strengths, judge_pairs=len(ranked.verdicts),
-                 judge_flips=sum(v.flipped for v in ranked.verdicts.values()))
+                 judge_flips=sum(v.flipped for v in ranked.verdicts.values()),
+                 judge_verdicts=[[a, b, v.p_first, v.p_second] for (a, b), v in sorted(ranked.verdicts.items())])
     return rows
 
 
+def judge_agreement(rows: list[dict], judge: Judge) -> dict:
+    """The judge against the hidden gold on the answers it ranked (the SFT policy's samples: it never saw one
+    while it learned): rlhf_ray/judge.py agreement, pointwise scores asked for the same answers."""
+    flat = judge.scores([r["prompt"] for r in rows for _ in r["responses"]], [a for r in rows for a in r["responses"]])
+    scores, i = [], 0
+    for r in rows:
+        scores.append(flat[i:i + len(r["responses"])])
+        i += len(r["responses"])
+    verdicts = [{(a, b): PairVerdict(pf, ps, (pf + ps) / 2, (pf > 0.5) != (ps > 0.5))
+                 for a, b, pf, ps in r["judge_verdicts"]} for r in rows]
+    return agreement([[gold_score(a) for a in r["responses"]] for r in rows], verdicts, scores)
+
+
 def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
-          judge: Judge | None = None) -> str:
+          judge: Judge | None = None) -> tuple[str, dict | None]:
     """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers, or by the judge;
-    written beside the prompts as <name>_rankings.jsonl."""
+    written beside the prompts as <name>_rankings.jsonl. Returns its path and, for the judge, its agreement with
+    gold on these answers."""
     pc = cfg.pipeline
     rows = answer_sets(cfg, sampler, tokenizer, read_prompts(prompts_path), pc.k, seed)
+    agreed = None
     if judge is None:
         rng = random.Random(seed + 1)
         for r in rows:
             r["ranking"] = simulated_ranking(r["responses"], rng, pc.labeler_noise)
     else:
         judge_ranked(rows, judge, seed)
-    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows))
+        agreed = judge_agreement(rows, judge)
+    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows)), agreed
 
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
@@ -320,17 +346,17 @@ def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
 
 def run_pipeline(cfg: Config) -> dict:
     from tqdm import tqdm
+    from rlhf_ray.preflight import judge_tokenizer
     cfg = resolve_paths(cfg.check_pipeline())    # every stage's settings, before the first one starts
-    if cfg.pipeline.labels == "judge":
-        from rlhf_ray.preflight import judge_tokenizer
-        judge_tokenizer(cfg)                       # the judge's model and labels, before hours of SFT
     pc = cfg.pipeline
+    world_judge = pc.labels == "judge" and not cfg.judge.model      # the world's stand-in judge, built below
+    if pc.labels == "judge" and not world_judge:
+        judge_tokenizer(cfg)                       # the judge's model and labels, before hours of SFT
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
-    dump_config(cfg, run_dir / "config.yaml")
     seconds, t_all = {}, time.perf_counter()
-    bar = tqdm(total=7, desc="pipeline", unit="stage", dynamic_ncols=True)
+    bar = tqdm(total=7 + world_judge, desc="pipeline", unit="stage", dynamic_ncols=True)
 
     def stage(name):
         bar.set_postfix_str(name)
@@ -347,6 +373,14 @@ def run_pipeline(cfg: Config) -> dict:
     base = str(world / "policy")
     data = make_task_data(run_dir / "data", cfg)
     done("pretrain", t0)
+    if world_judge:
+        from rlhf_ray.tiny_judge import TinyJudgeSpec, build_tiny_judge
+        t0 = stage("judge")      # taught gold on corpus text, no more answers than the labelers would rank
+        spec = TinyJudgeSpec(examples=pc.label_prompts * pc.k, seed=cfg.run.seed)
+        cfg = derive(cfg, {"judge.model": build_tiny_judge(world, cfg.judge_format(), spec)})
+        judge_tokenizer(cfg)
+        done("judge", t0)
+    dump_config(cfg, run_dir / "config.yaml")
 
     # the sampler engine and the evaluation reward model live beside each stage's actors (and the judge's
     # engines beside the sampler while labelling)
@@ -361,8 +395,8 @@ def run_pipeline(cfg: Config) -> dict:
     tokenizer = load_tokenizer(sft["model"])
     sampler = Sampler.start(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
     judge = Judge.start(cfg, run_dir, device) if pc.labels == "judge" else None
-    rankings = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
-    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5, judge)
+    rankings, judge_eval = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
+    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5, judge)[0]
                      if pc.monitor_prompts else None)
     if judge is not None:
         judge.shutdown()
@@ -405,6 +439,7 @@ def run_pipeline(cfg: Config) -> dict:
     table = summary_table(ev, board, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
     plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
     summary = {"eval": ev, "leaderboard": board, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
+               "labels": pc.labels, "judge_eval": judge_eval,
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
                             for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo)) if st},
                "monitor": monitor, "seconds": seconds,

@@ -315,7 +315,8 @@ class PipelineConfig:
     pretrain_steps: int = 300
     sft_examples: int = 1000           # instruction pairs cut from the corpus
     labels: Literal["simulated", "judge"] = "simulated"   # who ranks the K answers: the simulated labelers (noisy
-                                       # gold) or the LLM judge (the judge section; pairwise, both orders)
+                                       # gold) or the LLM judge (the judge section; pairwise, both orders; with
+                                       # judge.model "", the world's stand-in judge: rlhf_ray/tiny_judge.py)
     label_prompts: int = 256           # prompts whose K sampled answers are ranked
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
@@ -504,10 +505,8 @@ class Config:
         """The pipeline's every stage, before any starts: their rules (the pipeline makes their paths)."""
         for name in STAGES:
             self.check_stage(name, paths=False)
-        if self.pipeline.labels == "judge":
-            _need(bool(self.judge.model), "judge.model", "is required by pipeline.labels: judge "
-                  "(the judge's HF causal LM directory)")
-            self.judge_format()
+        if self.pipeline.labels == "judge":         # judge.model "": the tiny world's stand-in judge, built
+            self.judge_format()                      # beside the world (rlhf_ray/tiny_judge.py)
         return self.check_ppo(paths=False)
 
     def check_label(self) -> "Config":

@@ -150,3 +150,28 @@ def rank_answers(k: int, verdicts: dict[tuple[int, int], PairVerdict]) -> Rankin
     pairs = sorted(verdicts)                                              # this module's templates)
     strengths = fit_bradley_terry(k, pairs, wins=[verdicts[p].p for p in pairs])
     return Ranking(ranking_from_scores(strengths), strengths, dict(verdicts))
+
+
+def agreement(golds: list[list[float]], verdicts: list[dict[tuple[int, int], PairVerdict]],
+              scores: list[list[float]] | None = None) -> dict:
+    """How a judge agrees with a known score (the tiny world's gold) on the pairs it compared, per prompt: of the
+    pairs whose gold differs, the share each single-order verdict, their average and (given pointwise `scores`) the
+    pointwise scores order as gold does (a tied score counts half); and over all compared pairs, how often the two
+    single-order verdicts disagree (position bias deciding one of them)."""
+    right = {"first": 0.0, "second": 0.0, "averaged": 0.0, "pointwise": 0.0}
+    decided = compared = flips = 0
+    for i, pairs in enumerate(verdicts):
+        for (a, b), v in pairs.items():
+            compared += 1
+            flips += v.flipped
+            if golds[i][a] == golds[i][b]:
+                continue
+            decided += 1
+            a_better = golds[i][a] > golds[i][b]
+            for key, p in (("first", v.p_first), ("second", v.p_second), ("averaged", v.p)):
+                right[key] += 0.5 if p == 0.5 else float((p > 0.5) == a_better)
+            if scores is not None:
+                d = scores[i][a] - scores[i][b]
+                right["pointwise"] += 0.5 if d == 0 else float((d > 0) == a_better)
+    out = {f"pair_acc_{k}": v / max(decided, 1) for k, v in right.items() if k != "pointwise" or scores is not None}
+    return {**out, "flip_rate": flips / max(compared, 1), "pairs": compared, "pairs_gold_differs": decided}

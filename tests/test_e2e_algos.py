@@ -142,8 +142,8 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         # ranked from pairwise verdicts asked in both orders; the strengths are what HF's verdicts give
         few = tmp_path / "label_prompts.jsonl"
         few.write_text("".join(open(tiny_world["prompts"]).readlines()[:4]))
-        path = label(cfg, Sampler(actors.engines[0], tiny_world["policy"]), tok, str(few), tmp_path, 7,
-                     Judge(cfg, actors.judge.actors))
+        path, agreed = label(cfg, Sampler(actors.engines[0], tiny_world["policy"]), tok, str(few), tmp_path, 7,
+                             Judge(cfg, actors.judge.actors))
         ranked = [json.loads(line) for line in open(path)]
         assert ranked and path.endswith("label_rankings.jsonl")
         fmt = cfg.judge_format()
@@ -164,6 +164,15 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
                     lps.append(torch.log_softmax(judge(torch.tensor([ids])).logits[0, -1], -1)[verdict_ids].tolist())
             hf[(a, b)] = pair_verdict(*lps)
         assert rank_answers(len(r["responses"]), hf).strengths == pytest.approx(r["judge_strengths"], abs=1e-3)
+        # each verdict kept in the row, both orders, as HF's
+        assert [v[:2] for v in r["judge_verdicts"]] == sorted(hf)
+        for a, b, p_first, p_second in r["judge_verdicts"]:
+            assert (p_first, p_second) == pytest.approx((hf[(a, b)].p_first, hf[(a, b)].p_second), abs=1e-3)
+        # the judge against gold on these answers: counted over every compared pair, flips as the rows say
+        assert agreed["pairs"] == sum(x["judge_pairs"] for x in ranked)
+        assert agreed["flip_rate"] == pytest.approx(sum(x["judge_flips"] for x in ranked) / agreed["pairs"])
+        assert {"pair_acc_first", "pair_acc_second", "pair_acc_averaged", "pair_acc_pointwise"} <= set(agreed)
+        assert all(0 <= agreed[k] <= 1 for k in agreed if k.startswith("pair_acc_"))
 
         # `rlhf-ray label` on those answers, with judge engines of its own (on this cluster), ranks them the same
         sets = [f"label.responses={path}", f"label.output={tmp_path / 'cli' / 'ranked.jsonl'}", "run.seed=7",
