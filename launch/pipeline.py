@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -377,7 +378,12 @@ def run_pipeline(cfg: Config) -> dict:
         from rlhf_ray.tiny_judge import TinyJudgeSpec, build_tiny_judge
         t0 = stage("judge")      # taught gold on corpus text, no more answers than the labelers would rank
         spec = TinyJudgeSpec(examples=pc.label_prompts * pc.k, seed=cfg.run.seed)
-        cfg = derive(cfg, {"judge.model": build_tiny_judge(world, cfg.judge_format(), spec)})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)      # every core: Ray, and all else, starts after this stage
+        try:
+            cfg = derive(cfg, {"judge.model": build_tiny_judge(world, cfg.judge_format(), spec)})
+        finally:
+            torch.set_num_threads(threads)
         judge_tokenizer(cfg)
         done("judge", t0)
     dump_config(cfg, run_dir / "config.yaml")
