@@ -4,7 +4,8 @@
 
 Each seed is a whole world of its own: its own pretrained base model, tokenizer, data split, labeler noise and
 every stage's randomness (run.seed), built from scratch under runs/bench-tiny-world/seed<N>/. Prints, per seed
-and as mean ± sd over the seeds: RM (and monitor RM) held-out pairwise accuracy; held-out gold of SFT, PPO and
+and as mean ± sd over the seeds: RM (and monitor RM) held-out pairwise accuracy on the labels' rankings; the
+rankings' and the RM's agreement with gold (the RM on the monitor prompts' answers, which it never saw); held-out gold of SFT, PPO and
 DPO as gains in SFT standard deviations with their KL to SFT; best-of-n from SFT ranked by the RM (n = 2..16,
 KL log n - (n-1)/n); PPO's gain over best-of-n's at PPO's own KL (best-of-n's curve interpolated linearly in
 KL between n = 1, 2, 4, 8, 16); how the held-out monitor RM tracks gold over the PPO steps; wall time. Then
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -38,6 +40,48 @@ from rlhf_ray.metrics import interpolate_from_origin  # noqa: E402
 
 TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "ppo_kl": 2.0, "bon_ratio": 0.9,
            "total_seconds": 600, "rlaif_ratio": 0.9}
+
+
+def rm_gold_accuracy(run: Path, cfg) -> float:
+    """The trained reward model against gold, on answers it never trained on: the SFT policy's samples for the
+    monitor RM's prompts (disjoint from its own). Of each prompt's answer pairs whose gold differs, the share it
+    orders as gold does. The answers are scored as the RM stage scores them (rendered prompt, answer, EOS)."""
+    import torch
+    from rlhf_ray.gold import gold_score
+    from rlhf_ray.models import load_scalar_model, load_tokenizer
+    from rlhf_ray.prompts import render_prompt
+    rm, tok = load_scalar_model(str(run / "rm")), load_tokenizer(str(run / "rm"))
+    right = total = 0
+    for line in (run / "data" / "monitor_rankings.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        p = render_prompt(tok, row["prompt"], cfg.data.apply_chat_template, cfg.rm.max_len // 2)
+        with torch.no_grad():
+            v = [rm(input_ids=torch.tensor([(p + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                                            [:cfg.rm.max_len]])).logits.item() for r in row["responses"]]
+        g = [gold_score(r) for r in row["responses"]]
+        for a in range(len(g)):
+            for b in range(a + 1, len(g)):
+                if g[a] != g[b]:
+                    total += 1
+                    right += (v[a] > v[b]) == (g[a] > g[b])
+    return right / max(total, 1)
+
+
+def label_gold_accuracy(run: Path) -> float:
+    """The rankings the RM learned from, against gold: of each prompt's answer pairs whose gold differs, the share
+    the ranking orders as gold does (the labelers' noise, or the judge's errors)."""
+    from rlhf_ray.gold import gold_score
+    right = total = 0
+    for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        place = {answer: i for i, answer in enumerate(row["ranking"])}        # 0: best
+        g = [gold_score(r) for r in row["responses"]]
+        for a in range(len(g)):
+            for b in range(a + 1, len(g)):
+                if g[a] != g[b]:
+                    total += 1
+                    right += (place[a] < place[b]) == (g[a] > g[b])
+    return right / max(total, 1)
 
 
 def seed_row(s: dict, best_of: list[int]) -> dict:
@@ -66,7 +110,9 @@ def seed_row(s: dict, best_of: list[int]) -> dict:
 
 
 COLUMNS = [  # (key, header, format)
-    ("rm_acc", "RM acc", "{:.3f}"), ("monitor_acc", "monitor RM acc", "{:.3f}"), ("sft_gold", "SFT gold", "{:.3f}"),
+    ("label_gold_acc", "rankings vs gold", "{:.3f}"), ("rm_acc", "RM acc", "{:.3f}"),
+    ("rm_gold_acc", "RM acc vs gold", "{:.3f}"), ("monitor_acc", "monitor RM acc", "{:.3f}"),
+    ("sft_gold", "SFT gold", "{:.3f}"),
     ("ppo_gain", "PPO gain (sd)", "{:+.2f}"), ("ppo_kl", "PPO KL", "{:.2f}"), ("dpo_gain", "DPO gain", "{:+.2f}"),
     ("dpo_kl", "DPO KL", "{:.2f}"), ("bo2_gain", "bo2", "{:+.2f}"), ("bo4_gain", "bo4", "{:+.2f}"),
     ("bo8_gain", "bo8", "{:+.2f}"), ("bo16_gain", "bo16", "{:+.2f}"), ("bon_at_ppo_kl", "best-of-n at PPO's KL", "{:+.2f}"),
@@ -112,11 +158,13 @@ def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
 
 def compare(rows: dict[str, dict[int, dict]]) -> str:
     """RLAIF beside RLHF on the same worlds: the judge's labels against the simulated labelers'."""
-    both = {seed: {"rm_hf": r["rm_acc"], "rm_ai": rows["judge"][seed]["rm_acc"], "gain_hf": r["ppo_gain"],
+    both = {seed: {"lab_hf": r["label_gold_acc"], "lab_ai": rows["judge"][seed]["label_gold_acc"],
+                   "rm_hf": r["rm_gold_acc"], "rm_ai": rows["judge"][seed]["rm_gold_acc"], "gain_hf": r["ppo_gain"],
                    "gain_ai": rows["judge"][seed]["ppo_gain"], "kl_hf": r["ppo_kl"], "kl_ai": rows["judge"][seed]["ppo_kl"],
                    "ratio": rows["judge"][seed]["ppo_gain"] / r["ppo_gain"]}
             for seed, r in rows["simulated"].items()}
-    cols = [("rm_hf", "RM acc, labelers", "{:.3f}"), ("rm_ai", "RM acc, judge", "{:.3f}"),
+    cols = [("lab_hf", "rankings vs gold, labelers", "{:.3f}"), ("lab_ai", "rankings vs gold, judge", "{:.3f}"),
+            ("rm_hf", "RM acc vs gold, labelers", "{:.3f}"), ("rm_ai", "RM acc vs gold, judge", "{:.3f}"),
             ("gain_hf", "PPO gain, labelers (sd)", "{:+.2f}"), ("gain_ai", "PPO gain, judge (sd)", "{:+.2f}"),
             ("kl_hf", "PPO KL, labelers", "{:.2f}"), ("kl_ai", "PPO KL, judge", "{:.2f}"),
             ("ratio", "RLAIF ÷ RLHF gain", "{:.2f}×")]
@@ -137,6 +185,7 @@ def main() -> int:
                          "so that it pays for building the world as well as the judge)")
     ap.add_argument("--out", default="runs/bench-tiny-world")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--report-only", action="store_true", help="the report again from the runs' summary.json files")
     args = ap.parse_args()
     out = Path(args.out)
     labels = sorted(set(args.labels))                       # judge before simulated
@@ -146,9 +195,13 @@ def main() -> int:
             run = out / f"seed{seed}" / (lab if len(labels) > 1 else "")
             cfg = load_config(args.config, [f"run.seed={seed}", f"run.output_dir={run}", f"pipeline.labels={lab}",
                                             f"pipeline.world_dir={out}/seed{seed}/world", *args.overrides])
-            s = run_pipeline(cfg)
-            rows[lab][seed] = seed_row(s, cfg.pipeline.best_of_n)
-            ray.shutdown()                 # the next run starts on a fresh local cluster
+            if args.report_only:
+                s = json.loads((run / "summary.json").read_text())
+            else:
+                s = run_pipeline(cfg)
+                ray.shutdown()             # the next run starts on a fresh local cluster
+            rows[lab][seed] = {**seed_row(s, cfg.pipeline.best_of_n), "rm_gold_acc": rm_gold_accuracy(run, cfg),
+                               "label_gold_acc": label_gold_accuracy(run)}
             print(f"\nseed {seed}, labels {lab} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[lab][seed].items()),
                   flush=True)
     parts = [(f"### Labels: {lab}\n\n" if len(labels) > 1 else "") + report(rows[lab], args.config, args.overrides)

@@ -80,3 +80,44 @@ def test_templates_are_checked_and_filled():
         JudgeFormat(pointwise="Rate {prompt}")
     with pytest.raises(JudgeError, match="one value per label"):
         JudgeFormat(score_labels=(" 1", " 2"), score_values=(1.0,))
+
+
+def test_agreement_with_gold_per_order_averaged_pointwise_and_the_flip_rate():
+    from rlhf_ray.judge import agreement
+    golds = [[3.0, 1.0, 1.0]]                        # answer 0 best; 1 and 2 tie (their pair is not decided)
+    verdicts = [{(0, 1): pair_verdict([math.log(0.9), math.log(0.1)], [math.log(0.8), math.log(0.2)]),  # 0.9, 0.2
+                 (0, 2): pair_verdict([math.log(0.7), math.log(0.3)], [math.log(0.4), math.log(0.6)]),  # 0.7, 0.6
+                 (1, 2): pair_verdict([math.log(0.5), math.log(0.5)], [math.log(0.9), math.log(0.1)])}]
+    a = agreement(golds, verdicts, [[2.0, 2.0, 1.0]])
+    assert (a["pairs"], a["pairs_gold_differs"]) == (3, 2)
+    # first order right on both decided pairs; second order wrong on (0, 1) (0.2 for a), right on (0, 2) (0.6);
+    # averaged 0.55 and 0.65: both right; pointwise: (0, 1) tied (half), (0, 2) right
+    assert (a["pair_acc_first"], a["pair_acc_second"], a["pair_acc_averaged"]) == pytest.approx((1.0, 0.5, 1.0))
+    assert a["pair_acc_pointwise"] == pytest.approx(0.75)
+    assert a["flip_rate"] == pytest.approx(1 / 3)      # only (0, 1) flipped; (1, 2) at 0.5 then 0.1 says "b" twice
+    assert "pair_acc_pointwise" not in agreement(golds, verdicts)
+
+
+def test_the_stand_in_judge_learns_from_corpus_answers_only_and_no_more_than_it_is_allowed():
+    import random
+    from rlhf_ray.gold import gold_score
+    from rlhf_ray.tiny import corpus_text
+    from rlhf_ray.tiny_judge import corpus_answers, pairwise_examples, pointwise_examples, quantile_values, two_hot
+    assert quantile_values([0.0, 2.0, 0.0, 5.0]) == pytest.approx([1 / 6, 2 / 3, 1 / 6, 1.0])   # ties: mean rank
+    assert two_hot(0.0, 5) == [1, 0, 0, 0, 0] and two_hot(1.0, 5) == [0, 0, 0, 0, 1]
+    assert two_hot(0.6, 5) == pytest.approx([0, 0, 0.6, 0.4, 0])               # expectation 2.4 of 0..4
+    rows = corpus_answers(200, seed=3)
+    assert len(rows) == 200 and rows == corpus_answers(200, seed=3)          # seeded
+    text = " ".join(corpus_text().split())
+    assert all(p.startswith("Continue: ") and a in text for p, a in rows)   # answers are corpus text, verbatim
+    fmt = JudgeFormat(pointwise="R: {prompt} A: {response} S:", pairwise="R: {prompt} A: {a} B: {b} V:",
+                      score_labels=tuple("12345"))
+    golds = [gold_score(a) for _, a in rows]
+    point = pointwise_examples(fmt, rows, golds)
+    assert len(point) == 200 and all(sum(t) == pytest.approx(1) for _, t in point)
+    best = max(range(200), key=lambda i: golds[i])
+    assert point[best][1][-1] > 0 and point[best][0] == f"R: {rows[best][0]} A: {rows[best][1]} S:"
+    pairs = pairwise_examples(fmt, rows, golds, 50, random.Random(0))
+    assert len(pairs) == 100
+    for (q1, t1), (q2, t2) in zip(pairs[::2], pairs[1::2]):                  # each pair in both orders, targets swap
+        assert t1 == t2[::-1] and t1 in ([1.0, 0.0], [0.0, 1.0]) and q1 != q2
