@@ -88,10 +88,12 @@ def seed_row(rows: list[dict]) -> dict:
 
 
 COLUMNS = [("gold_first", f"gold, first {EDGE} steps", "{:.3f}"), ("gold_last", f"gold, last {EDGE}", "{:.3f}"),
-           ("judge_first", f"judge score, first {EDGE}", "{:.2f}"), ("judge_last", f"judge score, last {EDGE}", "{:.2f}"),
+           ("judge_first", f"judge score, first {EDGE}", "{:.2f}"),
+           ("judge_last", f"judge score, last {EDGE}", "{:.2f}"),
            ("answers_per_s", "judge answers / s", "{:.0f}"), ("judge_s", "judge s / step", "{:.3f}"),
            ("step_s", "step s", "{:.2f}"), ("share", "judge's share of the step", "{:.2f}"),
-           ("mass", "mass on labels", "{:.3f}"), ("fallbacks", "fallbacks", "{:.0f}"), ("kl", "KL to ref, last", "{:.2f}")]
+           ("mass", "mass on labels", "{:.3f}"), ("fallbacks", "fallbacks", "{:.0f}"),
+           ("kl", "KL to ref, last", "{:.2f}")]
 
 
 def report(rows: dict[int, dict], a) -> str:

@@ -5,8 +5,8 @@
 Each seed is a whole world of its own: its own pretrained base model, tokenizer, data split, labeler noise and
 every stage's randomness (run.seed), built from scratch under runs/bench-tiny-world/seed<N>/. Prints, per seed
 and as mean ± sd over the seeds: RM (and monitor RM) held-out pairwise accuracy on the labels' rankings; the
-rankings' and the RM's agreement with gold (the RM on the monitor prompts' answers, which it never saw); held-out gold of SFT, PPO and
-DPO as gains in SFT standard deviations with their KL to SFT; best-of-n from SFT ranked by the RM (n = 2..16,
+rankings' and the RM's agreement with gold (the RM on the monitor prompts' answers, which it never saw); held-out
+gold of SFT, PPO and DPO as gains in SFT standard deviations with their KL to SFT; best-of-n from SFT ranked by the RM (n = 2..16,
 KL log n - (n-1)/n); PPO's gain over best-of-n's at PPO's own KL (best-of-n's curve interpolated linearly in
 KL between n = 1, 2, 4, 8, 16); how the held-out monitor RM tracks gold over the PPO steps; wall time. Then
 each target as met or missed, the machine and the date. The whole report is also written to
@@ -133,7 +133,8 @@ def report(rows: dict[int, dict], cfg, argv: list[str]) -> str:
     lines = seed_table(rows, cols, mark=lambda k, r: "*" if k == "bon_at_ppo_kl" and r["bon_extrapolated"] else "")
     if all("judge_avg" in r for r in rows.values()):
         lines += ["", "The judge's agreement with gold on the label stage's answers (the SFT policy's samples, never "
-                  "seen by the judge), over the compared pairs whose gold differs:", "", *seed_table(rows, JUDGE_COLUMNS)]
+                  "seen by the judge), over the compared pairs whose gold differs:", "",
+                  *seed_table(rows, JUDGE_COLUMNS)]
     if any(r["bon_extrapolated"] for r in rows.values()):
         lines.append("\n\\* PPO's KL lies beyond best-of-16's: best-of-n's last segment extended.")
 

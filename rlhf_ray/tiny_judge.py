@@ -86,7 +86,8 @@ def two_hot(value: float, n: int) -> list[float]:
     return [1.0 - w if i == lo else w if i == lo + 1 else 0.0 for i in range(n)]
 
 
-def pointwise_examples(fmt: JudgeFormat, rows: list[tuple[str, str]], golds: list[float]) -> list[tuple[str, list[float]]]:
+def pointwise_examples(fmt: JudgeFormat, rows: list[tuple[str, str]],
+                       golds: list[float]) -> list[tuple[str, list[float]]]:
     """(question, target over the score labels): each answer's gold quantile as a two-hot value in [1, n]."""
     n = len(fmt.score_labels)
     return [(pointwise_text(fmt, p, a), two_hot(q, n)) for (p, a), q in zip(rows, quantile_values(golds))]
