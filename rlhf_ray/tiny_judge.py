@@ -123,6 +123,11 @@ def _label_loss(model, batch: list[list[int]], targets: torch.Tensor, label_ids:
     return -(targets * logp).sum(-1).mean()
 
 
+def judge_recipe(spec: TinyJudgeSpec, fmt: JudgeFormat) -> dict:
+    """What a built judge is reused for: its spec and format, as JSON reads them back (tuples as lists)."""
+    return json.loads(json.dumps({"spec": asdict(spec), "format": asdict(fmt)}))
+
+
 def build_tiny_judge(world_dir: str | Path, fmt: JudgeFormat, spec: TinyJudgeSpec | None = None,
                      out: str | Path | None = None, log=print) -> str:
     """Build the stand-in judge under `out` (default <world_dir>/judge) with the world's tokenizer; reuse it when
@@ -130,7 +135,7 @@ def build_tiny_judge(world_dir: str | Path, fmt: JudgeFormat, spec: TinyJudgeSpe
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     spec = spec or TinyJudgeSpec()
     out = Path(out or Path(world_dir) / "judge")
-    recipe = {"spec": asdict(spec), "format": asdict(fmt)}
+    recipe = judge_recipe(spec, fmt)
     made = out / "judge_recipe.json"
     if made.is_file() and json.loads(made.read_text()) == recipe:
         return str(out)

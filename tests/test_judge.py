@@ -121,3 +121,14 @@ def test_the_stand_in_judge_learns_from_corpus_answers_only_and_no_more_than_it_
     assert len(pairs) == 100
     for (q1, t1), (q2, t2) in zip(pairs[::2], pairs[1::2]):                  # each pair in both orders, targets swap
         assert t1 == t2[::-1] and t1 in ([1.0, 0.0], [0.0, 1.0]) and q1 != q2
+
+
+def test_a_built_judge_is_reused_only_for_the_recipe_it_was_built_from():
+    import json
+    from rlhf_ray.tiny_judge import TinyJudgeSpec, judge_recipe
+    fmt = JudgeFormat(score_labels=tuple("12345"))
+    recipe = judge_recipe(TinyJudgeSpec(seed=1), fmt)
+    assert json.loads(json.dumps(recipe)) == recipe                  # what judge_recipe.json reads back matches
+    assert judge_recipe(TinyJudgeSpec(seed=2), fmt) != recipe
+    other = JudgeFormat(score_labels=tuple("12345"), verdict_labels=("A", "B"))
+    assert judge_recipe(TinyJudgeSpec(seed=1), other) != recipe
