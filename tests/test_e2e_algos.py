@@ -165,7 +165,7 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
             hf[(a, b)] = pair_verdict(*lps)
         assert rank_answers(len(r["responses"]), hf).strengths == pytest.approx(r["judge_strengths"], abs=1e-3)
         # each verdict kept in the row, both orders, as HF's
-        assert [v[:2] for v in r["judge_verdicts"]] == sorted(hf)
+        assert [tuple(v[:2]) for v in r["judge_verdicts"]] == sorted(hf)
         for a, b, p_first, p_second in r["judge_verdicts"]:
             assert (p_first, p_second) == pytest.approx((hf[(a, b)].p_first, hf[(a, b)].p_second), abs=1e-3)
         # the judge against gold on these answers: counted over every compared pair, flips as the rows say

@@ -1,9 +1,7 @@
 """The tiny-world pipeline end to end with small counts: every stage on the real actor machinery (Ray,
 DeepSpeed ZeRO over 2 ranks, vLLM), each handing its HF checkpoint to the next (SFT -> reward model from K-way
 rankings -> PPO, and DPO at ZeRO-3); SFT, the reward model and DPO learned on held-out data, PPO and DPO moved
-away from SFT; summary, leaderboard, curves and gold monitor written. The rankings come from the world's stand-in
-LLM judge (RLAIF: built beside the world, served by a vLLM engine of its own), which agrees with the hidden gold
-better than chance on answers it never saw. Slow."""
+away from SFT; summary, leaderboard, curves and gold monitor written. Slow."""
 import json
 import math
 
@@ -27,8 +25,7 @@ def test_pipeline_small(tiny_world, tmp_path):
         "pipeline.eval_prompts=16", "pipeline.best_of_n=[2,4]", "sft.epochs=1", "dpo.epochs=1",
         "dpo.trainer.zero_stage=3",
         "train.steps=3", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
-        "placement.share_process=[[engine, reference, reward]]",      # PPO: two processes fewer to start
-        "pipeline.labels=judge", "judge.max_pairs=8"])                  # the world's judge: built from 128 x 8 answers
+        "placement.share_process=[[engine, reference, reward]]"])     # PPO: two processes fewer to start
     s = run_pipeline(cfg)
     run = tmp_path / "run"
     held = s["held_out"]
@@ -65,12 +62,5 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert (run / "ppo_curves.png").stat().st_size > 10_000
     rankings = [json.loads(line) for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines()]
     assert rankings and all(sorted(r["ranking"]) == list(range(cfg.pipeline.k)) for r in rankings)
-    # ranked by the judge (8 pairs a prompt, both orders, each verdict kept), built beside the world and recorded
-    assert all(len(r["judge_verdicts"]) == r["judge_pairs"] == 8 for r in rankings)
-    assert (tmp_path / "world" / "judge" / "judge_recipe.json").is_file()
-    assert f"model: {tmp_path / 'world' / 'judge'}" in (run / "config.yaml").read_text()
-    j = s["judge_eval"]
-    assert j["pairs"] == 8 * len(rankings) and 0 <= j["flip_rate"] < 0.5, j
-    assert j["pair_acc_averaged"] > 0.6 and j["pair_acc_pointwise"] > 0.6, j     # it learned gold, elsewhere
     for stage in ("sft", "rm", "dpo"):
         assert (run / stage / "model.safetensors").is_file()

@@ -132,3 +132,46 @@ def test_a_built_judge_is_reused_only_for_the_recipe_it_was_built_from():
     assert judge_recipe(TinyJudgeSpec(seed=2), fmt) != recipe
     other = JudgeFormat(score_labels=tuple("12345"), verdict_labels=("A", "B"))
     assert judge_recipe(TinyJudgeSpec(seed=1), other) != recipe
+
+
+@pytest.mark.slow
+def test_the_stand_in_judge_learns_gold_from_corpus_text_and_judges_answers_it_never_saw(tiny_world, tmp_path):
+    """A small stand-in judge (1,024 gold-scored corpus answers) built beside the session's world, saved as an HF
+    directory any engine opens, reused for the same recipe; on other corpus answers its pointwise scores and its
+    pairwise verdicts (both orders averaged) order pairs as gold does more often than chance."""
+    import os
+    import random
+    import torch
+    from rlhf_ray.gold import gold_score
+    from rlhf_ray.models import load_causal_lm, load_tokenizer
+    from rlhf_ray.tiny_judge import TinyJudgeSpec, build_tiny_judge, corpus_answers
+    world = os.path.dirname(tiny_world["policy"])
+    fmt = JudgeFormat(pointwise="Request: {prompt}\nAnswer: {response}\nRating:",
+                      pairwise="Request: {prompt}\nA: {a}\nB: {b}\nBetter:", score_labels=tuple("12345"))
+    spec = TinyJudgeSpec(examples=1024)
+    out = build_tiny_judge(world, fmt, spec, out=tmp_path / "judge", log=lambda *_: None)
+    stamp = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    assert build_tiny_judge(world, fmt, spec, out=tmp_path / "judge") == out          # the same recipe: reused
+    assert os.path.getmtime(os.path.join(out, "model.safetensors")) == stamp
+    judge, tok = load_causal_lm(out), load_tokenizer(out)
+    scores, verdicts = label_ids(tok, fmt.score_labels, "s"), label_ids(tok, fmt.verdict_labels, "v")
+
+    def next_logprobs(text, labels):
+        with torch.no_grad():
+            logits = judge(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+        return torch.log_softmax(logits, -1)[labels].tolist()
+
+    rows = corpus_answers(120, seed=12345)                                      # not the judge's own draw
+    rng = random.Random(0)
+    pairs = [(i, j) for i, j in (rng.sample(range(len(rows)), 2) for _ in range(60))
+             if gold_score(rows[i][1]) != gold_score(rows[j][1])]
+    point = [expected_score(next_logprobs(pointwise_text(fmt, *r), scores), fmt.score_values).score for r in rows]
+    right_point = right_pair = 0
+    for i, j in pairs:
+        gold_says = gold_score(rows[i][1]) > gold_score(rows[j][1])
+        right_point += (point[i] > point[j]) == gold_says
+        v = pair_verdict(next_logprobs(pairwise_text(fmt, rows[i][0], rows[i][1], rows[j][1]), verdicts),
+                         next_logprobs(pairwise_text(fmt, rows[i][0], rows[j][1], rows[i][1]), verdicts))
+        right_pair += (v.p > 0.5) == gold_says
+    assert len(pairs) > 40 and right_point / len(pairs) > 0.65 and right_pair / len(pairs) > 0.6, \
+        (right_point, right_pair, len(pairs))
