@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -85,27 +86,122 @@ class Engine(RankActor):
         self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=2), use_tqdm=False)
         self._mark("warmed_up")
 
-    @busy
-    def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> list[Sample]:
-        """n samples per prompt, flattened prompt-major: len(prompts) * n of them, each stamped with the policy
-        update whose weights sampled it."""
+    def _sample(self, prompt_token_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int],
+                temperature: float, top_p: float, seed: int, stop_token_ids: list[int] | None = None) -> list:
+        """vLLM's completions, n per prompt, prompt-major: (ids, logprobs, finish_reason, stop_reason) each.
+        A list of max_tokens gives each prompt its own."""
         from vllm import SamplingParams
         # Per-request seeds break the CPU build on chunked prefill (vLLM calls set_offset on a CPU generator:
         # "CPU Generator does not use offset"); there the workers' default generator is reseeded per call
         # instead, so each call's samples depend on its seed only, not on what the engine sampled before.
         if self.device != "cuda":
             self.llm.collective_rpc("rlhf_reseed", args=(seed,))
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                                seed=seed if self.device == "cuda" else None, detokenize=False)   # ids suffice
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
-        samples = []
-        for o in outs:
-            for c in o.outputs:
-                ids = list(c.token_ids)
-                samples.append(Sample(ids=ids, logprobs=[d[t].logprob for d, t in zip(c.logprobs, ids)],
-                                      finished=c.finish_reason == "stop", version=self.version))
-        return samples
+
+        def params(m: int, k: int):
+            return SamplingParams(n=k, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0,
+                                  seed=seed if self.device == "cuda" else None, detokenize=False,   # ids suffice
+                                  **({"stop_token_ids": stop_token_ids} if stop_token_ids else {}))
+        per = ([params(m, n) for m in max_tokens] if isinstance(max_tokens, list) else params(max_tokens, n))
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], per, use_tqdm=False)
+        return [(list(c.token_ids), [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)], c.finish_reason,
+                 c.stop_reason) for o in outs for c in o.outputs]
+
+    @busy
+    def generate(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> list[Sample]:
+        """n samples per prompt, flattened prompt-major: len(prompts) * n of them, each stamped with the policy
+        update whose weights sampled it."""
+        return [Sample(ids=ids, logprobs=lps, finished=reason == "stop", version=self.version)
+                for ids, lps, reason, _ in self._sample(prompt_token_ids, n, max_tokens, temperature, top_p, seed)]
+
+    @busy
+    def episodes(self, prompt_token_ids: list[list[int]], rows: list[dict], n: int, max_tokens: int,
+                 temperature: float, top_p: float, seed: int, env, stop_ids: list[int], workers: list) -> list[Sample]:
+        """n multi-turn episodes per prompt (rlhf_ray/env.py), prompt-major, token in, token out: generate a turn
+        (until a stop token of env.turn_stop, EOS, or the turn's or episode's token budget), hand it to the
+        episode's environment worker, append the observation's ids, go on, until the environment says done, EOS,
+        env.max_turns or max_tokens (turns and observations together). `env`: the env section; `stop_ids`: its
+        turn_stop tokens; `workers`: the environment workers (episode i goes to worker i mod their number). Its
+        busy time counts generation only, not the waits on the environments (theirs: time/busy/env)."""
+        from rlhf_ray.env import Episode
+        E, per_turn = len(prompt_token_ids) * n, env.max_turn_tokens or max_tokens
+        eps = [Episode() for _ in range(E)]
+        context = [list(prompt_token_ids[i // n]) for i in range(E)]
+        keys = [f"{seed}/{i}" for i in range(E)]
+        worker = [workers[i % len(workers)] for i in range(E)]
+
+        def ask(calls: dict) -> dict:
+            """{episode: ObjectRef} -> {episode: answer}, each within env.timeout_s of now; one that is late is
+            {"timeout": True}, one whose worker died {"error": ...}."""
+            t0 = time.perf_counter()
+            refs = list(calls.values())
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=env.timeout_s)
+            ready, out = set(ready), {}
+            for i, ref in calls.items():
+                try:
+                    out[i] = ray.get(ref) if ref in ready else {"timeout": True}
+                except ray.exceptions.RayActorError:
+                    raise          # a dead worker fails the rollout: the driver replaces it and replays the step
+                except ray.exceptions.RayError as e:
+                    out[i] = {"error": f"environment worker failed: {type(e).__name__}"}
+            self._busy["episodes"] -= time.perf_counter() - t0     # waiting on environments is not generating
+            return out
+
+        def failed(ep, answer: dict) -> bool:
+            """An environment that raised, answered garbage or timed out ends its episode with env.error_reward."""
+            if "error" in answer or "timeout" in answer:
+                ep.ended = "timeout" if "timeout" in answer else "error"
+                ep.error = answer.get("error")
+                ep.reward_turn(env.error_reward)
+                return True
+            return False
+
+        def observe(i: int, obs: list[int] | None) -> None:
+            room = max_tokens - len(eps[i].ids)
+            if obs:
+                eps[i].add_observation(obs[:room])
+                context[i] += obs[:room]
+            if len(eps[i].ids) >= max_tokens:
+                eps[i].ended = "length"
+
+        for i, answer in ask({i: worker[i].reset.remote(keys[i], rows[i // n]) for i in range(E)}).items():
+            if not failed(eps[i], answer):
+                observe(i, answer["obs"])
+        for turn in range(env.max_turns):
+            live = [i for i in range(E) if eps[i].ended is None]
+            if not live:
+                break
+            turn_seed = derive_seed(seed, "turn", turn)
+            if turn == 0 and not any(ep.ids for ep in eps):
+                # nothing observed yet: the first turn is exactly the single-turn sampling call (n per prompt)
+                drawn = self._sample(prompt_token_ids, n, per_turn, temperature, top_p, seed, stop_ids)
+            else:
+                budget = [min(per_turn, max_tokens - len(eps[i].ids)) for i in live]
+                drawn = self._sample([context[i] for i in live], 1, budget, temperature, top_p, turn_seed,
+                                     stop_ids)
+            ended_by_model = {}
+            for i, (ids, lps, reason, stop) in zip(live, drawn):
+                eps[i].add_turn(ids, lps)
+                context[i] += ids
+                ended_by_model[i] = reason == "stop" and stop is None          # EOS: the model ended the episode
+            for i, answer in ask({i: worker[i].step.remote(keys[i], d[0]) for i, d in zip(live, drawn)}).items():
+                ep = eps[i]
+                if failed(ep, answer):
+                    continue
+                ep.reward_turn(answer["reward"])
+                for k, v in answer["metrics"].items():
+                    ep.metrics[k] = ep.metrics.get(k, 0.0) + v
+                if answer["done"] or ended_by_model[i]:
+                    ep.ended = "done" if answer["done"] else "eos"
+                    continue
+                observe(i, answer["obs"])
+                if ep.ended is None and turn == env.max_turns - 1:
+                    ep.ended = "turns"
+        for w in workers:
+            w.close.remote([k for k, ww in zip(keys, worker) if ww is w])
+        return [Sample(ids=ep.ids, logprobs=ep.logprobs, finished=ep.ended in ("done", "eos"), version=self.version,
+                       action=ep.action, token_rewards=ep.token_rewards(), episode=ep.summary())
+                for ep in eps]
 
     @busy
     def prompt_logprobs(self, token_ids: list[list[int]], starts: list[int]) -> list[list[float]]:

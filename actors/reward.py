@@ -1,7 +1,8 @@
 """The reward actor: scores each whole (prompt, response) with every configured source and sums
 weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`), an
 HTTP scorer (rlhf_ray/rewards.py) or an LLM judge on engines of its own (actors/judge.py); rule, remote and judge
-sources see the decoded texts. A held-out monitor reward
+sources see the decoded texts. An environment's rewards (kind env) arrive with the rollout, per turn: its column
+here is 0 and the driver fills it. A held-out monitor reward
 model (models.monitor), when configured, is scored beside them and never enters the sum."""
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ class Reward(FrozenRole):
     def _load_sources(self) -> None:
         cfg = self.cfg
         for i, src in enumerate(self.sources):
-            if src.kind == "model":
+            if src.kind == "env":            # scored during the rollout, per turn: its column is the driver's
+                self.scorers.append(("env", None))
+            elif src.kind == "model":
                 self._before_load()
                 model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
                                           f"reward.sources[{i}]", cfg.train.attn_implementation)
@@ -79,6 +82,9 @@ class Reward(FrozenRole):
         keyword lists."""
         cols, texts = [], None
         for kind, scorer in self.scorers:
+            if kind == "env":
+                cols.append(torch.zeros(len(shard(batch, self.rank, self.world_size))))
+                continue
             if kind == "model":
                 cols.append(self._model_scores(scorer, batch))
                 continue

@@ -28,7 +28,8 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
     needed = max(cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
                  + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
                  + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine
-                 + (cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if cfg.needs_judge() else 0),
+                 + (cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if cfg.needs_judge() else 0)
+                 + (cfg.env.num_workers * cfg.env.cpus_per_worker if cfg.needs_env() else 0),
                  *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
     num_cpus = cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1)
@@ -115,6 +116,7 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     from actors.group import PlacementError
     from rlhf_ray.config import ConfigError, load_config
     from rlhf_ray.data import DataError
+    from rlhf_ray.env import EnvError
     from rlhf_ray.models import ModelLoadError
     from rlhf_ray.rewards import RewardSourceError
     ap = argparse.ArgumentParser(prog=prog, description=description)
@@ -131,7 +133,7 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     except ray.exceptions.RayError as e:     # first: Ray re-raises an actor's exception as a subclass of both
         print(f"error: {actor_error_line(e)}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, ModelLoadError, RewardSourceError) as e:
+    except (ConfigError, DataError, ModelLoadError, RewardSourceError, EnvError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RunError, PlacementError) as e:

@@ -21,6 +21,7 @@ import torch
 
 from actors.critic import CriticActor
 from actors.engine import Engine, EngineActor
+from actors.env import EnvWorkerActor
 from actors.group import RankGroup, SharedPlacement
 from actors.host import RoleHostActor, RoleView
 from actors.policy import PolicyActor
@@ -36,6 +37,7 @@ from rlhf_ray.batch import (RewardScores, RolloutBatch, cat, first_rollouts, mer
                             rollout_from_samples, split_round_robin)
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream
+from rlhf_ray.env import env_stop_ids, episode_metrics
 from rlhf_ray.guard import DivergenceGuard
 from rlhf_ray.metrics import MetricsLogger, process_started_at, startup_report
 from rlhf_ray.prompts import render_prompts
@@ -55,6 +57,7 @@ class Actors:
     engine_group: RankGroup
     placements: list = field(default_factory=list)   # shared placement groups of colocated roles
     judge: RankGroup | None = None    # the LLM judge's engines (a reward source of kind judge), weights never synced
+    env: RankGroup | None = None      # environment workers of multi-turn rollouts (env.cls)
 
     @property
     def engines(self) -> list:
@@ -64,7 +67,7 @@ class Actors:
         """Every role's rank group, by role."""
         return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
                 "reference": self.reference, "reward": self.reward, "engine": self.engine_group,
-                **({"judge": self.judge} if self.judge else {})}
+                **({"judge": self.judge} if self.judge else {}), **({"env": self.env} if self.env else {})}
 
     def attach_judge(self) -> None:
         """The reward ranks' judge sources get the judge engines' handles: at start and after any replacement."""
@@ -87,6 +90,8 @@ def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | Non
     if role in ("engine", "judge"):
         e = cfg.engine if role == "engine" else cfg.judge.engine
         return e.num_engines, e.cpus_per_engine, e.gpus_per_engine * e.tensor_parallel_size, e.node_resource
+    if role == "env":
+        return cfg.env.num_workers, cfg.env.cpus_per_worker, 0.0, None
     rc = getattr(cfg, role)
     return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
 
@@ -141,12 +146,13 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
     judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
-    every = (policy, critic, reference, reward, engines, judge)
+    env_workers = group(EnvWorkerActor, "env") if cfg.needs_env() else None
+    every = (policy, critic, reference, reward, engines, judge, env_workers)
     for g in every:
         if g:
             g.wait()
     ray.get([a.ready.remote() for g in every if g for a in g.actors])
-    actors = Actors(policy, critic, reference, reward, engines, placements, judge)
+    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers)
     actors.attach_judge()
     return actors
 
@@ -182,29 +188,41 @@ class Rollout:
     stream_state: dict                # the prompt stream's position before this rollout drew its prompts
 
 
-def start_rollout(cfg: Config, engines: list, tokenizer, stream: PromptStream, step: int) -> Rollout:
-    """Draw the step's prompts and split them over the engines, n samples each; returns without waiting. The
-    sampling seed derives from (run seed, step, engine), so when a rollout starts does not change its samples."""
+def start_rollout(cfg: Config, actors: Actors, tokenizer, stream: PromptStream, step: int) -> Rollout:
+    """Draw the step's prompts and split them over the engines, n samples (or, with env.cls, n multi-turn episodes)
+    each; returns without waiting. The sampling seed derives from (run seed, step, engine), so when a rollout
+    starts does not change its samples."""
     state, rows, g = stream.state(), stream.next(), cfg.generation
-    keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards, one entry per sample
+    keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards and environments, one entry per sample
     prompts = [r["prompt"] for r in rows] if keys else rows
     ids = render_prompts(tokenizer, prompts, cfg.data)
-    refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p,
-                              derive_seed(cfg.run.seed, "sample", step, i))
-            for i, (e, part) in enumerate(zip(engines, split_round_robin(ids, len(engines)))) if part]
+    engines = actors.engines
+    if actors.env:
+        fields = [r if keys else {"prompt": r} for r in rows]
+        stop = env_stop_ids(tokenizer, cfg.env.turn_stop)
+        refs = [e.episodes.remote(part, rows_part, g.n, g.max_new_tokens, g.temperature, g.top_p,
+                                  derive_seed(cfg.run.seed, "sample", step, i), cfg.env, stop, actors.env.actors)
+                for i, (e, part, rows_part) in enumerate(zip(engines, split_round_robin(ids, len(engines)),
+                                                             split_round_robin(fields, len(engines)))) if part]
+    else:
+        refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p,
+                                  derive_seed(cfg.run.seed, "sample", step, i))
+                for i, (e, part) in enumerate(zip(engines, split_round_robin(ids, len(engines)))) if part]
     return Rollout(step, ids, [p for p in prompts for _ in range(g.n)],
                    {k: [r[k] for r in rows for _ in range(g.n)] for k in keys}, refs, state)
 
 
-def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> RolloutBatch:
-    """Wait for a rollout: one padded batch (prompt-major) with each sample's weight version. An engine's
-    failure becomes a one-line RolloutError, never a hang."""
+def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> tuple[RolloutBatch, list[dict] | None]:
+    """Wait for a rollout: one padded batch (prompt-major) with each sample's weight version, and for multi-turn
+    episodes each one's summary (rlhf_ray/env.py Episode.summary; None single-turn). An engine's failure becomes a
+    one-line RolloutError, never a hang."""
     try:
         parts = ray.get(rollout.refs)
     except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
         raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {cause_line(e)}") from None
     samples = merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
-    return rollout_from_samples([p for p in rollout.prompt_ids for _ in range(cfg.generation.n)], samples, pad_id)
+    batch = rollout_from_samples([p for p in rollout.prompt_ids for _ in range(cfg.generation.n)], samples, pad_id)
+    return batch, [s["episode"] for s in samples] if samples and "episode" in samples[0] else None
 
 
 def rollout_done(rollout: Rollout | None) -> None:
@@ -280,7 +298,7 @@ def restore(run: "Run", latest: Path | None, push: bool) -> tuple[int, Rollout |
         run.sync.push(version=step)
     rollout = resumed_rollout(latest, run.stream) if latest is not None else None
     if rollout is None and step < cfg.train.steps:
-        rollout = start_rollout(cfg, run.actors.engines, run.tokenizer, run.stream, step + 1)
+        rollout = start_rollout(cfg, run.actors, run.tokenizer, run.stream, step + 1)
     return step, rollout
 
 
@@ -381,18 +399,19 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     # 1. rollout: this step's samples, stamped with the weight version that drew them. With rollout.max_staleness
     #    1 the next step's sampling starts now, on the same weights, while the trainers work on this one
     with timer("rollout_wait"):
-        batch = collect_rollout(cfg, rollout, run.tokenizer.pad_token_id)
+        batch, episodes = collect_rollout(cfg, rollout, run.tokenizer.pad_token_id)
         if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
             ray.get([e.sleep.remote() for e in actors.engines])
     if overlap:
-        next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
+        next_rollout = start_rollout(cfg, actors, run.tokenizer, run.stream, step + 1)
     staleness = (step - 1) - batch.version         # policy updates between the sampling weights and this step's
     if int(staleness.max()) > cfg.rollout.max_staleness:
         raise RunError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
     batch_ref = ray.put(batch)
 
     # 2. score, in parallel on their actors: policy (old) and reference logprobs, critic values (GAE only),
-    #    rewards from every source (reward models, rules, remote scorers), weighted and summed
+    #    rewards from every source (reward models, rules, remote scorers), weighted and summed; an environment's
+    #    came with the rollout, per turn
     with timer("score"):
         ref_refs = actors.reference.call("logprobs", batch_ref)
         reward_refs = actors.reward.call("scores", batch_ref, rollout.prompts, rollout.extras)
@@ -403,6 +422,7 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
         old_logprobs = torch.cat(ray.get(old_refs)) if old_refs else batch.sample_logprobs   # reused: the engines'
         values = torch.cat(ray.get(value_refs)) if value_refs else None
         scores = run.norm(missing_eos_penalty(rewards.total, batch.finished, ppo.missing_eos_penalty))
+        turn_rewards = env_rewards(cfg, batch, rewards)
 
     # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator; importance
     #    weights between the sampling policy and pi_old (ppo.is_correction)
@@ -411,7 +431,7 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
             batch, old_logprobs, ref_logprobs, values, scores, estimator=ppo.advantage, n=cfg.generation.n,
             kl_coef=run.kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
             gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std,
-            is_correction=ppo.is_correction, is_cap=ppo.is_cap)
+            is_correction=ppo.is_correction, is_cap=ppo.is_cap, token_rewards=turn_rewards)
     exp_ref = ray.put(exp)
 
     # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
@@ -429,10 +449,10 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     busy = busy_seconds(actors)                    # every actor is idle here
     judged = judge_stats(actors)
     if not overlap and not last:
-        next_rollout = start_rollout(cfg, actors.engines, run.tokenizer, run.stream, step + 1)
+        next_rollout = start_rollout(cfg, actors, run.tokenizer, run.stream, step + 1)
 
     metrics = step_metrics(run, batch, rewards, old_logprobs, scores, exp_stats, stats, sync_stats, staleness, timer,
-                           busy, time.perf_counter() - t_step, judged)
+                           busy, time.perf_counter() - t_step, judged, episodes)
     run.kl.update(exp_stats["kl/ref_per_seq"])
     run.logger.log(step, metrics)
     run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
@@ -466,6 +486,17 @@ def report_startup(run: Run) -> None:
     run.startup = None
 
 
+def env_rewards(cfg: Config, batch: RolloutBatch, rewards: RewardScores) -> torch.Tensor | None:
+    """Multi-turn: the environment's per-turn rewards times its source's weight, each on its turn's last action
+    token (the advantages add them to r_t); its column of `rewards.sources` gets each episode's sum. None for a
+    single-turn rollout."""
+    if batch.token_rewards is None:
+        return None
+    i, src = next((i, s) for i, s in enumerate(cfg.reward_sources()) if s.kind == "env")
+    rewards.sources[:, i] = batch.token_rewards.sum(-1)
+    return src.weight * batch.token_rewards
+
+
 def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
     """Each role's busy time since the last call, per work method, of its busiest rank; called at the end of a
     step, when no actor is working."""
@@ -486,12 +517,14 @@ def judge_stats(actors: Actors) -> dict | None:
 
 def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logprobs: torch.Tensor,
                  scores: torch.Tensor, exp_stats: dict, stats: dict, sync_stats: dict, staleness: torch.Tensor,
-                 timer: PhaseTimer, busy: dict, step_seconds: float, judged: dict | None = None) -> dict:
+                 timer: PhaseTimer, busy: dict, step_seconds: float, judged: dict | None = None,
+                 episodes: list[dict] | None = None) -> dict:
     """The step's metrics row (metrics.jsonl and W&B): rollout, rewards, losses, staleness and importance
     weights, each phase's wall time and each role's busy time."""
     cfg, p = run.cfg, stats["policy"]
     mask = batch.response_mask
     sources = cfg.reward_sources()
+    generating = busy["engine"].get("generate", 0.0) + busy["engine"].get("episodes", 0.0)
     m = {
         **exp_stats,
         "response/finished_frac": batch.finished.float().mean().item(),
@@ -505,10 +538,10 @@ def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logpr
                                      ((batch.sample_logprobs - old_logprobs).abs() * batch.action_mask).max().item()),
         "rollout/staleness_mean": staleness.float().mean().item(), "rollout/staleness_max": int(staleness.max()),
         "rollout/engine_version": int(batch.version.min()),
-        "perf/tokens_per_s": mask.sum().item() / max(busy["engine"].get("generate", 0.0), 1e-9),
+        "perf/tokens_per_s": batch.action_mask.sum().item() / max(generating, 1e-9),
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
         **{f"time/{k}": v for k, v in timer.seconds.items()},
-        "time/generate": busy["engine"].get("generate", 0.0), "time/policy_update": p["update_seconds"],
+        "time/generate": generating, "time/policy_update": p["update_seconds"],
         "time/step": step_seconds, **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
         **{f"time/idle/{role}": max(0.0, step_seconds - sum(spent.values())) for role, spent in busy.items()},
         "kl/coef": run.kl.coef, "fault/actor_restarts": run.restarts,
@@ -526,6 +559,8 @@ def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logpr
                   "judge/label_mass_mean": judged["label_mass"] / max(answers - judged["fallbacks"], 1),
                   "judge/answers_per_s": judged["answers"] / max(judged["seconds"], 1e-9),
                   "time/judge": judged["seconds"] / max(len(run.actors.reward.actors), 1)})
+    if episodes is not None:             # multi-turn: turns, tokens, the environment's rewards, failures and counts
+        m.update(episode_metrics(episodes))
     if rewards.monitor is not None:      # overoptimisation monitor: a held-out RM beside the proxy, every step
         m["monitor/score_mean"] = rewards.monitor.mean().item()
     if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step

@@ -1,7 +1,11 @@
 """The RL math of RLHF-PPO as pure functions over padded tensors and masks.
 
-Shapes: B sequences, T response positions. `mask` is 1.0 on real response tokens (the EOS included),
-0.0 on padding. Every reduction is masked; nothing here knows about actors, ranks or devices.
+Shapes: B sequences, T response positions. `mask` is 1.0 on the tokens the policy wrote (the EOS included),
+0.0 on padding and, in a multi-turn rollout, on the observations an environment appended between its turns
+(the action mask, rlhf_ray/batch.py). Every reduction is masked; nothing here knows about actors, ranks or
+devices. The recurrences (GAE, discounted returns) run over the action tokens only: an observation token passes
+the running return and the next action's value through unchanged, so a turn's advantage sees the turns after
+it; a single-turn mask (contiguous, then padding) gives exactly the single-turn recurrence.
 
 References: Ziegler et al. 2019 (KL-penalised reward), Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO),
 Ouyang et al. 2022 (InstructGPT), Huang et al. "The N implementation details of RLHF with PPO" (2023).
@@ -77,18 +81,28 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
 
 
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reward r_t = -beta * KL_t, plus the sequence score at the last response token.
+def last_action_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> [B] long: the position of each row's last masked token (0 for an empty row)."""
+    positions = torch.arange(mask.size(-1), device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, positions, torch.zeros_like(positions)).amax(-1)
 
-    Returns (rewards [B, T], kl [B, T]). The score lands on the final real token (the EOS when one was
-    generated), as in Ziegler et al. 2019 and InstructGPT. kl_coef = 0 gives the bare score.
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float, estimator: str = "k1",
+                         token_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward r_t = -beta * KL_t, plus the sequence score at the last action token.
+
+    Returns (rewards [B, T], kl [B, T]). The score lands on the final token the policy wrote (the EOS when one
+    was generated), as in Ziegler et al. 2019 and InstructGPT. kl_coef = 0 gives the bare score.
+    token_rewards [B, T], when given, is added as it is: an environment's per-turn rewards, each on its turn's
+    last action token (rlhf_ray/env.py).
     """
     kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
     rewards = -kl_coef * kl
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
     rewards = rewards.clone()
-    rewards[torch.arange(rewards.size(0)), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.size(0)), last_action_index(mask)] += scores.to(rewards.dtype)
+    if token_rewards is not None:
+        rewards = rewards + token_rewards.to(rewards.dtype)
     return rewards * mask, kl
 
 
@@ -97,32 +111,35 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     """Generalised advantage estimation over the response tokens (Schulman et al. 2016).
 
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  returns = A + V.
-    V beyond the last real token is 0 (the episode ends with the response). Returns (advantages, returns).
+    t runs over the action tokens: t+1 is the next one, across any observation between turns. V after the last
+    action token is 0 (the episode ends there). Returns (advantages, returns), 0 off the action tokens.
     """
     values = values * mask
     rewards = rewards * mask
     T = rewards.size(1)
     adv = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
+    next_v = torch.zeros_like(values[:, 0])
     for t in reversed(range(T)):
-        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
+        act = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        last_gae = last_gae * mask[:, t]           # padding contributes nothing and resets nothing after it
+        gae = delta + gamma * lam * last_gae
+        last_gae = torch.where(act, gae, last_gae)    # observations and padding pass the running sum through
+        next_v = torch.where(act, values[:, t], next_v)
         adv[:, t] = last_gae
     returns = adv + values
     return adv * mask, returns * mask
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} over the response tokens (0 beyond the last)."""
+    """G_t = r_t + gamma * G_{t+1} over the action tokens (t+1: the next one, across observations); 0 elsewhere."""
     rewards = rewards * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         out[:, t] = running
-    return out
+    return out * mask
 
 
 def group_advantages(scores: torch.Tensor, n: int, estimator: str, norm_std: bool = True,
@@ -283,7 +300,7 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
                        n: int = 1, kl_coef: float, kl_estimator: KLEstimator = "k1", kl_in_reward: bool = True,
                        gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool | None = None,
                        grpo_norm_std: bool = True, is_correction: ISCorrection = "none",
-                       is_cap: float = 2.0) -> tuple[Experience, dict]:
+                       is_cap: float = 2.0, token_rewards: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -296,13 +313,15 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
     whiten_advantages None: the estimator's own default (gae and reinforce++ whiten, grpo and rloo do not).
     is_correction: the policy loss's per-token weights between the sampling logprobs (batch.sample_logprobs) and
     pi_old (`importance_weights`), the experience's is_weights unless "none".
+    token_rewards [B, T]: an environment's per-turn rewards on each turn's last action token, added to r_t (so
+    the outcome estimators get their sum).
     Every term counts the tokens of batch.action_mask (the policy's own tokens).
     """
     if estimator not in options(AdvantageEstimator):
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {options(AdvantageEstimator)}")
     mask = batch.action_mask
     beta = kl_coef if kl_in_reward else 0.0
-    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, kl_estimator)
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, kl_estimator, token_rewards)
     returns = None
     if estimator == "gae":
         advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)

@@ -37,12 +37,16 @@ class TensorBatch:
         return self.map(lambda t: t.to(device, non_blocking=True))
 
 
-class Sample(TypedDict):
-    """One sampled response, as an engine returns it (actors/engine.py)."""
+class Sample(TypedDict, total=False):
+    """One sampled response, as an engine returns it (actors/engine.py). A multi-turn episode (rlhf_ray/env.py)
+    carries the last three fields too."""
     ids: list[int]                     # response token ids, the EOS included when one was generated
     logprobs: list[float]              # the sampling distribution's logprob of each id (temperature applied)
     finished: bool                     # ended on EOS (False: cut at max_new_tokens)
     version: int                       # the policy update whose weights sampled it (0: the starting weights)
+    action: list[int]                  # per id: 1 where the model wrote it, 0 on an environment's observation
+    token_rewards: list[float]         # per id: each turn's reward on its last action token, 0 elsewhere
+    episode: dict                      # turns, observation tokens, why it ended, the environment's own counts
 
 
 @dataclass
@@ -57,6 +61,8 @@ class RolloutBatch(TensorBatch):
     sample_logprobs: torch.Tensor      # [B, T] float: the engines' sampling logprobs (0 off the response)
     finished: torch.Tensor | None = None   # [B] bool: the response ended on EOS
     version: torch.Tensor | None = None    # [B] long: the policy update whose weights sampled each row
+    token_rewards: torch.Tensor | None = None  # [B, T] float: multi-turn, each turn's environment reward on its
+                                       #   last action token (unweighted); None for single-turn rollouts
 
     @property
     def response_len(self) -> int:     # T
@@ -130,10 +136,17 @@ def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int
 
 
 def rollout_from_samples(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int) -> RolloutBatch:
-    """The padded batch of engine samples, each row's prompt given (prompt-major, one prompt per sample)."""
+    """The padded batch of engine samples, each row's prompt given (prompt-major, one prompt per sample).
+    Multi-turn episodes (samples with an `action` field) also fill action_mask and token_rewards."""
     batch = build_rollout_batch(prompt_ids, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
     batch.finished = torch.tensor([bool(s["finished"]) for s in samples])
     batch.version = torch.tensor([s["version"] for s in samples])
+    if samples and "action" in samples[0]:
+        batch.token_rewards = torch.zeros_like(batch.action_mask)
+        for i, s in enumerate(samples):
+            n = len(s["ids"])
+            batch.action_mask[i, :n] = torch.tensor(s["action"], dtype=torch.float32)
+            batch.token_rewards[i, :n] = torch.tensor(s["token_rewards"], dtype=torch.float32)
     return batch
 
 

@@ -113,11 +113,12 @@ class InferenceRoleConfig:
 @dataclass
 class RewardSourceConfig:
     """One source of reward; the reward actor scores with every source and sums weight * score."""
-    kind: Literal["model", "function", "http", "judge"] = "model"
+    kind: Literal["model", "function", "http", "judge", "env"] = "model"
     path: str = ""                     # model: scalar-head HF dir ("" -> models.reward); function:
                                        # "package.module:function" (fn(prompts, responses) -> list of floats,
                                        # importable on every node); http: the endpoint URL; judge: unused (the
-                                       # judge section says which model and how it is asked)
+                                       # judge section says which model and how it is asked); env: unused (the
+                                       # env section's environment rewards each turn, this weight scales it)
     weight: float = 1.0
     batch_size: int = 64               # http: responses per request
     timeout_s: float = 30.0            # http: per request
@@ -170,6 +171,24 @@ class JudgeConfig:
                                        # not retried: the run replaces it, see fault_tolerance)
     fallback_score: Optional[float] = None   # after the retries: null stops the step with one line; a number
                                        # scores the call's answers with it, counted in judge/fallbacks
+
+
+@dataclass
+class EnvConfig:
+    """Multi-turn rollouts (rlhf_ray/env.py): the engines generate a turn, an environment worker answers with an
+    observation (appended as tokens), a reward and done, until done, EOS or a limit. The whole response, turns and
+    observations, stays within generation.max_new_tokens."""
+    cls: str = ""                      # "package.module:Class" of an rlhf_ray.env.Environment ("": single-turn)
+    max_turns: int = 4                 # model turns per episode
+    max_turn_tokens: Optional[int] = None   # per model turn (None: generation.max_new_tokens)
+    turn_stop: list[str] = field(default_factory=list)   # strings that end a turn, each one token of the policy's
+                                       # tokenizer (the engines stop on token ids, never on decoded text); the
+                                       # stop token is part of the turn. EOS ends the episode
+    num_workers: int = 1               # environment worker actors (each serves many episodes at once, on threads)
+    cpus_per_worker: float = 0.25
+    timeout_s: float = 30.0            # per environment call; past it the episode ends ("timeout")
+    error_reward: float = -1.0         # added to the last turn of an episode whose environment raised, answered
+                                       # something unusable or timed out (counted in env/errors, env/timeouts)
 
 
 @dataclass
@@ -372,6 +391,7 @@ class Config:
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -413,6 +433,9 @@ class Config:
                 need(bool(self.judge.model) or not paths, "judge.model", f"is required by reward.sources[{i}] "
                      "(kind judge): the judge's HF causal LM directory")
                 self.judge_format()
+            elif src.kind == "env":
+                need(self.needs_env(), "env.cls", f"is required by reward.sources[{i}] (kind env): the environment "
+                     "class, 'package.module:Class'")
             elif src.kind != "model":
                 need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
             if src.kind == "function":
@@ -427,6 +450,17 @@ class Config:
         if ppo.advantage in ("grpo", "rloo"):
             need(gen.n >= 2, "generation.n", f"must be >= 2 for ppo.advantage={ppo.advantage} "
                  "(advantages compare the samples of one prompt)")
+        if self.needs_env():
+            e = self.env
+            need(":" in e.cls, "env.cls", f"must read 'package.module:Class', got {e.cls!r}")
+            need(sum(s.kind == "env" for s in self.reward_sources()) == 1, "reward.sources",
+                 "must list one source of kind env with env.cls set (its weight scales the environment's rewards)")
+            need(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+            need(e.max_turn_tokens is None or 1 <= e.max_turn_tokens <= gen.max_new_tokens, "env.max_turn_tokens",
+                 f"must lie in 1..generation.max_new_tokens ({gen.max_new_tokens}), got {e.max_turn_tokens}")
+            need(e.num_workers >= 1 and e.timeout_s > 0, "env", "needs num_workers >= 1 and timeout_s > 0")
+            need(ppo.reward_norm == "none", "ppo.reward_norm", "must be none with an environment (its rewards "
+                 "reach each turn unnormalised)")
         longest = self.data.max_prompt_tokens + gen.max_new_tokens
         need(longest <= self.engine.max_model_len, "engine.max_model_len", f"must hold data.max_prompt_tokens + "
              f"generation.max_new_tokens = {longest} tokens, got {self.engine.max_model_len}")
@@ -534,6 +568,9 @@ class Config:
     def role_ranks(self, role: str) -> int:
         """A role's rank count: engines for the engine roles, num_ranks for the others."""
         return self.role_section(role).num_engines if role in ("engine", "judge") else self.role_section(role).num_ranks
+
+    def needs_env(self) -> bool:
+        return bool(self.env.cls)
 
     def needs_judge(self) -> bool:
         return any(s.kind == "judge" for s in self.reward_sources())

@@ -30,6 +30,9 @@ def ppo_inputs(cfg: Config) -> tuple[list, dict[str, tuple[str, dict]]]:
     for s in cfg.reward_sources():
         if s.kind == "function":
             load_function(s.path)
+    if cfg.needs_env():
+        from rlhf_ray.env import load_env_class
+        load_env_class(cfg.env.cls)
     if cfg.needs_judge():                 # its own tokenizer: not among the models checked against the policy's
         judge = model_context_length(check_model_dir(cfg.judge.model, "judge.model"))
         if judge is not None and cfg.judge.engine.max_model_len > judge:
@@ -46,6 +49,9 @@ def ppo_tokenizer(cfg: Config, configs: dict[str, tuple[str, dict]]):
         check_tokenizer_matches(tokenizer, path, what, config)
     if cfg.needs_judge():
         judge_tokenizer(cfg)
+    if cfg.needs_env():
+        from rlhf_ray.env import env_stop_ids
+        env_stop_ids(tokenizer, cfg.env.turn_stop)
     return tokenizer
 
 

@@ -1,6 +1,8 @@
 """Asynchronous rollout end to end on the real actor machinery (Ray, DeepSpeed ZeRO over gloo, vLLM CPU engines;
 nothing mocked): the overlapping path changes nothing but which weights sample, GRPO learns one step off-policy,
-and a resumed run trains on the rollout its checkpoint saved. Slow."""
+and a resumed run trains on the rollout its checkpoint saved. Multi-turn episodes (env.cls) join both runs: a
+single-turn environment changes nothing, bit for bit; a tool the model calls over several turns, token in, token
+out, some of its calls crashing or hanging. Slow."""
 import json
 import math
 
@@ -10,8 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
+from episode_envs import OBSERVATION
 from launch.ppo import train
 from rlhf_ray.config import load_config
+from rlhf_ray.env import ENDINGS, env_stop_ids
+from rlhf_ray.models import load_tokenizer
+from rlhf_ray.prompts import render_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +29,28 @@ SAME = ["reward/score_mean", "reward/score_std", "kl/ref_per_seq", "policy/loss"
 OFF_POLICY_LAYOUT = ["placement.share_process=[[reference, reward]]", "policy.num_ranks=1"]
 
 
+TOOLS = ["ok", "ok", "ok", "raise", "ok", "hang", "ok", "ok"]     # the tool each prompt row gets, by row index mod 8
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# every episode ends after its first turn: the multi-turn path must then be the single-turn one, bit for bit
+SINGLE_TURN_ENV = ["env.cls=tests.episode_envs:OneTurn", "reward.sources=[{kind: model}, {kind: env}]"]
 
 
 def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_path):
     """With the policy frozen (lr 1e-30: each update is below fp32 resolution) every weight version is the same
     weights: one step off-policy must then give, bit for bit, the synchronous run's samples, losses and critic.
-    GAE with a critic."""
+    GAE with a critic. The off-policy run samples through a single-turn environment (episodes on the engines,
+    environment workers, the env reward source): that must change nothing either."""
     runs = {}
     for staleness in (0, 1):
         run_dir = tmp_path / f"staleness{staleness}"
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
             f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=1e-30", "checkpoint.every=2",
-            *OFF_POLICY_LAYOUT])
+            *OFF_POLICY_LAYOUT, *(SINGLE_TURN_ENV if staleness else [])])
         summary = train(cfg)
         runs[staleness] = (read_metrics(run_dir), summary["checkpoint"])
     (sync_rows, sync_ckpt), (async_rows, async_ckpt) = runs[0], runs[1]
@@ -44,6 +58,9 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     assert [r["rollout/staleness_max"] for r in async_rows] == [0, 1, 1]      # step s sampled by update s - 2
     for s, a in zip(sync_rows, async_rows):
         assert {k: s[k] for k in SAME} == {k: a[k] for k in SAME}
+    assert "env/turns_mean" not in sync_rows[0]
+    for a in async_rows:                      # through the environment: one turn each, ended by it, nothing observed
+        assert (a["env/turns_mean"], a["env/ended_done_frac"], a["env/observation_tokens_mean"]) == (1, 1, 0), a
     critic = [load_file(f"{c}/critic/model.safetensors") for c in (sync_ckpt, async_ckpt)]
     assert all(torch.equal(critic[0][k], critic[1][k]) for k in critic[0])
     for r in sync_rows + async_rows:          # each role's busy time within the step is logged
@@ -55,7 +72,8 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     # (stale by one, as the uninterrupted run did) instead of sampling afresh
     run_dir = tmp_path / "staleness1"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=1e-30", "train.steps=4", *OFF_POLICY_LAYOUT])
+        "rollout.max_staleness=1", "ppo.is_correction=tis", "policy.lr=1e-30", "train.steps=4", *OFF_POLICY_LAYOUT,
+        *SINGLE_TURN_ENV])
     (run_dir / "checkpoints" / "step_000003").rename(run_dir / "checkpoints" / "moved_aside")
     train(cfg, resume=True)
     rows = read_metrics(run_dir)
@@ -65,11 +83,19 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
 
 
 def test_grpo_learns_one_step_off_policy_with_truncated_importance_weights_on_two_engines(tiny_world, tmp_path):
+    """... on multi-turn episodes: a tool (tests/episode_envs.py Echo) answers each turn that ends on "." and the
+    model goes on, up to 3 turns; one prompt in 8 has a tool that crashes, one a tool that hangs past the timeout."""
     run_dir = tmp_path / "run"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"], "tool": TOOLS[i % 8]}) + "\n"
+                               for i, line in enumerate(open(tiny_world["prompts"]))))
     cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0", "policy.num_ranks=1", *OFF_POLICY_LAYOUT,
         "engine.num_engines=2", "generation.prompts_per_step=8", "generation.n=4", "ppo.minibatch_size=16",
-        "policy.lr=1e-3", "train.steps=5"])
+        "policy.lr=1e-3", "train.steps=5", f"data.prompts={prompts}", "data.reward_keys=[tool]",
+        "reward.sources=[{kind: function, path: 'rlhf_ray.rule_rewards:tiny_gold'}, {kind: env, weight: 0.5}]",
+        "env.cls=tests.episode_envs:Echo", "env.turn_stop=['.']", "env.max_turns=3", "env.max_turn_tokens=6",
+        "env.timeout_s=1", "env.error_reward=-1", "env.num_workers=2"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
@@ -84,5 +110,43 @@ def test_grpo_learns_one_step_off_policy_with_truncated_importance_weights_on_tw
         assert max(r["rollout/is_ratio_max"] for r in rows[1:]) > 1.0 + 1e-3      # stale samples reweighted
         assert all(0 <= r["rollout/is_corrected_frac"] < 0.5 for r in rows)
         assert all(math.isfinite(r["policy/loss"]) for r in rows) and rows[-1]["kl/ref_per_seq"] > 0
+        # the episodes: several turns with the tool's answers between them; each crashing or hanging tool ends its
+        # episode (all n of its prompt's), counted, and the run goes on
+        assert all(r["env/turns_mean"] > 1 and r["env/observation_tokens_mean"] > 0 for r in rows), rows
+        assert all(r["env/errors"] % 4 == 0 and r["env/timeouts"] % 4 == 0 for r in rows)
+        assert sum(r["env/errors"] for r in rows) > 0 and sum(r["env/timeouts"] for r in rows) > 0
+        for r in rows:
+            assert sum(r[f"env/ended_{why}_frac"] for why in ENDINGS) == pytest.approx(1.0)
+            assert r["env/tool_calls_mean"] > 0
+        assert all(r["time/busy/env"] > 0 for r in rows[:-1])     # the last step's episodes ran in the one before
+        # token in, token out: each episode is the engine's own ids, the observation's ids appended between
+        # turns, masked out; the model's turns end on "." (or their budget), and their sampling logprobs are what the
+        # engine gives the whole transcript
+        tok = load_tokenizer(tiny_world["policy"])
+        dot, obs = env_stop_ids(tok, ["."]), tok(OBSERVATION, add_special_tokens=False)["input_ids"]
+        rows_in = [json.loads(line) for line in open(prompts)]
+        ok = [r for r in rows_in if r["tool"] == "ok"][:4]
+        ids = render_prompts(tok, [r["prompt"] for r in ok], cfg.data)
+        eps = ray.get(actors.engines[0].episodes.remote(ids, ok, 2, 16, 1.0, 1.0, 7, cfg.env, dot, actors.env.actors))
+        assert len(eps) == 8 and max(e["episode"]["turns"] for e in eps) > 1
+        for e, p in zip(eps, [p for p in ids for _ in range(2)]):
+            turns, i, a = [], 0, e["action"]
+            while i < len(a):                 # split into runs: the model's turns and the observations between them
+                j = i
+                while j < len(a) and a[j] == a[i]:
+                    j += 1
+                turns.append((a[i], e["ids"][i:j]))
+                i = j
+            assert [k for k, _ in turns] == [1, 0] * (len(turns) // 2) + [1] * (len(turns) % 2)
+            for k, (kind, part) in enumerate(turns):
+                if kind == 0:
+                    assert part == obs[:len(part)] and (part == obs or k == len(turns) - 1)
+                elif k + 1 < len(turns):
+                    assert part[-1] in dot or len(part) == 6
+            whole = ray.get(actors.engines[0].prompt_logprobs.remote([p + e["ids"]], [len(p)]))[0]
+            acted = [(lp, w) for lp, w, m in zip(e["logprobs"], whole, a) if m]
+            assert max(abs(x - y) for x, y in acted) < 1e-3, acted
+            assert all(lp == 0.0 for lp, m in zip(e["logprobs"], a) if not m)
+            assert sum(e["token_rewards"]) == e["episode"]["reward"]
     finally:
         actors.shutdown()
