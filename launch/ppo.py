@@ -455,8 +455,9 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
                            busy, time.perf_counter() - t_step, judged, episodes)
     run.kl.update(exp_stats["kl/ref_per_seq"])
     run.logger.log(step, metrics)
+    total = scores if turn_rewards is None else scores + turn_rewards.sum(-1)     # an environment's rewards too
     run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
-        first_rollouts(run.tokenizer, batch, cfg.logging.samples_per_step), scores.tolist())])
+        first_rollouts(run.tokenizer, batch, cfg.logging.samples_per_step), total.tolist())])
     print(step_line(cfg, step, metrics), flush=True)
     if run.startup is not None:
         report_startup(run)

@@ -7,6 +7,7 @@ rewarded against the row's `answer` field (data.reward_keys: [answer]) and the e
 
     Calculator   `<call>37*12=` -> " 444"; arithmetic on integers and decimals (+ - * / // % ** and parentheses),
                  parsed with `ast`: nothing else is evaluated
+    CalculatorOff  the same with the tool switched off: every call answers " unavailable" (a baseline)
     PythonTool   `<python>print(37*12)` then the stop token -> the printed output; run in the sandbox
                  (rlhf_ray/sandbox.py): CPU, memory, file-size limits, a wall timeout, no writes outside its
                  scratch directory, no network. A call the sandbox stops answers with its reason
@@ -88,3 +89,11 @@ class PythonTool(ToolEnv):
         if r.ok:
             return r.stdout, True
         return f"{r.reason}: {r.detail}"[:200], False
+
+
+class CalculatorOff(Calculator):
+    """The calculator task with the tool switched off: every call is answered " unavailable" (a baseline: what
+    the policy does without the tool)."""
+
+    def call(self, argument):
+        return " unavailable", False

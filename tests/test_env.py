@@ -92,3 +92,21 @@ def test_the_env_config_is_checked_before_anything_starts():
                       (["env.cls=a:B", "ppo.reward_norm=initial"], "ppo.reward_norm")):
         with pytest.raises(ConfigError, match=key):
             load_config(None, base + sets).check_ppo()
+
+
+def test_the_tool_tasks_demonstrations_train_the_turns_and_never_the_observation():
+    """Token for token what a rollout of the task holds: prompt, call turn, the calculator's observation tokenised
+    on its own, final turn and EOS; labels on the two turns only."""
+    from rlhf_ray.tiny import train_tokenizer
+    from rlhf_ray.tool_task import IGNORE, demonstration, problems
+    tok = train_tokenizer("Question: What is 12 times 34? The answer is 408. <call>1*2= 3\n\n" * 20, 300)
+    held = problems(5, 1)
+    train = problems(50, 0, {(r["a"], r["b"]) for r in held})
+    assert len({(r["a"], r["b"]) for r in train + held}) == 55 and all(r["answer"] == str(r["a"] * r["b"]) for r in train)
+    row = train[0]
+    ids, labels = demonstration(tok, row)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt, call, obs = enc(row["prompt"]), enc(f" <call>{row['a']}*{row['b']}="), enc(" " + row["answer"])
+    final = enc(f" The answer is {row['answer']}.") + [tok.eos_token_id]
+    assert ids == prompt + call + obs + final
+    assert labels == [IGNORE] * len(prompt) + call + [IGNORE] * len(obs) + final

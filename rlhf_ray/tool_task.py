@@ -1,0 +1,130 @@
+"""The tiny world's tool task: two-digit multiplication, which the 0.6 M-parameter LM cannot do alone, with the
+calculator tool (rlhf_ray/tool_envs.py Calculator) it can call.
+
+    Question: What is 54 times 81?\\nAnswer:         the prompt (raw text, no chat template)
+     <call>54*81=                                    the model's first turn: it ends on the turn-stop token "="
+     4374                                            the tool's observation, appended as tokens
+     The answer is 4374.<|endoftext|>                the model's final turn, rewarded 1 when it holds the product
+
+A short SFT on synthetic demonstrations (`train_tool_sft`) teaches the call format; its loss covers the model's
+turns only, never the observation, exactly as RL's action mask will. It is kept short on purpose, so the SFT policy
+gets the format but often miscopies an operand or the tool's answer; RL on the tool's verifiable reward raises
+the success rate from there. `evaluate` plays held-out episodes in-process (HF sampling at temperature 1, the
+same environment class and limits as the engines), with the tool available or switched off.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.tool_envs import Calculator
+
+IGNORE = -100
+PROMPT = "Question: What is {a} times {b}?\nAnswer:"
+CALL = " <call>{a}*{b}="
+FINAL = " The answer is {answer}."
+TURN_STOP = "="
+
+
+def problems(n: int, seed: int, exclude: set | None = None) -> list[dict]:
+    """n distinct prompt rows {"prompt", "answer", "a", "b"} with operands in 11..99, none of `exclude`'s pairs."""
+    rng, seen, rows = random.Random(seed), set(exclude or ()), []
+    while len(rows) < n:
+        a, b = rng.randint(11, 99), rng.randint(11, 99)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        rows.append({"prompt": PROMPT.format(a=a, b=b), "answer": str(a * b), "a": a, "b": b})
+    return rows
+
+
+def write_prompts(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows))
+    return path
+
+
+def demonstration(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one demonstrated episode, token for token as a rollout would hold it: the prompt, the
+    call turn, the calculator's observation (its own text, tokenised on its own as the environment workers do), the
+    final turn and EOS; labels only on the two turns."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    call = CALL.format(a=row["a"], b=row["b"])
+    observation, _ = Calculator().call(f"{row['a']}*{row['b']}")
+    prompt, turn1, obs = enc(row["prompt"]), enc(call), enc(observation)
+    turn2 = enc(FINAL.format(answer=row["answer"])) + [tokenizer.eos_token_id]
+    return prompt + turn1 + obs + turn2, [IGNORE] * len(prompt) + turn1 + [IGNORE] * len(obs) + turn2
+
+
+def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], steps: int = 300, lr: float = 3e-3,
+                   batch_size: int = 32, seed: int = 0, log=print) -> Path:
+    """The short SFT: AdamW on demonstrations of `rows`, cross-entropy on the labelled tokens; saved as an HF
+    directory (safetensors) with the tokenizer. One thread, deterministic for a seed."""
+    from rlhf_ray.models import load_causal_lm, load_tokenizer
+    torch.manual_seed(seed)
+    tok, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir)
+    data = [demonstration(tok, r) for r in rows]
+    random.Random(seed).shuffle(data)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step in range(steps):
+        batch = [data[(step * batch_size + i) % len(data)] for i in range(batch_size)]
+        width = max(len(x) for x, _ in batch)
+        ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in batch])
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  tool SFT step {step:4d}  loss {loss.item():.3f}")
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model_dir: str | Path, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tokens: int = 16,
+             max_new_tokens: int = 48, seed: int = 0) -> dict:
+    """Success rate and episode shape on `rows`: each episode played as the engines play it (turns end on "=",
+    EOS ends the episode, the observation appended as tokens, the same limits), sampled at temperature 1."""
+    from rlhf_ray.models import load_causal_lm, load_tokenizer
+    tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
+    stops = [tok(TURN_STOP, add_special_tokens=False)["input_ids"][0], tok.eos_token_id]
+    gen = torch.Generator().manual_seed(seed)
+    totals = {"correct": 0.0, "tool_calls": 0.0, "invalid_calls": 0.0, "turns": 0.0, "action_tokens": 0.0,
+              "observation_tokens": 0.0}
+    for row in rows:
+        env = env_cls()
+        env.reset(row)
+        context = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        used = 0
+        for _ in range(max_turns):
+            turn = []
+            while len(turn) < min(max_turn_tokens, max_new_tokens - used):
+                logits = model(torch.tensor([context + turn])).logits[0, -1]
+                turn.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
+                if turn[-1] in stops:
+                    break
+            used += len(turn)
+            context += turn
+            totals["turns"] += 1
+            totals["action_tokens"] += len(turn)
+            step = env.step(tok.decode(turn, skip_special_tokens=True), turn)
+            for k in ("tool_calls", "invalid_calls", "correct"):
+                totals[k] += step.metrics.get(k, 0.0)
+            if step.done or turn[-1] == tok.eos_token_id or used >= max_new_tokens:
+                break
+            obs = tok(step.observation or "", add_special_tokens=False)["input_ids"][:max_new_tokens - used]
+            context += obs
+            used += len(obs)
+            totals["observation_tokens"] += len(obs)
+    return {k: v / len(rows) for k, v in totals.items()}
