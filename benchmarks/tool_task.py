@@ -1,14 +1,15 @@
 """Multi-turn RL with a tool in the tiny world: does RL raise the success rate of a task the tool alone makes
 possible, and what do the environment round trips cost? Over several seeds.
 
-    .venv/bin/python benchmarks/tool_task.py [--seeds 0 1 2] [--steps 40] [--sft-stop-loss 0.15] [--set key=value ...]
+    .venv/bin/python benchmarks/tool_task.py [--seeds 0 1 2] [--steps 40] [--sft-target 0.4] [--set key=value ...]
 
 Per seed (rlhf_ray/tool_task.py says what the task is):
 1. the tiny world (runs/bench-tool/seed<N>/world: its own pretrained LM and tokenizer, seeded);
 2. a short SFT on 3,000 synthetic demonstrations teaches the calculator's call format (in-process, the loss on the
-   model's turns only, never the observation), stopped once its loss falls under 0.15: the format is learnt, the
-   copying of operands and of the tool's answer not always. A fixed step count did not fit every seed: 400 steps
-   left RL nothing to do on seed 0 (0.83 before and after), 300 steps left seed 1 before copying began (0.01);
+   model's turns only, never the observation), stopped once the policy solves 40 % of 50 of those problems with
+   the tool: the format is learnt, the copying of operands and of the tool's answer not always. Neither a fixed step
+   count nor a loss threshold fitted every seed: 400 steps left RL nothing to do on seed 0 (0.83 before and after),
+   300 steps left seed 1 before copying began (0.01), and a loss under 0.15 left it at 0.09;
 3. GRPO with the calculator as the environment (rlhf_ray.tool_envs:Calculator, the `kind: env` reward source:
    1 for a final answer holding the product), launched as `rlhf-ray ppo` would (configs/tiny_grpo.yaml);
 4. a single-turn GRPO run on the same prompts and budgets (no environment; the rule reward
@@ -35,7 +36,7 @@ from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import publish, seed_table  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-tool"
-STOP_LOSS = 0.15
+SFT_TARGET = 0.4
 HELD_OUT = 200
 WORKLOAD = ["generation.prompts_per_step=8", "generation.n=8", "ppo.minibatch_size=32", "policy.lr=1e-4",
             "ppo.kl_coef=0.02", "generation.max_new_tokens=40", "data.max_prompt_tokens=32",
@@ -45,7 +46,7 @@ TOOL = ["env.cls=rlhf_ray.tool_envs:Calculator", "env.turn_stop=['=']", "env.max
 SINGLE = ["reward.sources=[{kind: function, path: 'rlhf_ray.rule_rewards:contains_answer'}]"]
 
 
-def prepare(seed: int, stop_loss: float) -> tuple[Path, Path, list[dict], int]:
+def prepare(seed: int, target: float) -> tuple[Path, Path, list[dict], int]:
     """The seed's world, its SFT policy (and the SFT's steps) and prompt files (train, held out); the world and the
     SFT policy reused when already there."""
     from rlhf_ray.tiny import TinySpec, build_tiny_world
@@ -56,9 +57,9 @@ def prepare(seed: int, stop_loss: float) -> tuple[Path, Path, list[dict], int]:
     train = problems(3000, seed)
     held = problems(HELD_OUT, seed + 1000, {(r["a"], r["b"]) for r in train})
     write_prompts(d / "train.jsonl", train)
-    sft = d / f"sft-loss{stop_loss:g}"
+    sft = d / f"sft-success{target:g}"
     if not (sft / "model.safetensors").is_file():
-        _, steps = train_tool_sft(d / "world" / "policy", sft, train, stop_loss=stop_loss, seed=seed)
+        _, steps, _ = train_tool_sft(d / "world" / "policy", sft, train, target=target, seed=seed)
         (sft / "sft_steps.txt").write_text(str(steps))
     return d, sft, held, int((sft / "sft_steps.txt").read_text())
 
@@ -134,7 +135,7 @@ def report(rows: dict[int, dict], a) -> str:
              *seed_table(rows, TIMES), "",
              f"- [{'met' if rose else 'MISSED'}] RL raises the success rate with the tool on every seed",
              "", f"GRPO (configs/tiny_grpo.yaml; {', '.join(WORKLOAD)}), {a.steps} steps with the calculator "
-             f"({', '.join(TOOL[:4])}){''.join('; ' + x for x in a.extra)}; SFT on 3,000 demonstrations until its loss (mean of 10 steps) fell under {a.sft_stop_loss:g}; {HELD_OUT} held-out problems "
+             f"({', '.join(TOOL[:4])}){''.join('; ' + x for x in a.extra)}; SFT on 3,000 demonstrations until it solved {a.sft_target:.0%} of 50 of them with the tool (checked every 25 steps); {HELD_OUT} held-out problems "
              "per cell, sampled at temperature 1. The single-turn run: 10 steps, the same workload, rule reward "
              "contains_answer.",
              f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
@@ -145,12 +146,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--sft-stop-loss", type=float, default=STOP_LOSS)
+    ap.add_argument("--sft-target", type=float, default=SFT_TARGET)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides of both RL runs")
     a = ap.parse_args()
     rows = {}
     for seed in a.seeds:
-        d, sft, held, sft_steps = prepare(seed, a.sft_stop_loss)
+        d, sft, held, sft_steps = prepare(seed, a.sft_target)
         rows[seed] = {"sft_steps": sft_steps, **seed_row(d, sft, held, seed, a)}
         print(json.dumps({"seed": seed, **rows[seed]}), flush=True)
     publish(report(rows, a), OUT / "tool_task.md")

@@ -7,9 +7,9 @@ calculator tool (rlhf_ray/tool_envs.py Calculator) it can call.
      The answer is 4374.<|endoftext|>                the model's final turn, rewarded 1 when it holds the product
 
 A short SFT on synthetic demonstrations (`train_tool_sft`) teaches the call format; its loss covers the model's
-turns only, never the observation, exactly as RL's action mask will. It is kept short on purpose, so the SFT policy
-gets the format but often miscopies an operand or the tool's answer; RL on the tool's verifiable reward raises
-the success rate from there. `evaluate` plays held-out episodes in-process (HF sampling at temperature 1, the
+turns only, never the observation, exactly as RL's action mask will. It stops once the policy solves 40 % of the
+problems, so it gets the format but often miscopies an operand or the tool's answer; RL on the tool's verifiable
+reward raises the success rate from there. `evaluate` plays held-out episodes in-process (HF sampling at temperature 1, the
 same environment class and limits as the engines), with the tool available or switched off.
 """
 from __future__ import annotations
@@ -60,26 +60,30 @@ def demonstration(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     return prompt + turn1 + obs + turn2, [IGNORE] * len(prompt) + turn1 + [IGNORE] * len(obs) + turn2
 
 
-def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], stop_loss: float = 0.15,
-                   max_steps: int = 1000, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-                   log=print) -> tuple[Path, int]:
-    """The short SFT: AdamW on demonstrations of `rows`, cross-entropy on the labelled tokens, until the mean loss
-    of the last 10 steps falls under `stop_loss` (or max_steps); saved as an HF directory (safetensors) with the
-    tokenizer. Returns it and the steps taken. One thread, deterministic for a seed.
+def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], target: float = 0.4,
+                   check_every: int = 25, max_steps: int = 2000, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
+                   log=print) -> tuple[Path, int, float]:
+    """The short SFT: AdamW on demonstrations of `rows`, cross-entropy on the labelled tokens, until the policy
+    solves `target` of 50 of those problems with the tool (played as `evaluate` plays them, checked every
+    `check_every` steps), or max_steps; saved as an HF directory (safetensors) with the tokenizer. Returns it, the
+    steps taken and the last check's success. One thread, deterministic for a seed.
 
-    Why a loss and not a step count: the loss sits near 0.7 (the format learnt, the digits guessed) until the
-    model starts copying operands and the tool's answer, then falls; when that happens differs by seed (after 200 to
-    400 steps here). Stopping just past the fall leaves a policy that copies often but not always: RL's room."""
+    Why stop on success rather than after a fixed count or at a loss: the format is learnt within ~100 steps, but
+    when the model starts copying operands and the tool's answer differs by seed (from ~250 to over 500 steps here),
+    and the loss, dominated by the format's tokens, does not say whether it copies (seed 1 reached loss 0.13 at 9 %
+    success). Stopping once it copies sometimes leaves RL a policy that succeeds often but not always."""
     from rlhf_ray.models import load_causal_lm, load_tokenizer
+    from rlhf_ray.tool_envs import Calculator
     torch.manual_seed(seed)
     tok, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir)
     data = [demonstration(tok, r) for r in rows]
     random.Random(seed).shuffle(data)
+    probe = rows[:50]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    recent: list[float] = []
-    for step in range(max_steps):
-        batch = [data[(step * batch_size + i) % len(data)] for i in range(batch_size)]
+    success = 0.0
+    for step in range(1, max_steps + 1):
+        model.train()
+        batch = [data[((step - 1) * batch_size + i) % len(data)] for i in range(batch_size)]
         width = max(len(x) for x, _ in batch)
         ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in batch])
@@ -90,25 +94,30 @@ def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], st
         opt.zero_grad()
         loss.backward()
         opt.step()
-        recent = (recent + [loss.item()])[-10:]
-        done = len(recent) == 10 and sum(recent) / 10 < stop_loss
-        if step % 50 == 0 or done:
-            log(f"  tool SFT step {step:4d}  loss {loss.item():.3f}")
-        if done:
-            break
+        if step % check_every == 0:
+            success = play(model.eval(), tok, probe, Calculator, seed=seed)["correct"]
+            log(f"  tool SFT step {step:4d}  loss {loss.item():.3f}  success {success:.2f}")
+            if success >= target:
+                break
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return out, step + 1
+    return out, step, success
+
+
+def evaluate(model_dir: str | Path, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tokens: int = 16,
+             max_new_tokens: int = 40, seed: int = 0) -> dict:
+    """Success rate and episode shape of the policy in `model_dir` on `rows` (`play`)."""
+    from rlhf_ray.models import load_causal_lm, load_tokenizer
+    return play(load_causal_lm(model_dir).eval(), load_tokenizer(model_dir), rows, env_cls, max_turns,
+                max_turn_tokens, max_new_tokens, seed)
 
 
 @torch.no_grad()
-def evaluate(model_dir: str | Path, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tokens: int = 16,
-             max_new_tokens: int = 48, seed: int = 0) -> dict:
+def play(model, tok, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tokens: int = 16,
+         max_new_tokens: int = 40, seed: int = 0) -> dict:
     """Success rate and episode shape on `rows`: each episode played as the engines play it (turns end on "=",
     EOS ends the episode, the observation appended as tokens, the same limits), sampled at temperature 1."""
-    from rlhf_ray.models import load_causal_lm, load_tokenizer
-    tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     stops = [tok(TURN_STOP, add_special_tokens=False)["input_ids"][0], tok.eos_token_id]
     gen = torch.Generator().manual_seed(seed)
     totals = {"correct": 0.0, "tool_calls": 0.0, "invalid_calls": 0.0, "turns": 0.0, "action_tokens": 0.0,
