@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.sft import IGNORE, collate_sft, sft_loss
 from rlhf_ray.tool_envs import Calculator
 
-IGNORE = -100
 PROMPT = "Question: What is {a} times {b}?\nAnswer:"
 CALL = " <call>{a}*{b}="
 FINAL = " The answer is {answer}."
@@ -83,14 +83,9 @@ def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], ta
     success = 0.0
     for step in range(1, max_steps + 1):
         model.train()
-        batch = [data[((step - 1) * batch_size + i) % len(data)] for i in range(batch_size)]
-        width = max(len(x) for x, _ in batch)
-        ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in batch])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                                 ignore_index=IGNORE)
+        batch = collate_sft([data[((step - 1) * batch_size + i) % len(data)] for i in range(batch_size)],
+                            tok.pad_token_id)
+        loss, _ = sft_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
