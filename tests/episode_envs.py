@@ -19,10 +19,11 @@ class OneTurn(Environment):
 class Echo(Environment):
     """A turn ends on "." (env.turn_stop); the tool answers OBSERVATION and the model goes on, up to env.max_turns.
     Reward: 1 for each turn of at least 3 tokens. The prompt row's `tool` field picks how the tool behaves:
-    "ok", "raise" (an exception on the first turn) or "hang" (its first turn sleeps 5 s, past env.timeout_s)."""
+    "ok" (also when the row has none), "raise" (an exception on the first turn) or "hang" (its first turn sleeps 5 s,
+    past env.timeout_s)."""
 
     def reset(self, row):
-        self.tool = row["tool"]
+        self.tool = row.get("tool", "ok")
         return None
 
     def step(self, text, token_ids):

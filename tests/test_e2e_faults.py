@@ -1,7 +1,9 @@
 """Faults on the real stack (a local Ray cluster, DeepSpeed ranks, the vLLM engine), driven as a user drives it:
 the `python -m launch.ppo` driver in its own process, killed with SIGKILL mid-run and resumed, with actors
 killed under it, must end with the undisturbed run's weights and metrics bit for bit and leave no process behind;
-a run whose loss diverges must stop with one line and publish no checkpoint. Slow: each run starts a cluster."""
+a run whose loss diverges must stop with one line and publish no checkpoint. The fault run is multi-turn PPO with
+GAE (an environment, tests/episode_envs.py Echo, on its own worker), so episodes with observations are what is
+replayed, resumed and compared. Slow: each run starts a cluster."""
 import json
 import os
 import signal
@@ -23,9 +25,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Each episode: up to 3 turns ending on ".", the environment's " ok." between them; its per-turn rewards land on each
+# turn's last token, where GAE takes them beside the reward model's score on the final one.
+MULTI_TURN = ["env.cls=tests.episode_envs:Echo", "env.turn_stop=['.']", "env.max_turns=3", "env.max_turn_tokens=6",
+              "reward.sources=[{kind: model}, {kind: env}]"]
+
+
 def fault_run_sets(world, run_dir) -> list[str]:
     return tiny_overrides(world, run_dir) + ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5",
-                                             "policy.zero_stage=3", "logging.wandb.enabled=false"]
+                                             "policy.zero_stage=3", "logging.wandb.enabled=false", *MULTI_TURN]
 
 
 def driver(world, run_dir, tag, *args) -> subprocess.Popen:
@@ -36,15 +44,15 @@ def driver(world, run_dir, tag, *args) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_until(proc, line_start: str | None) -> list[str]:
-    """Read the driver's output until a line starting with `line_start` (None: until it exits). At each step line,
-    note the processes below the driver (`proc.family`)."""
+def run_until(proc, line_start: str | None, holding: str = "") -> list[str]:
+    """Read the driver's output until a line starting with `line_start` and holding `holding` (None: until it exits).
+    At each step line, note the processes below the driver (`proc.family`)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step "):
             proc.family = {**getattr(proc, "family", {}), **reaper.descendants(proc.pid)}
-        if line_start and line.startswith(line_start):
+        if line_start and line.startswith(line_start) and holding in line:
             return lines
     proc.wait()
     return lines
@@ -104,8 +112,10 @@ def assert_same_run(ref, got):
 
 
 def test_a_killed_driver_and_dead_actors_end_the_run_as_if_nothing_happened(tiny_world, tmp_path):
-    """Two SIGKILLs of actors and one of the driver in one run (ZeRO-3 policy on 2 ranks), then `--resume`: the final
-    weights and metrics rows equal the undisturbed run's bit for bit, and no process outlives the driver by 10 s.
+    """Three SIGKILLs of actors and one of the driver in one multi-turn run (ZeRO-3 policy on 2 ranks, an environment
+    worker), then `--resume`: the final weights and metrics rows equal the undisturbed run's bit for bit, and no
+    process outlives the driver by 10 s. Episodes are not checkpointed: a replayed or resumed step draws them again
+    from its seed, and the environments are asked again.
     The run starts as a spot job restarts: `--resume auto` with no checkpoint yet (fresh). A driver killed before
     its first checkpoint is no other case for the reaper; resume_point's side of it is in test_bad_inputs.py."""
     reference = uninterrupted(tiny_world, tmp_path / "uninterrupted")
@@ -118,17 +128,24 @@ def test_a_killed_driver_and_dead_actors_end_the_run_as_if_nothing_happened(tiny
     out += run_until(proc, "step 3/")
     os.kill(actor_pids(tag, "Policy")[-1], signal.SIGKILL)          # one ZeRO-3 rank: its group is replaced whole
     out += run_until(proc, "step 4/")                               # (replayed from the step-2 checkpoint)
+    os.kill(actor_pids(tag, "EnvWorker")[0], signal.SIGKILL)        # the environment worker: found by the next
+    out += run_until(proc, "step ", holding="env rank 0 died")      # rollout that calls it (step 5's, or 6's)
+    out += run_until(proc, "step 5/")                               # (replayed from the step-4 checkpoint)
     time.sleep(1.0)
-    assert kill_and_count_leftovers(proc, tag) == []                # the driver, mid-checkpoint or mid-step 5
+    assert kill_and_count_leftovers(proc, tag) == []                # the driver, mid-step 6
     notes = [line for line in out if " died (" in line and "replaying from step" in line]
-    assert len(notes) == 2 and "reference rank 0, reward rank 0, engine rank 0 died" in notes[0], notes
+    assert len(notes) == 3 and "reference rank 0, reward rank 0, engine rank 0 died" in notes[0], notes
     assert "replaying from step 1 (restart 1 of 3)" in notes[0], notes
     assert "policy rank" in notes[1] and "replaying from step 3 (restart 2 of 3)" in notes[1], notes
+    assert "replaced env, replaying from step 5 (restart 3 of 3)" in notes[2], notes
     proc = driver(tiny_world, run_dir, tag, "--resume")
     out = run_until(proc, None)
     assert any(line.startswith("resumed from") for line in out) and any(line.startswith("step 6/6") for line in out)
     assert_same_run(reference, final_state(run_dir))
     assert leftovers(proc, tag) == []
+    rows = reference[1]                             # the episodes had turns and observations, the reward both sources
+    assert all(r["env/turns_mean"] > 1.5 and r["env/observation_tokens_mean"] > 0 for r in rows), rows
+    assert all(r["env/errors"] == r["env/timeouts"] == 0 and r["env/tool_calls_mean"] > 1 for r in rows), rows
 
 
 def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
