@@ -54,8 +54,8 @@ class Policy(DeepSpeedRole):
             out = response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp, entropy=want)
             lp, ent = out if want else (out, None)
             mask = mb.action_mask
-            loss, stats = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mask, ppo.clip, ppo.dual_clip,
-                                          ppo.loss_agg, den, mb.is_weights)
+            loss, stats = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mask, ppo.clip_bounds(),
+                                          ppo.dual_clip, ppo.loss_agg, den, mb.is_weights, ppo.ratio_level)
             if ppo.entropy_coef:
                 loss = loss - ppo.entropy_coef * aggregate(ent, mask, ppo.loss_agg, den)
             if kl_in_loss:

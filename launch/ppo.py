@@ -32,9 +32,10 @@ from launch.common import (RunError, actor_env, cause_line, cluster_device, engi
                            start_ray, trainer_env)
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import preflight
-from rlhf_ray.algos import ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty
-from rlhf_ray.batch import (RewardScores, RolloutBatch, cat, first_rollouts, merge_round_robin, response_texts,
-                            rollout_from_samples, split_round_robin)
+from rlhf_ray.algos import (ScoreNorm, adaptive_kl_coef, compute_experience, groups_with_signal, missing_eos_penalty,
+                            overlong_penalty, trainable_groups)
+from rlhf_ray.batch import (RewardScores, RolloutBatch, Sample, cat, first_rollouts, merge_round_robin,
+                            response_texts, rollout_from_samples, select, split_round_robin)
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream
 from rlhf_ray.env import env_stop_ids, episode_metrics
@@ -188,11 +189,13 @@ class Rollout:
     stream_state: dict                # the prompt stream's position before this rollout drew its prompts
 
 
-def start_rollout(cfg: Config, actors: Actors, tokenizer, stream: PromptStream, step: int) -> Rollout:
+def start_rollout(cfg: Config, actors: Actors, tokenizer, stream: PromptStream, step: int,
+                  round_: int = 0) -> Rollout:
     """Draw the step's prompts and split them over the engines, n samples (or, with env.cls, n multi-turn episodes)
-    each; returns without waiting. The sampling seed derives from (run seed, step, engine), so when a rollout
-    starts does not change its samples."""
+    each; returns without waiting. The sampling seed derives from (run seed, step, engine, and the round past the
+    first of dynamic sampling), so when a rollout starts does not change its samples."""
     state, rows, g = stream.state(), stream.next(), cfg.generation
+    where = (step,) if not round_ else (step, round_)
     keys = cfg.data.reward_keys           # row fields for rule/HTTP rewards and environments, one entry per sample
     prompts = [r["prompt"] for r in rows] if keys else rows
     ids = render_prompts(tokenizer, prompts, cfg.data)
@@ -201,12 +204,12 @@ def start_rollout(cfg: Config, actors: Actors, tokenizer, stream: PromptStream, 
         fields = [r if keys else {"prompt": r} for r in rows]
         stop = env_stop_ids(tokenizer, cfg.env.turn_stop)
         refs = [e.episodes.remote(part, rows_part, g.n, g.max_new_tokens, g.temperature, g.top_p,
-                                  derive_seed(cfg.run.seed, "sample", step, i), cfg.env, stop, actors.env.actors)
+                                  derive_seed(cfg.run.seed, "sample", *where, i), cfg.env, stop, actors.env.actors)
                 for i, (e, part, rows_part) in enumerate(zip(engines, split_round_robin(ids, len(engines)),
                                                              split_round_robin(fields, len(engines)))) if part]
     else:
         refs = [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p,
-                                  derive_seed(cfg.run.seed, "sample", step, i))
+                                  derive_seed(cfg.run.seed, "sample", *where, i))
                 for i, (e, part) in enumerate(zip(engines, split_round_robin(ids, len(engines)))) if part]
     return Rollout(step, ids, [p for p in prompts for _ in range(g.n)],
                    {k: [r[k] for r in rows for _ in range(g.n)] for k in keys}, refs, state)
@@ -216,13 +219,69 @@ def collect_rollout(cfg: Config, rollout: Rollout, pad_id: int) -> tuple[Rollout
     """Wait for a rollout: one padded batch (prompt-major) with each sample's weight version, and for multi-turn
     episodes each one's summary (rlhf_ray/env.py Episode.summary; None single-turn). An engine's failure becomes a
     one-line RolloutError, never a hang."""
+    return padded(cfg, rollout.prompt_ids, collect_samples(cfg, rollout), pad_id)
+
+
+def collect_samples(cfg: Config, rollout: Rollout) -> list[Sample]:
+    """Wait for a rollout's samples, prompt-major (n per prompt)."""
     try:
         parts = ray.get(rollout.refs)
     except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
         raise RolloutError(f"rollout for step {rollout.step} failed on an engine: {cause_line(e)}") from None
-    samples = merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
-    batch = rollout_from_samples([p for p in rollout.prompt_ids for _ in range(cfg.generation.n)], samples, pad_id)
+    return merge_round_robin(parts, len(rollout.prompt_ids), cfg.generation.n)
+
+
+def padded(cfg: Config, prompt_ids: list[list[int]], samples: list[Sample],
+           pad_id: int) -> tuple[RolloutBatch, list[dict] | None]:
+    batch = rollout_from_samples([p for p in prompt_ids for _ in range(cfg.generation.n)], samples, pad_id)
     return batch, [s["episode"] for s in samples] if samples and "episode" in samples[0] else None
+
+
+@dataclass
+class Filled:
+    """A step's samples after dynamic sampling (rollout.filter_groups): the groups it trains on, their rewards
+    (computed to find them) and what finding them took."""
+    batch: RolloutBatch | None         # the trained groups, prompt-major (None: too few to fill a minibatch)
+    episodes: list[dict] | None
+    rewards: RewardScores | None
+    stats: dict                        # the filter/* metrics
+
+
+def fill_groups(run: "Run", step: int, rollout: Rollout) -> Filled:
+    """DAPO's dynamic sampling. Score each round of generation.prompts_per_step prompts and keep the groups whose n
+    rewards are not all equal; while fewer than prompts_per_step are kept, draw the next round from the prompt
+    stream (its sampling seeded by step and round), up to rollout.max_rounds rounds. The step trains on the first
+    prompts_per_step kept groups, or, past the bound, on those that fill whole minibatches (`trainable_groups`:
+    possibly none). Rewards are compared as the sources gave them, before length shaping (DAPO filters on
+    accuracy). Every round runs on the weights of the last sync, so the extra samples are on-policy."""
+    cfg, g, pad = run.cfg, run.cfg.generation, run.tokenizer.pad_token_id
+    kept: list[tuple[list[int], list[Sample], RewardScores]] = []      # per group: prompt, samples, their rewards
+    totals = []
+    for r in range(cfg.rollout.max_rounds):
+        if r:
+            rollout = start_rollout(cfg, run.actors, run.tokenizer, run.stream, step, r)
+        samples = collect_samples(cfg, rollout)
+        batch, _ = padded(cfg, rollout.prompt_ids, samples, pad)
+        rewards = cat(ray.get(run.actors.reward.call("scores", ray.put(batch), rollout.prompts, rollout.extras)))
+        turns = env_rewards(cfg, batch, rewards)
+        totals.append(rewards.total if turns is None else rewards.total + turns.sum(-1))
+        for j in groups_with_signal(totals[-1], g.n).nonzero().flatten().tolist():
+            rows = torch.arange(j * g.n, (j + 1) * g.n)
+            kept.append((rollout.prompt_ids[j], samples[j * g.n:(j + 1) * g.n], select(rewards, rows)))
+        if len(kept) >= g.prompts_per_step:
+            break
+    rounds, drawn = len(totals), len(totals) * g.prompts_per_step
+    take = trainable_groups(len(kept), g.prompts_per_step, g.n, cfg.ppo.minibatch_size)
+    stats = {"filter/rounds": rounds, "filter/uniform_frac": 1 - len(kept) / drawn,
+             "filter/signal_groups": len(kept), "filter/groups": take,
+             "filter/extra_samples": (rounds - 1) * g.prompts_per_step * g.n,
+             "filter/short": float(take < g.prompts_per_step), "filter/skipped": float(take == 0),
+             "filter/reward_all_mean": torch.cat(totals).mean().item()}
+    if not take:
+        return Filled(None, None, None, stats)
+    kept = kept[:take]
+    batch, episodes = padded(cfg, [k[0] for k in kept], [s for k in kept for s in k[1]], pad)
+    return Filled(batch, episodes, cat([k[2] for k in kept]), stats)
 
 
 def rollout_done(rollout: Rollout | None) -> None:
@@ -398,12 +457,17 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
 
     # 1. rollout: this step's samples, stamped with the weight version that drew them. With rollout.max_staleness
     #    1 the next step's sampling starts now, on the same weights, while the trainers work on this one
+    #    (rollout.filter_groups: only groups whose rewards differ, more rounds of prompts until there are enough)
     with timer("rollout_wait"):
-        batch, episodes = collect_rollout(cfg, rollout, run.tokenizer.pad_token_id)
+        filled = fill_groups(run, step, rollout) if cfg.rollout.filter_groups else None
+        batch, episodes = (filled.batch, filled.episodes) if filled else \
+            collect_rollout(cfg, rollout, run.tokenizer.pad_token_id)
         if cfg.placement.engines_sleep:            # colocated engines free their GPU memory for the trainers
             ray.get([e.sleep.remote() for e in actors.engines])
     if overlap:
         next_rollout = start_rollout(cfg, actors, run.tokenizer, run.stream, step + 1)
+    if batch is None:                              # no whole minibatch of groups with signal: no update
+        return idle_step(run, step, next_rollout, filled, timer, t_step)
     staleness = (step - 1) - batch.version         # policy updates between the sampling weights and this step's
     if int(staleness.max()) > cfg.rollout.max_staleness:
         raise RunError(f"step {step}: samples {int(staleness.max())} updates old, over rollout.max_staleness")
@@ -414,14 +478,16 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     #    came with the rollout, per turn
     with timer("score"):
         ref_refs = actors.reference.call("logprobs", batch_ref)
-        reward_refs = actors.reward.call("scores", batch_ref, rollout.prompts, rollout.extras)
+        reward_refs = None if filled else actors.reward.call("scores", batch_ref, rollout.prompts, rollout.extras)
         old_refs = None if ppo.reuse_sample_logprobs else actors.policy.call("logprobs", batch_ref)
         value_refs = actors.critic.call("values", batch_ref) if actors.critic else None
         ref_logprobs = torch.cat(ray.get(ref_refs))
-        rewards: RewardScores = cat(ray.get(reward_refs))
+        rewards: RewardScores = filled.rewards if filled else cat(ray.get(reward_refs))
         old_logprobs = torch.cat(ray.get(old_refs)) if old_refs else batch.sample_logprobs   # reused: the engines'
         values = torch.cat(ray.get(value_refs)) if value_refs else None
-        scores = run.norm(missing_eos_penalty(rewards.total, batch.finished, ppo.missing_eos_penalty))
+        scores = missing_eos_penalty(rewards.total, batch.finished, ppo.missing_eos_penalty)
+        scores = run.norm(scores + overlong_penalty(batch.response_mask.sum(-1), cfg.generation.max_new_tokens,
+                                                    ppo.overlong_buffer, ppo.overlong_penalty))
         turn_rewards = env_rewards(cfg, batch, rewards)
 
     # 3. advantages: KL to the reference (in the reward or as a loss term), then the chosen estimator; importance
@@ -431,7 +497,8 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
             batch, old_logprobs, ref_logprobs, values, scores, estimator=ppo.advantage, n=cfg.generation.n,
             kl_coef=run.kl.coef, kl_estimator=ppo.kl_estimator, kl_in_reward=ppo.kl_placement == "reward",
             gamma=ppo.gamma, lam=ppo.lam, whiten_advantages=ppo.whiten_advantages, grpo_norm_std=ppo.grpo_norm_std,
-            is_correction=ppo.is_correction, is_cap=ppo.is_cap, token_rewards=turn_rewards)
+            is_correction=ppo.is_correction, is_cap=ppo.is_cap, token_rewards=turn_rewards,
+            no_loss=~batch.finished if ppo.mask_truncated else None)
     exp_ref = ray.put(exp)
 
     # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
@@ -453,6 +520,8 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
 
     metrics = step_metrics(run, batch, rewards, old_logprobs, scores, exp_stats, stats, sync_stats, staleness, timer,
                            busy, time.perf_counter() - t_step, judged, episodes)
+    if filled:
+        metrics.update(filled.stats)
     run.kl.update(exp_stats["kl/ref_per_seq"])
     run.logger.log(step, metrics)
     total = scores if turn_rewards is None else scores + turn_rewards.sum(-1)     # an environment's rewards too
@@ -466,14 +535,45 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     stop, healthy = run.guard.check(step, metrics)
     if stop:
         raise RunError(stop)
-    saved = None
-    if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        if healthy:
-            data_state = next_rollout.stream_state if next_rollout else run.stream.state()
-            saved = save_checkpoint(run, step, data_state, next_rollout)
-        else:
-            print(f"step {step}: checkpoint held back: KL to the reference over guard.max_kl_per_token", flush=True)
-    return next_rollout, saved
+    return next_rollout, step_checkpoint(run, step, next_rollout, healthy)
+
+
+def step_checkpoint(run: Run, step: int, next_rollout: Rollout | None, healthy: bool) -> Path | None:
+    """The checkpoint at the end of `step`, if one is due (checkpoint.every, the last step) and the step is healthy."""
+    cfg = run.cfg
+    if not (step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+        return None
+    if not healthy:
+        print(f"step {step}: checkpoint held back: KL to the reference over guard.max_kl_per_token", flush=True)
+        return None
+    data_state = next_rollout.stream_state if next_rollout else run.stream.state()
+    return save_checkpoint(run, step, data_state, next_rollout)
+
+
+def idle_step(run: Run, step: int, next_rollout: Rollout | None, filled: Filled, timer: PhaseTimer,
+              t_step: float) -> tuple[Rollout | None, Path | None]:
+    """The rest of a step whose dynamic sampling found too few groups with signal for one minibatch within
+    rollout.max_rounds: no update. The engines still get the step's weight version (the same weights), so
+    staleness keeps counting updates; the filter/* metrics are logged, the next rollout starts, a checkpoint is
+    written when due."""
+    cfg, actors = run.cfg, run.actors
+    with timer("next_rollout_wait"):
+        rollout_done(next_rollout)
+    with timer("weight_sync"):
+        if cfg.placement.engines_sleep:
+            ray.get([e.wake_up.remote() for e in actors.engines])
+        run.sync.push(version=step)
+    busy_seconds(actors), judge_stats(actors)      # this step's busy time and judge counts are not the next one's
+    if next_rollout is None and step < cfg.train.steps:
+        next_rollout = start_rollout(cfg, actors, run.tokenizer, run.stream, step + 1)
+    metrics = {**filled.stats, **{f"time/{k}": v for k, v in timer.seconds.items()},
+               "time/step": time.perf_counter() - t_step, "kl/coef": run.kl.coef, "fault/actor_restarts": run.restarts}
+    run.logger.log(step, metrics)
+    print(f"step {step}/{cfg.train.steps}  no update: {filled.stats['filter/signal_groups']} groups with differing "
+          f"rewards in {filled.stats['filter/rounds']} rounds (rollout.max_rounds), too few for a minibatch", flush=True)
+    if run.startup is not None:
+        report_startup(run)
+    return next_rollout, step_checkpoint(run, step, next_rollout, healthy=True)
 
 
 def report_startup(run: Run) -> None:
@@ -530,7 +630,8 @@ def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logpr
         **exp_stats,
         "response/finished_frac": batch.finished.float().mean().item(),
         "response/length_mean": mask.sum(-1).mean().item(),
-        "policy/loss": p["loss"], "policy/clipfrac": p["clipfrac"], "policy/approx_kl": p["approx_kl"],
+        "policy/loss": p["loss"], "policy/clipfrac": p["clipfrac"], "policy/clipfrac_low": p["clipfrac_low"],
+        "policy/clipfrac_high": p["clipfrac_high"], "policy/approx_kl": p["approx_kl"],
         "policy/entropy": p["entropy"], **{f"policy/{k}": p[k] for k in ("kl_loss", "dual_clipfrac") if k in p},
         "policy/skipped_steps": p["skipped_steps"],
         **{f"reward/source{i}_{s.kind}_mean": rewards.sources[:, i].mean().item()

@@ -165,11 +165,12 @@ def group_advantages(scores: torch.Tensor, n: int, estimator: str, norm_std: boo
 
 
 def aggregation_count(mask: torch.Tensor, mode: LossAggregation) -> float:
-    """What `aggregate` divides by: the tokens (token-mean) or the sequences (seq-*) of `mask`. Summed over a
-    minibatch, it is the denominator that makes micro-batch losses add up to the minibatch's exactly."""
+    """What `aggregate` divides by: the tokens (token-mean) or the sequences with a token (seq-*) of `mask`, at
+    least 1 (a minibatch whose rows are all masked out, ppo.mask_truncated, then has loss 0, not 0/0). Summed
+    over a minibatch, it is the denominator that makes micro-batch losses add up to the minibatch's exactly."""
     if mode not in options(LossAggregation):
         raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {options(LossAggregation)}")
-    return float(mask.sum()) if mode == "token-mean" else float(mask.size(0))
+    return max(float(mask.sum()) if mode == "token-mean" else float((mask.sum(-1) > 0).sum()), 1.0)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation,
@@ -195,34 +196,65 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation
     return num / (denominator if denominator is not None else max(aggregation_count(mask, mode), 1.0))
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float, dual_clip: float | None = None, agg: str = "token-mean",
-                    denominator: float | None = None,
-                    token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps, 1 + eps)) per token.
+# GSPO's sequence log-ratio is clamped here before exp: a mean log-ratio past 10 nats (a ratio of 22,000) is already
+# far outside any clip range, and exp of an unclamped one overflows bf16/fp16 to inf and the loss to NaN (OpenRLHF
+# PR #1293). Clamping stops the gradient only where the clipped branch has already stopped it, or on a ratio that large.
+SEQ_LOG_RATIO_CAP = 10.0
 
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float | tuple[float, float], dual_clip: float | None = None,
+                    agg: str = "token-mean", denominator: float | None = None,
+                    token_weights: torch.Tensor | None = None, level: str = "token") -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)).
+
+    `clip` is eps, or (eps_low, eps_high): DAPO's clip-higher (Yu et al. 2025) raises eps_high alone, so a
+    low-probability token can grow more before its ratio is clipped.
+    level "token": r_t = pi(y_t) / pi_old(y_t), one term per token.
+    level "sequence" (GSPO, Zheng et al. 2025): one ratio per answer, s = exp(mean_t log r_t) over its action
+    tokens (the length-normalised sequence likelihood ratio), with the answer's mean advantage; the loss is
+    mean over answers, so `agg` must be seq-mean-token-mean (the config refuses another). The log-ratio is
+    clamped to +-SEQ_LOG_RATIO_CAP before exp.
     dual_clip = c > 1 (Ye et al. 2020) also bounds the loss of a negative advantage by -c A, so a huge ratio on
     a bad action cannot dominate the step. token_weights (no gradient), when given, multiply each token's loss:
-    the off-policy correction of `importance_weights`. Returns (loss, stats): clip fractions and the
-    approximate KL(old || new) = mean((r - 1) - log r) (k3).
+    the off-policy correction of `importance_weights` (at sequence level: the answer's loss, by the mean of its
+    tokens' weights, since the per-sequence mean averages them). Returns (loss, stats): the fraction clipped (of
+    tokens, or of answers at sequence level; clipfrac_low / clipfrac_high split it by bound) and the approximate
+    KL(old || new) = mean((r_t - 1) - log r_t) (k3) over tokens.
     """
+    low, high = clip if isinstance(clip, tuple) else (clip, clip)
     log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    surr1 = -advantages * ratio
-    surr2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    if level == "token":
+        ratio, adv = torch.exp(log_ratio), advantages
+    elif level == "sequence":
+        if agg != "seq-mean-token-mean":
+            raise ValueError(f"a sequence-level ratio needs the per-answer mean (seq-mean-token-mean), got {agg!r}")
+        seq = masked_mean(log_ratio, mask, dim=-1).clamp(-SEQ_LOG_RATIO_CAP, SEQ_LOG_RATIO_CAP)
+        ratio = torch.exp(seq).unsqueeze(-1).expand_as(logprobs)
+        adv = masked_mean(advantages, mask, dim=-1).unsqueeze(-1).expand_as(logprobs)
+    else:
+        raise ValueError(f"unknown ratio level {level!r}; expected token or sequence")
+    surr1 = -adv * ratio
+    surr2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_token = torch.maximum(surr1, surr2)
     stats = {}
     if dual_clip is not None:
-        bounded = torch.minimum(per_token, -advantages * dual_clip)
+        bounded = torch.minimum(per_token, -adv * dual_clip)
         with torch.no_grad():
-            stats["dual_clipfrac"] = masked_mean(((advantages < 0) & (bounded < per_token)).float(), mask)
-        per_token = torch.where(advantages < 0, bounded, per_token)
+            stats["dual_clipfrac"] = masked_mean(((adv < 0) & (bounded < per_token)).float(), mask)
+        per_token = torch.where(adv < 0, bounded, per_token)
     if token_weights is not None:
         per_token = per_token * token_weights
     loss = aggregate(per_token, mask, agg, denominator)
     with torch.no_grad():
-        stats["clipfrac"] = masked_mean((surr2 > surr1).float(), mask)
-        stats["approx_kl"] = masked_mean((ratio - 1) - log_ratio, mask)
+        clipped = surr2 > surr1
+        # at sequence level every token of an answer holds its ratio: the token mean per answer is its 0 or 1
+        frac = (lambda x: masked_mean(masked_mean(x, mask, dim=-1), (mask.sum(-1) > 0).float())) \
+            if level == "sequence" else (lambda x: masked_mean(x, mask))
+        stats["clipfrac"] = frac(clipped.float())
+        stats["clipfrac_low"] = frac((clipped & (ratio < 1)).float())
+        stats["clipfrac_high"] = frac((clipped & (ratio > 1)).float())
+        stats["approx_kl"] = masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask)
     return loss, stats
 
 
@@ -295,12 +327,41 @@ def missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: f
     return scores - penalty * (~finished.bool()).to(scores.dtype)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), per answer of `lengths` tokens: 0 up to
+    max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens (the longest an answer can be
+    here, so DAPO's "-1 past L_max" case never arises). buffer 0: all zeros."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
+    return -penalty * (excess / buffer).clamp(max=1.0)
+
+
+def groups_with_signal(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """[B] rewards of B / n prompt-major groups -> [B / n] bool: True where the group's rewards are not all
+    equal. A uniform group gives every outcome estimator (grpo, rloo) zero advantages: no signal (DAPO's dynamic
+    sampling drops it)."""
+    g = rewards.reshape(-1, n)
+    return g.amax(-1) > g.amin(-1)
+
+
+def trainable_groups(kept: int, wanted: int, n: int, minibatch_size: int) -> int:
+    """How many of `kept` groups with signal a step trains on: `wanted` (generation.prompts_per_step) when there are
+    that many, else the most that fill whole minibatches of whole groups (minibatch_size a multiple of n), which
+    may be 0 (the step skips its update)."""
+    if kept >= wanted:
+        return wanted
+    per_minibatch = minibatch_size // n
+    return kept // per_minibatch * per_minibatch
+
+
 def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        values: torch.Tensor | None, scores: torch.Tensor, *, estimator: AdvantageEstimator = "gae",
                        n: int = 1, kl_coef: float, kl_estimator: KLEstimator = "k1", kl_in_reward: bool = True,
                        gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool | None = None,
                        grpo_norm_std: bool = True, is_correction: ISCorrection = "none",
-                       is_cap: float = 2.0, token_rewards: torch.Tensor | None = None) -> tuple[Experience, dict]:
+                       is_cap: float = 2.0, token_rewards: torch.Tensor | None = None,
+                       no_loss: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -316,6 +377,9 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
     token_rewards [B, T]: an environment's per-turn rewards on each turn's last action token, added to r_t (so
     the outcome estimators get their sum).
     Every term counts the tokens of batch.action_mask (the policy's own tokens).
+    no_loss [B] bool: rows that carry no loss (ppo.mask_truncated): their advantages are computed as the others'
+    (their scores still count in their group's baseline and in the batch whitening), then their rows of the
+    experience's action_mask are zeroed, so no loss term and no denominator counts them.
     """
     if estimator not in options(AdvantageEstimator):
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {options(AdvantageEstimator)}")
@@ -333,7 +397,8 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
     if whiten_advantages if whiten_advantages is not None else estimator in ("gae", "reinforce++"):
         advantages = masked_whiten(advantages, mask)
     is_weights, is_stats = importance_weights(old_logprobs, batch.sample_logprobs, mask, is_correction, is_cap)
-    exp = Experience(batch.input_ids, batch.attention_mask, mask, old_logprobs, ref_logprobs, advantages,
+    loss_mask = mask if no_loss is None else mask * (~no_loss.bool()).to(mask.dtype)[:, None]
+    exp = Experience(batch.input_ids, batch.attention_mask, loss_mask, old_logprobs, ref_logprobs, advantages,
                      values=values * mask if values is not None else None, returns=returns if values is not None else None,
                      is_weights=is_weights)
     seq_kl = masked_sum(kl, mask, dim=-1)

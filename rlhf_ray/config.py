@@ -207,7 +207,22 @@ class PPOConfig:
     grpo_norm_std: bool = True         # grpo: divide by the group's reward std (false: Dr. GRPO)
     epochs: int = 1                    # passes over each step's experience
     minibatch_size: int = 8            # sequences per optimizer step (across all ranks)
-    clip: float = 0.2                  # ratio clip epsilon
+    clip: Optional[float] = None       # ratio clip epsilon, the symmetric shorthand: clip_low = clip_high = clip
+                                       # (none of the three given: 0.2; clip with either of the others: refused)
+    clip_low: Optional[float] = None   # eps_low: the ratio's lower bound is 1 - eps_low
+    clip_high: Optional[float] = None  # eps_high: its upper bound 1 + eps_high. DAPO's clip-higher: 0.2 / 0.28.
+                                       # With epochs 1 and one minibatch per step every ratio is 1: no clip acts
+    ratio_level: Literal["token", "sequence"] = "token"   # sequence: GSPO, one length-normalised ratio per answer,
+                                       # clipped by seq_clip_low/high, the loss a mean over answers (needs
+                                       # loss_agg seq-mean-token-mean and an outcome estimator, not gae)
+    seq_clip_low: float = 3e-4         # GSPO's clip range (Zheng et al. 2025: 3e-4 / 4e-4): sequence ratios
+    seq_clip_high: float = 4e-4        # stay far closer to 1 than token ratios
+    overlong_buffer: int = 0           # DAPO's soft overlong punishment: an answer longer than max_new_tokens -
+                                       # buffer loses overlong_penalty * (excess / buffer) from its score, linearly
+                                       # up to the whole penalty at max_new_tokens; 0: off
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False       # DAPO's overlong filtering: answers cut at max_new_tokens without EOS carry
+                                       # no loss (their scores still count in their group's baseline)
     dual_clip: Optional[float] = None  # c > 1: bound the loss of negative advantages by -c A (Ye et al. 2020)
     value_clip: float = 0.2            # value-prediction clip around the rollout's values (0: off)
     gamma: float = 1.0
@@ -234,6 +249,13 @@ class PPOConfig:
                                        # [1 / is_cap, is_cap]. Needed with rollout.max_staleness > 0; also corrects
                                        # the engine-trainer precision gap in bf16
     is_cap: float = 2.0                # C of is_correction
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """(eps_low, eps_high) of the ratio clip at this ratio_level."""
+        if self.ratio_level == "sequence":
+            return self.seq_clip_low, self.seq_clip_high
+        eps = 0.2 if self.clip is None else self.clip
+        return (eps if self.clip_low is None else self.clip_low, eps if self.clip_high is None else self.clip_high)
 
 
 @dataclass
@@ -279,6 +301,12 @@ class RolloutConfig:
                                        # step s+1 while the trainers update on step s, so step s+1 trains on samples
                                        # of the weights one update old; needs ppo.is_correction and a policy
                                        # forward for pi_old (ppo.reuse_sample_logprobs: false)
+    filter_groups: bool = False        # DAPO's dynamic sampling: drop groups whose n rewards are all equal and draw
+                                       # more prompts (whole rounds of generation.prompts_per_step) until
+                                       # prompts_per_step groups with signal are found, or max_rounds were drawn;
+                                       # then the step trains on as many whole minibatches as those fill (none:
+                                       # it skips its update). Counted in the filter/* metrics
+    max_rounds: int = 3                # generation rounds per step at most, the first included
 
 
 @dataclass
@@ -467,6 +495,7 @@ class Config:
         if ppo.reuse_sample_logprobs:
             need(ppo.is_correction == "none", "ppo.is_correction", "needs pi_old from the policy "
                  "(ppo.reuse_sample_logprobs: false): with the engines' logprobs as pi_old every weight is 1")
+        self._check_recipe()
         if self.rollout.max_staleness:
             need(not ppo.reuse_sample_logprobs, "ppo.reuse_sample_logprobs", "must be false with "
                  "rollout.max_staleness > 0: the engines sampled with weights older than the policy's")
@@ -476,6 +505,33 @@ class Config:
                  "engines that sleep while the trainers run cannot generate beside them")
         self._check_layout()
         return self
+
+    def _check_recipe(self) -> None:
+        """DAPO's and GSPO's flags (docs/algorithms.md): one key per choice, and no two mechanisms for one concern."""
+        need, ppo, gen = _need, self.ppo, self.generation
+        need(ppo.clip is None or (ppo.clip_low is None and ppo.clip_high is None), "ppo.clip",
+             "is the symmetric shorthand of ppo.clip_low / ppo.clip_high: give clip, or clip_low and clip_high")
+        need(ppo.clip_bounds()[0] <= 1, "ppo.clip_low", f"must be <= 1 (the ratio's lower bound is 1 - clip_low), "
+             f"got {ppo.clip_bounds()[0]}")
+        if ppo.ratio_level == "sequence":
+            need(ppo.clip is None and ppo.clip_low is None and ppo.clip_high is None, "ppo.ratio_level",
+                 "sequence clips with ppo.seq_clip_low / seq_clip_high; ppo.clip, clip_low and clip_high are "
+                 "token-level keys: leave them out")
+            need(ppo.loss_agg == "seq-mean-token-mean", "ppo.loss_agg", "must be seq-mean-token-mean with "
+                 f"ppo.ratio_level sequence (GSPO's loss is a mean over answers), got {ppo.loss_agg}")
+            need(ppo.advantage != "gae", "ppo.ratio_level", "sequence needs one advantage per answer: an outcome "
+                 "estimator (grpo, rloo, reinforce++), not gae")
+        if self.rollout.filter_groups:
+            need(ppo.advantage in ("grpo", "rloo"), "rollout.filter_groups", "drops groups that give a group "
+                 f"estimator no signal: it needs ppo.advantage grpo or rloo, got {ppo.advantage}")
+            need(ppo.minibatch_size % gen.n == 0, "ppo.minibatch_size", f"must be a multiple of generation.n "
+                 f"({gen.n}) with rollout.filter_groups (minibatches of whole groups), got {ppo.minibatch_size}")
+            need(self.rollout.max_rounds >= 1, "rollout.max_rounds", f"must be >= 1, got {self.rollout.max_rounds}")
+        need(ppo.overlong_buffer < gen.max_new_tokens, "ppo.overlong_buffer",
+             f"must be < generation.max_new_tokens ({gen.max_new_tokens}), got {ppo.overlong_buffer}")
+        need(not ppo.missing_eos_penalty or not (ppo.overlong_buffer or ppo.mask_truncated), "ppo.missing_eos_penalty",
+             "must be 0 with ppo.overlong_buffer or ppo.mask_truncated: they already handle answers cut at "
+             "max_new_tokens (the overlong penalty reaches its whole overlong_penalty there; masked ones carry no loss)")
 
     def _check_layout(self) -> None:
         """Colocation, shared processes and the weight-sync backend that depends on them."""
@@ -652,10 +708,12 @@ class Config:
         for key, low in at_least.items():
             v = self._get(key)
             _need(v >= low, key, f"must be >= {low}, got {v}")
-        positive = ["ppo.clip", "generation.temperature", "generation.top_p", "engine.kv_cache_gib",
+        positive = ["ppo.clip", "ppo.clip_low", "ppo.clip_high", "ppo.seq_clip_low", "ppo.seq_clip_high",
+                    "generation.temperature", "generation.top_p", "engine.kv_cache_gib",
                     "fault_tolerance.probe_timeout_s"]
         positive += [f"{r}.lr" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))]
         non_negative = ["ppo.kl_coef", "ppo.value_clip", "ppo.entropy_coef", "ppo.missing_eos_penalty",
+                        "ppo.overlong_penalty", "ppo.overlong_buffer",
                         "guard.max_kl_per_token"]
         non_negative += [f"{r}.{k}" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))
                          for k in ("grad_clip", "weight_decay", "cpus_per_rank", "gpus_per_rank")]
