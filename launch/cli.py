@@ -1,6 +1,7 @@
 """`rlhf-ray` command line: one subcommand per entry point.
 
     rlhf-ray tiny-world [--out assets/tiny]          build the offline tiny model world
+    rlhf-ray copy-task [--world assets/tiny]         its copy task: prompts with answers and a briefly tuned policy
     rlhf-ray pipeline --config C [--set k=v]         the three stages end to end (+ DPO, evaluation)
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
     rlhf-ray ppo --config C [--set k=v] [--resume [auto]]   run PPO (local Ray cluster, or the one it runs on)
@@ -47,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(rest)
         from rlhf_ray.tiny import TinySpec, build_tiny_world
         build_tiny_world(args.out, TinySpec(pretrain_steps=args.pretrain_steps))
+        return 0
+    if cmd == "copy-task":
+        ap = argparse.ArgumentParser(prog="rlhf-ray copy-task")
+        ap.add_argument("--world", default="assets/tiny")
+        ap.add_argument("--out", default=None, help="default: <world>/copy")
+        ap.add_argument("--seed", type=int, default=0)
+        args = ap.parse_args(rest)
+        from rlhf_ray.copy_task import build_copy_task
+        build_copy_task(args.world, args.out or f"{args.world}/copy", args.seed)
         return 0
     print(f"rlhf-ray: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2

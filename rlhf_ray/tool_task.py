@@ -63,25 +63,34 @@ def demonstration(tokenizer, row: dict) -> tuple[list[int], list[int]]:
 def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], target: float = 0.4,
                    check_every: int = 10, max_steps: int = 2000, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
                    log=print) -> tuple[Path, int, float]:
-    """The short SFT: AdamW on demonstrations of `rows`, cross-entropy on the labelled tokens, until the policy
-    solves `target` of 50 of those problems with the tool (played as `evaluate` plays them, checked every
-    `check_every` steps), or max_steps; saved as an HF directory (safetensors) with the tokenizer. Returns it, the
-    steps taken and the last check's success. One thread, deterministic for a seed.
+    """The short SFT on demonstrations of `rows` (`sft_until_success`), checked on 50 of those problems played with
+    the tool as `evaluate` plays them. Returns the saved policy, the steps taken and the last check's success.
 
     Why stop on success rather than after a fixed count or at a loss: the format is learnt within ~100 steps, but
     when the model starts copying operands and the tool's answer differs by seed (at lr 1e-3, from step ~150 to
     ~300 on seeds 0-2), and the loss, dominated by the format's tokens, does not say whether it copies. Stopping once
     it copies sometimes leaves RL a policy that succeeds often but not always. Why lr 1e-3: at 3e-3 the 0.6 M
     model of seed 1 never learnt to copy (14 % after 2,000 steps); at 1e-3 it copied after 175."""
+    return sft_until_success(policy_dir, out, lambda tok: [demonstration(tok, r) for r in rows],
+                             lambda model, tok: play(model, tok, rows[:50], Calculator, seed=seed)["correct"],
+                             target, check_every, max_steps, lr, batch_size, seed, log)
+
+
+def sft_until_success(policy_dir: str | Path, out: str | Path, demonstrations, success, target: float,
+                      check_every: int, max_steps: int, lr: float, batch_size: int, seed: int,
+                      log=print) -> tuple[Path, int, float]:
+    """A tiny-world task's short SFT: AdamW on `demonstrations(tokenizer)` ((input_ids, labels) pairs), batches
+    drawn in a seeded shuffled order, cross-entropy on the labelled tokens, until `success(model, tokenizer)` (in
+    eval mode, checked every `check_every` steps) reaches `target`, or max_steps; saved as an HF directory
+    (safetensors) with the tokenizer. Returns it, the steps taken and the last check's success. One thread,
+    deterministic for a seed."""
     from rlhf_ray.models import load_causal_lm, load_tokenizer
-    from rlhf_ray.tool_envs import Calculator
     torch.manual_seed(seed)
     tok, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir)
-    data = [demonstration(tok, r) for r in rows]
+    data = demonstrations(tok)
     random.Random(seed).shuffle(data)
-    probe = rows[:50]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    success = 0.0
+    rate = 0.0
     for step in range(1, max_steps + 1):
         model.train()
         batch = collate_sft([data[((step - 1) * batch_size + i) % len(data)] for i in range(batch_size)],
@@ -91,14 +100,14 @@ def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], ta
         loss.backward()
         opt.step()
         if step % check_every == 0:
-            success = play(model.eval(), tok, probe, Calculator, seed=seed)["correct"]
-            log(f"  tool SFT step {step:4d}  loss {loss.item():.3f}  success {success:.2f}")
-            if success >= target:
+            rate = success(model.eval(), tok)
+            log(f"  SFT step {step:4d}  loss {loss.item():.3f}  success {rate:.2f}")
+            if rate >= target:
                 break
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return out, step, success
+    return out, step, rate
 
 
 def evaluate(model_dir: str | Path, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tokens: int = 16,

@@ -5,6 +5,7 @@ a run whose loss diverges must stop with one line and publish no checkpoint. The
 GAE (an environment, tests/episode_envs.py Echo, on its own worker), so episodes with observations are what is
 replayed, resumed and compared. Slow: each run starts a cluster."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,10 +37,9 @@ def fault_run_sets(world, run_dir) -> list[str]:
                                              "policy.zero_stage=3", "logging.wandb.enabled=false", *MULTI_TURN]
 
 
-def driver(world, run_dir, tag, *args) -> subprocess.Popen:
-    sets = fault_run_sets(world, run_dir)
-    cmd = [sys.executable, "-m", "launch.ppo", "--config", "configs/tiny_ppo.yaml", *args,
-           *[a for s in sets for a in ("--set", s)]]
+def driver(world, run_dir, tag, *args, config: str = "configs/tiny_ppo.yaml", sets=None) -> subprocess.Popen:
+    sets = fault_run_sets(world, run_dir) if sets is None else sets
+    cmd = [sys.executable, "-m", "launch.ppo", "--config", config, *args, *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "FAULT_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -82,9 +82,9 @@ def kill_and_count_leftovers(proc, tag: str) -> list[bytes]:
     return leftovers(proc, tag)
 
 
-def final_state(run_dir: Path):
+def final_state(run_dir: Path, models=("policy", "critic")):
     ck = run_dir / "checkpoints" / "step_000006"
-    weights = {m: load_file(str(ck / m / "model.safetensors")) for m in ("policy", "critic")}
+    weights = {m: load_file(str(ck / m / "model.safetensors")) for m in models}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return weights, [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/", "_"))} for r in rows]
 
@@ -146,6 +146,58 @@ def test_a_killed_driver_and_dead_actors_end_the_run_as_if_nothing_happened(tiny
     rows = reference[1]                             # the episodes had turns and observations, the reward both sources
     assert all(r["env/turns_mean"] > 1.5 and r["env/observation_tokens_mean"] > 0 for r in rows), rows
     assert all(r["env/errors"] == r["env/timeouts"] == 0 and r["env/tool_calls_mean"] > 1 for r in rows), rows
+
+
+UNIFORM_ROWS = 24          # 3 steps x rollout.max_rounds 2 x 4 prompts: every group uniform, no update
+
+
+def dapo_sets(world, run_dir, prompts) -> list[str]:
+    """configs/tiny_dapo.yaml one step off-policy, on prompts whose first UNIFORM_ROWS rows score every answer
+    alike (tests/reward_fns.py), in file order."""
+    return tiny_overrides(world, run_dir) + [
+        "placement.share_process=[[reference, reward]]", "policy.num_ranks=1", "rollout.max_staleness=1",
+        "ppo.is_correction=tis", "generation.prompts_per_step=4", "generation.n=4", "ppo.minibatch_size=8",
+        "policy.micro_batch_size=8", "rollout.max_rounds=2", "policy.lr=1e-3", "train.steps=6", "checkpoint.every=2",
+        "checkpoint.keep=5", f"data.prompts={prompts}", "data.shuffle=false", "data.reward_keys=[mode]",
+        "reward.sources=[{kind: function, path: 'tests.reward_fns:uniform_or_varied'}]", "logging.wandb.enabled=false"]
+
+
+def test_off_policy_dapo_skips_uniform_steps_then_resumes_bit_identically_after_a_driver_kill(tiny_world, tmp_path):
+    """DAPO (clip-higher, dynamic sampling, token-mean, overlong shaping) one step off-policy. For 3 steps every group
+    is uniform: each step draws its 2 rounds, finds no signal, and goes on without an update (filter/skipped), its
+    weights untouched; then groups differ and it trains. The driver, SIGKILLed mid-step 5 and resumed from the
+    step-4 checkpoint (which holds step 5's first round, drawn by update-3 weights), ends with the uninterrupted
+    run's weights and rows bit for bit: the extra rounds come from the prompt stream and seeds deterministically."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line)["prompt"] for line in open(tiny_world["prompts"])]
+    prompts.write_text("".join(json.dumps({"prompt": p, "mode": "uniform" if i < UNIFORM_ROWS else "varied"}) + "\n"
+                               for i, p in enumerate(rows)))
+    config = "configs/tiny_dapo.yaml"
+    ref_dir = tmp_path / "uninterrupted"
+    assert ppo_main(["--config", config, *[a for s in dapo_sets(tiny_world, ref_dir, prompts) for a in ("--set", s)]]) == 0
+    reference = final_state(ref_dir, ("policy",))
+    ref_rows = reference[1]
+    assert [r["filter/skipped"] for r in ref_rows] == [1, 1, 1, 0, 0, 0], ref_rows
+    assert all(r["filter/rounds"] == 2 and r["filter/uniform_frac"] == 1 and "policy/loss" not in r
+               for r in ref_rows[:3])
+    assert all(r["filter/groups"] in (2, 4) and math.isfinite(r["policy/loss"]) and "policy/clipfrac_high" in r
+               for r in ref_rows[3:])
+    start = load_file(f"{tiny_world['policy']}/model.safetensors")
+    idle = load_file(str(ref_dir / "checkpoints" / "step_000002" / "policy" / "model.safetensors"))
+    assert all(torch.equal(start[k], idle[k]) for k in start)          # two steps without an update
+    assert not all(torch.equal(start[k], reference[0]["policy"][k]) for k in start)
+
+    tag, run_dir = uuid.uuid4().hex, tmp_path / "killed"
+    sets = dapo_sets(tiny_world, run_dir, prompts)
+    proc = driver(tiny_world, run_dir, tag, config=config, sets=sets)
+    out = run_until(proc, "step 4/")
+    assert sum(line.startswith(f"step {s}/6  no update: 0 groups") for s in (1, 2, 3) for line in out) == 3, out
+    time.sleep(1.0)
+    assert kill_and_count_leftovers(proc, tag) == []                   # mid-step 5
+    assert ppo_main(["--config", config, "--resume", *[a for s in sets for a in ("--set", s)]]) == 0
+    got = final_state(run_dir, ("policy",))
+    assert all(torch.equal(reference[0]["policy"][k], got[0]["policy"][k]) for k in reference[0]["policy"])
+    assert got[1] == ref_rows
 
 
 def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
