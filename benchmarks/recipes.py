@@ -1,12 +1,12 @@
 """GRPO against DAPO and GSPO on a verifiable reward in the tiny world, over several seeds: reward at equal samples,
 at equal wall time and at equal steps, what dynamic sampling filtered and what its extra generation cost.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--steps 30] [--set key=value ...]
+    .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--steps 40] [--set key=value ...]
 
 Per seed:
 1. the tiny world (runs/bench-recipes/seed<N>/world, seeded) and its copy task (rlhf_ray/copy_task.py): 2,000
-   training rows, 200 held-out ones, and the world's policy after a short SFT stopped once it copies 30 % of 50
-   training rows at temperature 1 (so groups of 8 are neither all right nor all wrong);
+   RL prompts, 200 held-out ones, and the world's policy after a short SFT on 2,000 other rows, stopped once it
+   copies 30 % of 50 rows it never saw, at temperature 1 (so groups of 8 are neither all right nor all wrong);
 2. three runs from that policy on the same prompt stream, launched as `rlhf-ray ppo` would:
    - dapo: configs/tiny_dapo.yaml as shipped (clip-higher 0.2/0.28, dynamic sampling up to 3 rounds, token-mean
      loss, overlong buffer 4);
@@ -136,7 +136,7 @@ def report(rows: dict[int, dict], a) -> str:
                   *seed_table({s: r[name] for s, r in rows.items()}, REWARD), "",
                   *seed_table({s: r[name] for s, r in rows.items()}, COST), ""]
     lines += [f"{a.steps} steps per run{''.join('; ' + x for x in a.extra)}; 8 prompts x 8 answers per round, "
-              "2 minibatches per step, lr 2e-4, no KL term; rewards: rlhf_ray.rule_rewards:contains_answer. "
+              "2 minibatches per step, lr 5e-4, no KL term; rewards: rlhf_ray.rule_rewards:contains_answer. "
               f"Windows of the last {WINDOW} steps within each budget.",
               f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
     return "\n".join(lines)
@@ -145,7 +145,7 @@ def report(rows: dict[int, dict], a) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="more overrides of every run")
     a = ap.parse_args()
     rows = {}

@@ -6,7 +6,7 @@ for the reasoning-RL recipes (GRPO, DAPO, GSPO) to raise.
 
 The words are drawn from the corpus's most frequent ones, so every one is a word the pretrained LM knows. A
 short SFT on demonstrations (`train_copy_sft`) teaches the format and starts the copying, and stops once the
-policy copies `target` of 50 training rows at temperature 1: some groups then succeed, some fail, some are mixed,
+policy copies `target` of 50 rows it never trained on, at temperature 1: some groups then succeed, some fail, some are mixed,
 which is the regime where dynamic sampling matters. The reward is `rlhf_ray.rule_rewards:contains_answer` (the
 row's `answer` field).
 """
@@ -73,28 +73,35 @@ def evaluate(model_dir: str | Path, rows: list[dict], seed: int = 0) -> float:
     return success_rate(load_causal_lm(model_dir).eval(), load_tokenizer(model_dir), rows, seed)
 
 
-def train_copy_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], target: float = 0.3,
-                   check_every: int = 10, max_steps: int = 2000, lr: float = 1e-3, batch_size: int = 32,
-                   seed: int = 0, log=print) -> tuple[Path, int, float]:
-    """The short SFT (`sft_until_success`) on demonstrations of `rows`, until 50 of them are copied at `target`."""
+def train_copy_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], probe: list[dict],
+                   target: float = 0.3, check_every: int = 10, max_steps: int = 2000, lr: float = 1e-3,
+                   batch_size: int = 32, seed: int = 0, log=print) -> tuple[Path, int, float]:
+    """The short SFT (`sft_until_success`) on demonstrations of `rows`, until the rows of `probe` (ones it does not
+    train on: a policy copies the rows it saw about twice as often) are copied at `target`."""
     return sft_until_success(policy_dir, out, lambda tok: [demonstration(tok, r) for r in rows],
-                             lambda model, tok: success_rate(model, tok, rows[:50], seed),
+                             lambda model, tok: success_rate(model, tok, probe, seed),
                              target, check_every, max_steps, lr, batch_size, seed, log)
 
 
 def build_copy_task(world: str | Path, out: str | Path, seed: int = 0, target: float = 0.3,
                     log=print) -> dict[str, Path]:
-    """The task beside a tiny world: out/train.jsonl (2,000 rows), out/held_out.jsonl (200 others) and out/policy,
-    the world's policy after `train_copy_sft` (reused when already there). configs/tiny_dapo.yaml and
-    tiny_gspo.yaml point here."""
+    """The task beside a tiny world, rows drawn apart: out/train.jsonl (2,000 prompts for RL), out/held_out.jsonl
+    (200 for evaluation) and out/policy, the world's policy after `train_copy_sft` on 2,000 other rows, stopped
+    once it copies `target` of 50 more (reused when already there). configs/tiny_dapo.yaml and tiny_gspo.yaml
+    point here."""
     from rlhf_ray.tool_task import write_prompts
     out = Path(out)
-    train = problems(2000, seed)
-    held = problems(200, seed + 1000, {r["answer"] for r in train})
-    paths = {"train": write_prompts(out / "train.jsonl", train), "held_out": write_prompts(out / "held_out.jsonl", held),
+    sft = problems(2000, seed)
+    seen = {r["answer"] for r in sft}
+    rl = problems(2000, seed + 1, seen)
+    seen |= {r["answer"] for r in rl}
+    held = problems(200, seed + 2, seen)
+    probe = problems(50, seed + 3, seen | {r["answer"] for r in held})
+    paths = {"train": write_prompts(out / "train.jsonl", rl), "held_out": write_prompts(out / "held_out.jsonl", held),
              "policy": out / "policy"}
     if not (paths["policy"] / "model.safetensors").is_file():
-        _, steps, rate = train_copy_sft(Path(world) / "policy", paths["policy"], train, target, seed=seed, log=log)
+        _, steps, rate = train_copy_sft(Path(world) / "policy", paths["policy"], sft, probe, target, seed=seed,
+                                        log=log)
         (paths["policy"] / "sft_steps.txt").write_text(f"{steps}\n")
-        log(f"copy task written to {out}: SFT {steps} steps, {rate:.0%} of 50 training rows copied")
+        log(f"copy task written to {out}: SFT {steps} steps, {rate:.0%} of 50 unseen rows copied")
     return paths
