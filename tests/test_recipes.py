@@ -121,3 +121,23 @@ def test_clip_keys_resolve_and_contradictions_are_refused():
     ]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             ppo_config(*sets)
+
+
+def test_the_copy_tasks_rows_are_drawn_apart_and_demonstrations_label_the_answer_only():
+    from rlhf_ray.copy_task import PROMPT, WORDS_PER_ROW, demonstration, problems, vocabulary
+    from rlhf_ray.sft import IGNORE
+    from rlhf_ray.tiny import train_tokenizer
+    vocab = vocabulary()
+    assert len(vocab) == len(set(vocab)) == 200 and all(len(w) >= 3 and w.isalpha() for w in vocab)
+    sft = problems(100, 0)
+    rl = problems(100, 1, {r["answer"] for r in sft})
+    assert len({r["answer"] for r in sft + rl}) == 200
+    row = rl[0]
+    words = row["answer"].split()
+    assert len(words) == len(set(words)) == WORDS_PER_ROW and set(words) <= set(vocab)
+    assert row["prompt"] == PROMPT.format(words=row["answer"])
+    tok = train_tokenizer(" ".join(vocab) + " Copy: Answer:\n\n" * 10, 400)
+    ids, labels = demonstration(tok, row)
+    prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+    answer = tok(" " + row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids == prompt + answer and labels == [IGNORE] * len(prompt) + answer
