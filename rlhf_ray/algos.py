@@ -224,8 +224,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     """
     low, high = clip if isinstance(clip, tuple) else (clip, clip)
     log_ratio = (logprobs - old_logprobs) * mask
+    token_ratio = torch.exp(log_ratio)
     if level == "token":
-        ratio, adv = torch.exp(log_ratio), advantages
+        ratio, adv = token_ratio, advantages
     elif level == "sequence":
         if agg != "seq-mean-token-mean":
             raise ValueError(f"a sequence-level ratio needs the per-answer mean (seq-mean-token-mean), got {agg!r}")
@@ -254,7 +255,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         stats["clipfrac"] = frac(clipped.float())
         stats["clipfrac_low"] = frac((clipped & (ratio < 1)).float())
         stats["clipfrac_high"] = frac((clipped & (ratio > 1)).float())
-        stats["approx_kl"] = masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask)
+        stats["approx_kl"] = masked_mean((token_ratio - 1) - log_ratio, mask)
     return loss, stats
 
 
