@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -227,6 +227,10 @@ class DeepSpeedRole(RankActor):
         out["skipped_steps"] = self.engine.skipped_steps - skipped     # non-finite gradients (the guard stops on it)
         return out
 
+    def _quantized(self) -> bool:
+        """Loaded through bitsandbytes (a 4-bit base): transformers keeps the quantizer on the model."""
+        return getattr(self.model, "hf_quantizer", None) is not None
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters of this rank's model (ZeRO-3: the full counts, not the shard)."""
         params = list(self.model.parameters())
@@ -281,20 +285,42 @@ class DeepSpeedRole(RankActor):
             bad = next((n for n, t in state.items() if not torch.isfinite(t).all()), None)
             if bad is not None:                 # never publish ruined weights (the divergence guard's last line)
                 raise FloatingPointError(f"not saving {path}: weight {bad} holds NaN or inf")
-            self.model.save_pretrained(path, state_dict=state)
+            if self._quantized():
+                save_unquantized(self.model, path, state)
+            else:
+                self.model.save_pretrained(path, state_dict=state)
             if tokenizer_dir is not None:
                 from rlhf_ray.models import load_tokenizer
                 load_tokenizer(tokenizer_dir).save_pretrained(path)
 
     def save_ds(self, path: str) -> None:
-        """DeepSpeed's own checkpoint (partitioned weights, optimizer, scheduler) for an exact resume."""
-        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+        """DeepSpeed's own checkpoint (partitioned weights, optimizer, scheduler) for an exact resume. A quantised
+        base is left out: it is frozen and loads again bit for bit from its directory (quantising is
+        deterministic), so the checkpoint holds the adapters, their optimizer states and the base's (small)
+        quantisation buffers only."""
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=self._quantized())
 
     def load_ds(self, path: str) -> None:
         load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not self._quantized())
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+
+def save_unquantized(model, path: str, state: dict[str, torch.Tensor]) -> None:
+    """An HF directory of the full-precision weights `state` for a model that computes with a quantised base:
+    transformers' save_pretrained would write the live 4-bit layers and their quantization_config instead."""
+    import copy
+    from huggingface_hub import save_torch_state_dict
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = next(iter(state.values())).dtype
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
 
 
 def partition_at_load(actor, ds_cfg: dict) -> None:
@@ -326,15 +352,52 @@ def add_lora(model: torch.nn.Module, lora, head: str | None = None) -> torch.nn.
     return model
 
 
+@contextmanager
+def adapters_off(model: torch.nn.Module):
+    """Within: every LoRA layer computes with its base weight alone (reference.from_policy_base). The flag peft's
+    own forward reads; unlike peft's enable_adapters it leaves requires_grad alone, which DeepSpeed's optimizer
+    and gradient hooks were built around."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._disable_adapters = False
+
+
+def is_quantized(p: torch.Tensor) -> bool:
+    """A bitsandbytes-packed weight (its data are 4-bit codes, not values)."""
+    return type(p).__name__ == "Params4bit"
+
+
+def dequantized(W: torch.Tensor) -> torch.Tensor:
+    """A weight's values in its compute dtype: NF4 codes times their block scales (the matrix bitsandbytes
+    multiplies with); any other weight as it is."""
+    if not is_quantized(W):
+        return W
+    import bitsandbytes.functional as bnbf
+    return bnbf.dequantize_4bit(W.data, W.quant_state)
+
+
 def export_items(model: torch.nn.Module) -> Iterator[tuple[str, list[torch.nn.Parameter], Callable]]:
     """The model's full weights under their HF names, as (name, params to gather, compute): a LoRA layer's
-    weight comes back merged, W + (alpha / r) B A, so engines and checkpoints need no adapter support."""
+    weight comes back merged, W + (alpha / r) B A, so engines and checkpoints need no adapter support. A 4-bit base
+    weight is dequantised first and the merge done in float32, then cast to the model's dtype: the weights the
+    policy computes with, not a re-rounded 4-bit merge."""
     merged: set[int] = set()
+    dtype = model.get_input_embeddings().weight.dtype
     for mname, m in model.named_modules():
         if hasattr(m, "base_layer") and hasattr(m, "lora_A") and "default" in m.lora_A:
             W, A, B = m.base_layer.weight, m.lora_A["default"].weight, m.lora_B["default"].weight
             merged.update(map(id, (W, A, B)))
-            yield f"{mname}.weight", [W, A, B], lambda W=W, m=m: W + m.get_delta_weight("default").to(W.dtype)
+            if is_quantized(W):
+                yield f"{mname}.weight", [W, A, B], lambda W=W, m=m: (
+                    dequantized(W).float() + m.get_delta_weight("default").float()).to(dtype)
+            else:
+                yield f"{mname}.weight", [W, A, B], lambda W=W, m=m: W + m.get_delta_weight("default").to(W.dtype)
     for name, p in model.named_parameters():             # tied aliases appear once
         if id(p) not in merged:
-            yield name.replace(".base_layer.", "."), [p], lambda p=p: p
+            yield name.replace(".base_layer.", "."), [p], lambda p=p: dequantized(p).to(dtype) if is_quantized(p) else p

@@ -9,7 +9,7 @@ import torch
 from actors.base import DeepSpeedRole, busy
 from rlhf_ray.algos import aggregation_count, value_loss
 from rlhf_ray.batch import Experience, RolloutBatch
-from rlhf_ray.models import load_scalar_model, token_values
+from rlhf_ray.models import Quant, load_scalar_model, token_values
 
 
 class Critic(DeepSpeedRole):
@@ -23,7 +23,7 @@ class Critic(DeepSpeedRole):
         c = self.cfg
         path = c.critic_init()
         self._init_engine(lambda: load_scalar_model(path, c.train.dtype, c.models.trust_remote_code, "critic",
-                                                    c.train.attn_implementation),
+                                                    c.train.attn_implementation, Quant.of(c.critic, c.train.dtype)),
                           c.critic, c.ppo.minibatch_size, c.train.dtype, head="score")
 
     @busy

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.base import DeepSpeedRole, busy
+from actors.base import DeepSpeedRole, adapters_off, busy
 from rlhf_ray.algos import aggregate, aggregation_count, kl_estimate, masked_mean, ppo_policy_loss
 from rlhf_ray.batch import Experience, RolloutBatch
-from rlhf_ray.models import load_causal_lm, response_logprobs
+from rlhf_ray.models import Quant, load_causal_lm, response_logprobs
 
 
 class Policy(DeepSpeedRole):
@@ -20,7 +20,7 @@ class Policy(DeepSpeedRole):
         super().init_process_group(master_addr, master_port)
         c = self.cfg
         self._init_engine(lambda: load_causal_lm(c.models.policy, c.train.dtype, c.models.trust_remote_code, "policy",
-                                                 c.train.attn_implementation),
+                                                 c.train.attn_implementation, Quant.of(c.policy, c.train.dtype)),
                           c.policy, c.ppo.minibatch_size, c.train.dtype)
 
     @busy
@@ -29,6 +29,15 @@ class Policy(DeepSpeedRole):
         T, temp = batch.response_len, self.cfg.generation.temperature
         return self._forward_shard(
             batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
+
+    @busy
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """reference.from_policy_base: the reference's logprobs, from this rank's model with its adapters switched
+        off, i.e. from the frozen base (models.policy, in policy.quantization's precision). [B/ranks, T]."""
+        T, temp = batch.response_len, self.cfg.generation.temperature
+        with adapters_off(self.model):
+            return self._forward_shard(
+                batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
 
     def _loss_count(self, minibatch: Experience) -> float:
         return aggregation_count(minibatch.action_mask, self.cfg.ppo.loss_agg)

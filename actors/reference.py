@@ -6,7 +6,7 @@ import torch
 
 from actors.base import FrozenRole, busy
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.models import load_causal_lm, response_logprobs
+from rlhf_ray.models import Quant, load_causal_lm, response_logprobs
 
 
 class Reference(FrozenRole):
@@ -20,7 +20,7 @@ class Reference(FrozenRole):
         c = self.cfg.models
         self._before_load()
         model = load_causal_lm(c.reference or c.policy, self.cfg.train.dtype, c.trust_remote_code, "reference",
-                               self.cfg.train.attn_implementation)
+                               self.cfg.train.attn_implementation, Quant.of(self.cfg.reference, self.cfg.train.dtype))
         self.model = self._prepare(model)
 
     @busy

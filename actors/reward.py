@@ -11,7 +11,7 @@ import torch
 
 from actors.base import FrozenRole, busy
 from rlhf_ray.batch import RewardScores, RolloutBatch, response_texts, shard, shard_list
-from rlhf_ray.models import load_scalar_model, load_tokenizer, sequence_scores
+from rlhf_ray.models import Quant, load_scalar_model, load_tokenizer, sequence_scores
 from rlhf_ray.rewards import combine, text_scorer
 
 
@@ -33,7 +33,8 @@ class Reward(FrozenRole):
             elif src.kind == "model":
                 self._before_load()
                 model = load_scalar_model(src.path, cfg.train.dtype, cfg.models.trust_remote_code,
-                                          f"reward.sources[{i}]", cfg.train.attn_implementation)
+                                          f"reward.sources[{i}]", cfg.train.attn_implementation,
+                                          Quant.of(cfg.reward, cfg.train.dtype, src.quantization))
                 self.scorers.append(("model", self._prepare(model)))
             else:
                 if src.kind == "judge":
@@ -50,7 +51,9 @@ class Reward(FrozenRole):
             self._before_load()
             self.monitor = self._prepare(load_scalar_model(cfg.models.monitor, cfg.train.dtype,
                                                            cfg.models.trust_remote_code, "models.monitor",
-                                                           cfg.train.attn_implementation))
+                                                           cfg.train.attn_implementation,
+                                                           Quant.of(cfg.reward, cfg.train.dtype,
+                                                                    cfg.monitor_quantization())))
 
     def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
         return self._forward_shard(batch, lambda mb: sequence_scores(model, mb.input_ids, mb.attention_mask),

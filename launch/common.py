@@ -26,7 +26,7 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
     needed = max(cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
-                 + cfg.reference.num_ranks * cfg.reference.cpus_per_rank
+                 + (cfg.reference.num_ranks * cfg.reference.cpus_per_rank if cfg.needs_reference() else 0)
                  + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine
                  + (cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if cfg.needs_judge() else 0)
                  + (cfg.env.num_workers * cfg.env.cpus_per_worker if cfg.needs_env() else 0),

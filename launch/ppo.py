@@ -53,7 +53,7 @@ IMPORTED_AT = time.time()          # the driver's imports (torch, Ray, the actor
 class Actors:
     policy: RankGroup
     critic: RankGroup | None          # only the GAE estimator has one
-    reference: RankGroup
+    reference: RankGroup | None       # none with reference.from_policy_base: the policy's ranks answer for it
     reward: RankGroup
     engine_group: RankGroup
     placements: list = field(default_factory=list)   # shared placement groups of colocated roles
@@ -67,7 +67,8 @@ class Actors:
     def groups(self) -> dict[str, RankGroup]:
         """Every role's rank group, by role."""
         return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
-                "reference": self.reference, "reward": self.reward, "engine": self.engine_group,
+                **({"reference": self.reference} if self.reference else {}), "reward": self.reward,
+                "engine": self.engine_group,
                 **({"judge": self.judge} if self.judge else {}), **({"env": self.env} if self.env else {})}
 
     def attach_judge(self) -> None:
@@ -113,7 +114,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     args = (cfg, device)
     shared, placements = {}, []
     for members in cfg.placement.colocate:
-        present = [m for m in members if (m != "critic" or cfg.needs_critic()) and (m != "judge" or cfg.needs_judge())]
+        present = cfg.present(members)
         if len(present) < 2:
             continue
         res = [role_resources(cfg, m) for m in present]
@@ -124,7 +125,9 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     env = {"env_vars": actor_env(device)}
     engine_runtime = engine_env(cfg, device, str(run_dir))
     hosted = {}
-    for members in cfg.placement.share_process:
+    for members in map(cfg.present, cfg.placement.share_process):
+        if len(members) < 2:
+            continue
         res = [role_resources(cfg, m) for m in members]
         ordered = sorted(members, key=lambda m: m == "engine")     # vLLM last: it sets the process's threads
         hosts = RankGroup(RoleHostActor, "+".join(members), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
@@ -144,7 +147,7 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     engines = group(EngineActor, "engine", runtime=engine_runtime, gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
     policy = group(PolicyActor, "policy", True, runtime=trainer_env(cfg, device))
     critic = group(CriticActor, "critic", True, runtime=trainer_env(cfg, device)) if cfg.needs_critic() else None
-    reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3)
+    reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3) if cfg.needs_reference() else None
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
     judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
     env_workers = group(EnvWorkerActor, "env") if cfg.needs_env() else None
@@ -477,7 +480,8 @@ def ppo_step(run: Run, step: int, rollout: Rollout) -> tuple[Rollout | None, Pat
     #    rewards from every source (reward models, rules, remote scorers), weighted and summed; an environment's
     #    came with the rollout, per turn
     with timer("score"):
-        ref_refs = actors.reference.call("logprobs", batch_ref)
+        ref_refs = actors.reference.call("logprobs", batch_ref) if actors.reference else \
+            actors.policy.call("reference_logprobs", batch_ref)        # reference.from_policy_base
         reward_refs = None if filled else actors.reward.call("scores", batch_ref, rollout.prompts, rollout.extras)
         old_refs = None if ppo.reuse_sample_logprobs else actors.policy.call("logprobs", batch_ref)
         value_refs = actors.critic.call("values", batch_ref) if actors.critic else None
@@ -720,8 +724,12 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
     for name, group in actors.trained.items():
         counts = ray.get(group.actors[0].parameter_counts.remote())
+        rc = getattr(cfg, name)
         print(f"{name}: {counts['trainable']:,} of {counts['total']:,} parameters train"
-              + (" (LoRA)" if getattr(cfg, name).lora.rank else ""), flush=True)
+              + (f" (LoRA on a {rc.quantization} base)" if rc.quantization != "none" else " (LoRA)" if rc.lora.rank
+                 else ""), flush=True)
+    if not cfg.needs_reference():
+        print("reference: the policy's base, adapters switched off (reference.from_policy_base)", flush=True)
 
     start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)

@@ -12,6 +12,8 @@ KLPlacement = Literal["reward", "loss"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ISCorrection = Literal["none", "tis", "mask"]
 Device = Literal["cpu", "cuda"]
+Quantization = Literal["none", "nf4", "int8"]    # a frozen base in 4-bit NF4 or 8-bit LLM.int8 (bitsandbytes)
+ComputeDtype = Literal["float32", "bfloat16"]
 
 
 def options(choice) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, KLPlacement, LossAggregation
+from rlhf_ray.choices import (AdvantageEstimator, ComputeDtype, ISCorrection, KLEstimator, KLPlacement,
+                              LossAggregation, Quantization)
 from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
 
 
@@ -83,6 +84,11 @@ class TrainerRoleConfig:
     cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
                                        # cores, one thread each; null: the OS places it
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
+    quantization: Quantization = "none"   # nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes), only the
+                                       # adapters train; needs lora.rank > 0 and ZeRO stage 0-2 (docs/qlora.md)
+    double_quant: bool = True          # nf4: quantise the per-block scales too (~0.4 bit per weight saved)
+    compute_dtype: Optional[ComputeDtype] = None   # what 4-bit weights are dequantised to for each matmul;
+                                       # null: train.dtype
 
 
 @dataclass
@@ -108,6 +114,20 @@ class InferenceRoleConfig:
     node_resource: Optional[str] = None   # as for trained roles: pin the ranks to nodes advertising it
     cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
                                        # cores, one thread each; null: the OS places it
+    quantization: Quantization = "none"   # nf4 or int8: load the frozen model quantised (bitsandbytes); reward:
+                                       # the default of its model sources and the monitor; zero_stage 0 only
+    double_quant: bool = True          # as for trained roles
+    compute_dtype: Optional[ComputeDtype] = None
+
+
+@dataclass
+class ReferenceRoleConfig(InferenceRoleConfig):
+    """The frozen KL anchor."""
+    from_policy_base: bool = False     # no model of its own: the policy's ranks compute the reference logprobs with
+                                       # their LoRA adapters switched off, i.e. with their frozen base (which is
+                                       # models.policy): one copy of the base, as TRL and OpenRLHF do for LoRA.
+                                       # Needs policy.lora.rank > 0; with policy.quantization nf4 the anchor is
+                                       # the 4-bit base the policy computes with
 
 
 @dataclass
@@ -124,12 +144,14 @@ class RewardSourceConfig:
     timeout_s: float = 30.0            # http: per request
     retries: int = 3                   # http: further attempts after a failed request (exponential backoff)
     auth_env: Optional[str] = None     # http: environment variable holding a bearer token (never logged)
+    quantization: Optional[Quantization] = None   # model: load it quantised; null: reward.quantization
 
 
 @dataclass
 class RewardRoleConfig(InferenceRoleConfig):
     """The reward actor: forward passes of a reward model and/or rule and remote scorers."""
     sources: list[RewardSourceConfig] = field(default_factory=list)   # empty: the model at models.reward
+    monitor_quantization: Optional[Quantization] = None   # models.monitor loaded quantised; null: quantization
 
 
 @dataclass
@@ -415,7 +437,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     policy: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
     critic: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
-    reference: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)
+    reference: ReferenceRoleConfig = field(default_factory=ReferenceRoleConfig)
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -496,6 +518,7 @@ class Config:
             need(ppo.is_correction == "none", "ppo.is_correction", "needs pi_old from the policy "
                  "(ppo.reuse_sample_logprobs: false): with the engines' logprobs as pi_old every weight is 1")
         self._check_recipe()
+        self._check_quantized_roles()
         if self.rollout.max_staleness:
             need(not ppo.reuse_sample_logprobs, "ppo.reuse_sample_logprobs", "must be false with "
                  "rollout.max_staleness > 0: the engines sampled with weights older than the policy's")
@@ -532,6 +555,48 @@ class Config:
         need(not ppo.missing_eos_penalty or not (ppo.overlong_buffer or ppo.mask_truncated), "ppo.missing_eos_penalty",
              "must be 0 with ppo.overlong_buffer or ppo.mask_truncated: they already handle answers cut at "
              "max_new_tokens (the overlong penalty reaches its whole overlong_penalty there; masked ones carry no loss)")
+
+    def _check_quantized_roles(self) -> None:
+        """The reference taken from the policy's base, and bitsandbytes present where a role loads quantised."""
+        ref = self.reference
+        if ref.from_policy_base:
+            _need(self.policy.lora.rank > 0, "reference.from_policy_base", "needs policy.lora.rank > 0: the "
+                  "reference is the policy's frozen base with its adapters switched off")
+            _need(not self.models.reference or self.models.reference == self.models.policy, "models.reference",
+                  "must be unset with reference.from_policy_base (the reference is models.policy's weights)")
+            _need(ref.quantization == "none", "reference.quantization", "must be none with reference.from_policy_base:"
+                  " the reference is the policy's base, in the precision policy.quantization gives it")
+        quantized = [k for k, q in self.quantized_roles().items() if q != "none"]
+        if quantized:
+            import importlib.util
+            _need(importlib.util.find_spec("bitsandbytes") is not None, f"{quantized[0]}.quantization",
+                  "needs bitsandbytes (pip install bitsandbytes==0.50.2; scripts/install.sh installs it)")
+
+    def quantized_roles(self) -> dict[str, str]:
+        """Every model a PPO run loads and its quantization, by the key that sets it."""
+        out = {"policy": self.policy.quantization, "reference": self.reference.quantization}
+        if self.needs_critic():
+            out["critic"] = self.critic.quantization
+        for i, src in enumerate(self.reward_sources()):
+            if src.kind == "model":
+                out[f"reward.sources[{i}]"] = src.quantization
+        if self.models.monitor:
+            out["reward.monitor"] = self.monitor_quantization()
+        return out
+
+    def monitor_quantization(self) -> str:
+        return self.reward.monitor_quantization or self.reward.quantization
+
+    def needs_reference(self) -> bool:
+        """Whether the reference has actors of its own (not with reference.from_policy_base)."""
+        return not self.reference.from_policy_base
+
+    def present(self, roles: list[str]) -> list[str]:
+        """The roles of a placement group that have actors in this run: a critic only for gae, a judge only when
+        a source asks it, the reference unless the policy's base stands in for it. A placement group names roles
+        once for every run of a config; the absent ones are passed over."""
+        return [r for r in roles if (r != "critic" or self.needs_critic()) and (r != "judge" or self.needs_judge())
+                and (r != "reference" or self.needs_reference())]
 
     def _check_layout(self) -> None:
         """Colocation, shared processes and the weight-sync backend that depends on them."""
@@ -573,7 +638,7 @@ class Config:
             if "judge" in group:
                 _need(self.judge.engine.tensor_parallel_size == 1, "judge.engine.tensor_parallel_size",
                       "must be 1 for judge engines colocated with other roles (one engine per rank's GPU)")
-            present = [r for r in group if (r != "critic" or self.needs_critic()) and (r != "judge" or self.needs_judge())]
+            present = self.present(group)
             ranks = {r: self.role_ranks(r) for r in present}
             _need(len(set(ranks.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same num_ranks, got {ranks}")
@@ -615,7 +680,9 @@ class Config:
         """reward.sources, or the single reward model at models.reward when none are listed; a model source
         without a path takes models.reward."""
         srcs = self.reward.sources or [RewardSourceConfig(kind="model")]
-        return [dataclasses.replace(s, path=s.path or self.models.reward) if s.kind == "model" else s for s in srcs]
+        return [dataclasses.replace(s, path=s.path or self.models.reward,
+                                    quantization=s.quantization or self.reward.quantization)
+                if s.kind == "model" else s for s in srcs]
 
     def role_section(self, role: str):
         """The config section that places a role's ranks (the judge's engines: judge.engine)."""
@@ -675,6 +742,12 @@ class Config:
             need(len(r.betas) == 2 and all(0 <= b < 1 for b in r.betas), f"{key}.betas",
                  f"must be two numbers in [0, 1), got {r.betas}")
             need(r.lora.rank >= 0, f"{key}.lora.rank", "must be >= 0 (0: off)")
+            _check_quantization(key, r)
+        for key in ("reference", "reward"):
+            r = self._get(key)
+            need(r.quantization == "none" or r.zero_stage == 0, f"{key}.quantization",
+                 f"{r.quantization} loads whole quantised layers on every rank: it needs {key}.zero_stage 0 "
+                 "(stage 3 would partition the packed weights without their quantisation state)")
         for role in ("policy", "critic", "reference", "reward", "engine"):
             cores = getattr(self, role).cpu_cores
             need(cores is None or (len(cores) > 0 and min(cores) >= 0), f"{role}.cpu_cores",
@@ -742,6 +815,21 @@ def _check_trainer(key: str, r: TrainerRoleConfig, batch_size: int, batch_key: s
     _need(per_rank % min(r.micro_batch_size, per_rank) == 0, f"{key}.micro_batch_size",
           f"must divide the per-rank batch ({batch_key} {batch_size} / {r.num_ranks} ranks = {per_rank}), "
           f"got {r.micro_batch_size}")
+
+
+def _check_quantization(key: str, r: TrainerRoleConfig) -> None:
+    """A trained role's quantised base: QLoRA (nf4 + adapters) for the PPO roles, at ZeRO stage 0-2."""
+    if r.quantization == "none":
+        return
+    _need(key in ("policy", "critic"), f"{key}.quantization", "must be none: the supervised stages train on a "
+          "full-precision base (QLoRA is for the PPO roles, policy and critic)")
+    _need(r.quantization == "nf4", f"{key}.quantization", "int8 is for frozen roles only: LLM.int8 quantises the "
+          "activations too, so no merged weight (the engines', an HF export's) reproduces the trained model; use nf4")
+    _need(r.lora.rank > 0, f"{key}.quantization", f"nf4 freezes the base in 4 bits: it needs {key}.lora.rank > 0 "
+          "(only the adapters train)")
+    _need(r.zero_stage in (0, 1, 2), f"{key}.zero_stage", f"must be 0, 1 or 2 with {key}.quantization nf4: stage 3 "
+          "partitions every parameter, the packed 4-bit base among them, without its quantisation state (at stages "
+          "0-2 the frozen base is whole on every rank; the adapters' gradients and optimizer states are partitioned)")
 
 
 def _need(cond: bool, key: str, why: str) -> None:

@@ -10,6 +10,7 @@ response occupies columns P..P+T-1 and the logits predicting it sit at columns P
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,22 +113,56 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class Quant:
+    """How a model's linear layers load (bitsandbytes): none, nf4 (4-bit NormalFloat, Dettmers et al. 2023; per-block
+    scales, themselves quantised with double_quant) or int8 (LLM.int8). compute_dtype: what 4-bit weights are
+    dequantised to for each matmul. Embeddings, norms and the output head stay in the model's dtype."""
+    kind: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+
+    @classmethod
+    def of(cls, section, dtype: str, kind: str | None = None) -> "Quant":
+        """From a role's config section (quantization, double_quant, compute_dtype); `kind` overrides its
+        quantization (a reward source's own), the compute dtype defaults to the run's dtype."""
+        return cls(kind or section.quantization, section.double_quant, section.compute_dtype or dtype)
+
+    def hf_config(self, keep: str):
+        """transformers' BitsAndBytesConfig, `keep` (the output head) unquantised; None when kind is none."""
+        if self.kind == "none":
+            return None
+        from transformers import BitsAndBytesConfig
+        if self.kind == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=self.double_quant,
+                                      bnb_4bit_compute_dtype=DTYPES[self.compute_dtype], llm_int8_skip_modules=[keep])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[keep])
+
+
+NO_QUANT = Quant()
+
+
+def _load_kwargs(dtype: str, trust_remote_code: bool, attn: str | None, quant: Quant, keep: str) -> dict:
+    q = quant.hf_config(keep)
+    return {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code,
+            **({"attn_implementation": attn} if attn else {}), **({"quantization_config": q} if q else {})}
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy",
-                   attn: str | None = None):
+                   attn: str | None = None, quant: Quant = NO_QUANT):
     from transformers import AutoModelForCausalLM
     check_model_dir(path, what)
     return disable_dropout(AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
-        **({"attn_implementation": attn} if attn else {})))
+        str(path), **_load_kwargs(dtype, trust_remote_code, attn, quant, "lm_head")))
 
 
 def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-                      what: str = "reward", attn: str | None = None):
+                      what: str = "reward", attn: str | None = None, quant: Quant = NO_QUANT):
     from transformers import AutoModelForSequenceClassification
     check_model_dir(path, what)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
-        **({"attn_implementation": attn} if attn else {}))
+        str(path), num_labels=1, **_load_kwargs(dtype, trust_remote_code, attn, quant, "score"))
     if not hasattr(model, "score"):
         raise ModelLoadError(f"{what}: {type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
     return disable_dropout(model)

@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from launch import reaper
 from launch.ppo import main as ppo_main
+from rlhf_ray.models import Quant, load_causal_lm
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+QLORA_LOGPROB_GAP = 1e-3     # engine (vLLM, dequantised weights) against the 4-bit policy, fp32 (docs/qlora.md)
 
 
 # Each episode: up to 3 turns ending on ".", the environment's " ok." between them; its per-turn rewards land on each
@@ -151,10 +153,14 @@ def test_a_killed_driver_and_dead_actors_end_the_run_as_if_nothing_happened(tiny
 UNIFORM_ROWS = 24          # 3 steps x rollout.max_rounds 2 x 4 prompts: every group uniform, no update
 
 
+# QLoRA: the policy's base frozen in NF4, LoRA adapters trained; the reference is that same base, adapters off
+QLORA = ["policy.quantization=nf4", "policy.lora.rank=8", "policy.lora.alpha=16", "reference.from_policy_base=true"]
+
+
 def dapo_sets(world, run_dir, prompts) -> list[str]:
-    """configs/tiny_dapo.yaml one step off-policy, on prompts whose first UNIFORM_ROWS rows score every answer
-    alike (tests/reward_fns.py), in file order."""
-    return tiny_overrides(world, run_dir) + [
+    """configs/tiny_dapo.yaml one step off-policy with a QLoRA policy, on prompts whose first UNIFORM_ROWS rows score
+    every answer alike (tests/reward_fns.py), in file order."""
+    return tiny_overrides(world, run_dir) + QLORA + [
         "placement.share_process=[[reference, reward]]", "policy.num_ranks=1", "rollout.max_staleness=1",
         "ppo.is_correction=tis", "generation.prompts_per_step=4", "generation.n=4", "ppo.minibatch_size=8",
         "policy.micro_batch_size=8", "rollout.max_rounds=2", "policy.lr=1e-3", "train.steps=6", "checkpoint.every=2",
@@ -162,12 +168,16 @@ def dapo_sets(world, run_dir, prompts) -> list[str]:
         "reward.sources=[{kind: function, path: 'tests.reward_fns:uniform_or_varied'}]", "logging.wandb.enabled=false"]
 
 
-def test_off_policy_dapo_skips_uniform_steps_then_resumes_bit_identically_after_a_driver_kill(tiny_world, tmp_path):
-    """DAPO (clip-higher, dynamic sampling, token-mean, overlong shaping) one step off-policy. For 3 steps every group
+def test_off_policy_dapo_with_qlora_skips_uniform_steps_then_resumes_bit_identically_after_a_driver_kill(
+        tiny_world, tmp_path):
+    """DAPO (clip-higher, dynamic sampling, token-mean, overlong shaping) one step off-policy, the policy QLoRA (NF4
+    base, LoRA adapters, the reference its own base with adapters off: no reference actor). For 3 steps every group
     is uniform: each step draws its 2 rounds, finds no signal, and goes on without an update (filter/skipped), its
-    weights untouched; then groups differ and it trains. The driver, SIGKILLed mid-step 5 and resumed from the
-    step-4 checkpoint (which holds step 5's first round, drawn by update-3 weights), ends with the uninterrupted
-    run's weights and rows bit for bit: the extra rounds come from the prompt stream and seeds deterministically."""
+    weights untouched; then groups differ and it trains. The engine samples with the dequantised base: its logprobs
+    match the 4-bit policy's. The driver, SIGKILLed mid-step 5 and resumed from the step-4 checkpoint (which holds
+    step 5's first round, drawn by update-3 weights), ends with the uninterrupted run's weights and rows bit for bit:
+    the extra rounds come from the prompt stream and seeds deterministically, the 4-bit base reloads identically.
+    The saved policy is a plain full-precision HF model (adapters merged into the dequantised base)."""
     prompts = tmp_path / "prompts.jsonl"
     rows = [json.loads(line)["prompt"] for line in open(tiny_world["prompts"])]
     prompts.write_text("".join(json.dumps({"prompt": p, "mode": "uniform" if i < UNIFORM_ROWS else "varied"}) + "\n"
@@ -182,10 +192,19 @@ def test_off_policy_dapo_skips_uniform_steps_then_resumes_bit_identically_after_
                for r in ref_rows[:3])
     assert all(r["filter/groups"] in (2, 4) and math.isfinite(r["policy/loss"]) and "policy/clipfrac_high" in r
                for r in ref_rows[3:])
-    start = load_file(f"{tiny_world['policy']}/model.safetensors")
+    # Step 4 scored samples the engine drew with the weights pushed at the start (no update before it): the gap
+    # between the engine's logprobs and the 4-bit policy's is numerics alone
+    assert ref_rows[3]["rollout/logprob_diff_max"] < QLORA_LOGPROB_GAP, ref_rows[3]
+    assert ref_rows[3]["kl/ref_per_seq"] == 0.0 and ref_rows[-1]["kl/ref_per_seq"] != 0.0
+    start = dequantized_start(tiny_world["policy"])       # what the engine got at the start: B = 0, W dequantised
     idle = load_file(str(ref_dir / "checkpoints" / "step_000002" / "policy" / "model.safetensors"))
-    assert all(torch.equal(start[k], idle[k]) for k in start)          # two steps without an update
-    assert not all(torch.equal(start[k], reference[0]["policy"][k]) for k in start)
+    assert set(idle) == set(start) and all(torch.equal(start[k], idle[k]) for k in start)   # no update yet
+    final = reference[0]["policy"]
+    assert not all(torch.equal(start[k], final[k]) for k in start)
+    assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])   # outside LoRA
+    saved = ref_dir / "checkpoints" / "step_000006" / "policy"
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+    assert load_causal_lm(saved).model.layers[0].self_attn.q_proj.weight.dtype == torch.float32   # from_pretrained
 
     tag, run_dir = uuid.uuid4().hex, tmp_path / "killed"
     sets = dapo_sets(tiny_world, run_dir, prompts)
@@ -198,6 +217,13 @@ def test_off_policy_dapo_skips_uniform_steps_then_resumes_bit_identically_after_
     got = final_state(run_dir, ("policy",))
     assert all(torch.equal(reference[0]["policy"][k], got[0]["policy"][k]) for k in reference[0]["policy"])
     assert got[1] == ref_rows
+
+
+def dequantized_start(policy_dir: str) -> dict[str, torch.Tensor]:
+    """The starting policy as the QLoRA run exports it before any update: NF4 base, dequantised."""
+    from actors.base import export_items
+    model = load_causal_lm(policy_dir, quant=Quant("nf4", True, "float32"))
+    return {name: fn().detach().clone() for name, _, fn in export_items(model)}
 
 
 def test_a_diverging_run_stops_with_one_line_and_publishes_no_checkpoint(tiny_world, tmp_path, capsys):
