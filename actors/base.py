@@ -21,8 +21,17 @@ from rlhf_ray.metrics import process_started_at
 from rlhf_ray.seeds import derive_seed
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def full_numel(p: torch.Tensor) -> int:
-    """Elements of the whole parameter, also when ZeRO-3 holds only this rank's partition of it."""
+    """Elements of the whole parameter, also when ZeRO-3 holds only this rank's partition of it, or when bitsandbytes
+    packs it (two 4-bit codes per byte)."""
+    if is_quantized(p):
+        return p.quant_state.shape.numel()
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
@@ -56,6 +65,14 @@ class RankActor:
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(derive_seed(seed, f"{role}/init", rank))     # e.g. a fresh value head's initialisation
         self._busy: defaultdict[str, float] = defaultdict(float)
+        self._rss_idle = rss_bytes()         # this process before any model: the role's imports only
+
+    def memory(self) -> dict[str, int]:
+        """This rank's process memory in bytes: `idle` as it started (imports, no model), `peak` the most it has
+        held (its high-water mark), `now`. peak - idle is what the role's models, optimizer and passes cost."""
+        import resource
+        return {"idle": self._rss_idle, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "now": rss_bytes()}
 
     def _mark(self, name: str) -> None:
         """A start-up mark: `name` done now (first time only)."""

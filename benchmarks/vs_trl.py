@@ -66,18 +66,19 @@ def trl_python() -> str:
     return str(py)
 
 
-def build_models(size: str) -> Path:
-    """policy/ (causal LM + tokenizer), reward/ (scalar head), prompts.jsonl and prompt_ids.json, once."""
+def build_models(size: str, shape: tuple[int, int] | None = None, out: Path = OUT) -> Path:
+    """policy/ (causal LM + tokenizer), reward/ (scalar head), prompts.jsonl and prompt_ids.json, once, under
+    out/size. shape: (hidden size, layers); None: SIZES[size]. Weights are a seeded random init."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     from rlhf_ray.prompts import render_prompts
     from rlhf_ray.tiny import corpus_text, make_prompts, train_tokenizer
     from rlhf_ray.config import DataConfig
-    d = OUT / size
+    d = out / size
     if (d / "prompt_ids.json").exists():
         return d
-    hidden, layers = SIZES[size]
+    hidden, layers = shape or SIZES[size]
     text = corpus_text()
     tok = train_tokenizer(text, 2048)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
