@@ -427,6 +427,9 @@ class PlanConfig:
     policy_arch: str = ""
     reward_arch: str = ""              # the reward model's and the critic's ("" -> models.reward, else policy_arch)
     judge_arch: str = ""               # the LLM judge's, when a reward source is a judge ("" -> judge.model)
+    engine_weights: Literal["bf16", "nf4"] = "bf16"   # what the engines hold: the merged bf16 weights (what runs);
+                                       # nf4: what-if of a 4-bit engine receiving only the LoRA adapters (vLLM's
+                                       # bitsandbytes + LoRA serving, CUDA only; not a run mode of rlhf-ray yet)
 
 
 @dataclass
@@ -567,6 +570,9 @@ class Config:
             _need(ref.quantization == "none", "reference.quantization", "must be none with reference.from_policy_base:"
                   " the reference is the policy's base, in the precision policy.quantization gives it")
         quantized = [k for k, q in self.quantized_roles().items() if q != "none"]
+        _need(self.reward.zero_stage == 0 or not any(k.startswith("reward.") for k in quantized), "reward.zero_stage",
+              "must be 0 with a quantised reward model (stage 3 would partition the packed weights without their "
+              "quantisation state)")
         if quantized:
             import importlib.util
             _need(importlib.util.find_spec("bitsandbytes") is not None, f"{quantized[0]}.quantization",

@@ -35,6 +35,14 @@ working set and their logits, and a CUDA context (not measured on a GPU). A vLLM
 gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV cache at 2·L·kv_heads·head_dim·2
 bytes per token (split over TP).
 
+Quantised bases (bitsandbytes; `<role>.quantization`, QLoRA): the linear layers of every block hold 4-bit NF4 codes,
+half a byte per weight, plus their per-64-weight scales (fp32, 1/16 byte per weight; with double quantisation an 8-bit
+scale per block and an fp32 one per 256 blocks, ~1/64 byte), or 1 byte per weight with int8; embeddings, norms and the
+output head stay bf16. A layer's weight is dequantised to the compute dtype for each matmul: one (the largest)
+transient bf16 weight. A QLoRA policy with reference.from_policy_base has no reference role: its ranks score the
+reference with the adapters off, within the memory they already hold. The engines get the merged bf16 weights (2Ψ);
+plan.engine_weights nf4 plans a 4-bit engine that would receive only the adapters instead (not a run mode yet).
+
 Roles colocated on the same GPUs add up. With the engines sleeping (vLLM sleep mode) they hold nothing while the
 trainers run; during generation the trainers' model states stay resident beside the engine.
 What one rank cannot show, and so stays the paper's arithmetic: the 1/N division across ranks, ZeRO-3's
@@ -84,6 +92,11 @@ class Arch:
         head = emb if lm_head and not self.tied_embeddings else (self.hidden if not lm_head else 0)
         return emb + head + self.layers * self.layer_params() + self.hidden
 
+    def linear_params(self) -> int:
+        """Weights of the blocks' linear layers (q, k, v, o, gate, up, down): what bitsandbytes quantises."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return self.layers * (2 * h * h + 2 * h * kv + 3 * h * self.intermediate)
+
     def lora_params(self, rank: int) -> int:
         """Adapters on every linear layer of every block (q, k, v, o, gate, up, down): r·(in + out) each."""
         h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
@@ -117,10 +130,26 @@ def arch_from(spec: str) -> Arch:
                 vocab=c["vocab_size"], tied_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
-def model_states(psi: int, n: int, stage: int, offload: bool = False, trainable: int | None = None) -> dict[str, float]:
-    """Bytes per GPU of weights, gradients and optimizer states (ZeRO paper accounting). `trainable` < psi: LoRA."""
+# Bytes per quantised weight: the codes, then the block scales (bitsandbytes' blocksize 64 for NF4; with double
+# quantisation 8-bit scales and an fp32 scale per 256 of them). int8: a byte, and an fp32 scale per output row.
+QUANT_BYTES = {"nf4": {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}, "int8": {True: 1.0, False: 1.0}}
+
+
+def weight_bytes(arch: Arch, lm_head: bool = True, quantization: str = "none", double_quant: bool = True) -> float:
+    """Bytes of a model's weights: bf16, or its blocks' linear layers quantised and the rest bf16."""
+    psi = arch.params(lm_head)
+    if quantization == "none":
+        return 2.0 * psi
+    q = arch.linear_params()
+    return 2.0 * (psi - q) + QUANT_BYTES[quantization][double_quant] * q
+
+
+def model_states(psi: int, n: int, stage: int, offload: bool = False, trainable: int | None = None,
+                 frozen_bytes: float | None = None) -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and optimizer states (ZeRO paper accounting). `trainable` < psi: LoRA.
+    frozen_bytes: the base's weights when not 2·psi bf16 (a quantised base, stage 0-2 only)."""
     t = psi if trainable is None else trainable
-    weights = 2 * psi / n if stage == 3 else 2 * psi
+    weights = 2 * psi / n if stage == 3 else (2 * psi if frozen_bytes is None else frozen_bytes)
     if trainable is not None:                       # LoRA: the adapters' own bf16 weights
         weights += 2 * t / n if stage == 3 else 2 * t
     grads = 2 * t / n if stage >= 2 else 2 * t
@@ -180,11 +209,14 @@ def plan_trained(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, entrop
     n, stage = rc.num_ranks, rc.zero_stage
     trainable = arch.lora_params(rc.lora.rank) + (0 if lm_head else arch.hidden) if rc.lora.rank else None
     t = psi if trainable is None else trainable
-    states = model_states(psi, n, stage, rc.offload, trainable)
-    offloaded = {k: v - states[k] for k, v in model_states(psi, n, stage, False, trainable).items()}
+    quant = getattr(rc, "quantization", "none")
+    frozen = weight_bytes(arch, lm_head, quant, rc.double_quant) if quant != "none" else None
+    states = model_states(psi, n, stage, rc.offload, trainable, frozen)
+    offloaded = {k: v - states[k] for k, v in model_states(psi, n, stage, False, trainable, frozen).items()}
     bucket = 2 * min(REDUCE_BUCKET, t)
     fixed = {"zero3_gathered": 2 * 2 * arch.layer_params() if stage == 3 else 0.0,
-             "zero3_bucket": bucket if stage == 3 else 0.0}
+             "zero3_bucket": bucket if stage == 3 else 0.0,
+             "dequantized_weight": 2.0 * arch.hidden * arch.intermediate if quant != "none" else 0.0}
     backward = (activations(arch, seq, rc.micro_batch_size, rc.gradient_checkpointing, lm_tokens, entropy_in_graph)
                 + (bucket if stage in (1, 2) else 0.0))
     step = step_working_set(t, n, stage, rc.offload, sub_group)
@@ -196,21 +228,26 @@ def plan_trained(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, entrop
                     cpu_per_rank=sum(offloaded.values()))
 
 
-def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, zero3: bool = False) -> RolePlan:
+def plan_frozen(role: str, arch: Arch, rc, seq: int, lm_tokens: int = 0, zero3: bool = False,
+                quantization: str | None = None) -> RolePlan:
+    """quantization: the model's own (a reward source's); None: the role's."""
     psi = arch.params(lm_tokens > 0)
     n = rc.num_ranks
-    weights = 2 * psi / n if zero3 else 2 * psi
+    quant = quantization or rc.quantization
+    weights = 2 * psi / n if zero3 else weight_bytes(arch, lm_tokens > 0, quant, rc.double_quant)
     work = layer_activations(arch, seq, rc.micro_batch_size) + 6 * lm_tokens * rc.micro_batch_size * arch.vocab
     return RolePlan(role, n, {"weights": weights, "activations": work, "cuda_context": CUDA_CONTEXT},
                     resident=weights + CUDA_CONTEXT)
 
 
-def plan_engine(arch: Arch, ec, gen, gpu_bytes: float, role: str = "engine") -> tuple[RolePlan, int, int]:
+def plan_engine(arch: Arch, ec, gen, gpu_bytes: float, role: str = "engine",
+                weights_bytes: float | None = None) -> tuple[RolePlan, int, int]:
     """vLLM preallocates gpu_memory_utilization of each GPU: its share of the weights, the rest as KV cache.
     Returns the plan, the KV cache's room in tokens per engine, and the rollout sequences each engine must hold
-    (it runs as many at once as the room allows and queues the rest)."""
+    (it runs as many at once as the room allows and queues the rest). weights_bytes: the whole model's weights
+    when not bf16."""
     tp = ec.tensor_parallel_size
-    weights = 2 * arch.params(True) / tp
+    weights = (2 * arch.params(True) if weights_bytes is None else weights_bytes) / tp
     kv = max(0.0, ec.gpu_memory_utilization * gpu_bytes - weights)
     capacity_tokens = int(kv * tp / arch.kv_bytes_per_token())
     seqs = math.ceil(gen.prompts_per_step * gen.n / ec.num_engines)
@@ -243,15 +280,19 @@ def make_plan(cfg) -> Plan:
     rew = arch_from(pl.reward_arch or pl.policy_arch or cfg.models.reward)
     T = cfg.generation.max_new_tokens
     seq = cfg.data.max_prompt_tokens + T
-    roles = {
-        "policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0,
-                               cuda_alloc_conf=cfg.train.cuda_alloc_conf),
-        "reference": plan_frozen("reference", pol, cfg.reference, seq, T, cfg.reference.zero_stage == 3),
-        "reward": plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3),
-    }
+    roles = {"policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0,
+                                    cuda_alloc_conf=cfg.train.cuda_alloc_conf)}
+    if cfg.needs_reference():
+        roles["reference"] = plan_frozen("reference", pol, cfg.reference, seq, T, cfg.reference.zero_stage == 3)
+    models = [s for s in cfg.reward_sources() if s.kind == "model"]    # the planner counts one reward model
+    roles["reward"] = plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3,
+                                  models[0].quantization if models else None)
     if cfg.needs_critic():
         roles["critic"] = plan_trained("critic", rew, cfg.critic, seq, cuda_alloc_conf=cfg.train.cuda_alloc_conf)
-    engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes)
+    engine_weights = None
+    if pl.engine_weights == "nf4":       # a 4-bit engine holding the base and the policy's bf16 adapters
+        engine_weights = weight_bytes(pol, True, "nf4") + 2 * pol.lora_params(cfg.policy.lora.rank)
+    engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes, weights_bytes=engine_weights)
     roles["engine"] = engine
     if cfg.needs_judge():            # its own engines, sized like the policy's: weights, then KV cache
         roles["judge"] = plan_engine(arch_from(pl.judge_arch or cfg.judge.model), cfg.judge.engine, cfg.generation,
