@@ -73,7 +73,8 @@ def strip_timing(row: dict) -> dict:
 
 def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_critic(tiny_world, tmp_path):
     """Four sources weighted: a rule, an HTTP scorer, a rule reading a row field, and an LLM judge on an engine of
-    its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge).
+    its own (here the tiny policy's own base model asked to rate, pointwise: a wiring check, not a good judge). The
+    loss is GSPO's (ppo.ratio_level sequence: one clipped ratio per answer), over 2 epochs of 2 minibatches.
     The judge's engine is killed after step 3: the run replaces it and, with no checkpoint yet, replays from step
     1, which must give the same rows as before the kill. Then the pipeline's label stage ranks K answers per prompt
     with the same judge engine, pairwise in both orders, as HF's verdicts would, and `rlhf-ray label` (judge
@@ -94,7 +95,7 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         "reward.num_ranks=2", "placement.share_process=[[engine, reference]]",   # the judge: the one ray::Engine
         "ppo.advantage=grpo", "generation.n=4", "generation.prompts_per_step=8", "ppo.minibatch_size=16",
         "ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.kl_coef=0.01", "ppo.loss_agg=seq-mean-token-mean",
-        "policy.lr=1e-3", "train.steps=12",
+        "ppo.ratio_level=sequence", "ppo.clip=null", "policy.lr=1e-3", "train.steps=12",
         f"judge.model={tiny_world['policy']}", "judge.score_labels=['1','2','3','4','5']", "judge.batch_size=8",
         "judge.max_pairs=5"])                                          # (the label stage's, below: 5 of 6 pairs)
     before: list[str] = []
@@ -116,6 +117,8 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         assert len(rows) == 12 and all("value/loss" not in r for r in rows)
         assert all(math.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)   # k3 >= 0
         assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
+        # GSPO's clip (3e-4 / 4e-4 on the sequence ratio) acts from each step's second minibatch on
+        assert all(math.isfinite(r["policy/loss"]) for r in rows) and max(r["policy/clipfrac"] for r in rows) > 0
         # every source scored in the reward actor's two ranks (16 responses each a step, one request each),
         # the row field reached the rule, and the sources were weighted
         # (steps 1 .. failed_at - 1 and failed_at's own request before its judge call, then all 12 again)
