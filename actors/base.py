@@ -21,10 +21,18 @@ from rlhf_ray.metrics import process_started_at
 from rlhf_ray.seeds import derive_seed
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def memory_status() -> dict[str, int]:
+    """This process's memory in bytes (Linux /proc/self/status): `rss` resident now, `peak` its high-water mark,
+    `anon` the resident part that is not file pages (a safetensors file read through mmap counts in rss and peak
+    while mapped, and is page cache the kernel may drop)."""
+    keys = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon"}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in keys:
+                out[keys[name]] = int(value.split()[0]) * 1024
+    return out
 
 
 def full_numel(p: torch.Tensor) -> int:
@@ -65,14 +73,12 @@ class RankActor:
         torch.set_num_threads(max(1, int(threads)))
         torch.manual_seed(derive_seed(seed, f"{role}/init", rank))     # e.g. a fresh value head's initialisation
         self._busy: defaultdict[str, float] = defaultdict(float)
-        self._rss_idle = rss_bytes()         # this process before any model: the role's imports only
+        self._memory_idle = memory_status()  # this process before any model: the role's module imports only
 
-    def memory(self) -> dict[str, int]:
-        """This rank's process memory in bytes: `idle` as it started (imports, no model), `peak` the most it has
-        held (its high-water mark), `now`. peak - idle is what the role's models, optimizer and passes cost."""
-        import resource
-        return {"idle": self._rss_idle, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "now": rss_bytes()}
+    def memory(self) -> dict[str, dict[str, int]]:
+        """This rank's process memory (memory_status), `idle` as it started (no model yet) and `now`: now's peak
+        minus idle's rss is the most the role's models, optimizer and passes (and later imports) have held."""
+        return {"idle": self._memory_idle, "now": memory_status()}
 
     def _mark(self, name: str) -> None:
         """A start-up mark: `name` done now (first time only)."""

@@ -5,8 +5,11 @@ gain in the tiny world over several seeds, each at the KL it reached.
 
 memory: per size (17M: hidden 512 x 6 layers, 107M: 1024 x 10; seeded random weights, the tiny world's tokenizer)
 and variant, a 2-step GRPO run (4 prompts x 2 answers, 16 new tokens, fp32, one policy rank, every role in its own
-process) launched as `rlhf-ray ppo` launches it; then each actor's peak RSS above its own idle RSS (the process
-as it started: imports, no model; actors/base.py RankActor.memory). Variants:
+process) launched as `rlhf-ray ppo` launches it; then of each actor (actors/base.py RankActor.memory), above its own
+idle process (as it started: its role module imported, no model): the peak RSS (the high-water mark, which counts
+the safetensors file's pages read through mmap while loading), and the anonymous memory resident after the steps
+(file pages left out; what the allocator kept counts). Both include the imports an actor makes after it starts
+(DeepSpeed, transformers, peft; bitsandbytes for the quantised ones), measured alone in a bare process. Variants:
   full       the policy fully trained, a reference actor holding the model again
   lora       policy.lora.rank 8, a reference actor holding the model again
   lora-base  LoRA with reference.from_policy_base: no reference actor
@@ -26,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,23 +96,52 @@ def memory_rows() -> dict[str, dict[str, dict]]:
             if out.returncode or line is None:
                 sys.exit(f"memory run {size} {variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
             m = json.loads(line[len("MEMORY "):])
-            pol = (m["policy"]["peak"] - m["policy"]["idle"]) / MiB
-            ref = (m["reference"]["peak"] - m["reference"]["idle"]) / MiB if "reference" in m else 0.0
-            rows.setdefault(size, {})[variant] = {"policy": pol, "reference": ref, "total": pol + ref,
-                                                  "trainable": m["params"]["trainable"], "total_params":
-                                                  m["params"]["total"]}
-            print(f"{size} {variant}: policy +{pol:.0f} MiB, reference +{ref:.0f} MiB", flush=True)
+            r = {"trainable": m["params"]["trainable"], "total_params": m["params"]["total"]}
+            for role in ("policy", "reference"):
+                idle, now = (m[role]["idle"], m[role]["now"]) if role in m else ({}, {})
+                r[f"{role}_peak"] = (now["peak"] - idle["rss"]) / MiB if role in m else 0.0
+                r[f"{role}_anon"] = (now["anon"] - idle["anon"]) / MiB if role in m else 0.0
+            r["peak"], r["anon"] = r["policy_peak"] + r["reference_peak"], r["policy_anon"] + r["reference_anon"]
+            rows.setdefault(size, {})[variant] = r
+            print(f"{size} {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()), flush=True)
     return rows
 
 
+IMPORTS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from actors.base import memory_status
+import actors.policy  # what an idle policy actor has imported
+out = [memory_status()["rss"]]
+import deepspeed, transformers, peft  # noqa: E401  (every trained role's, after it starts)
+out.append(memory_status()["rss"])
+import bitsandbytes  # noqa: F401  (a quantised role's)
+out.append(memory_status()["rss"])
+print(json.dumps(out))
+"""
+
+
+def import_costs() -> tuple[float, float]:
+    """MiB an actor's later imports add in a bare process: DeepSpeed + transformers + peft, then bitsandbytes."""
+    out = subprocess.run([sys.executable, "-c", IMPORTS, str(ROOT)], capture_output=True, text=True, check=True)
+    a, b, c = json.loads(out.stdout.splitlines()[-1])
+    return (b - a) / MiB, (c - b) / MiB
+
+
 def memory_report(rows) -> list[str]:
-    lines = ["| size | variant | trainable params | policy peak RSS above idle (MiB) | reference (MiB) | "
-             "both (MiB) | both vs full |", "|---|---|---|---|---|---|---|"]
+    lines = ["| size | variant | trainable params | policy: peak RSS / anon resident (MiB) | reference: peak / anon "
+             "(MiB) | both: peak / anon (MiB) | both vs full: peak / anon |", "|---|---|---|---|---|---|---|"]
     for size, by in rows.items():
         for v, r in by.items():
-            lines.append(f"| {size} ({r['total_params'] / 1e6:.0f} M) | {v} | {r['trainable']:,} | {r['policy']:.0f} | "
-                         f"{r['reference']:.0f} | {r['total']:.0f} | {r['total'] / by['full']['total']:.2f}× |")
-    return lines
+            full = by["full"]
+            lines.append(f"| {size} ({r['total_params'] / 1e6:.0f} M) | {v} | {r['trainable']:,} | "
+                         f"{r['policy_peak']:.0f} / {r['policy_anon']:.0f} | "
+                         f"{r['reference_peak']:.0f} / {r['reference_anon']:.0f} | {r['peak']:.0f} / {r['anon']:.0f} | "
+                         f"{r['peak'] / full['peak']:.2f}× / {r['anon'] / full['anon']:.2f}× |")
+    trained, bnb = import_costs()
+    return lines + ["", f"Imports after an actor starts, in a bare process: DeepSpeed + transformers + peft "
+                        f"{trained:.0f} MiB, bitsandbytes {bnb:.0f} MiB more (peft imports it when installed; in every policy "
+                        "figure above)."]
 
 
 # ------------------------------------------------------------------------------------------------ gold
@@ -135,18 +168,23 @@ def gold_one(seed: int, variant: str, steps: int) -> None:
     train(load_config("configs/tiny_world.yaml", sets), gold_fn=gold_score)
 
 
-def gold_rows(seeds: list[int], steps: int) -> dict[int, dict]:
+def gold_rows(seeds: list[int], steps: int, reuse: list[str]) -> dict[int, dict]:
     rows = {}
     for seed in seeds:
         world_run(seed)
         metrics = {}
         for variant in GOLD_VARIANTS:
+            run_dir = OUT / "gold" / f"seed{seed}" / variant
+            done = run_dir / "metrics.jsonl"
+            if variant in reuse and done.is_file() and len(done.read_text().splitlines()) == steps:
+                metrics[variant] = [json.loads(line) for line in done.read_text().splitlines()]
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)
             out = subprocess.run([sys.executable, __file__, "--gold-one", str(seed), variant, "--steps", str(steps)],
                                  cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"gold run seed {seed} {variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-            path = OUT / "gold" / f"seed{seed}" / variant / "metrics.jsonl"
-            metrics[variant] = [json.loads(line) for line in path.read_text().splitlines()]
+            metrics[variant] = [json.loads(line) for line in done.read_text().splitlines()]
         start = metrics["full"][0]
         r = {"sft_gold": start["gold/mean"]}
         for variant, ms in metrics.items():
@@ -176,6 +214,8 @@ def main() -> int:
     ap.add_argument("--part", nargs="+", choices=["memory", "gold"], default=["memory", "gold"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=45)
+    ap.add_argument("--reuse", nargs="*", default=[], choices=list(GOLD_VARIANTS),
+                    help="gold: keep these variants' finished runs (all their steps logged) instead of running them again")
     ap.add_argument("--memory-one", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     ap.add_argument("--gold-one", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -187,10 +227,10 @@ def main() -> int:
         return 0
     lines = [f"Machine: {cpu_model()}, {os.cpu_count()} cores; {datetime.date.today()}; commit {git_commit()}.", ""]
     if "memory" in a.part:
-        lines += ["Peak RSS above each actor's idle RSS, 2 GRPO steps, fp32:", "", *memory_report(memory_rows()), ""]
+        lines += ["Memory above each actor's idle process, 2 GRPO steps, fp32:", "", *memory_report(memory_rows()), ""]
     if "gold" in a.part:
         lines += [f"PPO gold gain in the tiny world, {a.steps} steps, at each run's KL (last {WINDOW} steps):", "",
-                  *gold_report(gold_rows(a.seeds, a.steps))]
+                  *gold_report(gold_rows(a.seeds, a.steps, a.reuse))]
     publish("\n".join(lines), OUT / "qlora.md")
     return 0
 

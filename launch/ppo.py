@@ -737,7 +737,9 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
               ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, startup=startup)
     last_ckpt = latest
     try:
-        step, rollout = restore(run, latest, push=latest is not None)
+        # a resumed policy differs from models.policy, which the engines loaded; so does a 4-bit one (it computes
+        # with its dequantised base): either way the engines get the policy's own weights before they sample
+        step, rollout = restore(run, latest, push=latest is not None or cfg.policy.quantization != "none")
         if latest is not None:
             print(f"resumed from {latest} (step {step})", flush=True)
         step += 1

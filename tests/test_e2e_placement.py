@@ -2,6 +2,7 @@
 shared placement group (same node, same GPU share on a cluster); PPO then runs as usual, here with LoRA adapters
 on a ZeRO-3 policy, whose merged weights reach the engine. Slow."""
 import json
+import math
 
 import pytest
 import ray
@@ -20,14 +21,16 @@ def test_colocated_roles_share_bundles_and_ppo_with_lora_runs(tiny_world, tmp_pa
     engine and an LLM judge's engine in one bundle, the engine sleeping while the trainers run (a no-op on CPU: no
     GPU memory, but the driver's sleep and wake calls run; the judge scores every step, at weight 0 here). The
     policy and critic train LoRA adapters only; the policy at ZeRO-3, so adapters and base weights are merged from
-    partitions before each push to the engine."""
+    partitions before each push to the engine; the critic on a 4-bit NF4 base (QLoRA, its value head full
+    precision), the reward model in int8."""
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "placement.colocate=[[policy, reference], [critic, reward, engine, judge]]", "placement.engines_sleep=true",
         "reward.sources=[{kind: model}, {kind: judge, weight: 0.0}]", f"judge.model={tiny_world['policy']}",
         "judge.score_labels=['1','2','3','4','5']",
         "reference.num_ranks=2", "placement.share_process=[]",
-        "policy.zero_stage=3", "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3"])
+        "policy.zero_stage=3", "policy.lora.rank=8", "policy.lora.alpha=16", "critic.lora.rank=4", "policy.lr=2e-3",
+        "critic.quantization=nf4", "reward.quantization=int8"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
@@ -41,6 +44,7 @@ def test_colocated_roles_share_bundles_and_ppo_with_lora_runs(tiny_world, tmp_pa
             counts = group.run("parameter_counts")[0]
             assert 0 < counts["trainable"] < 0.2 * counts["total"], counts
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["value/loss"]) and math.isfinite(r["reward/score_mean"]) for r in rows)
         # steps 2 and 3 sampled from engines that had received the merged weights W + (alpha/r) B A:
         # their sampling logprobs match the adapted policy's own forward pass
         assert len(rows) == 3 and max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3
