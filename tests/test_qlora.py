@@ -140,3 +140,15 @@ def test_planner_counts_4bit_weights_and_answers_the_16gb_question():
     assert make_plan(load_config(shipped, ["placement.gpu_memory_gib=40"])).fits
     assert not make_plan(load_config(shipped, ["plan.engine_weights=nf4"])).fits
     assert make_plan(load_config(shipped, ["plan.engine_weights=nf4", "ppo.advantage=grpo"])).fits
+
+
+def test_double_quant_and_compute_dtype_reach_the_loaded_layers(tiny):
+    cfg = load_config(None, base(["policy.lora.rank=8", "policy.quantization=nf4", "policy.double_quant=false",
+                                  "policy.compute_dtype=bfloat16"]))
+    quant = Quant.of(cfg.policy, cfg.train.dtype)
+    assert quant == Quant("nf4", False, "bfloat16")
+    layer = load_causal_lm(tiny / "lm", quant=quant).model.layers[0].mlp.up_proj
+    assert layer.compute_dtype == torch.bfloat16 and not layer.weight.quant_state.nested
+    default = load_causal_lm(tiny / "lm", quant=Quant.of(load_config(None, base()).reference, "float32", "nf4"))
+    state = default.model.layers[0].mlp.up_proj.weight.quant_state
+    assert state.nested and state.dtype == torch.float32                 # double quantisation on by default
