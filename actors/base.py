@@ -397,10 +397,8 @@ def is_quantized(p: torch.Tensor) -> bool:
 
 
 def dequantized(W: torch.Tensor) -> torch.Tensor:
-    """A weight's values in its compute dtype: NF4 codes times their block scales (the matrix bitsandbytes
-    multiplies with); any other weight as it is."""
-    if not is_quantized(W):
-        return W
+    """A 4-bit weight's values in its compute dtype: NF4 codes times their block scales (the matrix bitsandbytes
+    multiplies with)."""
     import bitsandbytes.functional as bnbf
     return bnbf.dequantize_4bit(W.data, W.quant_state)
 

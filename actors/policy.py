@@ -26,18 +26,19 @@ class Policy(DeepSpeedRole):
     @busy
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """This rank's shard of response logprobs at the sampling temperature (PPO's old logprobs). [B/ranks, T]."""
-        T, temp = batch.response_len, self.cfg.generation.temperature
-        return self._forward_shard(
-            batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
+        return self._response_logprobs(batch)
 
     @busy
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """reference.from_policy_base: the reference's logprobs, from this rank's model with its adapters switched
         off, i.e. from the frozen base (models.policy, in policy.quantization's precision). [B/ranks, T]."""
-        T, temp = batch.response_len, self.cfg.generation.temperature
         with adapters_off(self.model):
-            return self._forward_shard(
-                batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
+            return self._response_logprobs(batch)
+
+    def _response_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        T, temp = batch.response_len, self.cfg.generation.temperature
+        return self._forward_shard(
+            batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
 
     def _loss_count(self, minibatch: Experience) -> float:
         return aggregation_count(minibatch.action_mask, self.cfg.ppo.loss_agg)
