@@ -43,10 +43,17 @@ def recipe() -> str:
     return m.group(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports. Every socket stays bound until all are picked: binding one at a time and
+    closing it lets the kernel hand the same port out twice (CI once gave the GCS and the dashboard one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def localise(script: str, ports: dict, work: Path) -> str:
@@ -98,7 +105,7 @@ def test_readme_cluster_recipe_runs_as_written(tiny_world, tmp_path):
     steps = {int(s) for s in re.findall(r"train\.steps=(\d+)", script)}
     assert len(steps) == 1, "the recipe's jobs should be one short smoke run each (--set train.steps=N)"
     steps = steps.pop()
-    ports = {flag: free_port() for flag in PORT_FLAGS}
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     work = tmp_path / "work"
     work.mkdir()
     repo = scratch_repo(tmp_path / "repo", Path(tiny_world["policy"]).parent)
