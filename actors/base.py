@@ -398,8 +398,12 @@ def is_quantized(p: torch.Tensor) -> bool:
 
 def dequantized(W: torch.Tensor) -> torch.Tensor:
     """A 4-bit weight's values in its compute dtype: NF4 codes times their block scales (the matrix bitsandbytes
-    multiplies with)."""
+    multiplies with). A weight repacked for the AVX-512 kernel is refused rather than misread (rlhf_ray/models.py
+    one_4bit_layout says why it never should be)."""
     import bitsandbytes.functional as bnbf
+    if getattr(W.quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError(f"a {tuple(W.quant_state.shape)} 4-bit weight was repacked for bitsandbytes' AVX-512 bf16 "
+                           "kernel: its bytes are no longer NF4 codes (load models through rlhf_ray.models)")
     return bnbf.dequantize_4bit(W.data, W.quant_state)
 
 

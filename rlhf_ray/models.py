@@ -149,12 +149,28 @@ def _load_kwargs(dtype: str, trust_remote_code: bool, attn: str | None, quant: Q
             **({"attn_implementation": attn} if attn else {}), **({"quantization_config": q} if q else {})}
 
 
+def one_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every 4-bit layer in the one layout that every CPU computes with. On a CPU with AVX-512 bf16,
+    bitsandbytes 0.50 repacks a Linear4bit's weight in place, on its first forward in eval mode without grad, for
+    an inference kernel (nn/modules.py Linear4bit.forward, `support_avx512bf16_for_cpu`). From then on the layer
+    computes in bf16 whatever compute_dtype says (~1e-2 from the fp32 matmul), its training forward runs that
+    kernel too and fails in autograd, and its bytes are no longer NF4 codes that dequantize_4bit can read (the engines
+    and the HF export got weights 0.34 off). So the policy's old logprobs, its training forward and the engines
+    would compute with three models. Undoing the packing afterwards cannot restore the model: the repack rounds the
+    block scales to bf16. So it is never allowed to start; the kernel is an inference speed-up this project forgoes
+    (docs/qlora.md). A no-op on other CPUs, on GPUs, and for int8 layers."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, what: str = "policy",
                    attn: str | None = None, quant: Quant = NO_QUANT):
     from transformers import AutoModelForCausalLM
     check_model_dir(path, what)
-    return disable_dropout(AutoModelForCausalLM.from_pretrained(
-        str(path), **_load_kwargs(dtype, trust_remote_code, attn, quant, "lm_head")))
+    return one_4bit_layout(disable_dropout(AutoModelForCausalLM.from_pretrained(
+        str(path), **_load_kwargs(dtype, trust_remote_code, attn, quant, "lm_head"))))
 
 
 def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
@@ -165,7 +181,7 @@ def load_scalar_model(path: str | Path, dtype: str = "float32", trust_remote_cod
         str(path), num_labels=1, **_load_kwargs(dtype, trust_remote_code, attn, quant, "score"))
     if not hasattr(model, "score"):
         raise ModelLoadError(f"{what}: {type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
-    return disable_dropout(model)
+    return one_4bit_layout(disable_dropout(model))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

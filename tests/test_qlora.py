@@ -8,13 +8,24 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-from actors.base import adapters_off, add_lora, export_items, full_numel, is_quantized, save_unquantized
+from actors.base import adapters_off, add_lora, dequantized, export_items, full_numel, is_quantized, save_unquantized
 from rlhf_ray.config import ConfigError, LoraConfig, load_config
 from rlhf_ray.models import Quant, load_causal_lm, load_scalar_model, response_logprobs, sequence_scores
 from rlhf_ray.planner import GiB, PRESETS, make_plan, weight_bytes
 from rlhf_ray.tiny import train_tokenizer
 
 NF4 = Quant("nf4", True, "float32")
+
+
+@pytest.fixture(params=[False, True], ids=["bnb-plain-cpu", "bnb-avx512bf16-cpu"])
+def bnb_cpu(request, monkeypatch):
+    """bitsandbytes as it behaves on a CPU without, then with, AVX-512 bf16, whatever this CPU has: its Linear4bit
+    reads has_avx512bf16() when built, and where true repacks the 4-bit weight in place for an inference kernel on the
+    first eval forward without grad (bitsandbytes 0.50.2, nn/modules.py Linear4bit.forward). Forcing it reaches that
+    branch on every CPU, and the plain one on a CPU that has the kernel."""
+    import bitsandbytes.nn.modules as bnb_modules
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +87,7 @@ def test_a_reference_from_the_policy_base_has_no_actors_and_leaves_placements():
     assert cfg.present(["engine", "reference", "reward"]) == ["engine", "reward"]
 
 
-def test_nf4_policy_exports_what_it_computes_with_as_a_plain_hf_model(tiny, tmp_path):
+def test_nf4_policy_exports_what_it_computes_with_as_a_plain_hf_model(tiny, tmp_path, bnb_cpu):
     model = load_causal_lm(tiny / "lm", quant=NF4)
     q = model.model.layers[0].self_attn.q_proj
     assert is_quantized(q.weight) and full_numel(q.weight) == 128 * 128
@@ -107,13 +118,53 @@ def test_nf4_policy_exports_what_it_computes_with_as_a_plain_hf_model(tiny, tmp_
     assert (merged - policy).abs().max() < 1e-4            # the merge is the 4-bit policy's own weights
 
 
-def test_nf4_critic_keeps_its_value_head_full_precision_and_trainable(tiny):
+def test_nf4_critic_keeps_its_value_head_full_precision_and_trainable(tiny, bnb_cpu):
     critic = add_lora(load_scalar_model(tiny / "rm", quant=NF4), LoraConfig(rank=4), head="score")
     assert not is_quantized(critic.score.weight) and critic.score.weight.requires_grad
-    out = sequence_scores(critic, torch.randint(2, 250, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-    out.sum().backward()
-    assert critic.score.weight.grad is not None
-    assert all(p.grad is not None for n, p in critic.named_parameters() if "lora_A" in n)
+    ids, mask = torch.randint(2, 250, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        critic.eval()
+        sequence_scores(critic, ids, mask)                  # the values PPO reads first, no grad (eval mode)
+        for name, p in critic.named_parameters():
+            if "lora_B" in name:                            # B starts at 0, which would leave every A's gradient 0
+                p.normal_(std=0.05)
+    critic.train()
+    sequence_scores(critic, ids, mask).sum().backward()
+    lora = {n: p for n, p in critic.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * 7 * 2                           # A and B on the 7 linear layers of each of 2 blocks
+    assert critic.score.weight.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in lora.values())
+    assert all(p.grad is None for n, p in critic.named_parameters() if "lora_" not in n and n != "score.weight")
+
+
+def test_a_4bit_layer_infers_and_trains_with_the_matrix_it_exports_whatever_the_cpu(tiny, bnb_cpu):
+    """The policy's old logprobs (eval, no grad), its training forward and the engines' weights all use one matrix:
+    the NF4 codes times their scales in compute_dtype, whichever kernel the CPU offers."""
+    model = load_causal_lm(tiny / "lm", quant=NF4)
+    layer = model.model.layers[0].mlp.up_proj
+    W = dequantized(layer.weight).float().clone()
+    x = torch.randn(5, 128)
+    model.eval()
+    with torch.no_grad():
+        inferred = layer(x)
+    model.train()
+    x_grad = x.clone().requires_grad_(True)
+    trained = layer(x_grad)
+    trained.sum().backward()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(dequantized(layer.weight).float(), W)                 # the export reads the same matrix
+    assert (inferred - x @ W.T).abs().max() < 1e-5 and (trained - x @ W.T).abs().max() < 1e-5   # in float32
+    assert torch.allclose(x_grad.grad, W.sum(0).expand_as(x), atol=1e-5)
+
+
+def test_dequantized_refuses_a_weight_repacked_for_the_cpu_kernel(tiny):
+    """Should anything repack a 4-bit weight for bitsandbytes' AVX-512 kernel, its bytes are no longer NF4 codes in
+    the plain layout (and its scales are bf16): reading them as such gave weights 0.34 off. Refused, by name."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    layer = load_causal_lm(tiny / "lm", quant=NF4).model.layers[0].mlp.up_proj
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    with pytest.raises(RuntimeError, match="repacked for bitsandbytes' AVX-512 bf16 kernel"):
+        dequantized(layer.weight)
 
 
 def test_int8_frozen_reward_model_scores_close_to_full_precision(tiny):
