@@ -4,7 +4,13 @@ Runs in its own virtual environment (.venv-trl: TRL 1.12 needs transformers 5.23
 allow). It imports from this repository only the tiny world's pure gold function (rlhf_ray/gold.py), so both
 systems optimise the very same reward: gold + 0.2 x ends-with-period. Prints one JSON line: the wall-clock time of
 every generation step (one generation of prompts x n completions, then its optimizer steps), the completion
-tokens and the gold mean of each, and the time from the process's start to the end of training.
+tokens and the gold mean of each, the time from the process's start to the end of training, and the sampling
+settings HF generate used, read back from the trainer (`sampling`).
+
+Step spans: one mark at on_train_begin, one at every on_step_end (TRL calls no on_step_begin); a generation step
+is `minibatches` optimizer steps, so its time is from the on_step_end that closed the previous generation step to
+the one that closes it: contiguous, everything the trainer's loop does in between counts (fetching the batch,
+generation, rewards, the optimizer steps, TRL's logging and save checks, its callbacks).
 """
 import argparse
 import json
@@ -26,7 +32,8 @@ from rlhf_ray.gold import gold_score  # noqa: E402
 
 
 class Clock(TrainerCallback):
-    """One mark per optimizer step; a generation step is `per_generation` optimizer steps."""
+    """A mark at on_train_begin and at every optimizer step's on_step_end; a generation step is `minibatches` of
+    them, so consecutive generation-step ends are contiguous spans of TRL's whole loop."""
 
     def __init__(self):
         self.marks, self.tokens, self.gold = [], [], []
@@ -36,6 +43,24 @@ class Clock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self.marks.append(time.time())
+
+
+SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+OFF = {"top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+       "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+       "begin_suppress_tokens": (None,), "sequence_bias": (None,), "min_new_tokens": (None, 0),
+       "min_length": (None, 0), "num_beams": (None, 1), "guidance_scale": (None, 1, 1.0),
+       "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
+       "renormalize_logits": (None, False), "watermarking_config": (None,)}   # what else generate() could filter with
+
+
+def effective_sampling(model, generation_config) -> dict:
+    """The settings generate() samples with: the trainer's generation config merged, as generate() merges it, with
+    the model's generation_config.json and transformers' defaults (unset top_k there would become 50); plus the
+    names of any other logits filters left on (`other_filters`: must be empty)."""
+    merged, _ = model._prepare_generation_config(generation_config)
+    return {**{k: getattr(merged, k) for k in SAMPLING},
+            "other_filters": sorted(k for k, off in OFF.items() if getattr(merged, k, None) not in off)}
 
 
 def main():
@@ -50,6 +75,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     a = ap.parse_args()
     clock = Clock()
 
@@ -73,7 +100,10 @@ def main():
         seed=a.seed, disable_tqdm=True, learning_rate=a.lr, beta=a.beta, loss_type="grpo", scale_rewards="group",
         num_generations=a.n, per_device_train_batch_size=batch // a.minibatches, gradient_accumulation_steps=1,
         steps_per_generation=a.minibatches, num_iterations=1, max_completion_length=a.max_new_tokens,
-        temperature=1.0, top_p=1.0, reward_weights=[1.0, 0.2], max_steps=a.steps * a.minibatches,
+        # sampling as rlhf-ray's engines sample (vLLM, only temperature and top_p set): top-k off (TRL: 0),
+        # min-p off (None: no warper), no repetition penalty; the driver asserts `sampling` below equals its config
+        temperature=a.temperature, top_p=a.top_p, top_k=0, min_p=None, repetition_penalty=1.0,
+        reward_weights=[1.0, 0.2], max_steps=a.steps * a.minibatches,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, disable_dropout=True)
     trainer = GRPOTrainer(model=policy, reward_funcs=[gold, ends_with_period], args=args, processing_class=tok,
@@ -84,6 +114,7 @@ def main():
     print(json.dumps({"step_seconds": [b - e for e, b in zip(ends, ends[1:])], "tokens": clock.tokens,
                       "gold": clock.gold, "to_train_end": t_end - T_START, "threads": torch.get_num_threads(),
                       "bf16": trainer.args.bf16, "dtype": str(next(policy.parameters()).dtype),
+                      "sampling": effective_sampling(policy, trainer.generation_config),
                       "trl": __import__("trl").__version__}))
 
 

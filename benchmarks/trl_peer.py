@@ -3,7 +3,12 @@
 Runs in its own virtual environment (TRL 1.12 needs transformers 5.23, which the project's vLLM does not
 allow), so it imports nothing from this repository. Prints one JSON line: the wall time of every PPO step and
 of its phases: generation (TRL's `batch_generation`), scoring (its no-grad `forward` / `get_reward` calls:
-reference logprobs, values, rewards) and the rest, which is the PPO update.
+reference logprobs, values, rewards) and the rest, which is the PPO update (and TRL's metrics, logging, save
+check and gc.collect); and the sampling settings HF generate used (`sampling`), read back from the generation
+config TRL passed to `batch_generation`.
+
+Step spans: from on_train_begin to the first on_step_end, then from each on_step_end to the next: contiguous,
+everything in TRL's loop counts.
 """
 import argparse
 import json
@@ -24,6 +29,7 @@ class StepClock(TrainerCallback):
 
     def __init__(self):
         self.marks, self.phases, self.current = [], [], {"generate": 0.0, "score": 0.0}
+        self.generation_config = None      # as TRL builds it in train() and hands it to batch_generation
         self._wrap("batch_generation", lambda: "generate")
         for name in ("forward", "get_reward"):        # also called in the update, with gradients on
             self._wrap(name, lambda: None if torch.is_grad_enabled() else "score")
@@ -32,6 +38,8 @@ class StepClock(TrainerCallback):
         fn = getattr(ppo_trainer, name)
 
         def timed(*args, **kwargs):
+            if name == "batch_generation":
+                self.generation_config = kwargs.get("generation_config", args[4] if len(args) > 4 else None)
             phase, t0 = phase_of(), time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -50,6 +58,24 @@ class StepClock(TrainerCallback):
         self.current = {"generate": 0.0, "score": 0.0}
 
 
+# The same read-back as benchmarks/trl_grpo_peer.py (this peer imports nothing from the repository).
+SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+OFF = {"top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+       "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+       "begin_suppress_tokens": (None,), "sequence_bias": (None,), "min_new_tokens": (None, 0),
+       "min_length": (None, 0), "num_beams": (None, 1), "guidance_scale": (None, 1, 1.0),
+       "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
+       "renormalize_logits": (None, False), "watermarking_config": (None,)}   # what else generate() could filter with
+
+
+def effective_sampling(model, generation_config) -> dict:
+    """The settings generate() samples with: `generation_config` merged, as generate() merges it, with the model's
+    generation_config.json and transformers' defaults; plus any other logits filters left on (must be none)."""
+    merged, _ = model._prepare_generation_config(generation_config)
+    return {**{k: getattr(merged, k) for k in SAMPLING},
+            "other_filters": sorted(k for k, off in OFF.items() if getattr(merged, k, None) not in off)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", required=True, help="directory with policy/, reward/ and prompt_ids.json")
@@ -59,6 +85,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--bf16", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -74,7 +101,7 @@ def main():
         output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=a.bf16, report_to=[], save_strategy="no",
         per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, num_mini_batches=1,
         local_rollout_forward_batch_size=a.batch, num_ppo_epochs=a.epochs, response_length=a.response_length,
-        total_episodes=a.batch * a.steps, stop_token="eos", temperature=1.0, kl_coef=a.kl_coef,
+        total_episodes=a.batch * a.steps, stop_token="eos", temperature=a.temperature, kl_coef=a.kl_coef,
         learning_rate=a.lr, num_sample_generations=0, logging_steps=10 ** 6, seed=0, disable_tqdm=True)
     clock = StepClock()
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -82,7 +109,7 @@ def main():
     trainer.train()
     steps = [b - a_ for a_, b in zip(clock.marks, clock.marks[1:])]
     print(json.dumps({"step_seconds": steps, "phases": clock.phases, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}))
+                      "torch": torch.__version__, "sampling": effective_sampling(policy, clock.generation_config)}))
 
 
 if __name__ == "__main__":

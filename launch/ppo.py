@@ -167,6 +167,7 @@ ROLE_CLASSES = {"reference": Reference, "reward": Reward, "engine": Engine}     
 class PhaseTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.started = time.time()       # the step's start, wall clock: time/start (consecutive rows: whole steps)
 
     @contextmanager
     def __call__(self, name: str):
@@ -571,7 +572,8 @@ def idle_step(run: Run, step: int, next_rollout: Rollout | None, filled: Filled,
     if next_rollout is None and step < cfg.train.steps:
         next_rollout = start_rollout(cfg, actors, run.tokenizer, run.stream, step + 1)
     metrics = {**filled.stats, **{f"time/{k}": v for k, v in timer.seconds.items()},
-               "time/step": time.perf_counter() - t_step, "kl/coef": run.kl.coef, "fault/actor_restarts": run.restarts}
+               "time/step": time.perf_counter() - t_step, "time/start": timer.started, "kl/coef": run.kl.coef,
+               "fault/actor_restarts": run.restarts}
     run.logger.log(step, metrics)
     print(f"step {step}/{cfg.train.steps}  no update: {filled.stats['filter/signal_groups']} groups with differing "
           f"rewards in {filled.stats['filter/rounds']} rounds (rollout.max_rounds), too few for a minibatch", flush=True)
@@ -648,7 +650,8 @@ def step_metrics(run: Run, batch: RolloutBatch, rewards: RewardScores, old_logpr
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         "time/generate": generating, "time/policy_update": p["update_seconds"],
-        "time/step": step_seconds, **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
+        "time/step": step_seconds, "time/start": timer.started,
+        **{f"time/busy/{role}": sum(spent.values()) for role, spent in busy.items()},
         **{f"time/idle/{role}": max(0.0, step_seconds - sum(spent.values())) for role, spent in busy.items()},
         "kl/coef": run.kl.coef, "fault/actor_restarts": run.restarts,
     }
