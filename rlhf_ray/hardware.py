@@ -51,13 +51,25 @@ def choose(fp32_ms: float, bf16_ms: float) -> str:
 
 
 def cpu_model() -> str:
+    """The cache key's CPU: model name, family and model, and the bf16 instruction flags. VMs name CPUs coarsely
+    ("AMD EPYC" for a Zen 3 without AVX-512, where torch's bf16 matmul leaves oneDNN for a far slower path, and for
+    a Zen 4 with AVX-512 bf16, where bf16 ran faster), so the name alone would hand one CPU's answer to the other.
+    The flags only tell CPUs apart here; what is chosen is still measured."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break                                   # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+            + "".join(f", {f}" for f in bf16) + ")")
 
 
 def matmul_ms(dtype, reps: int = 7, enough_ms: float = float("inf")) -> float:
