@@ -5,6 +5,10 @@ supervised data too small for one batch. Quick: nothing here starts Ray."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import ray
@@ -13,9 +17,11 @@ from launch.ppo import main as ppo_main
 from launch.stages import main as stage_main
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.data import DataError, load_prompts, read_jsonl
-from rlhf_ray.models import ModelLoadError, check_model_dir
+from rlhf_ray.models import ModelLoadError, check_model_dir, load_tokenizer
 
 from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -147,17 +153,41 @@ def test_judge_labels_must_be_single_tokens_of_the_judges_tokenizer(tiny_world):
     with pytest.raises(ConfigError, match=r"judge.verdict_labels: ' 1' is 2 tokens"):
         judge_tokenizer(load_config("configs/tiny_grpo.yaml", sets + ["judge.score_labels=['1','2','3','4','5']",
                                                                       "judge.verdict_labels=[' 1', B]"]))
-    assert judge_tokenizer(ok) is not None
+    tok = judge_tokenizer(ok)                               # the judge's own tokenizer, each label one token of it
+    assert tok.get_vocab() == load_tokenizer(tiny_world["policy"]).get_vocab()
+    assert all(len(tok(s, add_special_tokens=False)["input_ids"]) == 1 for s in ["1", "2", "3", "4", "5", "A", "B"])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_output_dir_is_refused(tmp_path):
+    """Refused for a user without write permission, and for root on a read-only mount. As root (CI), the first case
+    runs in a child that drops to nobody (root writes through permission bits); the second mounts a read-only tmpfs
+    where the machine lets root mount, as CI's does."""
     from rlhf_ray.preflight import output_dir
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    with pytest.raises(ConfigError, match="is not writable"):
-        output_dir(str(ro))
+    top = Path(tempfile.mkdtemp(prefix="rlhf-ro-"))         # not under root's 0700 pytest directory: nobody reaches it
+    try:
+        top.chmod(0o755)
+        ro = top / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        # a child that imports as itself, then (as root) becomes nobody, as a user without write permission is
+        check = ("import os, sys; from rlhf_ray.preflight import output_dir\n"
+                 "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\n"
+                 "try: output_dir(sys.argv[1])\nexcept Exception as e: print(e); sys.exit(3)")
+        done = subprocess.run([sys.executable, "-c", check, str(ro)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+        assert done.returncode == 3 and f"run.output_dir {ro} is not writable" in done.stdout, done
+        if os.geteuid() == 0:
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                                     capture_output=True, text=True)
+            if mounted.returncode != 0:
+                pytest.skip(f"root cannot mount here: {mounted.stderr.strip()}")
+            try:
+                with pytest.raises(ConfigError, match=f"run.output_dir {ro} is not writable"):
+                    output_dir(str(ro))
+            finally:
+                subprocess.run(["umount", str(ro)], check=True)
+    finally:
+        shutil.rmtree(top)
 
 
 def test_supervised_data_too_small_or_empty_names_the_file(tiny_world, tmp_path, capsys):

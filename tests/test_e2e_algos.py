@@ -22,7 +22,9 @@ from launch.label import main as label_main
 from launch.pipeline import Judge, Sampler, label
 from launch.ppo import train
 from rlhf_ray.config import load_config
-from rlhf_ray.judge import comparison_pairs, pair_verdict, pairwise_text, rank_answers
+from rlhf_ray.gold import gold_score
+from rlhf_ray.judge import (comparison_pairs, expected_score, pair_verdict, pairwise_text, pointwise_text,
+                             rank_answers)
 from rlhf_ray.models import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -174,8 +176,34 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         # the judge against gold on these answers: counted over every compared pair, flips as the rows say
         assert agreed["pairs"] == sum(x["judge_pairs"] for x in ranked)
         assert agreed["flip_rate"] == pytest.approx(sum(x["judge_flips"] for x in ranked) / agreed["pairs"])
-        assert {"pair_acc_first", "pair_acc_second", "pair_acc_averaged", "pair_acc_pointwise"} <= set(agreed)
-        assert all(0 <= agreed[k] <= 1 for k in agreed if k.startswith("pair_acc_"))
+        # ... and its accuracies are the rows' verdicts against gold, recounted here by hand (the judge here is the
+        # policy's base, no good judge: what is checked is the count, not a level)
+        right, decided = {"first": 0.0, "second": 0.0, "averaged": 0.0}, 0
+        for x in ranked:
+            gold = [gold_score(a) for a in x["responses"]]
+            for a, b, p_first, p_second in x["judge_verdicts"]:
+                if gold[a] != gold[b]:
+                    decided += 1
+                    for key, p in (("first", p_first), ("second", p_second), ("averaged", (p_first + p_second) / 2)):
+                        right[key] += 0.5 if p == 0.5 else float((p > 0.5) == (gold[a] > gold[b]))
+        assert decided > 0 and agreed["pairs_gold_differs"] == decided, (agreed, decided)
+        for key, n in right.items():
+            assert agreed[f"pair_acc_{key}"] == pytest.approx(n / decided), (key, agreed)
+        # pointwise: the judge's expected scores for the same answers, asked of the HF model (the engine's agree to
+        # ~1e-4, so one near-tied pair may order the other way: one pair's worth of slack)
+        score_ids = [tok(s, add_special_tokens=False)["input_ids"][0] for s in fmt.score_labels]
+        point = 0.0
+        for x in ranked:
+            gold = [gold_score(a) for a in x["responses"]]
+            with torch.no_grad():
+                score = [expected_score(torch.log_softmax(judge(torch.tensor(
+                    [tok(pointwise_text(fmt, x["prompt"], a), add_special_tokens=False)["input_ids"]])).logits[0, -1],
+                    -1)[score_ids].tolist(), fmt.score_values).score for a in x["responses"]]
+            for a, b, _, _ in x["judge_verdicts"]:
+                if gold[a] != gold[b]:
+                    d = score[a] - score[b]
+                    point += 0.5 if d == 0 else float((d > 0) == (gold[a] > gold[b]))
+        assert abs(agreed["pair_acc_pointwise"] - point / decided) <= 1 / decided + 1e-9, (agreed, point / decided)
 
         # `rlhf-ray label` on those answers, with judge engines of its own (on this cluster), ranks them the same
         sets = [f"label.responses={path}", f"label.output={tmp_path / 'cli' / 'ranked.jsonl'}", "run.seed=7",
