@@ -34,37 +34,12 @@ from benchmarks.machine import cpu_model, git_commit  # noqa: E402
 from benchmarks.tables import seed_table  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from launch.pipeline import run_pipeline  # noqa: E402
+from launch.pipeline import rm_gold_accuracy, run_pipeline  # noqa: E402
 from rlhf_ray.config import load_config  # noqa: E402
 from rlhf_ray.metrics import interpolate_from_origin  # noqa: E402
 
 TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "ppo_kl": 2.0, "bon_ratio": 0.9,
            "total_seconds": 600, "rlaif_ratio": 0.9}
-
-
-def rm_gold_accuracy(run: Path, cfg) -> float:
-    """The trained reward model against gold, on answers it never trained on: the SFT policy's samples for the
-    monitor RM's prompts (disjoint from its own). Of each prompt's answer pairs whose gold differs, the share it
-    orders as gold does. The answers are scored as the RM stage scores them (rendered prompt, answer, EOS)."""
-    import torch
-    from rlhf_ray.gold import gold_score
-    from rlhf_ray.models import load_scalar_model, load_tokenizer
-    from rlhf_ray.prompts import render_prompt
-    rm, tok = load_scalar_model(str(run / "rm")), load_tokenizer(str(run / "rm"))
-    right = total = 0
-    for line in (run / "data" / "monitor_rankings.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        p = render_prompt(tok, row["prompt"], cfg.data.apply_chat_template, cfg.rm.max_len // 2)
-        with torch.no_grad():
-            v = [rm(input_ids=torch.tensor([(p + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-                                            [:cfg.rm.max_len]])).logits.item() for r in row["responses"]]
-        g = [gold_score(r) for r in row["responses"]]
-        for a in range(len(g)):
-            for b in range(a + 1, len(g)):
-                if g[a] != g[b]:
-                    total += 1
-                    right += (v[a] > v[b]) == (g[a] > g[b])
-    return right / max(total, 1)
 
 
 def label_gold_accuracy(run: Path) -> float:
@@ -201,7 +176,7 @@ def main() -> int:
             else:
                 s = run_pipeline(cfg)
                 ray.shutdown()             # the next run starts on a fresh local cluster
-            rows[lab][seed] = {**seed_row(s, cfg.pipeline.best_of_n), "rm_gold_acc": rm_gold_accuracy(run, cfg),
+            rows[lab][seed] = {**seed_row(s, cfg.pipeline.best_of_n), "rm_gold_acc": rm_gold_accuracy(run / "rm", run / "data" / "monitor_rankings.jsonl", cfg),
                                "label_gold_acc": label_gold_accuracy(run)}
             print(f"\nseed {seed}, labels {lab} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[lab][seed].items()),
                   flush=True)

@@ -176,6 +176,29 @@ def judge_ranked(rows: list[dict], judge: Judge, seed: int) -> list[dict]:
     return rows
 
 
+def rm_gold_accuracy(rm_dir: str | Path, rankings: str | Path, cfg: Config) -> float:
+    """A trained reward model against gold, on answers it never trained on (pass the rankings of prompts disjoint
+    from its own: the RM on the monitor's, the monitor RM on the RM's). Of each prompt's answer pairs whose gold
+    differs, the share it orders as gold does. The answers are scored as the RM stage scores them (rendered prompt,
+    answer, EOS)."""
+    from rlhf_ray.models import load_scalar_model
+    from rlhf_ray.prompts import render_prompt
+    rm, tok = load_scalar_model(str(rm_dir)), load_tokenizer(str(rm_dir))
+    right = total = 0
+    for line in Path(rankings).read_text().splitlines():
+        row = json.loads(line)
+        p = render_prompt(tok, row["prompt"], cfg.data.apply_chat_template, cfg.rm.max_len // 2)
+        with torch.no_grad():
+            v = [rm(input_ids=torch.tensor([(p + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                                            [:cfg.rm.max_len]])).logits.item() for r in row["responses"]]
+        g = [gold_score(r) for r in row["responses"]]
+        for a, b in itertools.combinations(range(len(g)), 2):
+            if g[a] != g[b]:
+                total += 1
+                right += (v[a] > v[b]) == (g[a] > g[b])
+    return right / max(total, 1)
+
+
 def judge_agreement(rows: list[dict], judge: Judge) -> dict:
     """The judge against the hidden gold on the answers it ranked (the SFT policy's samples: it never saw one
     while it learned): rlhf_ray/judge.py agreement, pointwise scores asked for the same answers."""
