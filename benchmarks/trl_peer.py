@@ -1,7 +1,7 @@
 """The peer side of benchmarks/vs_trl.py: TRL 1.12's PPOTrainer on the same model directories and prompt ids.
 
 Runs in its own virtual environment (TRL 1.12 needs transformers 5.23, which the project's vLLM does not
-allow), so it imports nothing from this repository. Prints one JSON line: the wall time of every PPO step and
+allow), so it imports nothing from this repository but benchmarks/peer_sampling.py beside it (pure). Prints one JSON line: the wall time of every PPO step and
 of its phases: generation (TRL's `batch_generation`), scoring (its no-grad `forward` / `get_reward` calls:
 reference logprobs, values, rewards) and the rest, which is the PPO update (and TRL's metrics, logging, save
 check and gc.collect); and the sampling settings HF generate used (`sampling`), read back from the generation
@@ -21,6 +21,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           TrainerCallback)
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.ppo import ppo_trainer
+
+from peer_sampling import effective_sampling  # (beside this file)
 
 
 class StepClock(TrainerCallback):
@@ -56,24 +58,6 @@ class StepClock(TrainerCallback):
         step = self.marks[-1] - self.marks[-2]
         self.phases.append({**self.current, "train": step - sum(self.current.values())})
         self.current = {"generate": 0.0, "score": 0.0}
-
-
-# The same read-back as benchmarks/trl_grpo_peer.py (this peer imports nothing from the repository).
-SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
-OFF = {"top_h": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
-       "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
-       "begin_suppress_tokens": (None,), "sequence_bias": (None,), "min_new_tokens": (None, 0),
-       "min_length": (None, 0), "num_beams": (None, 1), "guidance_scale": (None, 1, 1.0),
-       "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
-       "renormalize_logits": (None, False), "watermarking_config": (None,)}   # what else generate() could filter with
-
-
-def effective_sampling(model, generation_config) -> dict:
-    """The settings generate() samples with: `generation_config` merged, as generate() merges it, with the model's
-    generation_config.json and transformers' defaults; plus any other logits filters left on (must be none)."""
-    merged, _ = model._prepare_generation_config(generation_config)
-    return {**{k: getattr(merged, k) for k in SAMPLING},
-            "other_filters": sorted(k for k, off in OFF.items() if getattr(merged, k, None) not in off)}
 
 
 def main():
