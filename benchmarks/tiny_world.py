@@ -176,7 +176,8 @@ def main() -> int:
             else:
                 s = run_pipeline(cfg)
                 ray.shutdown()             # the next run starts on a fresh local cluster
-            rows[lab][seed] = {**seed_row(s, cfg.pipeline.best_of_n), "rm_gold_acc": rm_gold_accuracy(run / "rm", run / "data" / "monitor_rankings.jsonl", cfg),
+            rm_gold = rm_gold_accuracy(run / "rm", run / "data" / "monitor_rankings.jsonl", cfg)
+            rows[lab][seed] = {**seed_row(s, cfg.pipeline.best_of_n), "rm_gold_acc": rm_gold,
                                "label_gold_acc": label_gold_accuracy(run)}
             print(f"\nseed {seed}, labels {lab} done: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[lab][seed].items()),
                   flush=True)
