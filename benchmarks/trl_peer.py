@@ -1,11 +1,11 @@
 """The peer side of benchmarks/vs_trl.py: TRL 1.12's PPOTrainer on the same model directories and prompt ids.
 
 Runs in its own virtual environment (TRL 1.12 needs transformers 5.23, which the project's vLLM does not
-allow), so it imports nothing from this repository but benchmarks/peer_sampling.py beside it (pure). Prints one JSON line: the wall time of every PPO step and
-of its phases: generation (TRL's `batch_generation`), scoring (its no-grad `forward` / `get_reward` calls:
-reference logprobs, values, rewards) and the rest, which is the PPO update (and TRL's metrics, logging, save
-check and gc.collect); and the sampling settings HF generate used (`sampling`), read back from the generation
-config TRL passed to `batch_generation`.
+allow), so it imports nothing from this repository but benchmarks/peer_sampling.py beside it (pure). Prints one
+JSON line: the wall time of every PPO step and of its phases: generation (TRL's `batch_generation`), scoring (its
+no-grad `forward` / `get_reward` calls: reference logprobs, values, rewards) and the rest, which is the PPO update
+(and TRL's metrics, logging, save check and gc.collect); and the sampling settings HF generate used (`sampling`),
+read back from the generation config TRL passed to `batch_generation`.
 
 Step spans: from on_train_begin to the first on_step_end, then from each on_step_end to the next: contiguous,
 everything in TRL's loop counts.
