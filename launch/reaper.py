@@ -72,11 +72,16 @@ def tagged(tag: str, var: str = TAG) -> list[int]:
     return found
 
 
+DEAD = ("Z", "X")     # /proc/<pid>/stat states of a process that has exited: a zombie keeps only its pid until its
+                      # parent (or an init that reaps slowly) collects it; counting it alive kept the reaper looping
+
+
 def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid, it names one
-    process, not a later one that reuses the pid. None once it is gone."""
+    process, not a later one that reuses the pid. None once it is gone, zombies included."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in DEAD else fields[19]
     except (OSError, IndexError):
         return None
 
@@ -90,6 +95,8 @@ def process_table() -> tuple[dict[int, list[int]], dict[int, str]]:
         try:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
+            continue
+        if fields[0] in DEAD:
             continue
         children.setdefault(int(fields[1]), []).append(int(d.name))
         started[int(d.name)] = fields[19]
