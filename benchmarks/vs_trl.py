@@ -47,10 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_model, git_commit  # noqa: E402
+from benchmarks.peer_sampling import SAMPLING  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
 from rlhf_ray.hardware import SHAPE, fastest_dtype, matmul_ms  # noqa: E402
-
-SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 OUT = ROOT / "runs" / "bench-vs-trl"
 TRL_VENV = ROOT / ".venv-trl"
