@@ -53,7 +53,8 @@ from rlhf_ray.hardware import SHAPE, fastest_dtype, matmul_ms  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-vs-trl"
 TRL_VENV = ROOT / ".venv-trl"
-TRL_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0"]
+TRL_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "datasets==5.2.0", "accelerate==1.15.0",
+            "requests"]    # GRPOTrainer imports its vLLM client module, which needs requests, even without vLLM
 SIZES = {"0.6M": (128, 2), "3M": (256, 4), "17M": (512, 6)}       # hidden size, layers (MLP 2x hidden)
 BATCH, RESPONSE, EPOCHS, KL = 32, 32, 4, 0.05
 # fp32: the engines' logprobs equal the policy's (gap ~1e-6 nats), so they serve as pi_old. bf16: they differ by
