@@ -34,7 +34,7 @@ class Critic(DeepSpeedRole):
             batch, lambda mb: token_values(self.model, mb.input_ids, mb.attention_mask, T), self.micro)
 
     def _loss_count(self, minibatch: Experience) -> float:
-        return aggregation_count(minibatch.action_mask, self.cfg.ppo.loss_agg)
+        return aggregation_count(minibatch.loss_mask, self.cfg.ppo.loss_agg)
 
     @busy
     def train(self, exp: Experience, step: int, kl_coef: float = 0.0) -> dict:
@@ -43,7 +43,7 @@ class Critic(DeepSpeedRole):
 
         def loss_fn(mb: Experience, den: float):
             v = token_values(self.model, mb.input_ids, mb.attention_mask, T)
-            return value_loss(v, mb.values, mb.returns, mb.action_mask, ppo.value_clip, ppo.loss_agg, den)
+            return value_loss(v, mb.values, mb.returns, mb.loss_mask, ppo.value_clip, ppo.loss_agg, den)
 
         return self._minibatch_updates(exp, ppo.epochs, ppo.minibatch_size, step, loss_fn)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from actors.base import RankActor, busy
-from rlhf_ray.batch import Sample
+from rlhf_ray.batch import EpisodeSample, Sample
 from rlhf_ray.cache import cache_dir
 from rlhf_ray.seeds import derive_seed
 
@@ -116,7 +116,8 @@ class Engine(RankActor):
 
     @busy
     def episodes(self, prompt_token_ids: list[list[int]], rows: list[dict], n: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int, env, stop_ids: list[int], workers: list) -> list[Sample]:
+                 temperature: float, top_p: float, seed: int, env, stop_ids: list[int],
+                 workers: list) -> list[EpisodeSample]:
         """n multi-turn episodes per prompt (rlhf_ray/env.py), prompt-major, token in, token out: generate a turn
         (until a stop token of env.turn_stop, EOS, or the turn's or episode's token budget), hand it to the
         episode's environment worker, append the observation's ids, go on, until the environment says done, EOS,
@@ -199,8 +200,9 @@ class Engine(RankActor):
                     ep.ended = "turns"
         for w in workers:
             w.close.remote([k for k, ww in zip(keys, worker) if ww is w])
-        return [Sample(ids=ep.ids, logprobs=ep.logprobs, finished=ep.ended in ("done", "eos"), version=self.version,
-                       action=ep.action, token_rewards=ep.token_rewards(), episode=ep.summary())
+        return [EpisodeSample(ids=ep.ids, logprobs=ep.logprobs, finished=ep.ended in ("done", "eos"),
+                              version=self.version, action=ep.action, token_rewards=ep.token_rewards(),
+                              episode=ep.summary())
                 for ep in eps]
 
     @busy

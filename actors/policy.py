@@ -41,7 +41,7 @@ class Policy(DeepSpeedRole):
             batch, lambda mb: response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp), self.micro)
 
     def _loss_count(self, minibatch: Experience) -> float:
-        return aggregation_count(minibatch.action_mask, self.cfg.ppo.loss_agg)
+        return aggregation_count(minibatch.loss_mask, self.cfg.ppo.loss_agg)
 
     @busy
     def train(self, exp: Experience, step: int, kl_coef: float = 0.0) -> dict:
@@ -63,7 +63,7 @@ class Policy(DeepSpeedRole):
             want = "grad" if ppo.entropy_coef else "detached" if first else None
             out = response_logprobs(self.model, mb.input_ids, mb.attention_mask, T, temp, entropy=want)
             lp, ent = out if want else (out, None)
-            mask = mb.action_mask
+            mask = mb.loss_mask
             loss, stats = ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mask, ppo.clip_bounds(),
                                           ppo.dual_clip, ppo.loss_agg, den, mb.is_weights, ppo.ratio_level)
             if ppo.entropy_coef:

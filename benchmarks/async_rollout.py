@@ -46,7 +46,7 @@ LAST = 5
 def world(seed: int) -> Path:
     d = OUT / f"world{seed}"
     if not (d / "policy" / "model.safetensors").is_file():
-        from rlhf_ray.tiny import TinySpec, build_tiny_world
+        from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
         build_tiny_world(d, TinySpec(seed=seed))
     return d
 

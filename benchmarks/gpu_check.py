@@ -164,7 +164,7 @@ def experience(batch, scored, role: str, seed: int):
     from rlhf_ray.batch import Experience
     g = torch.Generator().manual_seed(seed)
     adv = torch.randn(batch.action_mask.shape, generator=g)
-    common = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, action_mask=batch.action_mask,
+    common = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, loss_mask=batch.action_mask,
                   advantages=adv)
     if role == "policy":
         return Experience(**common, old_logprobs=scored, ref_logprobs=scored)

@@ -7,12 +7,12 @@ passes: no vLLM, no Ray), on held-out corpus answers (issue 35: how fragile is t
 The world (tokenizer; seed 42, 300 pretraining steps) is built under <out>/world on first use; judges go to
 <out>/judges/<tag>_s<seed>, one JSON row per build to <out>/results.jsonl.
 
-Held-out set: rlhf_ray/tiny_judge.py `unseen_answers` (corpus answers drawn with a seed disjoint from training's,
+Held-out set: rlhf_ray/tiny_world/judge.py `unseen_answers` (corpus answers drawn with a seed disjoint from training's,
 none sharing a run of 4 words with a training answer, grouped 8 per request); `agreement_in_process` asks every
 answer pointwise and every pair of a group in both orders (as the label stage asks, judge.max_pairs None), then
 rlhf_ray/judge.py `agreement` (as launch/pipeline.py judge_agreement computes it). --perturb multiplies every
 initial weight by (1 + eps * N(0, 1)) (a separate generator: same seed, same data order) to stand in for another
-CPU's rounding. JUDGE_MODULE=path.py builds with another version of rlhf_ray/tiny_judge.py (the recipe before a
+CPU's rounding. JUDGE_MODULE=path.py builds with another version of rlhf_ray/tiny_world/judge.py (the recipe before a
 change); the held-out set and the measurement stay this one's.
 """
 from __future__ import annotations
@@ -37,9 +37,9 @@ if os.environ.get("JUDGE_MODULE"):             # another version of the module (
     sys.modules["tiny_judge_alt"] = tj
     _spec.loader.exec_module(tj)
 else:
-    import rlhf_ray.tiny_judge as tj  # noqa: E402
+    import rlhf_ray.tiny_world.judge as tj  # noqa: E402
 from rlhf_ray.judge import JudgeFormat  # noqa: E402
-from rlhf_ray.tiny_judge import agreement_in_process, unseen_answers  # noqa: E402
+from rlhf_ray.tiny_world.judge import agreement_in_process, unseen_answers  # noqa: E402
 
 
 def main():
@@ -57,7 +57,7 @@ def main():
     out_dir = Path(a.out)
     world = out_dir / "world"
     if not (world / "policy" / "model.safetensors").is_file():
-        from rlhf_ray.tiny import TinySpec, build_tiny_world
+        from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
         build_tiny_world(world, TinySpec(pretrain_steps=300, seed=42))
     fmt = JudgeFormat(pointwise="Request: {prompt}\nAnswer: {response}\nRating:",      # configs/tiny_world.yaml
                       pairwise="Request: {prompt}\nA: {a}\nB: {b}\nBetter:",

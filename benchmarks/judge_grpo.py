@@ -3,7 +3,7 @@ step is it? Over several seeds.
 
     .venv/bin/python benchmarks/judge_grpo.py [--seeds 0 1 2] [--steps 30]
 
-Per seed: the tiny world and its stand-in judge (rlhf_ray/tiny_judge.py, the judge section of
+Per seed: the tiny world and its stand-in judge (rlhf_ray/tiny_world/judge.py, the judge section of
 configs/tiny_world.yaml; reused from runs/bench-tiny-world/seed<N>/world when benchmarks/tiny_world.py built them,
 else built under runs/bench-judge/), then GRPO (configs/tiny_grpo.yaml) whose only reward is the judge's pointwise
 expected score; the gold rule rides along as a source of weight 0, so it is logged every step and never optimised.
@@ -32,7 +32,7 @@ from benchmarks.tables import publish, seed_table  # noqa: E402
 OUT = ROOT / "runs" / "bench-judge"
 EDGE = 5
 SOURCES = ('reward.sources=[{kind: judge, weight: 1.0},'
-           ' {kind: function, path: "rlhf_ray.rule_rewards:tiny_gold", weight: 0.0}]')
+           ' {kind: function, path: "rlhf_ray.tiny_world.gold:tiny_gold", weight: 0.0}]')
 WORKLOAD = ["generation.prompts_per_step=16", "generation.n=4", "ppo.minibatch_size=32", "policy.lr=2e-4",
             "ppo.kl_coef=0.05"]
 
@@ -40,8 +40,8 @@ WORKLOAD = ["generation.prompts_per_step=16", "generation.n=4", "ppo.minibatch_s
 def world(seed: int) -> Path:
     """The seed's world with its judge: the tiny-world benchmark's when there, else built here."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.tiny import TinySpec, build_tiny_world
-    from rlhf_ray.tiny_judge import TinyJudgeSpec, build_tiny_judge
+    from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
+    from rlhf_ray.tiny_world.judge import TinyJudgeSpec, build_tiny_judge
     cfg = load_config(ROOT / "configs" / "tiny_world.yaml", [f"run.seed={seed}"])
     shared = ROOT / "runs" / "bench-tiny-world" / f"seed{seed}" / "world"
     d = shared if (shared / "judge" / "judge_recipe.json").is_file() else OUT / f"world{seed}"

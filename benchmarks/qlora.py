@@ -160,7 +160,7 @@ def gold_one(seed: int, variant: str, steps: int) -> None:
     """In a process of its own: the seed's PPO run as the pipeline runs it, with the variant's changes."""
     from launch.ppo import train
     from rlhf_ray.config import load_config
-    from rlhf_ray.gold import gold_score
+    from rlhf_ray.tiny_world.gold import gold_score
     w = world_run(seed)
     sets = [f"models.policy={w / 'sft'}", f"models.reward={w / 'rm'}", f"data.prompts={w / 'data' / 'ppo_prompts.jsonl'}",
             f"run.output_dir={OUT / 'gold' / f'seed{seed}' / variant}", f"run.seed={seed}", f"train.steps={steps}",

@@ -4,7 +4,7 @@ at equal wall time and at equal steps, what dynamic sampling filtered and what i
     .venv/bin/python benchmarks/recipes.py [--seeds 0 1 2] [--steps 40] [--set key=value ...]
 
 Per seed:
-1. the tiny world (runs/bench-recipes/seed<N>/world, seeded) and its copy task (rlhf_ray/copy_task.py): 2,000
+1. the tiny world (runs/bench-recipes/seed<N>/world, seeded) and its copy task (rlhf_ray/tiny_world/copy_task.py): 2,000
    RL prompts, 200 held-out ones, and the world's policy after a short SFT on 2,000 other rows, stopped once it
    copies 30 % of 50 rows it never saw, at temperature 1 (so groups of 8 are neither all right nor all wrong);
 2. three runs from that policy on the same prompt stream, launched as `rlhf-ray ppo` would:
@@ -79,8 +79,8 @@ def within(rows: list[dict], cost, budget: float) -> list[dict]:
 
 
 def seed_rows(seed: int, a) -> dict[str, dict]:
-    from rlhf_ray.copy_task import build_copy_task, evaluate, problems
-    from rlhf_ray.tiny import TinySpec, build_tiny_world
+    from rlhf_ray.tiny_world.copy_task import build_copy_task, evaluate, problems
+    from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
     d = OUT / f"seed{seed}"
     if not (d / "world" / "policy" / "model.safetensors").is_file():
         build_tiny_world(d / "world", TinySpec(seed=seed))

@@ -14,7 +14,7 @@ runs/bench-tiny-world/benchmark.md.
 
 The peer in the same run is best-of-n: the baseline every RLHF paper compares against. With `--labels judge
 simulated`, each seed's world runs the pipeline twice, its rankings from the stand-in LLM judge (RLAIF, no labeler;
-rlhf_ray/tiny_judge.py) and from the simulated labelers (RLHF), and the report adds the judge's agreement with gold
+rlhf_ray/tiny_world/judge.py) and from the simulated labelers (RLHF), and the report adds the judge's agreement with gold
 and RLAIF's PPO gain beside RLHF's.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "pp
 def label_gold_accuracy(run: Path) -> float:
     """The rankings the RM learned from, against gold: of each prompt's answer pairs whose gold differs, the share
     the ranking orders as gold does (the labelers' noise, or the judge's errors)."""
-    from rlhf_ray.gold import gold_score
+    from rlhf_ray.tiny_world.gold import gold_score
     right = total = 0
     for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines():
         row = json.loads(line)

@@ -3,7 +3,7 @@ possible, and what do the environment round trips cost? Over several seeds.
 
     .venv/bin/python benchmarks/tool_task.py [--seeds 0 1 2] [--steps 40] [--sft-target 0.4] [--set key=value ...]
 
-Per seed (rlhf_ray/tool_task.py says what the task is):
+Per seed (rlhf_ray/tiny_world/tool_task.py says what the task is):
 1. the tiny world (runs/bench-tool/seed<N>/world: its own pretrained LM and tokenizer, seeded);
 2. a short SFT on 3,000 synthetic demonstrations teaches the calculator's call format (in-process, the loss on the
    model's turns only, never the observation), stopped once the policy solves 40 % of 50 of those problems with
@@ -50,8 +50,8 @@ SINGLE = ["reward.sources=[{kind: function, path: 'rlhf_ray.rule_rewards:contain
 def prepare(seed: int, target: float) -> tuple[Path, Path, list[dict], int]:
     """The seed's world, its SFT policy (and the SFT's steps) and prompt files (train, held out); the world and the
     SFT policy reused when already there."""
-    from rlhf_ray.tiny import TinySpec, build_tiny_world
-    from rlhf_ray.tool_task import problems, train_tool_sft, write_prompts
+    from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
+    from rlhf_ray.tiny_world.tool_task import problems, train_tool_sft, write_prompts
     d = OUT / f"seed{seed}"
     if not (d / "world" / "policy" / "model.safetensors").is_file():
         build_tiny_world(d / "world", TinySpec(seed=seed))
@@ -85,7 +85,7 @@ def rl(d: Path, sft: Path, seed: int, steps: int, name: str, sets: list[str]) ->
 
 def seed_row(d: Path, sft: Path, held: list[dict], seed: int, a) -> dict:
     from rlhf_ray.tool_envs import Calculator, CalculatorOff
-    from rlhf_ray.tool_task import evaluate
+    from rlhf_ray.tiny_world.tool_task import evaluate
     tool_rows, policy = rl(d, sft, seed, a.steps, "tool", TOOL + a.extra)
     single_rows, _ = rl(d, sft, seed, min(a.steps, 10), "single", SINGLE + a.extra)
     ev = {(who, tool): evaluate(path, held, Calculator if tool else CalculatorOff, seed=seed)

@@ -1,7 +1,7 @@
 """The peer side of benchmarks/vs_trl_grpo.py: TRL 1.12's GRPOTrainer on the same policy, prompts and reward.
 
 Runs in its own virtual environment (.venv-trl: TRL 1.12 needs transformers 5.23, which the project's vLLM does not
-allow). It imports from this repository only the tiny world's pure gold function (rlhf_ray/gold.py), so both
+allow). It imports from this repository only the tiny world's pure gold function (rlhf_ray/tiny_world/gold.py), so both
 systems optimise the very same reward: gold + 0.2 x ends-with-period. Prints one JSON line: the wall-clock time of
 every generation step (one generation of prompts x n completions, then its optimizer steps), the completion
 tokens and the gold mean of each, the time from the process's start to the end of training, and the sampling
@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from peer_sampling import effective_sampling  # noqa: E402  (beside this file)
 
-from rlhf_ray.gold import gold_score  # noqa: E402
+from rlhf_ray.tiny_world.gold import gold_score  # noqa: E402
 
 
 class Clock(TrainerCallback):

@@ -36,16 +36,16 @@ def make_batch() -> Experience:
     mask = torch.zeros(B, P + T, dtype=torch.long)
     for i, n in enumerate(torch.randint(3, P + 1, (B,), generator=g).tolist()):
         mask[i, P - n:] = 1
-    return Experience(ids, mask, action_mask=torch.ones(B, T), old_logprobs=torch.full((B, T), -7.6),
+    return Experience(ids, mask, loss_mask=torch.ones(B, T), old_logprobs=torch.full((B, T), -7.6),
                       ref_logprobs=torch.full((B, T), -7.6), advantages=torch.randn(B, T, generator=g))
 
 
 def micro_losses(model, batch: Experience):
     """The micro-batches' losses, each scaled so that their gradients add up to the minibatch's token mean."""
-    den = float(batch.action_mask.sum())
+    den = float(batch.loss_mask.sum())
     for mb in chunks(sort_by_length(batch)[0], MICRO):
         lp = response_logprobs(model, mb.input_ids, mb.attention_mask, T)
-        yield ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mb.action_mask, 0.2, None, "token-mean", den)[0]
+        yield ppo_policy_loss(lp, mb.old_logprobs, mb.advantages, mb.loss_mask, 0.2, None, "token-mean", den)[0]
 
 
 class PlainTorch:

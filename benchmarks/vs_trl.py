@@ -64,7 +64,8 @@ BF16 = ["policy.micro_batch_size=16", "critic.micro_batch_size=16", "train.dtype
         "train.attn_implementation=eager"]
 ASYNC = ["rollout.max_staleness=1", "ppo.is_correction=tis", "policy.micro_batch_size=16",
          "critic.micro_batch_size=16"]
-PHASES = ["generate", "score", "train", "weight_sync"]     # TRL has no weight sync: it generates with its policy
+# TRL has no weight sync (it generates with its policy) and no logprobs phase (its score phase holds them)
+PHASES = ["generate", "score", "logprobs", "train", "weight_sync"]
 
 
 def trl_python() -> str:
@@ -143,7 +144,7 @@ def build_models(size: str, shape: tuple[int, int] | None = None, out: Path = OU
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     from rlhf_ray.prompts import render_prompts
-    from rlhf_ray.tiny import corpus_text, make_prompts, train_tokenizer
+    from rlhf_ray.tiny_world.world import corpus_text, make_prompts, train_tokenizer
     from rlhf_ray.config import DataConfig
     d = out / size
     if (d / "prompt_ids.json").exists():

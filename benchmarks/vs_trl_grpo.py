@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vs_trl_grpo.py [--seeds 0 1 2] [--steps 30 100]
 
-The tiny world (rlhf_ray/tiny.py, built once under runs/bench-vs-trl-grpo/world: a 0.6 M-parameter Qwen2 policy and
+The tiny world (rlhf_ray/tiny_world/world.py, built once under runs/bench-vs-trl-grpo/world: a 0.6 M-parameter Qwen2 policy and
 its prompts), the same for every system and seed. Workload (WORKLOAD below): 32 prompts x 4 samples x up to 24 new
 tokens a step, GRPO advantages (group mean and std), KL to the reference as a loss (k3, beta 0.05),
 seq-mean-token-mean, learning rate 2e-4, one pass in two minibatches of 64, no EOS penalty; reward: the tiny
@@ -70,7 +70,7 @@ LAST = 5
 def world() -> Path:
     d = OUT / "world"
     if not (d / "policy" / "model.safetensors").is_file():
-        from rlhf_ray.tiny import TinySpec, build_tiny_world
+        from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
         build_tiny_world(d, TinySpec(seed=0))
     return d
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--out", default="assets/tiny")
         ap.add_argument("--pretrain-steps", type=int, default=300)
         args = ap.parse_args(rest)
-        from rlhf_ray.tiny import TinySpec, build_tiny_world
+        from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
         build_tiny_world(args.out, TinySpec(pretrain_steps=args.pretrain_steps))
         return 0
     if cmd == "copy-task":
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--out", default=None, help="default: <world>/copy")
         ap.add_argument("--seed", type=int, default=0)
         args = ap.parse_args(rest)
-        from rlhf_ray.copy_task import build_copy_task
+        from rlhf_ray.tiny_world.copy_task import build_copy_task
         build_copy_task(args.world, args.out or f"{args.world}/copy", args.seed)
         return 0
     print(f"rlhf-ray: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.answers import Judge, Sampler, answer_sets, judge_ranked, write_jsonl
 from launch.common import cluster_device, run_cli, start_ray
-from launch.pipeline import Judge, Sampler, answer_sets, judge_ranked, write_jsonl
 from rlhf_ray.config import Config, resolve_paths
 from rlhf_ray.data import load_answer_sets, load_prompts
 from rlhf_ray.models import load_tokenizer

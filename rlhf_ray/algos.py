@@ -12,6 +12,8 @@ Ouyang et al. 2022 (InstructGPT), Huang et al. "The N implementation details of 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -356,13 +358,32 @@ def trainable_groups(kept: int, wanted: int, n: int, minibatch_size: int) -> int
     return kept // per_minibatch * per_minibatch
 
 
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """How `compute_experience` turns scores into advantages: the ppo section's advantage keys, one typed value
+    (docs/algorithms.md has each key's formula and source). `of(ppo, n)` reads them from the config."""
+    estimator: AdvantageEstimator = "gae"
+    n: int = 1                         # samples per prompt (the outcome estimators' group size)
+    kl_estimator: KLEstimator = "k1"
+    kl_in_reward: bool = True          # ppo.kl_placement reward; False: the policy's loss carries the KL
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool | None = None   # None: the estimator's own default
+    grpo_norm_std: bool = True
+    is_correction: ISCorrection = "none"
+    is_cap: float = 2.0
+    mask_truncated: bool = False       # answers cut at max_new_tokens (no EOS) carry no loss
+
+    @classmethod
+    def of(cls, ppo, n: int) -> "AdvantageSettings":
+        """From the config's ppo section (rlhf_ray/config.py PPOConfig) and generation.n."""
+        return cls(ppo.advantage, n, ppo.kl_estimator, ppo.kl_placement == "reward", ppo.gamma, ppo.lam,
+                   ppo.whiten_advantages, ppo.grpo_norm_std, ppo.is_correction, ppo.is_cap, ppo.mask_truncated)
+
+
 def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                       values: torch.Tensor | None, scores: torch.Tensor, *, estimator: AdvantageEstimator = "gae",
-                       n: int = 1, kl_coef: float, kl_estimator: KLEstimator = "k1", kl_in_reward: bool = True,
-                       gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool | None = None,
-                       grpo_norm_std: bool = True, is_correction: ISCorrection = "none",
-                       is_cap: float = 2.0, token_rewards: torch.Tensor | None = None,
-                       no_loss: torch.Tensor | None = None) -> tuple[Experience, dict]:
+                       values: torch.Tensor | None, scores: torch.Tensor, settings: AdvantageSettings,
+                       kl_coef: float, token_rewards: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -378,15 +399,17 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
     token_rewards [B, T]: an environment's per-turn rewards on each turn's last action token, added to r_t (so
     the outcome estimators get their sum).
     Every term counts the tokens of batch.action_mask (the policy's own tokens).
-    no_loss [B] bool: rows that carry no loss (ppo.mask_truncated): their advantages are computed as the others'
-    (their scores still count in their group's baseline and in the batch whitening), then their rows of the
-    experience's action_mask are zeroed, so no loss term and no denominator counts them.
+    mask_truncated: rows cut without an EOS (batch.finished False) carry no loss: their advantages are computed
+    as the others' (their scores still count in their group's baseline and in the batch whitening), then their
+    rows of the experience's loss_mask are zeroed, so no loss term and no denominator counts them.
     """
+    s = settings
+    estimator, n, gamma, lam = s.estimator, s.n, s.gamma, s.lam
     if estimator not in options(AdvantageEstimator):
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {options(AdvantageEstimator)}")
     mask = batch.action_mask
-    beta = kl_coef if kl_in_reward else 0.0
-    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, kl_estimator, token_rewards)
+    beta = kl_coef if s.kl_in_reward else 0.0
+    rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, beta, s.kl_estimator, token_rewards)
     returns = None
     if estimator == "gae":
         advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
@@ -394,11 +417,11 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
         advantages = returns = discounted_returns(rewards, mask, gamma)
     else:
         outcome = masked_sum(rewards, mask, dim=-1)          # = score - beta * sum_t KL_t
-        advantages = group_advantages(outcome, n, estimator, grpo_norm_std)[:, None] * mask
-    if whiten_advantages if whiten_advantages is not None else estimator in ("gae", "reinforce++"):
+        advantages = group_advantages(outcome, n, estimator, s.grpo_norm_std)[:, None] * mask
+    if s.whiten_advantages if s.whiten_advantages is not None else estimator in ("gae", "reinforce++"):
         advantages = masked_whiten(advantages, mask)
-    is_weights, is_stats = importance_weights(old_logprobs, batch.sample_logprobs, mask, is_correction, is_cap)
-    loss_mask = mask if no_loss is None else mask * (~no_loss.bool()).to(mask.dtype)[:, None]
+    is_weights, is_stats = importance_weights(old_logprobs, batch.sample_logprobs, mask, s.is_correction, s.is_cap)
+    loss_mask = mask * batch.finished.to(mask.dtype)[:, None] if s.mask_truncated else mask
     exp = Experience(batch.input_ids, batch.attention_mask, loss_mask, old_logprobs, ref_logprobs, advantages,
                      values=values * mask if values is not None else None, returns=returns if values is not None else None,
                      is_weights=is_weights)

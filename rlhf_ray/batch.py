@@ -37,16 +37,20 @@ class TensorBatch:
         return self.map(lambda t: t.to(device, non_blocking=True))
 
 
-class Sample(TypedDict, total=False):
-    """One sampled response, as an engine returns it (actors/engine.py). A multi-turn episode (rlhf_ray/env.py)
-    carries the last three fields too."""
+class Sample(TypedDict):
+    """One sampled response, as an engine returns it (actors/engine.py `generate`)."""
     ids: list[int]                     # response token ids, the EOS included when one was generated
     logprobs: list[float]              # the sampling distribution's logprob of each id (temperature applied)
     finished: bool                     # ended on EOS (False: cut at max_new_tokens)
     version: int                       # the policy update whose weights sampled it (0: the starting weights)
+
+
+class EpisodeSample(Sample):
+    """One multi-turn episode, as an engine returns it (actors/engine.py `episodes`, rlhf_ray/env.py): a Sample
+    whose ids interleave the model's turns and the environment's observations."""
     action: list[int]                  # per id: 1 where the model wrote it, 0 on an environment's observation
     token_rewards: list[float]         # per id: each turn's reward on its last action token, 0 elsewhere
-    episode: dict                      # turns, observation tokens, why it ended, the environment's own counts
+    episode: dict                      # Episode.summary: turns, observation tokens, why it ended, the env's counts
 
 
 @dataclass
@@ -75,7 +79,8 @@ class Experience(TensorBatch):
     `compute_experience`)."""
     input_ids: torch.Tensor            # [B, L] long
     attention_mask: torch.Tensor       # [B, L] long
-    action_mask: torch.Tensor          # [B, T] float: the tokens every loss term counts
+    loss_mask: torch.Tensor            # [B, T] float: the tokens every loss term counts: the rollout's action_mask,
+                                       #   less whole rows that carry no loss (ppo.mask_truncated)
     old_logprobs: torch.Tensor         # [B, T] pi_old (the policy before this step's updates), sampling temperature
     ref_logprobs: torch.Tensor         # [B, T] the reference's, for the KL (in the reward, or as a loss term)
     advantages: torch.Tensor           # [B, T] per token (outcome estimators: the sequence's, on every token)
@@ -85,7 +90,7 @@ class Experience(TensorBatch):
 
     @property
     def response_len(self) -> int:     # T
-        return self.action_mask.size(1)
+        return self.loss_mask.size(1)
 
 
 @dataclass
@@ -136,17 +141,22 @@ def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int
 
 
 def rollout_from_samples(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int) -> RolloutBatch:
-    """The padded batch of engine samples, each row's prompt given (prompt-major, one prompt per sample).
-    Multi-turn episodes (samples with an `action` field) also fill action_mask and token_rewards."""
+    """The padded batch of engine samples, each row's prompt given (prompt-major, one prompt per sample)."""
     batch = build_rollout_batch(prompt_ids, [s["ids"] for s in samples], [s["logprobs"] for s in samples], pad_id)
     batch.finished = torch.tensor([bool(s["finished"]) for s in samples])
     batch.version = torch.tensor([s["version"] for s in samples])
-    if samples and "action" in samples[0]:
-        batch.token_rewards = torch.zeros_like(batch.action_mask)
-        for i, s in enumerate(samples):
-            n = len(s["ids"])
-            batch.action_mask[i, :n] = torch.tensor(s["action"], dtype=torch.float32)
-            batch.token_rewards[i, :n] = torch.tensor(s["token_rewards"], dtype=torch.float32)
+    return batch
+
+
+def rollout_from_episodes(prompt_ids: list[list[int]], episodes: list[EpisodeSample], pad_id: int) -> RolloutBatch:
+    """The padded batch of multi-turn episodes: as `rollout_from_samples`, and the action mask (0 on the
+    observations) and the per-turn rewards from each episode."""
+    batch = rollout_from_samples(prompt_ids, episodes, pad_id)
+    batch.token_rewards = torch.zeros_like(batch.action_mask)
+    for i, s in enumerate(episodes):
+        n = len(s["ids"])
+        batch.action_mask[i, :n] = torch.tensor(s["action"], dtype=torch.float32)
+        batch.token_rewards[i, :n] = torch.tensor(s["token_rewards"], dtype=torch.float32)
     return batch
 
 

@@ -385,7 +385,7 @@ class PipelineConfig:
     sft_examples: int = 1000           # instruction pairs cut from the corpus
     labels: Literal["simulated", "judge"] = "simulated"   # who ranks the K answers: the simulated labelers (noisy
                                        # gold) or the LLM judge (the judge section; pairwise, both orders; with
-                                       # judge.model "", the world's stand-in judge: rlhf_ray/tiny_judge.py)
+                                       # judge.model "", the world's stand-in judge: rlhf_ray/tiny_world/judge.py)
     label_prompts: int = 256           # prompts whose K sampled answers are ranked
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
@@ -667,7 +667,7 @@ class Config:
         for name in STAGES:
             self.check_stage(name, paths=False)
         if self.pipeline.labels == "judge":         # judge.model "": the tiny world's stand-in judge, built
-            self.judge_format()                      # beside the world (rlhf_ray/tiny_judge.py)
+            self.judge_format()                      # beside the world (rlhf_ray/tiny_world/judge.py)
         return self.check_ppo(paths=False)
 
     def check_label(self) -> "Config":

@@ -24,7 +24,7 @@ class DivergenceGuard:
             if m.get(key, 0) > 0:
                 return f"step {step}: {key} = {m[key]:g}: optimizer steps skipped on non-finite gradients", False
         bound = self.cfg.max_kl_per_token
-        if bound is None:
+        if bound is None or "kl/ref_per_seq" not in m:      # no bound, or no update this step: nothing moved
             return None, True
         per_token = m["kl/ref_per_seq"] / max(m["response/length_mean"], 1.0)
         if per_token <= bound:

@@ -6,13 +6,6 @@ any module importable on the cluster's nodes (an installed package, or Ray's run
 """
 from __future__ import annotations
 
-from rlhf_ray.gold import gold_score
-
-
-def tiny_gold(prompts: list[str], responses: list[str]) -> list[float]:
-    """The tiny world's hidden gold score (how much an answer talks about Python's data model), as a rule."""
-    return [gold_score(r) for r in responses]
-
 
 def ends_with_period(prompts: list[str], responses: list[str]) -> list[float]:
     """1 for an answer that ends a sentence, else 0: a format reward."""

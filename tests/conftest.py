@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The offline tiny world (tokenizer, briefly pretrained LM, reward model, prompts), built once per session."""
-    from rlhf_ray.tiny import TinySpec, build_tiny_world
+    from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
     out = tmp_path_factory.mktemp("tiny")
     return build_tiny_world(out, TinySpec(pretrain_steps=120))
 

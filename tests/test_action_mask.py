@@ -3,8 +3,8 @@ loss term, KL or advantage, and carry the return across turns; a single-turn mas
 recurrences bit for bit."""
 import torch
 
-from rlhf_ray.algos import (compute_experience, discounted_returns, gae_advantages, kl_estimate, kl_penalized_rewards,
-                            ppo_policy_loss, aggregate, value_loss)
+from rlhf_ray.algos import (AdvantageSettings, compute_experience, discounted_returns, gae_advantages, kl_estimate,
+                            kl_penalized_rewards, ppo_policy_loss, aggregate, value_loss)
 from rlhf_ray.batch import RolloutBatch
 
 
@@ -90,7 +90,8 @@ def test_observation_tokens_change_no_advantage_loss_or_gradient():
         batch = RolloutBatch(torch.zeros(B, 4 + T, dtype=torch.long), torch.ones(B, 4 + T, dtype=torch.long),
                              (mask + obs.float()).clamp(max=1), mask, t["sample"])
         exp, _ = compute_experience(batch, t["old"], t["ref"], t["values"] if estimator == "gae" else None, scores,
-                                    estimator=estimator, n=2, kl_coef=0.1, is_correction="tis", token_rewards=turn)
+                                    AdvantageSettings(estimator=estimator, n=2, is_correction="tis"), kl_coef=0.1,
+                                    token_rewards=turn)
         lp = t["lp"].clone().requires_grad_(True)
         ent = t["ent"].clone().requires_grad_(True)
         loss, _ = ppo_policy_loss(lp, exp.old_logprobs, exp.advantages, mask, 0.2, 3.0, "seq-mean-token-mean",

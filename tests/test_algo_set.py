@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.algos import (aggregate, compute_experience, discounted_returns, gae_advantages, group_advantages,
-                            kl_estimate, kl_k1, kl_k2, kl_k3, missing_eos_penalty, ppo_policy_loss)
+from rlhf_ray.algos import (AdvantageSettings, aggregate, compute_experience, discounted_returns, gae_advantages,
+                            group_advantages, kl_estimate, kl_k1, kl_k2, kl_k3, missing_eos_penalty, ppo_policy_loss)
 
 
 def test_kl_estimators_hand_values_and_signs():
@@ -105,12 +105,12 @@ def _rollout():
 def test_group_estimators_need_no_values_and_give_every_token_the_sequence_advantage(estimator):
     batch, lp, ref, mask = _rollout()
     scores = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    exp, st = compute_experience(batch, lp, ref, None, scores, estimator=estimator, n=2, kl_coef=0.0)
+    exp, st = compute_experience(batch, lp, ref, None, scores, AdvantageSettings(estimator=estimator, n=2), kl_coef=0.0)
     seq = group_advantages(scores, 2, estimator)
     assert torch.allclose(exp.advantages, seq[:, None] * mask)
     assert exp.values is None and "value/mean" not in st
     # KL in the reward becomes a sequence-level penalty on the outcome: beta * sum_t KL_t
-    exp_kl, _ = compute_experience(batch, lp, ref, None, scores, estimator=estimator, n=2, kl_coef=1.0)
+    exp_kl, _ = compute_experience(batch, lp, ref, None, scores, AdvantageSettings(estimator=estimator, n=2), kl_coef=1.0)
     outcome = scores - 0.5 * mask.sum(-1)
     assert torch.allclose(exp_kl.advantages, group_advantages(outcome, 2, estimator)[:, None] * mask)
 
@@ -118,9 +118,9 @@ def test_group_estimators_need_no_values_and_give_every_token_the_sequence_advan
 def test_kl_as_a_loss_term_leaves_the_reward_alone():
     batch, lp, ref, mask = _rollout()
     scores = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    in_loss, st = compute_experience(batch, lp, ref, None, scores, estimator="grpo", n=2, kl_coef=1.0,
-                                     kl_in_reward=False)
-    bare, _ = compute_experience(batch, lp, ref, None, scores, estimator="grpo", n=2, kl_coef=0.0)
+    in_loss, st = compute_experience(batch, lp, ref, None, scores,
+                                     AdvantageSettings(estimator="grpo", n=2, kl_in_reward=False), kl_coef=1.0)
+    bare, _ = compute_experience(batch, lp, ref, None, scores, AdvantageSettings(estimator="grpo", n=2), kl_coef=0.0)
     assert torch.equal(in_loss.advantages, bare.advantages)
     assert st["kl/ref_per_seq"] == pytest.approx((0.5 * mask.sum(-1)).mean().item())   # still measured
     assert torch.equal(in_loss.ref_logprobs, ref)                                      # for the policy's loss
@@ -129,14 +129,15 @@ def test_kl_as_a_loss_term_leaves_the_reward_alone():
 def test_reinforce_pp_whitens_kl_penalised_returns_over_the_batch():
     batch, lp, ref, mask = _rollout()
     scores = torch.tensor([1.0, 0.0, 2.0, 3.0])
-    exp, _ = compute_experience(batch, lp, ref, None, scores, estimator="reinforce++", kl_coef=0.1, gamma=1.0)
+    exp, _ = compute_experience(batch, lp, ref, None, scores, AdvantageSettings(estimator="reinforce++", gamma=1.0),
+                                kl_coef=0.1)
     a = exp.advantages
     assert (a * mask).sum().item() == pytest.approx(0.0, abs=1e-5)
     from rlhf_ray.algos import kl_penalized_rewards, masked_whiten
     rewards, _ = kl_penalized_rewards(scores, lp, ref, mask, 0.1)
     assert torch.allclose(a, masked_whiten(discounted_returns(rewards, mask, 1.0), mask), atol=1e-6)
     with pytest.raises(ValueError):
-        compute_experience(batch, lp, ref, None, scores, estimator="ppo2", kl_coef=0.1)
+        compute_experience(batch, lp, ref, None, scores, AdvantageSettings(estimator="ppo2"), kl_coef=0.1)
 
 
 def test_importance_weights_truncate_or_mask_and_carry_no_gradient():
@@ -168,10 +169,10 @@ def test_token_weights_scale_each_tokens_policy_loss_and_reach_the_experience():
     assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-4.0 / 6)
     batch, lp, ref, mask = _rollout()
     batch.sample_logprobs = lp - 0.5                                  # the engines' weights were older
-    exp, st = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo", n=2,
-                                 kl_coef=0.0, is_correction="tis", is_cap=1.5)
+    exp, st = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]),
+                                 AdvantageSettings(estimator="grpo", n=2, is_correction="tis", is_cap=1.5), kl_coef=0.0)
     assert torch.allclose(exp.is_weights, 1.5 * mask)                 # rho = e^0.5 = 1.65 truncated at 1.5
     assert st["rollout/is_corrected_frac"] == 1.0
-    plain_exp, _ = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]), estimator="grpo",
-                                      n=2, kl_coef=0.0)
+    plain_exp, _ = compute_experience(batch, lp, ref, None, torch.tensor([1.0, 0.0, 2.0, 2.0]),
+                                      AdvantageSettings(estimator="grpo", n=2), kl_coef=0.0)
     assert plain_exp.is_weights is None

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.algos import (compute_experience, entropy_from_logits, gae_advantages, kl_penalized_rewards,
-                            logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, value_loss)
+from rlhf_ray.algos import (AdvantageSettings, compute_experience, entropy_from_logits, gae_advantages,
+                            kl_penalized_rewards, logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss,
+                            value_loss)
 
 
 def test_masked_mean_ignores_padding():
@@ -118,8 +119,8 @@ def test_compute_experience_composes_kl_gae_whitening():
     lp, ref = torch.full((2, 3), -1.0), torch.full((2, 3), -1.2)
     batch = RolloutBatch(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5), mask, mask, lp.clone())
     values = torch.zeros(2, 3)
-    exp, st = compute_experience(batch, lp, ref, values, torch.tensor([1.0, -1.0]), kl_coef=0.5, gamma=1.0,
-                                 lam=1.0, whiten_advantages=False)
+    exp, st = compute_experience(batch, lp, ref, values, torch.tensor([1.0, -1.0]),
+                                 AdvantageSettings(gamma=1.0, lam=1.0, whiten_advantages=False), kl_coef=0.5)
     # kl 0.2 per token; returns with gamma=lam=1 and V=0 are the reward-to-go
     assert exp.returns[0].tolist() == pytest.approx([1.0 - 0.3, 1.0 - 0.2, 1.0 - 0.1])
     assert exp.returns[1].tolist() == pytest.approx([-1.0 - 0.2, -1.0 - 0.1, 0.0])

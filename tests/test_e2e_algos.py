@@ -18,14 +18,15 @@ import torch
 
 from conftest import tiny_overrides
 from launch import reaper
+from launch.answers import Judge, Sampler
 from launch.label import main as label_main
-from launch.pipeline import Judge, Sampler, label
+from launch.pipeline import label
 from launch.ppo import train
 from rlhf_ray.config import load_config
-from rlhf_ray.gold import gold_score
 from rlhf_ray.judge import (comparison_pairs, expected_score, pair_verdict, pairwise_text, pointwise_text,
                              rank_answers)
 from rlhf_ray.models import load_causal_lm, load_tokenizer
+from rlhf_ray.tiny_world.gold import gold_score
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +89,7 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
     prompts = tmp_path / "prompts.jsonl"                               # rows with a reference answer each
     prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"], "answer": "the"}) + "\n"
                                for line in open(tiny_world["prompts"])))
-    sources = ('[{kind: function, path: "rlhf_ray.rule_rewards:tiny_gold", weight: 1.0},'
+    sources = ('[{kind: function, path: "rlhf_ray.tiny_world.gold:tiny_gold", weight: 1.0},'
                f' {{kind: http, path: "{url}", weight: 0.1, batch_size: 16}},'
                ' {kind: function, path: "rlhf_ray.rule_rewards:contains_answer", weight: 0.2},'
                ' {kind: judge, weight: 0.05}]')

@@ -12,7 +12,7 @@ import torch
 from launch.pipeline import rm_gold_accuracy, run_pipeline
 from rlhf_ray.config import load_config
 from rlhf_ray.models import load_causal_lm, load_scalar_model
-from rlhf_ray.tiny_judge import TinyJudgeSpec, agreement_in_process, build_tiny_judge, unseen_answers
+from rlhf_ray.tiny_world.judge import TinyJudgeSpec, agreement_in_process, build_tiny_judge, unseen_answers
 
 pytestmark = pytest.mark.slow
 

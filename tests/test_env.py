@@ -3,7 +3,7 @@ checked; the step's env/* metrics; turn-stop strings as token ids; the config's 
 import pytest
 import torch
 
-from rlhf_ray.batch import Sample, rollout_from_samples
+from rlhf_ray.batch import EpisodeSample, Sample, rollout_from_episodes, rollout_from_samples
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.env import EnvError, EnvStep, Episode, checked_step, env_stop_ids, episode_metrics, load_env_class
 
@@ -29,10 +29,11 @@ def test_an_episode_keeps_turns_and_observations_token_for_token():
 
 
 def test_episodes_become_a_batch_with_their_action_mask_and_turn_rewards():
-    one = Sample(ids=[5, 6, 7, 8], logprobs=[-1.0, 0.0, -2.0, -3.0], finished=True, version=0, action=[1, 0, 1, 1],
-                 token_rewards=[0.5, 0, 0, 1.0], episode={})
-    two = Sample(ids=[5], logprobs=[-1.0], finished=False, version=0, action=[1], token_rewards=[0.0], episode={})
-    b = rollout_from_samples([[1, 2], [3]], [one, two], pad_id=0)
+    one = EpisodeSample(ids=[5, 6, 7, 8], logprobs=[-1.0, 0.0, -2.0, -3.0], finished=True, version=0,
+                        action=[1, 0, 1, 1], token_rewards=[0.5, 0, 0, 1.0], episode={})
+    two = EpisodeSample(ids=[5], logprobs=[-1.0], finished=False, version=0, action=[1], token_rewards=[0.0],
+                        episode={})
+    b = rollout_from_episodes([[1, 2], [3]], [one, two], pad_id=0)
     assert b.response_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
     assert b.action_mask.tolist() == [[1, 0, 1, 1], [1, 0, 0, 0]]
     assert b.token_rewards.tolist() == [[0.5, 0, 0, 1.0], [0, 0, 0, 0]]
@@ -73,7 +74,7 @@ def test_episode_metrics_count_failures_endings_and_the_environments_own_counts(
 
 
 def test_turn_stop_strings_must_be_one_token_each():
-    from rlhf_ray.tiny import train_tokenizer
+    from rlhf_ray.tiny_world.world import train_tokenizer
     tok = train_tokenizer("The end. Another sentence, and the end.\n\nMore text here. " * 20, 300)
     assert env_stop_ids(tok, ["."]) == tok(".", add_special_tokens=False)["input_ids"]
     with pytest.raises(EnvError, match=r"^env.turn_stop: 'certainly not one token' is \d+ tokens"):
@@ -97,8 +98,8 @@ def test_the_env_config_is_checked_before_anything_starts():
 def test_the_tool_tasks_demonstrations_train_the_turns_and_never_the_observation():
     """Token for token what a rollout of the task holds: prompt, call turn, the calculator's observation tokenised
     on its own, final turn and EOS; labels on the two turns only."""
-    from rlhf_ray.tiny import train_tokenizer
-    from rlhf_ray.tool_task import IGNORE, demonstration, problems
+    from rlhf_ray.tiny_world.world import train_tokenizer
+    from rlhf_ray.tiny_world.tool_task import IGNORE, demonstration, problems
     tok = train_tokenizer("Question: What is 12 times 34? The answer is 408. <call>1*2= 3\n\n" * 20, 300)
     held = problems(5, 1)
     train = problems(50, 0, {(r["a"], r["b"]) for r in held})

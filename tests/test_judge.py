@@ -100,9 +100,9 @@ def test_agreement_with_gold_per_order_averaged_pointwise_and_the_flip_rate():
 
 def test_the_stand_in_judge_learns_from_corpus_answers_only_and_no_more_than_it_is_allowed():
     import random
-    from rlhf_ray.gold import gold_score
-    from rlhf_ray.tiny import corpus_text
-    from rlhf_ray.tiny_judge import corpus_answers, pairwise_examples, pointwise_examples, quantile_values, two_hot
+    from rlhf_ray.tiny_world.gold import gold_score
+    from rlhf_ray.tiny_world.world import corpus_text
+    from rlhf_ray.tiny_world.judge import corpus_answers, pairwise_examples, pointwise_examples, quantile_values, two_hot
     assert quantile_values([0.0, 2.0, 0.0, 5.0]) == pytest.approx([1 / 6, 2 / 3, 1 / 6, 1.0])   # ties: mean rank
     assert two_hot(0.0, 5) == [1, 0, 0, 0, 0] and two_hot(1.0, 5) == [0, 0, 0, 0, 1]
     assert two_hot(0.6, 5) == pytest.approx([0, 0, 0.6, 0.4, 0])               # expectation 2.4 of 0..4
@@ -125,7 +125,7 @@ def test_the_stand_in_judge_learns_from_corpus_answers_only_and_no_more_than_it_
 
 def test_a_built_judge_is_reused_only_for_the_recipe_it_was_built_from():
     import json
-    from rlhf_ray.tiny_judge import TinyJudgeSpec, judge_recipe
+    from rlhf_ray.tiny_world.judge import TinyJudgeSpec, judge_recipe
     fmt = JudgeFormat(score_labels=tuple("12345"))
     recipe = judge_recipe(TinyJudgeSpec(seed=1), fmt)
     assert json.loads(json.dumps(recipe)) == recipe                  # what judge_recipe.json reads back matches

@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_ray.models import (ModelLoadError, check_tokenizer_matches, load_causal_lm, position_ids_from_mask,
                              response_logprobs)
-from rlhf_ray.tiny import train_tokenizer
+from rlhf_ray.tiny_world.world import train_tokenizer
 
 
 @pytest.fixture(scope="module")

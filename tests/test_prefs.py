@@ -104,7 +104,7 @@ def test_leaderboard_bootstrap_is_seeded_and_shrinks_with_more_prompts():
 
 def test_gold_and_noisy_labelers():
     import random
-    from rlhf_ray.gold import gold_score, simulated_ranking
+    from rlhf_ray.tiny_world.gold import gold_score, simulated_ranking
     assert gold_score("") == 0.0
     assert gold_score("The function returns an object.") == pytest.approx(10 * (2 + 0.5) / 5)
     answers = ["a b c d", "the class has a method", "functions objects methods classes"]

@@ -7,7 +7,7 @@ from rlhf_ray.data import DataError
 from rlhf_ray.prompts import render_prompt, render_prompts
 from rlhf_ray.sft import IGNORE, sft_example
 from rlhf_ray.stage_data import ranking_batch
-from rlhf_ray.tiny import train_tokenizer
+from rlhf_ray.tiny_world.world import train_tokenizer
 
 PROMPT = "Continue: the object of a class"
 

@@ -12,7 +12,7 @@ from actors.base import adapters_off, add_lora, dequantized, export_items, full_
 from rlhf_ray.config import ConfigError, LoraConfig, load_config
 from rlhf_ray.models import Quant, load_causal_lm, load_scalar_model, response_logprobs, sequence_scores
 from rlhf_ray.planner import GiB, PRESETS, make_plan, weight_bytes
-from rlhf_ray.tiny import train_tokenizer
+from rlhf_ray.tiny_world.world import train_tokenizer
 
 NF4 = Quant("nf4", True, "float32")
 

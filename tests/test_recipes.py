@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algos import (aggregation_count, compute_experience, groups_with_signal, overlong_penalty,
-                            ppo_policy_loss, trainable_groups)
+from rlhf_ray.algos import (AdvantageSettings, aggregation_count, compute_experience, groups_with_signal,
+                            overlong_penalty, ppo_policy_loss, trainable_groups)
 from rlhf_ray.batch import RolloutBatch
 from rlhf_ray.config import ConfigError, load_config
 
@@ -84,14 +84,15 @@ def test_masked_out_answers_carry_no_loss_but_keep_their_place_in_the_baseline()
     lp = torch.full((4, 3), -1.0)
     batch = RolloutBatch(torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5), mask, mask, lp.clone())
     scores = torch.tensor([1.0, 0.0, 1.0, 3.0])
-    kw = dict(estimator="grpo", n=2, kl_coef=0.0)
-    full, _ = compute_experience(batch, lp, lp, None, scores, **kw)
-    masked, _ = compute_experience(batch, lp, lp, None, scores, no_loss=torch.tensor([True, False, False, False]), **kw)
+    batch.finished = torch.tensor([False, True, True, True])         # row 0 cut at max_new_tokens
+    full, _ = compute_experience(batch, lp, lp, None, scores, AdvantageSettings(estimator="grpo", n=2), kl_coef=0.0)
+    masked, _ = compute_experience(batch, lp, lp, None, scores,
+                                   AdvantageSettings(estimator="grpo", n=2, mask_truncated=True), kl_coef=0.0)
     assert torch.equal(full.advantages, masked.advantages)           # row 0 still sets row 1's baseline
-    assert masked.action_mask.sum(-1).tolist() == [0.0, 3.0, 3.0, 3.0]
+    assert masked.loss_mask.sum(-1).tolist() == [0.0, 3.0, 3.0, 3.0]
     # the loss's denominators count what is left: tokens, or answers with a token; never 0
-    assert aggregation_count(masked.action_mask, "token-mean") == 9.0
-    assert aggregation_count(masked.action_mask, "seq-mean-token-mean") == 3.0
+    assert aggregation_count(masked.loss_mask, "token-mean") == 9.0
+    assert aggregation_count(masked.loss_mask, "seq-mean-token-mean") == 3.0
     assert aggregation_count(torch.zeros(2, 3), "token-mean") == aggregation_count(torch.zeros(2, 3),
                                                                                    "seq-mean-token-sum") == 1.0
 
@@ -124,9 +125,9 @@ def test_clip_keys_resolve_and_contradictions_are_refused():
 
 
 def test_the_copy_tasks_rows_are_drawn_apart_and_demonstrations_label_the_answer_only():
-    from rlhf_ray.copy_task import PROMPT, WORDS_PER_ROW, demonstration, problems, vocabulary
+    from rlhf_ray.tiny_world.copy_task import PROMPT, WORDS_PER_ROW, demonstration, problems, vocabulary
     from rlhf_ray.sft import IGNORE
-    from rlhf_ray.tiny import train_tokenizer
+    from rlhf_ray.tiny_world.world import train_tokenizer
     vocab = vocabulary()
     assert len(vocab) == len(set(vocab)) == 200 and all(len(w) >= 3 and w.isalpha() for w in vocab)
     sft = problems(100, 0)

@@ -1,5 +1,5 @@
 """A rollout that fails in the background reaches the driver as one line, never a hang: the driver's collection
-path (`launch.ppo.collect_rollout`) on a real local Ray cluster, against stand-in engine actors that raise or
+path (`launch.rollout.Sampling.samples`) on a real local Ray cluster, against stand-in engine actors that raise or
 die mid-generation (what is tested is the driver's handling, not vLLM), and the judge reward source against
 stand-in judge engines that hang, raise or die. Slow: it starts Ray."""
 import math
@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from launch.common import RunError, run_cli
-from launch.ppo import RolloutError, Rollout, collect_rollout
+from launch.rollout import Generation, RolloutError, Sampling
 from rlhf_ray.config import load_config
 from rlhf_ray.rewards import RewardSourceError
 
@@ -25,15 +25,15 @@ class BrokenEngine:
         time.sleep(60)
 
 
-def rollout_of(refs) -> Rollout:
-    return Rollout(step=7, prompt_ids=[[1, 2]], prompts=["p"], extras={}, refs=refs, stream_state={})
+def rollout_of(refs) -> Generation:
+    return Generation(step=7, prompt_ids=[[1, 2]], prompts=["p"], extras={}, refs=refs, stream_state={})
 
 
 def test_a_failed_or_dead_engine_is_a_one_line_error_not_a_hang():
     cfg = load_config(None, ["models.policy=p", "data.prompts=x", "generation.n=1"])
     engine = BrokenEngine.remote()
     with pytest.raises(RolloutError) as e:
-        collect_rollout(cfg, rollout_of([engine.generate.remote()]), pad_id=0)
+        Sampling(cfg, None, None, None).samples(rollout_of([engine.generate.remote()]))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("rollout for step 7 failed on an engine: ValueError:"), msg
     assert isinstance(e.value, RunError)
@@ -43,7 +43,7 @@ def test_a_failed_or_dead_engine_is_a_one_line_error_not_a_hang():
     time.sleep(1)
     ray.kill(engine)                                    # the engine dies mid-generation
     with pytest.raises(RolloutError) as e:
-        collect_rollout(cfg, rollout_of([ref]), pad_id=0)
+        Sampling(cfg, None, None, None).samples(rollout_of([ref]))
     assert time.time() - t0 < 30 and "\n" not in str(e.value) and "step 7" in str(e.value)
 
 
@@ -83,7 +83,8 @@ def test_a_dead_actor_past_the_restart_bound_stops_the_run_in_one_line():
     from types import SimpleNamespace
 
     from actors.group import RankGroup
-    from launch.ppo import Actors, dead_actors, recover
+    from launch.ppo import dead_actors, recover
+    from launch.roles import Actors
 
     class Standin:            # a rank that only answers whether it is alive (what the recovery asks first);
         def __init__(self, rank, world_size):      # defined here so that Ray ships it by value to its workers

@@ -6,7 +6,7 @@ import torch
 
 from rlhf_ray.prefs import dpo_loss
 from rlhf_ray.sft import IGNORE, collate_sft, sft_example, sft_loss
-from rlhf_ray.tiny import train_tokenizer
+from rlhf_ray.tiny_world.world import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.sft import IGNORE
-from rlhf_ray.tiny import corpus_text
-from rlhf_ray.tool_task import sft_until_success
+from rlhf_ray.tiny_world.world import corpus_text
+from rlhf_ray.tiny_world.tool_task import sft_until_success
 
 PROMPT = "Copy: {words}\nAnswer:"
 WORDS_PER_ROW = 5
@@ -89,7 +89,7 @@ def build_copy_task(world: str | Path, out: str | Path, seed: int = 0, target: f
     (200 for evaluation) and out/policy, the world's policy after `train_copy_sft` on 2,000 other rows, stopped
     once it copies `target` of 50 more (reused when already there). configs/tiny_dapo.yaml and tiny_gspo.yaml
     point here."""
-    from rlhf_ray.tool_task import write_prompts
+    from rlhf_ray.tiny_world.tool_task import write_prompts
     out = Path(out)
     sft = problems(2000, seed)
     seen = {r["answer"] for r in sft}

@@ -58,9 +58,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.gold import gold_score
+from rlhf_ray.tiny_world.gold import gold_score
 from rlhf_ray.judge import JudgeFormat, label_ids, pairwise_text, pointwise_text
-from rlhf_ray.tiny import EOS, TinySpec, corpus_text, pretrain
+from rlhf_ray.tiny_world.world import EOS, TinySpec, corpus_text, pretrain
 
 
 @dataclass

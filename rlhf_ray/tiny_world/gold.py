@@ -33,3 +33,9 @@ def gold_score(text: str) -> float:
 def simulated_ranking(responses: list[str], rng: random.Random, noise: float) -> list[int]:
     """A labeler's best-first ranking: gold plus Gaussian noise of std `noise` per answer (Thurstone)."""
     return ranking_from_scores([gold_score(r) + rng.gauss(0.0, noise) for r in responses])
+
+
+def tiny_gold(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold score as a rule reward: `reward.sources: [{kind: function, path: "rlhf_ray.tiny_world.gold:tiny_gold"}]`
+    (GRPO on the world's verifiable reward, configs/tiny_grpo.yaml)."""
+    return [gold_score(r) for r in responses]

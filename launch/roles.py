@@ -1,0 +1,137 @@
+"""Every role of a run as Ray actors: each role's resources, read in one place, and the rank groups built from them
+(placement groups shared by colocated roles, processes shared by roles that share them).
+
+Entry points (launch/ppo.py, launch/pipeline.py, launch/label.py) build their actors here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from actors.critic import CriticActor
+from actors.engine import Engine, EngineActor
+from actors.env import EnvWorkerActor
+from actors.group import RankGroup, SharedPlacement
+from actors.host import RoleHostActor, RoleView
+from actors.policy import PolicyActor
+from actors.reference import Reference, ReferenceActor
+from actors.reward import Reward, RewardActor
+from launch.common import actor_env, engine_env, trainer_env
+from rlhf_ray.config import Config
+
+
+@dataclass
+class Actors:
+    policy: RankGroup
+    critic: RankGroup | None          # only the GAE estimator has one
+    reference: RankGroup | None       # none with reference.from_policy_base: the policy's ranks answer for it
+    reward: RankGroup
+    engine_group: RankGroup
+    placements: list = field(default_factory=list)   # shared placement groups of colocated roles
+    judge: RankGroup | None = None    # the LLM judge's engines (a reward source of kind judge), weights never synced
+    env: RankGroup | None = None      # environment workers of multi-turn rollouts (env.cls)
+
+    @property
+    def engines(self) -> list:
+        return self.engine_group.actors
+
+    def groups(self) -> dict[str, RankGroup]:
+        """Every role's rank group, by role."""
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
+                **({"reference": self.reference} if self.reference else {}), "reward": self.reward,
+                "engine": self.engine_group,
+                **({"judge": self.judge} if self.judge else {}), **({"env": self.env} if self.env else {})}
+
+    def attach_judge(self) -> None:
+        """The reward ranks' judge sources get the judge engines' handles: at start and after any replacement."""
+        if self.judge:
+            self.reward.run("attach_judge", self.judge.actors)
+
+    @property
+    def trained(self) -> dict[str, RankGroup]:
+        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {})}
+
+    def shutdown(self) -> None:
+        for g in self.groups().values():
+            g.shutdown()
+        for sp in self.placements:
+            sp.remove()
+
+
+def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | None]:
+    """(ranks, CPUs per rank, GPUs per rank, node_resource) of a role; an engine's rank is a whole engine."""
+    if role in ("engine", "judge"):
+        e = cfg.engine if role == "engine" else cfg.judge.engine
+        return e.num_engines, e.cpus_per_engine, e.gpus_per_engine * e.tensor_parallel_size, e.node_resource
+    if role == "env":
+        return cfg.env.num_workers, cfg.env.cpus_per_worker, 0.0, None
+    rc = getattr(cfg, role)
+    return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
+
+
+def judge_group(cfg: Config, device: str, run_dir: Path, shared: SharedPlacement | None = None,
+                wait: bool = True) -> RankGroup:
+    """The LLM judge's engines: the policy's engine code serving judge.model (Config.judge_engine_config)."""
+    jcfg = cfg.judge_engine_config()
+    n, cpus, gpus, node = role_resources(cfg, "judge")
+    return RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=wait,
+                     runtime_env=engine_env(jcfg, device, str(run_dir)), shared=shared)
+
+
+def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
+    """Every role's rank group. Roles listed together in placement.colocate share one placement group: rank i of
+    each in bundle i, on the same node and the same GPU (each taking a share of it). Roles listed together in
+    placement.share_process share rank i's worker process too (actors/host.py)."""
+    args = (cfg, device)
+    shared, placements = {}, []
+    for members in cfg.placement.colocate:
+        present = cfg.present(members)
+        if len(present) < 2:
+            continue
+        res = [role_resources(cfg, m) for m in present]
+        sp = SharedPlacement("+".join(present), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
+                             len(present), res[0][3])
+        placements.append(sp)
+        shared.update({m: sp for m in present})
+    env = {"env_vars": actor_env(device)}
+    engine_runtime = engine_env(cfg, device, str(run_dir))
+    hosted = {}
+    for members in map(cfg.present, cfg.placement.share_process):
+        if len(members) < 2:
+            continue
+        res = [role_resources(cfg, m) for m in members]
+        ordered = sorted(members, key=lambda m: m == "engine")     # vLLM last: it sets the process's threads
+        hosts = RankGroup(RoleHostActor, "+".join(members), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
+                          ([(m, ROLE_CLASSES[m], args) for m in ordered],), node_resource=res[0][3], wait=False,
+                          runtime_env=engine_runtime if "engine" in members else env)
+        hosted.update({m: RoleView(hosts, m) for m in members})
+
+    def group(actor_cls, role, distributed=False, runtime=env, gpu_bundles=1):
+        if role in hosted:
+            return hosted[role]
+        n, cpus, gpus, node = role_resources(cfg, role)
+        return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed, runtime_env=runtime,
+                         shared=shared.get(role), node_resource=node, gpu_bundles=gpu_bundles,
+                         wait=False)       # every role starts up side by side
+
+    tp = cfg.engine.tensor_parallel_size
+    engines = group(EngineActor, "engine", runtime=engine_runtime, gpu_bundles=tp if device == "cuda" and tp > 1 else 1)
+    policy = group(PolicyActor, "policy", True, runtime=trainer_env(cfg, device))
+    critic = group(CriticActor, "critic", True, runtime=trainer_env(cfg, device)) if cfg.needs_critic() else None
+    reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3) if cfg.needs_reference() else None
+    reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
+    judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
+    env_workers = group(EnvWorkerActor, "env") if cfg.needs_env() else None
+    every = (policy, critic, reference, reward, engines, judge, env_workers)
+    for g in every:
+        if g:
+            g.wait()
+    ray.get([a.ready.remote() for g in every if g for a in g.actors])
+    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers)
+    actors.attach_judge()
+    return actors
+
+
+ROLE_CLASSES = {"reference": Reference, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts
