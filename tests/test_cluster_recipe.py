@@ -38,8 +38,8 @@ PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-age
 
 def recipe() -> str:
     m = re.search(r"<!-- cluster-recipe:start -->\n```bash\n(.*?)```\n<!-- cluster-recipe:end -->",
-                  (REPO / "README.md").read_text(), re.S)
-    assert m, "README.md: no ```bash block between <!-- cluster-recipe:start --> and <!-- cluster-recipe:end -->"
+                  (REPO / "docs" / "cluster.md").read_text(), re.S)
+    assert m, "docs/cluster.md: no ```bash block between <!-- cluster-recipe:start --> and <!-- cluster-recipe:end -->"
     return m.group(1)
 
 
