@@ -42,7 +42,7 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
 
 class Engine(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
-        super().__init__(rank, world_size, device, role="engine", seed=cfg.run.seed, threads=cfg.engine.cpus_per_engine,
+        super().__init__(rank, world_size, device, role="engine", seed=cfg.run.seed, threads=cfg.engine.cpus_per_rank,
                          cores=cfg.engine.cpu_cores)
         self.version = 0          # the policy update whose weights this engine holds (0: models.policy)
         if self.device == "cpu" and cfg.rollout.max_staleness:

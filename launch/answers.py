@@ -71,8 +71,10 @@ class Sampler:
 
     @classmethod
     def start(cls, cfg: Config, run_dir: Path, device: str) -> "Sampler":
-        group = RankGroup(EngineActor, "eval-engine", 1, cfg.engine.cpus_per_engine, cfg.engine.gpus_per_engine,
-                          (cfg, device), runtime_env=engine_env(cfg, device, str(run_dir)))
+        e = cfg.engine                     # one engine of the policy's kind
+        group = RankGroup(EngineActor, "eval-engine", 1, e.cpus_per_rank, e.gpus_per_rank, (cfg, device),
+                          runtime_env=engine_env(cfg, device, str(run_dir)),
+                          gpu_bundles=e.tensor_parallel_size if device == "cuda" else 1)
         return cls(group.actors[0], cfg.models.policy, group)
 
     def load(self, model_dir: str) -> None:

@@ -25,14 +25,8 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
-    needed = max(cfg.policy.num_ranks * cfg.policy.cpus_per_rank + cfg.critic.num_ranks * cfg.critic.cpus_per_rank
-                 + (cfg.reference.num_ranks * cfg.reference.cpus_per_rank if cfg.needs_reference() else 0)
-                 + cfg.reward.num_ranks * cfg.reward.cpus_per_rank + cfg.engine.num_engines * cfg.engine.cpus_per_engine
-                 + (cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if cfg.needs_judge() else 0)
-                 + (cfg.env.num_workers * cfg.env.cpus_per_worker if cfg.needs_env() else 0),
-                 *(st.trainer.num_ranks * st.trainer.cpus_per_rank for st in (cfg.sft, cfg.rm, cfg.dpo)))
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
-    num_cpus = cfg.ray.num_cpus or max(math.ceil(needed + extra_cpus), os.cpu_count() or 1)
+    num_cpus = cfg.ray.num_cpus or max(math.ceil(cfg.cpus_needed() + extra_cpus), os.cpu_count() or 1)
     with watch_local_cluster():           # the cluster dies with this process, however it ends (not what it starts later)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=True)

@@ -32,8 +32,8 @@ def run_label(cfg: Config) -> dict:
     out = Path(lc.output) if lc.output else output_dir(cfg.run.output_dir) / "rankings.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     e = cfg.judge.engine
-    start_ray(cfg, extra_cpus=e.num_engines * e.cpus_per_engine)
-    device = cluster_device(cfg, e.gpus_per_engine)
+    start_ray(cfg, extra_cpus=e.num_ranks * e.cpus_per_rank)
+    device = cluster_device(cfg, e.gpus_per_rank)
     judge = Judge.start(cfg, out.parent, device)
     try:
         if rows is None:

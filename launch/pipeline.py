@@ -320,8 +320,8 @@ def run_pipeline(cfg: Config) -> dict:
 
     # the sampler engine and the evaluation reward model live beside each stage's actors (and the judge's
     # engines beside the sampler while labelling)
-    judge_cpus = cfg.judge.engine.num_engines * cfg.judge.engine.cpus_per_engine if pc.labels == "judge" else 0
-    start_ray(cfg, extra_cpus=cfg.engine.cpus_per_engine + cfg.reward.cpus_per_rank + judge_cpus)
+    judge_cpus = cfg.judge.engine.num_ranks * cfg.judge.engine.cpus_per_rank if pc.labels == "judge" else 0
+    start_ray(cfg, extra_cpus=cfg.engine.cpus_per_rank + cfg.reward.cpus_per_rank + judge_cpus)
     t0 = stage("sft")
     sft = run_stage(derive(cfg, {"sft.data": data["sft"], "sft.model": base, "sft.output": str(run_dir / "sft")}),
                     "sft")

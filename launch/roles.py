@@ -60,24 +60,13 @@ class Actors:
             sp.remove()
 
 
-def role_resources(cfg: Config, role: str) -> tuple[int, float, float, str | None]:
-    """(ranks, CPUs per rank, GPUs per rank, node_resource) of a role; an engine's rank is a whole engine."""
-    if role in ("engine", "judge"):
-        e = cfg.engine if role == "engine" else cfg.judge.engine
-        return e.num_engines, e.cpus_per_engine, e.gpus_per_engine * e.tensor_parallel_size, e.node_resource
-    if role == "env":
-        return cfg.env.num_workers, cfg.env.cpus_per_worker, 0.0, None
-    rc = getattr(cfg, role)
-    return rc.num_ranks, rc.cpus_per_rank, rc.gpus_per_rank, rc.node_resource
-
-
 def judge_group(cfg: Config, device: str, run_dir: Path, shared: SharedPlacement | None = None,
                 wait: bool = True) -> RankGroup:
     """The LLM judge's engines: the policy's engine code serving judge.model (Config.judge_engine_config)."""
-    jcfg = cfg.judge_engine_config()
-    n, cpus, gpus, node = role_resources(cfg, "judge")
-    return RankGroup(EngineActor, "judge", n, cpus, gpus, (jcfg, device), node_resource=node, wait=wait,
-                     runtime_env=engine_env(jcfg, device, str(run_dir)), shared=shared)
+    jcfg, r = cfg.judge_engine_config(), cfg.role_section("judge")
+    return RankGroup(EngineActor, "judge", r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, (jcfg, device),
+                     node_resource=r.node_resource, wait=wait, runtime_env=engine_env(jcfg, device, str(run_dir)),
+                     shared=shared)
 
 
 def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
@@ -90,9 +79,9 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
         present = cfg.present(members)
         if len(present) < 2:
             continue
-        res = [role_resources(cfg, m) for m in present]
-        sp = SharedPlacement("+".join(present), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
-                             len(present), res[0][3])
+        res = [cfg.role_section(m) for m in present]          # same num_ranks and node_resource (checked)
+        sp = SharedPlacement("+".join(present), res[0].num_ranks, sum(r.cpus_per_rank for r in res),
+                             max(r.gpus_per_rank for r in res), len(present), res[0].node_resource)
         placements.append(sp)
         shared.update({m: sp for m in present})
     env = {"env_vars": actor_env(device)}
@@ -101,20 +90,21 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     for members in map(cfg.present, cfg.placement.share_process):
         if len(members) < 2:
             continue
-        res = [role_resources(cfg, m) for m in members]
+        res = [cfg.role_section(m) for m in members]          # same num_ranks and node_resource (checked)
         ordered = sorted(members, key=lambda m: m == "engine")     # vLLM last: it sets the process's threads
-        hosts = RankGroup(RoleHostActor, "+".join(members), res[0][0], sum(r[1] for r in res), max(r[2] for r in res),
-                          ([(m, ROLE_CLASSES[m], args) for m in ordered],), node_resource=res[0][3], wait=False,
+        hosts = RankGroup(RoleHostActor, "+".join(members), res[0].num_ranks, sum(r.cpus_per_rank for r in res),
+                          max(r.gpus_per_rank for r in res), ([(m, ROLE_CLASSES[m], args) for m in ordered],),
+                          node_resource=res[0].node_resource, wait=False,
                           runtime_env=engine_runtime if "engine" in members else env)
         hosted.update({m: RoleView(hosts, m) for m in members})
 
     def group(actor_cls, role, distributed=False, runtime=env, gpu_bundles=1):
         if role in hosted:
             return hosted[role]
-        n, cpus, gpus, node = role_resources(cfg, role)
-        return RankGroup(actor_cls, role, n, cpus, gpus, args, distributed=distributed, runtime_env=runtime,
-                         shared=shared.get(role), node_resource=node, gpu_bundles=gpu_bundles,
-                         wait=False)       # every role starts up side by side
+        r = cfg.role_section(role)
+        return RankGroup(actor_cls, role, r.num_ranks, r.cpus_per_rank, r.gpus_per_rank, args, distributed=distributed,
+                         runtime_env=runtime, shared=shared.get(role), node_resource=r.node_resource,
+                         gpu_bundles=gpu_bundles, wait=False)       # every role starts up side by side
 
     tp = cfg.engine.tensor_parallel_size
     engines = group(EngineActor, "engine", runtime=engine_runtime, gpu_bundles=tp if device == "cuda" and tp > 1 else 1)

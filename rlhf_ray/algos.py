@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ray.batch import Experience, RolloutBatch
-from rlhf_ray.choices import AdvantageEstimator, ISCorrection, KLEstimator, LossAggregation, options
+from rlhf_ray.choices import (AdvantageEstimator, ISCorrection, KLEstimator, LossAggregation, RatioLevel,
+                              RewardNorm, options)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -207,7 +208,8 @@ SEQ_LOG_RATIO_CAP = 10.0
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip: float | tuple[float, float], dual_clip: float | None = None,
                     agg: str = "token-mean", denominator: float | None = None,
-                    token_weights: torch.Tensor | None = None, level: str = "token") -> tuple[torch.Tensor, dict]:
+                    token_weights: torch.Tensor | None = None,
+                    level: RatioLevel = "token") -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)).
 
     `clip` is eps, or (eps_low, eps_high): DAPO's clip-higher (Yu et al. 2025) raises eps_high alone, so a
@@ -236,7 +238,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         ratio = torch.exp(seq).unsqueeze(-1).expand_as(logprobs)
         adv = masked_mean(advantages, mask, dim=-1).unsqueeze(-1).expand_as(logprobs)
     else:
-        raise ValueError(f"unknown ratio level {level!r}; expected token or sequence")
+        raise ValueError(f"unknown ratio level {level!r}; expected one of {options(RatioLevel)}")
     surr1 = -adv * ratio
     surr2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_token = torch.maximum(surr1, surr2)
@@ -308,7 +310,9 @@ class ScoreNorm:
     beta is measured in units of the initial reward spread (Ziegler et al. 2019 normalise the reward model on
     the initial policy's samples). "none" passes scores through. `state`/`load` for the checkpoint."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: RewardNorm):
+        if mode not in options(RewardNorm):
+            raise ValueError(f"unknown reward normalisation {mode!r}; expected one of {options(RewardNorm)}")
         self.mode, self.mean, self.std = mode, None, None
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:

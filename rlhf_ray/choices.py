@@ -11,7 +11,8 @@ KLEstimator = Literal["k1", "k2", "k3"]
 KLPlacement = Literal["reward", "loss"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 ISCorrection = Literal["none", "tis", "mask"]
-Device = Literal["cpu", "cuda"]
+RatioLevel = Literal["token", "sequence"]        # sequence: GSPO's one length-normalised ratio per answer
+RewardNorm = Literal["none", "initial"]          # initial: scores standardised by the first batch's mean and sd
 Quantization = Literal["none", "nf4", "int8"]    # a frozen base in 4-bit NF4 or 8-bit LLM.int8 (bitsandbytes)
 ComputeDtype = Literal["float32", "bfloat16"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlhf_ray.choices import (AdvantageEstimator, ComputeDtype, ISCorrection, KLEstimator, KLPlacement,
-                              LossAggregation, Quantization)
+                              LossAggregation, Quantization, RatioLevel, RewardNorm)
 from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
 
 
@@ -66,11 +66,27 @@ class DataConfig:
 
 
 @dataclass
-class TrainerRoleConfig:
-    """A role trained under DeepSpeed ZeRO (policy, critic)."""
+class RoleResources:
+    """Where a role's ranks run, the same keys in every role's section, checked in one place
+    (`Config._check_resources`). A rank is one process of a trained or frozen role, one vLLM engine (with all its
+    tensor-parallel workers), or one environment worker."""
     num_ranks: int = 1
-    cpus_per_rank: float = 1.0
-    gpus_per_rank: float = 0.0         # 0 on CPU; 1 per rank on a GPU cluster
+    cpus_per_rank: float = 1.0         # Ray's logical CPUs, and the rank's threads
+    gpus_per_rank: float = 0.0         # 0 on CPU; 1 per rank on a GPU cluster (an engine: all its workers' GPUs,
+                                       # gpus_per_rank / tensor_parallel_size each); a fraction shares a GPU
+    node_resource: Optional[str] = None   # a custom resource some nodes advertise (`ray start --resources
+                                       # '{"trainer": 8}'`): the role's ranks go only to those nodes
+    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
+                                       # cores, one thread each; null: the OS places it
+
+
+RENAMED = {"num_engines": "num_ranks", "cpus_per_engine": "cpus_per_rank", "gpus_per_engine": "gpus_per_rank",
+           "num_workers": "num_ranks", "cpus_per_worker": "cpus_per_rank"}    # keys of earlier releases
+
+
+@dataclass
+class TrainerRoleConfig(RoleResources):
+    """A role trained under DeepSpeed ZeRO (policy, critic)."""
     zero_stage: int = 2
     offload: bool = False              # ZeRO-Offload of optimizer states (and params at stage 3) to CPU
     lr: float = 1e-5
@@ -79,10 +95,6 @@ class TrainerRoleConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4          # sequences per rank per forward/backward
     gradient_checkpointing: bool = False
-    node_resource: Optional[str] = None   # a custom resource some nodes advertise (`ray start --resources
-                                       # '{"trainer": 8}'`): the role's ranks go only to those nodes
-    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
-                                       # cores, one thread each; null: the OS places it
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
     quantization: Quantization = "none"   # nf4: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes), only the
                                        # adapters train; needs lora.rank > 0 and ZeRO stage 0-2 (docs/qlora.md)
@@ -102,18 +114,12 @@ class LoraConfig:
 
 
 @dataclass
-class InferenceRoleConfig:
+class InferenceRoleConfig(RoleResources):
     """A frozen role (reference, reward): forward passes only."""
-    num_ranks: int = 1
-    cpus_per_rank: float = 1.0
-    gpus_per_rank: float = 0.0
     micro_batch_size: int = 16
     zero_stage: Literal[0, 3] = 0      # 0: every rank holds the whole model; 3: weights partitioned over the ranks
                                        # (DeepSpeed ZeRO-3 inference; each forward is a collective), for models
                                        # larger than one GPU
-    node_resource: Optional[str] = None   # as for trained roles: pin the ranks to nodes advertising it
-    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
-                                       # cores, one thread each; null: the OS places it
     quantization: Quantization = "none"   # nf4 or int8: load the frozen model quantised (bitsandbytes); reward:
                                        # the default of its model sources and the monitor; zero_stage 0 only
     double_quant: bool = True          # as for trained roles
@@ -155,20 +161,14 @@ class RewardRoleConfig(InferenceRoleConfig):
 
 
 @dataclass
-class EngineConfig:
-    """vLLM generation engines (the only backend)."""
-    num_engines: int = 1
+class EngineConfig(RoleResources):
+    """vLLM generation engines (the only backend): num_ranks engines."""
     tensor_parallel_size: int = 1
-    cpus_per_engine: float = 1.0
-    gpus_per_engine: float = 0.0
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: float = 1.0          # CPU build only (VLLM_CPU_KVCACHE_SPACE); unset it sizes ~12 GiB
     max_model_len: int = 512
     enforce_eager: bool = True
     in_process: bool = True           # CPU: run the vLLM engine core inside the actor (faster load, less memory)
-    node_resource: Optional[str] = None   # pin the engines to nodes advertising this custom resource
-    cpu_cores: Optional[list[int]] = None   # one machine only (benchmarks): pin every rank of the role to these
-                                       # cores, vLLM's threads bound there; null: the OS places it
 
 
 @dataclass
@@ -178,7 +178,7 @@ class JudgeConfig:
     of kind judge scores each rollout with it, pointwise."""
     model: str = ""                    # HF directory of the judge's causal LM ("": no judge)
     tokenizer: Optional[str] = None    # None: the judge's directory
-    engine: EngineConfig = field(default_factory=EngineConfig)   # the judge's engines (num_engines, cores, length)
+    engine: EngineConfig = field(default_factory=EngineConfig)   # the judge's engines (num_ranks, cores, length)
     pointwise: str = JUDGE_POINTWISE   # fields {prompt}, {response}
     score_labels: list[str] = field(default_factory=lambda: [" 1", " 2", " 3", " 4", " 5"])   # one token each
     score_values: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 5.0])
@@ -196,7 +196,7 @@ class JudgeConfig:
 
 
 @dataclass
-class EnvConfig:
+class EnvConfig(RoleResources):
     """Multi-turn rollouts (rlhf_ray/env.py): the engines generate a turn, an environment worker answers with an
     observation (appended as tokens), a reward and done, until done, EOS or a limit. The whole response, turns and
     observations, stays within generation.max_new_tokens."""
@@ -206,8 +206,7 @@ class EnvConfig:
     turn_stop: list[str] = field(default_factory=list)   # strings that end a turn, each one token of the policy's
                                        # tokenizer (the engines stop on token ids, never on decoded text); the
                                        # stop token is part of the turn. EOS ends the episode
-    num_workers: int = 1               # environment worker actors (each serves many episodes at once, on threads)
-    cpus_per_worker: float = 0.25
+    cpus_per_rank: float = 0.25        # num_ranks environment workers, each serving many episodes at once (threads)
     timeout_s: float = 30.0            # per environment call; past it the episode ends ("timeout")
     error_reward: float = -1.0         # added to the last turn of an episode whose environment raised, answered
                                        # something unusable or timed out (counted in env/errors, env/timeouts)
@@ -234,7 +233,7 @@ class PPOConfig:
     clip_low: Optional[float] = None   # eps_low: the ratio's lower bound is 1 - eps_low
     clip_high: Optional[float] = None  # eps_high: its upper bound 1 + eps_high. DAPO's clip-higher: 0.2 / 0.28.
                                        # With epochs 1 and one minibatch per step every ratio is 1: no clip acts
-    ratio_level: Literal["token", "sequence"] = "token"   # sequence: GSPO, one length-normalised ratio per answer,
+    ratio_level: RatioLevel = "token"  # sequence: GSPO, one length-normalised ratio per answer,
                                        # clipped by seq_clip_low/high, the loss a mean over answers (needs
                                        # loss_agg seq-mean-token-mean and an outcome estimator, not gae)
     seq_clip_low: float = 3e-4         # GSPO's clip range (Zheng et al. 2025: 3e-4 / 4e-4): sequence ratios
@@ -262,7 +261,7 @@ class PPOConfig:
                                        # forward (one fewer forward per step). Only where engine and trainer
                                        # agree: rollout/logprob_diff_max, measured on the first minibatch before
                                        # its update, says how closely
-    reward_norm: Literal["none", "initial"] = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
+    reward_norm: RewardNorm = "none"   # initial: score <- (score - mu0) / sd0 with mu0, sd0 the
                                        # first rollout's (the starting policy's), fixed thereafter; beta is then
                                        # in units of the starting policy's reward spread, whatever the RM's scale
     is_correction: ISCorrection = "none"   # off-policy correction between the engines'
@@ -511,7 +510,7 @@ class Config:
             need(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
             need(e.max_turn_tokens is None or 1 <= e.max_turn_tokens <= gen.max_new_tokens, "env.max_turn_tokens",
                  f"must lie in 1..generation.max_new_tokens ({gen.max_new_tokens}), got {e.max_turn_tokens}")
-            need(e.num_workers >= 1 and e.timeout_s > 0, "env", "needs num_workers >= 1 and timeout_s > 0")
+            need(e.timeout_s > 0, "env.timeout_s", f"must be > 0, got {e.timeout_s}")
             need(ppo.reward_norm == "none", "ppo.reward_norm", "must be none with an environment (its rewards "
                  "reach each turn unnormalised)")
         longest = self.data.max_prompt_tokens + gen.max_new_tokens
@@ -602,7 +601,7 @@ class Config:
         a source asks it, the reference unless the policy's base stands in for it. A placement group names roles
         once for every run of a config; the absent ones are passed over."""
         return [r for r in roles if (r != "critic" or self.needs_critic()) and (r != "judge" or self.needs_judge())
-                and (r != "reference" or self.needs_reference())]
+                and (r != "reference" or self.needs_reference()) and (r != "env" or self.needs_env())]
 
     def _check_layout(self) -> None:
         """Colocation, shared processes and the weight-sync backend that depends on them."""
@@ -615,7 +614,7 @@ class Config:
             seen |= set(group)
             _need(not any(set(group) & set(c) for c in self.placement.colocate), key,
                   f"{group}: a role that shares a process is placed with it; leave it out of placement.colocate")
-            ranks = {r: (self.engine.num_engines if r == "engine" else getattr(self, r).num_ranks) for r in group}
+            ranks = {r: self.role_section(r).num_ranks for r in group}
             _need(len(set(ranks.values())) == 1, key, f"roles sharing processes need the same number of ranks, got {ranks}")
             for r in group:
                 _need(r == "engine" or getattr(self, r).zero_stage == 0, key, f"{r}.zero_stage 3 joins a process "
@@ -645,7 +644,7 @@ class Config:
                 _need(self.judge.engine.tensor_parallel_size == 1, "judge.engine.tensor_parallel_size",
                       "must be 1 for judge engines colocated with other roles (one engine per rank's GPU)")
             present = self.present(group)
-            ranks = {r: self.role_ranks(r) for r in present}
+            ranks = {r: self.role_section(r).num_ranks for r in present}
             _need(len(set(ranks.values())) <= 1, "placement.colocate",
                   f"roles sharing GPUs need the same num_ranks, got {ranks}")
             nodes = {r: self.role_section(r).node_resource for r in group}
@@ -690,13 +689,9 @@ class Config:
                                     quantization=s.quantization or self.reward.quantization)
                 if s.kind == "model" else s for s in srcs]
 
-    def role_section(self, role: str):
+    def role_section(self, role: str) -> RoleResources:
         """The config section that places a role's ranks (the judge's engines: judge.engine)."""
         return self.judge.engine if role == "judge" else getattr(self, role)
-
-    def role_ranks(self, role: str) -> int:
-        """A role's rank count: engines for the engine roles, num_ranks for the others."""
-        return self.role_section(role).num_engines if role in ("engine", "judge") else self.role_section(role).num_ranks
 
     def needs_env(self) -> bool:
         return bool(self.env.cls)
@@ -754,10 +749,7 @@ class Config:
             need(r.quantization == "none" or r.zero_stage == 0, f"{key}.quantization",
                  f"{r.quantization} loads whole quantised layers on every rank: it needs {key}.zero_stage 0 "
                  "(stage 3 would partition the packed weights without their quantisation state)")
-        for role in ("policy", "critic", "reference", "reward", "engine"):
-            cores = getattr(self, role).cpu_cores
-            need(cores is None or (len(cores) > 0 and min(cores) >= 0), f"{role}.cpu_cores",
-                 f"must list core numbers (or be null), got {cores}")
+        self._check_resources()
         need(0 < self.ppo.gamma <= 1, "ppo.gamma", f"must lie in (0, 1], got {self.ppo.gamma}")
         need(0 < self.ppo.lam <= 1, "ppo.lam", f"must lie in (0, 1], got {self.ppo.lam}")
         need(self.ppo.dual_clip is None or self.ppo.dual_clip > 1, "ppo.dual_clip", "must be > 1 (or null: off)")
@@ -774,16 +766,16 @@ class Config:
         """Every number that has a meaningful range: counts at least 1, rates finite and positive, and so on."""
         at_least = {"train.steps": 1, "ppo.epochs": 1, "ppo.minibatch_size": 1, "generation.prompts_per_step": 1,
                     "generation.n": 1, "generation.max_new_tokens": 1, "data.max_prompt_tokens": 1,
-                    "engine.num_engines": 1, "engine.tensor_parallel_size": 1, "engine.max_model_len": 2,
+                    "engine.tensor_parallel_size": 1, "engine.max_model_len": 2,
                     "checkpoint.every": 0, "logging.samples_per_step": 0, "guard.patience": 1,
                     "fault_tolerance.max_actor_restarts": 0}
         for role in ("policy", "critic", "reference", "reward"):
-            at_least.update({f"{role}.num_ranks": 1, f"{role}.micro_batch_size": 1})
-        at_least.update({"judge.engine.num_engines": 1, "judge.engine.max_model_len": 2, "judge.batch_size": 1,
+            at_least.update({f"{role}.micro_batch_size": 1})
+        at_least.update({"judge.engine.max_model_len": 2, "judge.batch_size": 1,
                          "judge.retries": 0, "judge.timeout_s": 1e-3})
         for st in STAGES:
             at_least.update({f"{st}.epochs": 1, f"{st}.batch_size": 1, f"{st}.max_len": 2,
-                             f"{st}.trainer.num_ranks": 1, f"{st}.trainer.micro_batch_size": 1})
+                             f"{st}.trainer.micro_batch_size": 1})
         for key, low in at_least.items():
             v = self._get(key)
             _need(v >= low, key, f"must be >= {low}, got {v}")
@@ -795,12 +787,36 @@ class Config:
                         "ppo.overlong_penalty", "ppo.overlong_buffer",
                         "guard.max_kl_per_token"]
         non_negative += [f"{r}.{k}" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))
-                         for k in ("grad_clip", "weight_decay", "cpus_per_rank", "gpus_per_rank")]
+                         for k in ("grad_clip", "weight_decay")]
         for key in positive + non_negative:
             v = self._get(key)
             ok = v is None or (math.isfinite(v) and (v > 0 if key in positive else v >= 0))
             _need(ok, key, f"must be a finite number {'> 0' if key in positive else '>= 0'}, got {v}")
         _need(self.generation.top_p <= 1, "generation.top_p", f"must lie in (0, 1], got {self.generation.top_p}")
+
+    def role_sections(self) -> dict[str, RoleResources]:
+        """Every role's resources, by the key of its section (the supervised stages' trainers included)."""
+        return {"policy": self.policy, "critic": self.critic, "reference": self.reference, "reward": self.reward,
+                "engine": self.engine, "judge.engine": self.judge.engine, "env": self.env,
+                **{f"{st}.trainer": getattr(self, st).trainer for st in STAGES}}
+
+    def _check_resources(self) -> None:
+        """Every role's num_ranks, cpus_per_rank, gpus_per_rank and cpu_cores, in one place."""
+        for key, r in self.role_sections().items():
+            _need(r.num_ranks >= 1, f"{key}.num_ranks", f"must be >= 1, got {r.num_ranks}")
+            for k in ("cpus_per_rank", "gpus_per_rank"):
+                v = getattr(r, k)
+                _need(math.isfinite(v) and v >= 0, f"{key}.{k}", f"must be a finite number >= 0, got {v}")
+            _need(r.cpu_cores is None or (len(r.cpu_cores) > 0 and min(r.cpu_cores) >= 0), f"{key}.cpu_cores",
+                  f"must list core numbers (or be null), got {r.cpu_cores}")
+        _need(self.env.gpus_per_rank == 0 and self.env.cpu_cores is None, "env", "environment workers take CPUs "
+              f"only: gpus_per_rank 0 and cpu_cores null, got {self.env.gpus_per_rank} and {self.env.cpu_cores}")
+
+    def cpus_needed(self) -> float:
+        """Logical CPUs a run's actors take at once: the PPO roles present, or the largest supervised stage."""
+        ppo = sum(r.num_ranks * r.cpus_per_rank for r in map(self.role_section, self.present(list(ROLES))))
+        return max(ppo, *(getattr(self, st).trainer.num_ranks * getattr(self, st).trainer.cpus_per_rank
+                          for st in STAGES))
 
     def _get(self, dotted: str):
         node = self
@@ -810,6 +826,7 @@ class Config:
 
 
 STAGES = ("sft", "rm", "dpo")
+ROLES = ("policy", "critic", "reference", "reward", "engine", "judge", "env")    # a PPO run's roles
 SHAREABLE = {"reference", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
 
 
@@ -898,6 +915,9 @@ def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
+        if k in RENAMED and RENAMED[k] in names:
+            raise ConfigError(f"config: '{prefix}{k}' is now '{prefix}{RENAMED[k]}' (every role's resources: "
+                              "num_ranks, cpus_per_rank, gpus_per_rank, node_resource, cpu_cores)")
         if k not in names:
             raise ConfigError(f"config: unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}

@@ -250,8 +250,8 @@ def plan_engine(arch: Arch, ec, gen, gpu_bytes: float, role: str = "engine",
     weights = (2 * arch.params(True) if weights_bytes is None else weights_bytes) / tp
     kv = max(0.0, ec.gpu_memory_utilization * gpu_bytes - weights)
     capacity_tokens = int(kv * tp / arch.kv_bytes_per_token())
-    seqs = math.ceil(gen.prompts_per_step * gen.n / ec.num_engines)
-    return RolePlan(role, ec.num_engines * tp, {"weights": weights, "kv_cache": kv}), capacity_tokens, seqs
+    seqs = math.ceil(gen.prompts_per_step * gen.n / ec.num_ranks)
+    return RolePlan(role, ec.num_ranks * tp, {"weights": weights, "kv_cache": kv}), capacity_tokens, seqs
 
 
 @dataclass

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("policy.micro_batch_size=0", "policy.micro_batch_size"), ("generation.n=0", "generation.n"),
     ("generation.n=-2", "generation.n"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
     ("ppo.epochs=0", "ppo.epochs"), ("generation.prompts_per_step=0", "generation.prompts_per_step"),
-    ("engine.num_engines=0", "engine.num_engines"), ("train.steps=0", "train.steps"),
+    ("engine.num_ranks=0", "engine.num_ranks"), ("train.steps=0", "train.steps"),
     ("data.max_prompt_tokens=0", "data.max_prompt_tokens"), ("data.max_prompt_tokens=-100", "data.max_prompt_tokens"),
     ("generation.top_p=0", "generation.top_p"),
     ("ppo.kl_coef=-0.1", "ppo.kl_coef"), ("sft.batch_size=0", "sft.batch_size"),

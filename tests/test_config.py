@@ -69,7 +69,7 @@ def test_every_shipped_config_loads_and_grpo_needs_no_critic():
 
 def test_layout_checks_for_colocated_engines_and_cuda_ipc():
     base = ["models.policy=p", "models.reward=r", "data.prompts=x"]
-    gpu = ["policy.gpus_per_rank=1", "policy.num_ranks=1", "engine.gpus_per_engine=1"]
+    gpu = ["policy.gpus_per_rank=1", "policy.num_ranks=1", "engine.gpus_per_rank=1"]
     with pytest.raises(ConfigError, match="placement.engines_sleep"):
         load_config(None, base + gpu + ["placement.colocate=[[policy, engine]]"]).check_ppo()
     with pytest.raises(ConfigError, match="cuda_ipc needs the engines on policy rank 0's GPU"):
@@ -169,3 +169,27 @@ def test_shared_processes_are_checked(overrides, needle):
         "config: placement.share_process "), str(e.value)
     ok = load_config("configs/tiny_ppo.yaml", BASE + ["placement.share_process=[[engine, reference, reward]]"])
     assert ok.check_ppo().placement.share_process == [["engine", "reference", "reward"]]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("engine.num_engines=2", "'engine.num_engines' is now 'engine.num_ranks'"),
+    ("judge.engine.cpus_per_engine=2", "'judge.engine.cpus_per_engine' is now 'judge.engine.cpus_per_rank'"),
+    ("env.num_workers=2", "'env.num_workers' is now 'env.num_ranks'"),
+    ("env.gpus_per_rank=1", "env environment workers take CPUs only"),
+    ("judge.engine.num_ranks=0", "judge.engine.num_ranks must be >= 1"),
+    ("reward.cpus_per_rank=-1", "reward.cpus_per_rank must be a finite number >= 0"),
+    ("sft.trainer.gpus_per_rank=nan", "sft.trainer.gpus_per_rank must be a finite number >= 0"),
+    ("engine.cpu_cores=[]", "engine.cpu_cores must list core numbers"),
+])
+def test_every_role_names_its_resources_one_way(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, BASE + [override])
+
+
+def test_the_cpus_a_run_needs_count_only_the_roles_it_has():
+    grpo = load_config(None, BASE + ["ppo.advantage=grpo", "critic.cpus_per_rank=8", "env.cpus_per_rank=8",
+                                     "judge.engine.cpus_per_rank=8", "policy.num_ranks=2", "engine.num_ranks=3"])
+    assert grpo.cpus_needed() == 2 * 1.0 + 1.0 + 1.0 + 3 * 1.0            # policy, reference, reward, engines
+    gae = load_config(None, BASE + ["critic.cpus_per_rank=8", "reference.from_policy_base=true"])
+    assert gae.cpus_needed() == 1.0 + 8.0 + 1.0 + 1.0                     # policy, critic, reward, engine
+    assert load_config(None, BASE + ["sft.trainer.num_ranks=16"]).cpus_needed() == 16.0

@@ -95,11 +95,11 @@ def test_grpo_one_step_off_policy_with_truncated_importance_weights_on_two_engin
                                for i, line in enumerate(open(tiny_world["prompts"]))))
     cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0", "policy.num_ranks=1", *OFF_POLICY_LAYOUT,
-        "engine.num_engines=2", "generation.prompts_per_step=8", "generation.n=4", "ppo.minibatch_size=16",
+        "engine.num_ranks=2", "generation.prompts_per_step=8", "generation.n=4", "ppo.minibatch_size=16",
         "policy.lr=1e-3", "train.steps=5", f"data.prompts={prompts}", "data.reward_keys=[tool]",
         "reward.sources=[{kind: function, path: 'rlhf_ray.tiny_world.gold:tiny_gold'}, {kind: env, weight: 0.5}]",
         "env.cls=tests.episode_envs:Echo", "env.turn_stop=['.']", "env.max_turns=3", "env.max_turn_tokens=6",
-        "env.timeout_s=1", "env.error_reward=-1", "env.num_workers=2"])
+        "env.timeout_s=1", "env.error_reward=-1", "env.num_ranks=2"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:

@@ -89,7 +89,7 @@ def test_a_hand_checked_layout():
 
 def test_a_judge_counts_its_own_engines():
     """A judge reward source adds the judge's engines: its weights and KV cache at its gpu_memory_utilization."""
-    sets = ["reward.sources=[{kind: judge}]", "plan.judge_arch=llama2-13b", "judge.engine.num_engines=2",
+    sets = ["reward.sources=[{kind: judge}]", "plan.judge_arch=llama2-13b", "judge.engine.num_ranks=2",
             "judge.engine.gpu_memory_utilization=0.9"]
     base, plan = make_plan(_tiny_layout()), make_plan(_tiny_layout(sets))
     judge = next(r for r in plan.roles if r.role == "judge")
@@ -146,5 +146,5 @@ def test_placement_names_are_checked():
         load_config(None, ["placement.colocate=[[policy, refrence]]"])
     judge = ["reward.sources=[{kind: judge}]", "judge.model=j", "placement.colocate=[[reward, judge]]"]
     with pytest.raises(ConfigError, match=r"same num_ranks, got \{'reward': 1, 'judge': 2\}"):
-        load_config(None, judge + ["judge.engine.num_engines=2"]).check_ppo(paths=False)
+        load_config(None, judge + ["judge.engine.num_ranks=2"]).check_ppo(paths=False)
     load_config(None, judge).check_ppo(paths=False)                   # one rank each: accepted
