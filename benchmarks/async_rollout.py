@@ -71,7 +71,10 @@ def med(rows: list[dict], key: str) -> float:
 
 
 def seed_row(sync: list[dict], asyn: list[dict]) -> dict:
-    gen, score, train = med(sync, "time/generate"), med(sync, "time/score"), med(sync, "time/train")
+    # score: the rewards (time/score) and the logprob and value forwards (time/logprobs), what happens between
+    # generation and training
+    gen, train = med(sync, "time/generate"), med(sync, "time/train")
+    score = statistics.median(r["time/score"] + r["time/logprobs"] for r in sync[2:])
     bound = max(gen + score, train)
     gold = lambda rows: statistics.mean(r["reward/source0_function_mean"] for r in rows[-LAST:])  # noqa: E731
     return {"sync_step": med(sync, "time/step"), "async_step": med(asyn, "time/step"), "gen": gen, "score": score,

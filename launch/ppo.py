@@ -22,7 +22,7 @@ import torch
 from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import RunError, cause_line, cluster_device, mean_over_ranks, run_cli, start_ray
 from launch.roles import Actors, build_actors
-from launch.rollout import OnPolicy, RolloutError, ScoredRollout, rollouts
+from launch.rollout import RolloutError, Rollouts, ScoredRollout, make_rollouts
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import preflight
 from rlhf_ray.algos import (AdvantageSettings, ScoreNorm, adaptive_kl_coef, compute_experience, missing_eos_penalty,
@@ -37,7 +37,7 @@ from rlhf_ray.metrics import MetricsLogger, process_started_at, startup_report
 IMPORTED_AT = time.time()          # the driver's imports (torch, Ray, the actor modules) done
 
 
-# ------------------------------------------------------------------------------------------------ setup
+# ------------------------------------------------------------------------------------------------ phases
 
 class PhaseTimer:
     """A step's phases, each timed (time/<phase>); a phase entered twice (dynamic sampling's rounds) adds up."""
@@ -126,8 +126,9 @@ def restore(run: "Run", latest: Path | None, push: bool) -> int:
 def recover(run: "Run", step: int, error: BaseException, latest: Path | None) -> int:
     """An actor died during `step`: replace it in its placement group, roll every role back to checkpoint `latest`
     (a trainer's ZeRO state is partitioned, and the survivors may have updated part-way through the step) and
-    replay from there, so the run ends as it would have without the fault. Returns the step to run next. An error with no dead actor (a bug, a bad input) is re-raised; past
-    fault_tolerance.max_actor_restarts, a one-line RunError."""
+    replay from there, so the run ends as it would have without the fault. Returns the step to run next. An error
+    with no dead actor (a bug, a bad input) is re-raised; past fault_tolerance.max_actor_restarts, a one-line
+    RunError."""
     cfg, actors = run.cfg, run.actors
     dead = dead_actors(actors, cfg.fault_tolerance.probe_timeout_s)
     if not dead:
@@ -195,7 +196,7 @@ class Run:
     sync: WeightSync
     tokenizer: object
     stream: PromptStream
-    rollouts: OnPolicy                # where each step's scored samples come from (launch/rollout.py)
+    rollouts: Rollouts                # where each step's scored samples come from (launch/rollout.py)
     advantage: AdvantageSettings      # the ppo section's advantage keys (rlhf_ray/algos.py)
     logger: MetricsLogger
     run_dir: Path
@@ -454,7 +455,7 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
 
     start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
-    run = Run(cfg, actors, sync, tokenizer, stream, rollouts(cfg, actors, tokenizer, stream),
+    run = Run(cfg, actors, sync, tokenizer, stream, make_rollouts(cfg, actors, tokenizer, stream),
               AdvantageSettings.of(cfg.ppo, cfg.generation.n), logger, run_dir, tok_dir, KLCoef(cfg.ppo),
               ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, startup=startup)
     last_ckpt = latest

@@ -10,7 +10,7 @@ A source draws the step's prompts, samples them on the engines and scores them o
 
 and a schedule decides when a step's generation runs relative to the weight sync:
 
-    OnPolicy           rollout.max_staleness 0: the next step's generation starts after this step's sync
+    Rollouts           on-policy (rollout.max_staleness 0): the next step's generation starts after this step's sync
     SleepingEngines    the same, with engines that free their GPU memory while the trainers run
                        (placement.engines_sleep)
     OneStepOff         rollout.max_staleness 1: the next step's generation starts as soon as this step's samples
@@ -240,9 +240,9 @@ class DynamicSampling:
         return out
 
 
-class OnPolicy:
-    """rollout.max_staleness 0: a step's generation starts after the previous step's weight sync (the first
-    step's at the start), so every sample comes from the weights the step updates."""
+class Rollouts:
+    """A run's rollouts, on-policy (rollout.max_staleness 0): a step's generation starts after the previous step's
+    weight sync (the first step's at the start), so every sample comes from the weights the step updates."""
 
     def __init__(self, source: Sampling | DynamicSampling, stream: PromptStream, last_step: int):
         self.source, self.stream, self.last_step = source, stream, last_step
@@ -289,7 +289,7 @@ class OnPolicy:
             self.start_next(step)
 
 
-class SleepingEngines(OnPolicy):
+class SleepingEngines(Rollouts):
     """placement.engines_sleep: engines colocated with the trainers free their GPU memory (vLLM sleep mode) from
     the moment their samples are in until the sync."""
 
@@ -305,7 +305,7 @@ class SleepingEngines(OnPolicy):
             ray.get([e.wake_up.remote() for e in self.actors.engines])
 
 
-class OneStepOff(OnPolicy):
+class OneStepOff(Rollouts):
     """rollout.max_staleness 1: the next step's generation starts as soon as this step's samples are in, on the
     same weights, and runs while the trainers update; the sync waits for it. Its samples are one update old when
     their step trains (ppo.is_correction weighs them). A checkpoint saves them: they cannot be redrawn."""
@@ -328,7 +328,7 @@ class OneStepOff(OnPolicy):
                         "parts": ray.get(p.refs)}, staging / PENDING_ROLLOUT)
 
 
-def rollouts(cfg: Config, actors: Actors, tokenizer, stream: PromptStream) -> OnPolicy:
+def make_rollouts(cfg: Config, actors: Actors, tokenizer, stream: PromptStream) -> Rollouts:
     """The run's rollouts, as its config asks."""
     source = (Episodes if cfg.needs_env() else Sampling)(cfg, actors, tokenizer, stream)
     if cfg.rollout.filter_groups:
@@ -337,4 +337,4 @@ def rollouts(cfg: Config, actors: Actors, tokenizer, stream: PromptStream) -> On
         return OneStepOff(source, stream, cfg.train.steps)
     if cfg.placement.engines_sleep:
         return SleepingEngines(source, stream, cfg.train.steps, actors)
-    return OnPolicy(source, stream, cfg.train.steps)
+    return Rollouts(source, stream, cfg.train.steps)
