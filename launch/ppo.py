@@ -229,7 +229,7 @@ def ppo_step(run: Run, step: int) -> Path | None:
         with timer("advantage"):
             scores = shaped_scores(run, scored)
             exp, exp_stats = compute_experience(scored.batch, old_logprobs, ref_logprobs, values, scores,
-                                                run.advantage, run.kl.coef, scored.turn_rewards)
+                                                run.advantage, run.kl.coef, scored.token_rewards)
 
         # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
         with timer("train"):
@@ -303,7 +303,7 @@ def log_step(run: Run, step: int, scored: ScoredRollout, update: Update | None, 
         metrics = {**step_metrics(run, step, scored, update, sync_stats, timer, busy, judged), **scored.stats}
         run.kl.update(update.exp_stats["kl/ref_per_seq"])
         run.logger.log(step, metrics)
-        total = update.scores if scored.turn_rewards is None else update.scores + scored.turn_rewards.sum(-1)
+        total = update.scores if scored.token_rewards is None else update.scores + scored.token_rewards.sum(-1)
         run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
             first_rollouts(run.tokenizer, scored.batch, cfg.logging.samples_per_step), total.tolist())])
         print(step_line(cfg, step, metrics), flush=True)

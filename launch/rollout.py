@@ -65,9 +65,11 @@ class Generation:
 class ScoredRollout:
     """A step's samples and their rewards: what the PPO step trains on. Prompt-major, B = groups x n rows."""
     batch: RolloutBatch | None        # None: nothing to train on this step (dynamic sampling found too few groups)
-    rewards: RewardScores | None      # [B] total over sources, [B, S] each source's (an environment's: the
-                                      #   episode's sum of its per-turn rewards, unweighted)
-    turn_rewards: torch.Tensor | None = None   # [B, T] an environment's rewards x its source's weight, each on its
+    rewards: RewardScores | None      # [B] weighted total over the sources (an environment's is in token_rewards
+                                      #   instead), [B, S] each source's own (an environment's: the episode's sum
+                                      #   of its per-turn rewards, unweighted)
+    token_rewards: torch.Tensor | None = None  # [B, T] rewards on single tokens, added to r_t (compute_experience):
+                                      #   an environment's per-turn rewards x its source's weight, each on its
                                       #   turn's last action token; None single-turn
     episodes: list[dict] | None = None     # multi-turn: each episode's summary (rlhf_ray/env.py Episode.summary)
     stats: dict = field(default_factory=dict)   # filter/* metrics (dynamic sampling)
@@ -133,7 +135,7 @@ class Sampling:
         ref = ref if ref is not None else ray.put(batch)
         return cat(ray.get(self.actors.reward.call("scores", ref, gen.prompts, gen.extras)))
 
-    def turn_rewards(self, batch: RolloutBatch) -> torch.Tensor | None:
+    def token_rewards(self, batch: RolloutBatch) -> torch.Tensor | None:
         return None
 
     def take(self, gen: Generation, timer: Timer, sampled: Callable[[], None]) -> ScoredRollout:
@@ -142,7 +144,7 @@ class Sampling:
             samples = self.samples(gen)
         sampled()
         batch = self.padded(gen.prompt_ids, samples)
-        out = ScoredRollout(batch, None, self.turn_rewards(batch), self.episodes(samples))
+        out = ScoredRollout(batch, None, self.token_rewards(batch), self.episodes(samples))
         with timer("score"):
             out.rewards = self.score(batch, gen, out.ref())
         self.check_staleness(out, gen.step)
@@ -157,7 +159,7 @@ class Sampling:
 class Episodes(Sampling):
     """Multi-turn (env.cls): n episodes per prompt, the engines acting, the environment workers answering
     (actors/engine.py `episodes`). The environment's per-turn rewards come with the samples: its reward source's
-    column gets each episode's sum, and `turn_rewards` puts them, weighted, on each turn's last action token."""
+    column gets each episode's sum, and `token_rewards` puts them, weighted, on each turn's last action token."""
 
     def __init__(self, cfg: Config, actors: Actors, tokenizer, stream: PromptStream):
         super().__init__(cfg, actors, tokenizer, stream)
@@ -184,7 +186,7 @@ class Episodes(Sampling):
         scores.sources[:, self.env_source] = batch.token_rewards.sum(-1)    # the reward actors leave it 0
         return scores
 
-    def turn_rewards(self, batch: RolloutBatch) -> torch.Tensor:
+    def token_rewards(self, batch: RolloutBatch) -> torch.Tensor:
         return self.env_weight * batch.token_rewards
 
 
@@ -215,7 +217,7 @@ class DynamicSampling:
             batch = src.padded(gen.prompt_ids, samples)
             with timer("score"):
                 rewards = src.score(batch, gen)
-            turns = src.turn_rewards(batch)
+            turns = src.token_rewards(batch)
             totals.append(rewards.total if turns is None else rewards.total + turns.sum(-1))
             for j in groups_with_signal(totals[-1], g.n).nonzero().flatten().tolist():
                 rows = torch.arange(j * g.n, (j + 1) * g.n)
@@ -235,7 +237,7 @@ class DynamicSampling:
         kept = kept[:take]
         samples = [s for k in kept for s in k[1]]
         batch = src.padded([k[0] for k in kept], samples)
-        out = ScoredRollout(batch, cat([k[2] for k in kept]), src.turn_rewards(batch), src.episodes(samples), stats)
+        out = ScoredRollout(batch, cat([k[2] for k in kept]), src.token_rewards(batch), src.episodes(samples), stats)
         src.check_staleness(out, gen.step)
         return out
 
