@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 from rlhf_ray.prefs import ranking_from_scores
 
@@ -33,6 +35,34 @@ def gold_score(text: str) -> float:
 def simulated_ranking(responses: list[str], rng: random.Random, noise: float) -> list[int]:
     """A labeler's best-first ranking: gold plus Gaussian noise of std `noise` per answer (Thurstone)."""
     return ranking_from_scores([gold_score(r) + rng.gauss(0.0, noise) for r in responses])
+
+
+@dataclass(frozen=True)
+class SimulatedLabeler:
+    """One simulated person of a labeler pool: gold plus Gaussian noise (as `simulated_ranking`), and a systematic
+    bias of its own, of size `strength`:
+        length     + strength per word above the answers' mean length (prefers longer answers)
+        first      + strength for the answer shown first (each ranking shows the answers in a random order)
+        careless   on a `strength` share of rankings, a random order instead
+    Reliability estimated from the labels alone should find the biased ones (rlhf_ray/labelers.py)."""
+    name: str
+    noise: float = 0.15
+    bias: Literal["none", "length", "first", "careless"] = "none"
+    strength: float = 0.0
+
+    def rank(self, responses: list[str], rng: random.Random) -> list[int]:
+        if self.bias == "none":
+            return simulated_ranking(responses, rng, self.noise)
+        if self.bias == "careless" and rng.random() < self.strength:
+            return rng.sample(range(len(responses)), len(responses))
+        scores = [gold_score(r) + rng.gauss(0.0, self.noise) for r in responses]
+        if self.bias == "length":
+            lengths = [len(r.split()) for r in responses]
+            mean = sum(lengths) / len(lengths)
+            scores = [sc + self.strength * (n - mean) for sc, n in zip(scores, lengths)]
+        elif self.bias == "first":
+            scores[rng.randrange(len(responses))] += self.strength
+        return ranking_from_scores(scores)
 
 
 def tiny_gold(prompts: list[str], responses: list[str]) -> list[float]:
