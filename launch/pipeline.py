@@ -49,7 +49,7 @@ from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prefs import games_per_prompt, leaderboard
 from rlhf_ray.prompts import render_prompts
-from rlhf_ray.tiny_world.gold import gold_score, simulated_ranking
+from rlhf_ray.tiny_world.gold import SimulatedLabeler, gold_score, pool_rankings, simulated_ranking
 from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world, corpus_text
 
 
@@ -121,20 +121,27 @@ def judge_agreement(rows: list[dict], judge: Judge) -> dict:
 
 def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
           judge: Judge | None = None) -> tuple[str, dict | None]:
-    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers, or by the judge;
-    written beside the prompts as <name>_rankings.jsonl. Returns its path and, for the judge, its agreement with
-    gold on these answers."""
+    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers (one per ranking, or
+    pipeline.labelers: a pool, aggregated), or by the judge; written beside the prompts as <name>_rankings.jsonl.
+    Returns its path and a report: the judge's agreement with gold on these answers, or the pool's reliabilities
+    and agreement (None for the single labeler)."""
     pc = cfg.pipeline
     rows = answer_sets(cfg, sampler, tokenizer, read_prompts(prompts_path), pc.k, seed)
-    agreed = None
-    if judge is None:
-        rng = random.Random(seed + 1)
+    report = None
+    rng = random.Random(seed + 1)
+    if judge is not None:
+        judge_ranked(rows, judge, seed)
+        report = judge_agreement(rows, judge)
+    elif pc.labelers:
+        pool = [SimulatedLabeler(lab.name, lab.noise, lab.bias, lab.strength) for lab in pc.labelers]
+        report = pool_rankings(rows, pool, rng, pc.weigh_labelers)
+        print("labelers: agreement {:.2f}; reliability {}{}".format(report["agreement"], ", ".join(
+            f"{n} {p:.2f}" for n, p in report["reliability"].items()), "" if pc.weigh_labelers else " (not used)"),
+            flush=True)
+    else:
         for r in rows:
             r["ranking"] = simulated_ranking(r["responses"], rng, pc.labeler_noise)
-    else:
-        judge_ranked(rows, judge, seed)
-        agreed = judge_agreement(rows, judge)
-    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows)), agreed
+    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows)), report
 
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
@@ -331,7 +338,7 @@ def run_pipeline(cfg: Config) -> dict:
     tokenizer = load_tokenizer(sft["model"])
     sampler = Sampler.start(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
     judge = Judge.start(cfg, run_dir, device) if pc.labels == "judge" else None
-    rankings, judge_eval = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
+    rankings, label_report = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
     held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5, judge)[0]
                      if pc.monitor_prompts else None)
     if judge is not None:
@@ -375,7 +382,8 @@ def run_pipeline(cfg: Config) -> dict:
     table = summary_table(ev, board, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
     plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
     summary = {"eval": ev, "leaderboard": board, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
-               "labels": pc.labels, "judge_eval": judge_eval,
+               "labels": pc.labels, "judge_eval": label_report if judge is not None else None,
+               "labeler_pool": label_report if judge is None else None,
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
                             for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo)) if st},
                "monitor": monitor, "seconds": seconds,

@@ -377,6 +377,16 @@ class StageConfig:
 
 
 @dataclass
+class LabelerConfig:
+    """One simulated labeler of a pool (rlhf_ray/tiny_world/gold.py SimulatedLabeler)."""
+    name: str = ""
+    noise: float = 0.3                 # std of its Gaussian noise on the gold score
+    bias: Literal["none", "length", "first", "careless"] = "none"   # length: prefers longer answers; first: the one
+                                       # shown first; careless: a random order on a `strength` share of rankings
+    strength: float = 0.0              # the bias's size: per word above the mean, bonus of the first, or share
+
+
+@dataclass
 class PipelineConfig:
     """The tiny world's three stages end to end (launch/pipeline.py)."""
     world_dir: str = "assets/tiny"     # the pretrained base model (built there if missing)
@@ -388,6 +398,10 @@ class PipelineConfig:
     label_prompts: int = 256           # prompts whose K sampled answers are ranked
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
+    labelers: list[LabelerConfig] = field(default_factory=list)   # a pool: each labeler ranks every prompt's
+                                       # answers, and the rankings are aggregated (rlhf_ray/labelers.py); empty:
+                                       # one labeler per ranking with labeler_noise
+    weigh_labelers: bool = True        # weigh each labeler by its reliability estimated from the labels alone
     monitor_prompts: int = 0           # prompts labelled for a held-out monitor RM (disjoint from the RM's; 0: none)
     monitor_window: int = 5            # PPO steps averaged when comparing the monitor's curve with gold's
     ppo_prompts: int = 256
@@ -667,6 +681,18 @@ class Config:
             self.check_stage(name, paths=False)
         if self.pipeline.labels == "judge":         # judge.model "": the tiny world's stand-in judge, built
             self.judge_format()                      # beside the world (rlhf_ray/tiny_world/judge.py)
+        pool = self.pipeline.labelers
+        if pool:
+            names = [lab.name for lab in pool]
+            _need(self.pipeline.labels == "simulated", "pipeline.labelers", "is a pool of simulated labelers: it "
+                  f"needs pipeline.labels simulated, got {self.pipeline.labels}")
+            _need(all(names) and len(set(names)) == len(names), "pipeline.labelers",
+                  f"needs a distinct, non-empty name for each labeler, got {names}")
+            for lab in pool:
+                _need(lab.noise >= 0 and lab.strength >= 0, f"pipeline.labelers[{lab.name}]",
+                      f"needs noise and strength >= 0, got {lab.noise} and {lab.strength}")
+                _need(lab.bias != "careless" or lab.strength <= 1, f"pipeline.labelers[{lab.name}]",
+                      f"careless: strength is the share of random rankings, in [0, 1], got {lab.strength}")
         return self.check_ppo(paths=False)
 
     def check_label(self) -> "Config":

@@ -193,3 +193,16 @@ def test_the_cpus_a_run_needs_count_only_the_roles_it_has():
     gae = load_config(None, BASE + ["critic.cpus_per_rank=8", "reference.from_policy_base=true"])
     assert gae.cpus_needed() == 1.0 + 8.0 + 1.0 + 1.0                     # policy, critic, reward, engine
     assert load_config(None, BASE + ["sft.trainer.num_ranks=16"]).cpus_needed() == 16.0
+
+
+def test_a_labeler_pool_is_checked_with_the_pipeline():
+    pool = "pipeline.labelers=[{name: a, noise: 0.2}, {name: b, bias: careless, strength: 0.5}]"
+    cfg = load_config("configs/tiny_world.yaml", [pool]).check_pipeline()
+    assert [(lab.name, lab.bias, lab.strength) for lab in cfg.pipeline.labelers] == [("a", "none", 0.0),
+                                                                                     ("b", "careless", 0.5)]
+    for sets, needle in [([pool, "pipeline.labels=judge"], "pipeline.labelers is a pool of simulated labelers"),
+                         (["pipeline.labelers=[{name: a}, {name: a}]"], "needs a distinct, non-empty name"),
+                         (["pipeline.labelers=[{name: a, bias: careless, strength: 2}]"], r"labelers\[a\] careless"),
+                         (["pipeline.labelers=[{name: a, bias: lazy}]"], "bias")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config("configs/tiny_world.yaml", sets).check_pipeline()

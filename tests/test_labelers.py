@@ -124,3 +124,22 @@ def test_a_biased_labeler_is_found_unless_the_biased_agree_and_match_the_honest_
     assert min(one, key=one.get) == "longer0"
     two = aggregate(pool_labels(honest[:2] + longer)[0]).reliability
     assert min(two, key=two.get).startswith("honest") and min(two["longer0"], two["longer1"]) > 0.9
+
+
+def test_the_pipelines_pool_ranks_every_row_and_reports_each_labeler():
+    """rlhf_ray/tiny_world/gold.py pool_rankings, what the pipeline's label stage runs with pipeline.labelers:
+    every row keeps each labeler's ranking and gets the aggregate as the ranking the reward model trains on."""
+    from rlhf_ray.tiny_world.gold import SimulatedLabeler, pool_rankings, simulated_ranking
+    rng = random.Random(1)
+    rows = [{"prompt": f"p{g}", "responses": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))
+                                              for _ in range(K)]} for g in range(40)]
+    pool = [SimulatedLabeler(f"honest{i}", noise=0.3) for i in range(3)]
+    pool.append(SimulatedLabeler("careless", noise=0.3, bias="careless", strength=1.0))
+    report = pool_rankings(rows, pool, random.Random(2))
+    assert all(sorted(r["ranking"]) == list(range(K)) and set(r["labels"]) == {p.name for p in pool} for r in rows)
+    assert min(report["reliability"], key=report["reliability"].get) == "careless" and report["weighed"]
+    assert set(report["with_aggregate"]) == set(report["reliability"]) and 0 < report["agreement"] < 1
+    # an honest simulated labeler is the pipeline's single labeler: the same ranking from the same random state
+    texts = rows[0]["responses"]
+    assert SimulatedLabeler("h", noise=0.3).rank(texts, random.Random(7)) == simulated_ranking(texts, random.Random(7),
+                                                                                               0.3)

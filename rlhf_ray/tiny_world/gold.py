@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from rlhf_ray.labelers import LabeledRanking, aggregate
 from rlhf_ray.prefs import ranking_from_scores
 
 TOPIC_WORDS = frozenset("""object objects function functions method methods class classes value values type types
@@ -69,3 +70,18 @@ def tiny_gold(prompts: list[str], responses: list[str]) -> list[float]:
     """The gold score as a rule reward: `reward.sources: [{kind: function, path: "rlhf_ray.tiny_world.gold:tiny_gold"}]`
     (GRPO on the world's verifiable reward, configs/tiny_grpo.yaml)."""
     return [gold_score(r) for r in responses]
+
+
+def pool_rankings(rows: list[dict], pool: list[SimulatedLabeler], rng: random.Random, weigh: bool = True) -> dict:
+    """Every labeler of `pool` ranks every row's "responses"; each row gets their aggregate as "ranking" (what the
+    reward model trains on) and each labeler's own under "labels". Returns the pool's report: each labeler's
+    estimated reliability and agreement with the aggregate, the inter-labeler agreement, whether weighed."""
+    labels = []
+    for g, r in enumerate(rows):
+        r["labels"] = {lab.name: lab.rank(r["responses"], rng) for lab in pool}
+        labels += [LabeledRanking(g, name, tuple(ranking)) for name, ranking in r["labels"].items()]
+    agg = aggregate(labels, weigh=weigh)
+    for g, r in enumerate(rows):
+        r["ranking"] = agg.rankings[g]
+    return {"reliability": agg.reliability, "with_aggregate": agg.with_aggregate, "agreement": agg.agreement,
+            "weighed": agg.weighed}
