@@ -123,9 +123,11 @@ class Sampling:
             raise RolloutError(f"rollout for step {gen.step} failed on an engine: {cause_line(e)}") from None
         return merge_round_robin(parts, len(gen.prompt_ids), self.cfg.generation.n)
 
+    to_batch = staticmethod(rollout_from_samples)     # samples -> the padded batch (Episodes: with action masks)
+
     def padded(self, prompt_ids: list[list[int]], samples: list[Sample]) -> RolloutBatch:
         n = self.cfg.generation.n
-        return rollout_from_samples([p for p in prompt_ids for _ in range(n)], samples, self.tokenizer.pad_token_id)
+        return self.to_batch([p for p in prompt_ids for _ in range(n)], samples, self.tokenizer.pad_token_id)
 
     def episodes(self, samples: list[Sample]) -> list[dict] | None:
         return None
@@ -174,9 +176,7 @@ class Episodes(Sampling):
                 for e, part, rows_part, seed in zip(engines, split_round_robin(ids, k), split_round_robin(rows, k),
                                                     seeds) if part]
 
-    def padded(self, prompt_ids: list[list[int]], samples: list[EpisodeSample]) -> RolloutBatch:
-        n = self.cfg.generation.n
-        return rollout_from_episodes([p for p in prompt_ids for _ in range(n)], samples, self.tokenizer.pad_token_id)
+    to_batch = staticmethod(rollout_from_episodes)
 
     def episodes(self, samples: list[EpisodeSample]) -> list[dict]:
         return [s["episode"] for s in samples]

@@ -33,9 +33,14 @@ def gold_score(text: str) -> float:
     return 10.0 * (sum(w in TOPIC_WORDS for w in words) + 0.5 * sum(w in RELATED_WORDS for w in words)) / len(words)
 
 
+def noisy_gold(responses: list[str], rng: random.Random, noise: float) -> list[float]:
+    """What a labeler perceives: each answer's gold plus Gaussian noise of std `noise` (Thurstone)."""
+    return [gold_score(r) + rng.gauss(0.0, noise) for r in responses]
+
+
 def simulated_ranking(responses: list[str], rng: random.Random, noise: float) -> list[int]:
-    """A labeler's best-first ranking: gold plus Gaussian noise of std `noise` per answer (Thurstone)."""
-    return ranking_from_scores([gold_score(r) + rng.gauss(0.0, noise) for r in responses])
+    """A labeler's best-first ranking of `noisy_gold`."""
+    return ranking_from_scores(noisy_gold(responses, rng, noise))
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class SimulatedLabeler:
             return simulated_ranking(responses, rng, self.noise)
         if self.bias == "careless" and rng.random() < self.strength:
             return rng.sample(range(len(responses)), len(responses))
-        scores = [gold_score(r) + rng.gauss(0.0, self.noise) for r in responses]
+        scores = noisy_gold(responses, rng, self.noise)
         if self.bias == "length":
             lengths = [len(r.split()) for r in responses]
             mean = sum(lengths) / len(lengths)
