@@ -36,20 +36,21 @@ import torch
 
 from actors.group import RankGroup
 from actors.reward import RewardActor
-from launch.answers import Judge, Sampler, answer_sets, judge_ranked, write_jsonl
+from launch.answers import Judge, Sampler, answer_sets, write_jsonl
 from launch.common import RunError, actor_env, cluster_device, run_cli, start_ray
 from launch.ppo import train as ppo_train
+from launch.rounds import Audit, JudgeLabels, LabelSource, PoolLabels, Progress, SimulatedLabels, audit_rows
 from launch.stages import run_stage
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, cat
 from rlhf_ray.config import Config, derive, dump_config, resolve_paths
-from rlhf_ray.data import DataError
-from rlhf_ray.judge import PairVerdict, agreement
+from rlhf_ray.data import DataError, read_jsonl
+from rlhf_ray.drift import DriftCheck
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prefs import games_per_prompt, leaderboard
 from rlhf_ray.prompts import render_prompts
-from rlhf_ray.tiny_world.gold import SimulatedLabeler, gold_score, pool_rankings, simulated_ranking
+from rlhf_ray.tiny_world.gold import GOLDS, SimulatedLabeler
 from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world, corpus_text
 
 
@@ -65,15 +66,20 @@ def make_task_data(out: Path, cfg: Config) -> dict:
         return "Continue: " + " ".join(s.split()[:5])
 
     groups, i = {}, 0
-    for name, n in (("eval", pc.eval_prompts), ("label", pc.label_prompts), ("monitor", pc.monitor_prompts),
+    later = pc.round_labels * (pc.rounds - 1)       # later rounds' label prompts, after the first round's
+    for name, n in (("eval", pc.eval_prompts), ("label", pc.label_prompts + later), ("monitor", pc.monitor_prompts),
                     ("ppo", pc.ppo_prompts), ("sft", pc.sft_examples)):
         groups[name], i = sents[i:i + n], i + n
     if len(groups["sft"]) < pc.sft_examples:
         raise DataError(f"pipeline: the corpus has only {len(sents)} usable sentences, {len(groups['sft'])} left for "
                         f"pipeline.sft_examples={pc.sft_examples}; ask for fewer prompts/examples")
     out.mkdir(parents=True, exist_ok=True)
+    label, groups["label"] = groups["label"], groups["label"][:pc.label_prompts]
+    for r in range(2, pc.rounds + 1):
+        start = pc.label_prompts + (r - 2) * pc.round_labels
+        groups[f"label_r{r}"] = label[start:start + pc.round_labels]
     paths = {name: str(write_jsonl(out / f"{name}_prompts.jsonl", [{"prompt": prompt(s)} for s in groups[name]]))
-             for name in ("eval", "label", "monitor", "ppo")}
+             for name in groups if name != "sft"}
     paths["sft"] = str(write_jsonl(out / "sft.jsonl", [
         {"instruction": prompt(s), "input": "", "output": " ".join(s.split()[5:])} for s in groups["sft"]]))
     return paths
@@ -98,7 +104,7 @@ def rm_gold_accuracy(rm_dir: str | Path, rankings: str | Path, cfg: Config) -> f
         with torch.no_grad():
             v = [rm(input_ids=torch.tensor([(p + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
                                             [:cfg.rm.max_len]])).logits.item() for r in row["responses"]]
-        g = [gold_score(r) for r in row["responses"]]
+        g = [GOLDS[cfg.pipeline.gold](r) for r in row["responses"]]
         for a, b in itertools.combinations(range(len(g)), 2):
             if g[a] != g[b]:
                 total += 1
@@ -106,42 +112,25 @@ def rm_gold_accuracy(rm_dir: str | Path, rankings: str | Path, cfg: Config) -> f
     return right / max(total, 1)
 
 
-def judge_agreement(rows: list[dict], judge: Judge) -> dict:
-    """The judge against the hidden gold on the answers it ranked (the SFT policy's samples: it never saw one
-    while it learned): rlhf_ray/judge.py agreement, pointwise scores asked for the same answers."""
-    flat = judge.scores([r["prompt"] for r in rows for _ in r["responses"]], [a for r in rows for a in r["responses"]])
-    scores, i = [], 0
-    for r in rows:
-        scores.append(flat[i:i + len(r["responses"])])
-        i += len(r["responses"])
-    verdicts = [{(a, b): PairVerdict(pf, ps, (pf + ps) / 2, (pf > 0.5) != (ps > 0.5))
-                 for a, b, pf, ps in r["judge_verdicts"]} for r in rows]
-    return agreement([[gold_score(a) for a in r["responses"]] for r in rows], verdicts, scores)
-
-
-def label(cfg: Config, sampler: Sampler, tokenizer, prompts_path: str, out: Path, seed: int,
-          judge: Judge | None = None) -> tuple[str, dict | None]:
-    """K answers per prompt from the current (SFT) model, ranked by noisy simulated labelers (one per ranking, or
-    pipeline.labelers: a pool, aggregated), or by the judge; written beside the prompts as <name>_rankings.jsonl.
-    Returns its path and a report: the judge's agreement with gold on these answers, or the pool's reliabilities
-    and agreement (None for the single labeler)."""
-    pc = cfg.pipeline
-    rows = answer_sets(cfg, sampler, tokenizer, read_prompts(prompts_path), pc.k, seed)
-    report = None
-    rng = random.Random(seed + 1)
+def label_source(cfg: Config, judge: Judge | None) -> LabelSource:
+    """Who ranks, from pipeline.labels / pipeline.labelers (launch/rounds.py; people at a page are the next)."""
+    pc, gold = cfg.pipeline, GOLDS[cfg.pipeline.gold]
     if judge is not None:
-        judge_ranked(rows, judge, seed)
-        report = judge_agreement(rows, judge)
-    elif pc.labelers:
-        pool = [SimulatedLabeler(lab.name, lab.noise, lab.bias, lab.strength) for lab in pc.labelers]
-        report = pool_rankings(rows, pool, rng, pc.weigh_labelers)
-        print("labelers: agreement {:.2f}; reliability {}{}".format(report["agreement"], ", ".join(
-            f"{n} {p:.2f}" for n, p in report["reliability"].items()), "" if pc.weigh_labelers else " (not used)"),
-            flush=True)
-    else:
-        for r in rows:
-            r["ranking"] = simulated_ranking(r["responses"], rng, pc.labeler_noise)
-    return str(write_jsonl(out / Path(prompts_path).name.replace("_prompts", "_rankings"), rows)), report
+        return JudgeLabels(judge, gold)
+    if pc.labelers:
+        return PoolLabels([SimulatedLabeler(lab.name, lab.noise, lab.bias, lab.strength, gold) for lab in pc.labelers],
+                          pc.weigh_labelers)
+    return SimulatedLabels(pc.labeler_noise, gold)
+
+
+def label(cfg: Config, sampler: Sampler, tokenizer, source: LabelSource, prompts_path: str, out: Path, seed: int,
+          count: int | None = None) -> dict:
+    """K answers per prompt (the first `count` prompts of the file) from the sampler's current model, ranked by
+    `source`, written to `out`. Returns {path, labels (rankings made), report (the judge's agreement with gold on
+    these answers, or the pool's reliabilities and agreement; None for single simulated labelers)}."""
+    rows = answer_sets(cfg, sampler, tokenizer, read_prompts(prompts_path)[:count], cfg.pipeline.k, seed)
+    report = source.rank(rows, seed)
+    return {"path": str(write_jsonl(out, rows)), "labels": len(rows), "report": report}
 
 
 def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompts_path: str,
@@ -166,7 +155,8 @@ def evaluate(cfg: Config, sampler: Sampler, reward: RankGroup, tokenizer, prompt
         return s.total, s.monitor
 
     def gold(responses):
-        return torch.tensor([gold_score(t) for t in tokenizer.batch_decode(responses, skip_special_tokens=True)])
+        return torch.tensor([GOLDS[cfg.pipeline.gold](t)
+                             for t in tokenizer.batch_decode(responses, skip_special_tokens=True)])
 
     results, drawn, per_prompt = {}, {}, {}          # per_prompt[entry][prompt]: its answers' gold
     for name, model_dir in policies.items():
@@ -205,9 +195,10 @@ def zscore(x: list[float]) -> list[float]:
     return [(v - m) / (sd or 1.0) for v in x]
 
 
-def plot_ppo(rows: list[dict], out: Path, window: int) -> Path:
+def plot_ppo(rows: list[dict], out: Path, window: int, round_starts: list[int] = ()) -> Path:
     """Left: proxy, monitor and gold reward per PPO step, each z-scored over the run (their shapes are what
-    must agree; their scales differ), with a moving average; right: KL to the SFT model."""
+    must agree; their scales differ), with a moving average; right: KL to the SFT model. A dotted line where a
+    round's new reward model took over (the proxy's scale changes there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -226,6 +217,9 @@ def plot_ppo(rows: list[dict], out: Path, window: int) -> Path:
     b.plot(steps, [r["kl/ref_per_seq"] for r in rows], color="tab:green")
     b.set_xlabel("PPO step"); b.set_ylabel("KL to SFT (nats / sequence)"); b.grid(alpha=0.3)
     b.set_title("KL to the SFT model")
+    for x in round_starts:
+        for ax in (a, b):
+            ax.axvline(x + 0.5, color="grey", ls=":", lw=1)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -240,7 +234,7 @@ def monitor_figures(rows: list[dict], window: int) -> dict:
 
 
 def summary_table(ev: dict, board: list[dict], rm_eval: dict, monitor_eval: dict | None, monitor: dict,
-                  seconds: dict) -> str:
+                  seconds: dict, rounds: list[dict] | None = None) -> str:
     sft = ev["sft"]
     has_monitor = "monitor_mean" in sft
     lines = ["| policy | gold (mean ± sd) | gain vs SFT (SFT sd) | proxy RM |" + (" monitor RM |" if has_monitor else "")
@@ -263,45 +257,172 @@ def summary_table(ev: dict, board: list[dict], rm_eval: dict, monitor_eval: dict
     for name, m in monitor.items():
         lines.append(f"PPO steps, {name} vs gold: Pearson r {m['pearson']:+.2f}; peak step {m['peak_step']} "
                      f"(gold's {m['reference_peak_step']})")
+    if rounds:
+        lines += ["", "| round | labels (fresh + audit) | RM held-out acc | PPO steps | audit acc first → last | "
+                  "gold, last steps | proxy, last steps | KL, last steps | DPO labels | ended by |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        f = lambda v, spec: "–" if v is None else format(v, spec)     # noqa: E731
+        lines += [f"| {x['round']} | {x['labels']} + {x['audit_labels']} | {x['rm_accuracy']:.3f} | {x['ppo_steps']} | "
+                  f"{f(x['audit_first'], '.2f')} → {f(x['audit_last'], '.2f')} | {f(x['gold_end'], '.3f')} | "
+                  f"{f(x['proxy_end'], '+.3f')} | {f(x['kl_end'], '.2f')} | {x['dpo_labels']} | "
+                  f"{x['stopped'] or 'its steps'} |" for x in rounds]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
     return "\n".join(lines)
 
 
 def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
-    """The PPO policy the evaluation measures: the run's newest published checkpoint. The divergence guard publishes
-    none from a step over its KL bound, so that may be an earlier step's (said in one line), or none at all (a
-    one-line error: there is nothing trustworthy to evaluate)."""
+    """The PPO policy the evaluation (and the next round) takes: the run's newest published checkpoint. The divergence
+    guard publishes none from a step over its KL bound, so that may be an earlier step's (said in one line), or none
+    at all (a one-line error: there is nothing trustworthy to go on from)."""
     if ppo["checkpoint"] is None:
         raise RunError(f"pipeline: PPO published no checkpoint to evaluate: its last step's KL to the reference was "
                        f"over guard.max_kl_per_token ({cfg.guard.max_kl_per_token:g}) and checkpoint.every is "
                        f"{cfg.checkpoint.every} (set it to keep earlier steps, or lower the policy's learning rate)")
     step = ckpt.load_state(Path(ppo["checkpoint"]))["step"]
-    if step != cfg.train.steps:
-        print(f"pipeline: evaluating PPO's checkpoint of step {step}: later steps were over "
+    if step != ppo["steps"]:
+        print(f"pipeline: going on from PPO's checkpoint of step {step}: later steps were over "
               f"guard.max_kl_per_token and not published", flush=True)
     return str(Path(ppo["checkpoint"]) / "policy")
 
 
-def run_pipeline(cfg: Config) -> dict:
+def round_name(stage: str, r: int) -> str:
+    """Round 1's stages keep the one-pass names (rm, ppo, dpo); later rounds' are rm_r2, ppo_r2, ..."""
+    return stage if r == 1 else f"{stage}_r{r}"
+
+
+def round_record(r: int, ppo: dict, window: int) -> dict:
+    """A round's PPO in numbers: steps run, why it stopped early (if it did), and its last `window` steps' means."""
+    rows = [json.loads(line) for line in Path(ppo["metrics"]).read_text().splitlines()]
+    tail = rows[-window:]
+    mean = lambda key: statistics.mean(x[key] for x in tail) if tail and key in tail[0] else None  # noqa: E731
+    audits = [x["audit/accuracy"] for x in rows if "audit/accuracy" in x]
+    return {"round": r, "ppo_steps": len(rows), "stopped": ppo["stopped"], "gold_end": mean("gold/mean"),
+            "proxy_end": mean("reward/score_mean"), "kl_end": mean("kl/ref_per_seq"),
+            "audit_first": audits[0] if audits else None, "audit_last": audits[-1] if audits else None}
+
+
+class Stages:
+    """A round's stages on the pipeline's shared machinery: the sampler engine, the label source, the record of
+    finished stages (each stage's result kept under its name: a resumed pipeline skips it), the stage clock."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: dict, progress: Progress, sampler: Sampler, tokenizer,
+                 source: LabelSource, sft: str, monitor: str | None, gold, resume: bool, stage, done):
+        self.cfg, self.run_dir, self.data, self.progress = cfg, run_dir, data, progress
+        self.sampler, self.tokenizer, self.source = sampler, tokenizer, source
+        self.sft, self.monitor, self.gold, self.resume = sft, monitor, gold, resume
+        self.stage, self.done, self.out = stage, done, run_dir / "data"
+
+    def label(self, key: str, policy: str, prompts: str, seed: int, count: int | None = None) -> dict:
+        """`count` prompts' K answers from `policy`, ranked by the label source."""
+        def run():
+            self.sampler.load(policy)
+            return label(self.cfg, self.sampler, self.tokenizer, self.source, prompts,
+                         self.out / f"{key}_rankings.jsonl", seed, count)
+        return self.progress.run(key, run)
+
+    def reward_model(self, r: int, data: str, start: str) -> dict:
+        name = round_name("rm", r)
+        return self.progress.run(name, lambda: run_stage(derive(self.cfg, {
+            "rm.data": data, "rm.model": start, "rm.output": str(self.run_dir / name)}), "rm"))
+
+    def ppo(self, r: int, policy: str, rm: str, steps: int, stop_on_drift: bool) -> dict:
+        """Round r's PPO, watched by the audit (its rankings in data/audit_r<r>_rankings.jsonl)."""
+        pc = self.cfg.pipeline
+        check = DriftCheck(pc.drift_accuracy, pc.drift_audits, 2 * pc.monitor_window if pc.drift_monitor else 0)
+        audit = Audit(self.source, self.tokenizer, self.out / f"audit_r{r}_rankings.jsonl", pc.audit_prompts,
+                      pc.audit_every, self.cfg.generation.n, self.cfg.run.seed + 1000 * r, check, stop_on_drift,
+                      self.gold)
+        return self.progress.run(round_name("ppo", r), lambda: ppo_round(
+            self.cfg, r, policy, self.sft, rm, self.monitor, self.data["ppo"], self.run_dir, steps, audit, self.gold,
+            self.resume))
+
+    def dpo(self, r: int, data: str, start: str) -> dict:
+        """Round r's DPO from `start`, the KL to the SFT model (round 1: start is the SFT model)."""
+        name = round_name("dpo", r)
+        return self.progress.run(name, lambda: run_stage(derive(self.cfg, {
+            "dpo.data": data, "dpo.model": start, "dpo.reference": self.sft if r > 1 else "",
+            "dpo.output": str(self.run_dir / name)}), "dpo"))
+
+
+class Loop:
+    """The rounds' state: each branch's current policy, the reward model, the PPO branch's rankings so far, the
+    last round's audit rankings (the next round's first labels), PPO steps left, and each round's record."""
+
+    def __init__(self, st: Stages, first: dict):
+        self.st, self.first = st, first
+        self.ppo_policy = self.dpo_policy = self.rm_dir = st.sft
+        self.ppo_labels, self.audits = [first["path"]], []
+        self.remaining, self.plan = st.cfg.train.steps, st.cfg.round_plan()
+        self.rms, self.ppos, self.dpos, self.records = [], [], [], []
+
+    def round(self, r: int) -> None:
+        st, pc, data = self.st, self.st.cfg.pipeline, self.st.data
+        last = r == pc.rounds
+        t0 = st.stage(f"label r{r}")
+        if r == 1:                     # the SFT model's answers, labelled before the monitor RM was trained
+            fresh = dpo_fresh = self.first
+            rm_data, rm_from = self.first["path"], st.sft
+        else:                          # each branch's own policy's answers to this round's prompts
+            seed = st.cfg.run.seed + 10 * r
+            fresh = st.label(f"label_r{r}", self.ppo_policy, data[f"label_r{r}"], seed,
+                             max(pc.round_labels - len(self.audits), 0))      # the audits' rankings count
+            dpo_fresh = st.label(f"label_dpo_r{r}", self.dpo_policy, data[f"label_r{r}"], seed + 1)
+            new = [str(write_jsonl(st.out / f"audit_r{r - 1}_kept.jsonl", self.audits)), fresh["path"]]
+            self.ppo_labels += new
+            # scratch: from the SFT model on every ranking so far; warm: from the last RM on the new ones
+            sources, rm_from = (self.ppo_labels, st.sft) if pc.rm_refresh == "scratch" else (new, self.rm_dir)
+            rm_data = str(write_jsonl(st.out / f"rm_r{r}_rankings.jsonl",
+                                      [row for path in sources for _, row in read_jsonl(path)]))
+        st.done("label", t0)
+
+        t0 = st.stage(f"rm r{r}")
+        rm = st.reward_model(r, rm_data, rm_from)
+        self.rm_dir = rm["model"]
+        st.done("rm", t0)
+
+        t0 = st.stage(f"ppo r{r}")
+        steps = self.remaining if last or pc.refresh == "on_drift" else self.plan[r - 1]
+        ppo = st.ppo(r, self.ppo_policy, self.rm_dir, steps, stop_on_drift=pc.refresh == "on_drift" and not last)
+        self.ppo_policy = ppo_checkpoint_policy(ppo, st.cfg)
+        self.remaining -= ppo["steps"]
+        self.audits = audit_rows(st.out / f"audit_r{r}_rankings.jsonl", ppo["steps"])
+        st.done("ppo", t0)
+
+        t0 = st.stage(f"dpo r{r}")
+        dpo = st.dpo(r, dpo_fresh["path"], self.dpo_policy)
+        self.dpo_policy = dpo["model"]
+        st.done("dpo", t0)
+        self.rms.append(rm), self.ppos.append((ppo, self.ppo_policy)), self.dpos.append(dpo)
+        self.records.append({**round_record(r, ppo, pc.monitor_window), "labels": fresh["labels"],
+                             "audit_labels": len(self.audits), "dpo_labels": dpo_fresh["labels"],
+                             "rm_accuracy": rm["eval"]["accuracy"]})
+
+
+def run_pipeline(cfg: Config, resume: bool = False) -> dict:
+    """Every stage, round by round (pipeline.rounds); resume: keep the stages a killed run finished
+    (<run.output_dir>/pipeline_state.json) and resume its unfinished PPO round from its newest checkpoint."""
+    from dataclasses import asdict
     from tqdm import tqdm
     from rlhf_ray.preflight import judge_tokenizer
     cfg = resolve_paths(cfg.check_pipeline())    # every stage's settings, before the first one starts
     pc = cfg.pipeline
+    gold = GOLDS[pc.gold]
     world_judge = pc.labels == "judge" and not cfg.judge.model      # the world's stand-in judge, built below
     if pc.labels == "judge" and not world_judge:
         judge_tokenizer(cfg)                       # the judge's model and labels, before hours of SFT
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(run_dir, json.loads(json.dumps(asdict(cfg))), resume)
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
     seconds, t_all = {}, time.perf_counter()
-    bar = tqdm(total=7 + world_judge, desc="pipeline", unit="stage", dynamic_ncols=True)
+    bar = tqdm(total=5 + 4 * pc.rounds + world_judge, desc="pipeline", unit="stage", dynamic_ncols=True)
 
     def stage(name):
         bar.set_postfix_str(name)
         return time.perf_counter()
 
     def done(name, t0):
-        seconds[name] = time.perf_counter() - t0
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         bar.update(1)
 
     t0 = stage("pretrain")
@@ -326,70 +447,91 @@ def run_pipeline(cfg: Config) -> dict:
     dump_config(cfg, run_dir / "config.yaml")
 
     # the sampler engine and the evaluation reward model live beside each stage's actors (and the judge's
-    # engines beside the sampler while labelling)
+    # engines beside the sampler while labelling, and beside PPO's actors when rounds or audits need it later)
     judge_cpus = cfg.judge.engine.num_ranks * cfg.judge.engine.cpus_per_rank if pc.labels == "judge" else 0
     start_ray(cfg, extra_cpus=cfg.engine.cpus_per_rank + cfg.reward.cpus_per_rank + judge_cpus)
     t0 = stage("sft")
-    sft = run_stage(derive(cfg, {"sft.data": data["sft"], "sft.model": base, "sft.output": str(run_dir / "sft")}),
-                    "sft")
+    sft = progress.run("sft", lambda: run_stage(
+        derive(cfg, {"sft.data": data["sft"], "sft.model": base, "sft.output": str(run_dir / "sft")}), "sft"))
     done("sft", t0)
 
     t0 = stage("label")
     tokenizer = load_tokenizer(sft["model"])
     sampler = Sampler.start(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
     judge = Judge.start(cfg, run_dir, device) if pc.labels == "judge" else None
-    rankings, label_report = label(cfg, sampler, tokenizer, data["label"], run_dir / "data", cfg.run.seed + 1, judge)
-    held_rankings = (label(cfg, sampler, tokenizer, data["monitor"], run_dir / "data", cfg.run.seed + 5, judge)[0]
-                     if pc.monitor_prompts else None)
-    if judge is not None:
-        judge.shutdown()
-    done("label", t0)
+    try:                                       # a failed stage leaves no engine behind (in-process callers go on)
+        source = label_source(cfg, judge)
+        out = run_dir / "data"
+        first = progress.run("label", lambda: label(cfg, sampler, tokenizer, source, data["label"],
+                                                    out / "label_rankings.jsonl", cfg.run.seed + 1))
+        held = progress.run("label_monitor", lambda: label(cfg, sampler, tokenizer, source, data["monitor"],
+                                                           out / "monitor_rankings.jsonl", cfg.run.seed + 5)
+                            ) if pc.monitor_prompts else None
+        if judge is not None and pc.rounds == 1 and not pc.audit_prompts:
+            judge.shutdown()                       # nothing more for it to label
+        done("label", t0)
 
-    t0 = stage("rm")
-    rm = run_stage(derive(cfg, {"rm.data": rankings, "rm.model": sft["model"], "rm.output": str(run_dir / "rm")}), "rm")
-    monitor_rm = run_stage(derive(cfg, {"rm.data": held_rankings, "rm.model": sft["model"],
-                                        "rm.output": str(run_dir / "rm_monitor")}), "rm") if held_rankings else None
-    done("rm", t0)
+        t0 = stage("rm")
+        monitor_rm = progress.run("rm_monitor", lambda: run_stage(derive(cfg, {
+            "rm.data": held["path"], "rm.model": sft["model"], "rm.output": str(run_dir / "rm_monitor")}), "rm")
+                                  ) if held else None
+        done("rm", t0)
+        monitor_dir = monitor_rm["model"] if monitor_rm else None
 
-    t0 = stage("ppo")
-    monitor_dir = monitor_rm["model"] if monitor_rm else None
-    ppo = ppo_train(derive(cfg, {"models.policy": sft["model"], "models.reward": rm["model"], "models.monitor": monitor_dir,
-                                 "data.prompts": data["ppo"], "run.output_dir": str(run_dir / "ppo"),
-                                 "run.name": f"{cfg.run.name}-ppo"}), gold_fn=gold_score)
-    ppo_policy = ppo_checkpoint_policy(ppo, cfg)
-    done("ppo", t0)
+        # the rounds (docs/rounds.md): label the current policy's answers -> a reward model on every ranking so
+        # far -> PPO on from the last policy; DPO on from its own last model on its own answers' labels
+        loop = Loop(Stages(cfg, run_dir, data, progress, sampler, tokenizer, source, sft["model"], monitor_dir, gold,
+                           resume, stage, done), first)
+        for r in range(1, pc.rounds + 1):
+            loop.round(r)
+            if loop.remaining <= 0:
+                break
+        rm_dir, rms, ppos, dpos, rounds = loop.rm_dir, loop.rms, loop.ppos, loop.dpos, loop.records
 
-    t0 = stage("dpo")
-    dpo = run_stage(derive(cfg, {"dpo.data": rankings, "dpo.model": sft["model"], "dpo.output": str(run_dir / "dpo")}),
-                    "dpo")
-    done("dpo", t0)
-
-    t0 = stage("evaluate")
-    eval_cfg = derive(cfg, {"models.policy": sft["model"], "models.reward": rm["model"], "models.monitor": monitor_dir})
-    reward = RankGroup(RewardActor, "eval-reward", 1, cfg.reward.cpus_per_rank, cfg.reward.gpus_per_rank,
-                       (eval_cfg, device), distributed=cfg.reward.zero_stage == 3,
-                       runtime_env={"env_vars": actor_env(device)})
-    ev, board = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"],
-                         {"sft": sft["model"], "ppo": ppo_policy, "dpo": dpo["model"]}, sft["model"])
-    reward.shutdown()
-    sampler.group.shutdown()
-    done("evaluate", t0)
+        t0 = stage("evaluate")
+        eval_cfg = derive(cfg, {"models.policy": sft["model"], "models.reward": rm_dir, "models.monitor": monitor_dir})
+        reward = RankGroup(RewardActor, "eval-reward", 1, cfg.reward.cpus_per_rank, cfg.reward.gpus_per_rank,
+                           (eval_cfg, device), distributed=cfg.reward.zero_stage == 3,
+                           runtime_env={"env_vars": actor_env(device)})
+        n = len(rounds)
+        policies = {"sft": sft["model"], **{("ppo" if r == n else f"ppo_r{r}"): ppos[r - 1][1] for r in range(1, n + 1)},
+                    **{("dpo" if r == n else f"dpo_r{r}"): dpos[r - 1]["model"] for r in range(1, n + 1)}}
+        ev, board = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"], policies, sft["model"])
+        reward.shutdown()
+        done("evaluate", t0)
+    finally:
+        sampler.group.shutdown()
+        if judge is not None:
+            judge.shutdown()
     bar.close()
     seconds["total"] = time.perf_counter() - t_all
 
-    rows = [json.loads(line) for line in Path(ppo["metrics"]).read_text().splitlines()]
+    rows, offset = [], 0
+    for ppo, _ in ppos:          # every round's PPO steps on one axis
+        part = [json.loads(line) for line in Path(ppo["metrics"]).read_text().splitlines()]
+        rows += [{**x, "step": x["step"] + offset} for x in part]
+        offset += len(part)
     monitor = monitor_figures(rows, pc.monitor_window)
-    table = summary_table(ev, board, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds)
-    plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window)
+    rm, dpo = rms[-1], dpos[-1]
+    table = summary_table(ev, board, rm["eval"], monitor_rm and monitor_rm["eval"], monitor, seconds,
+                          rounds if pc.rounds > 1 else None)
+    plot = plot_ppo(rows, run_dir / "ppo_curves.png", pc.monitor_window,
+                    [sum(x["ppo_steps"] for x in rounds[:i]) for i in range(1, n)])
+    report = first["report"]
     summary = {"eval": ev, "leaderboard": board, "rm_eval": rm["eval"], "monitor_rm_eval": monitor_rm and monitor_rm["eval"],
-               "labels": pc.labels, "judge_eval": label_report if judge is not None else None,
-               "labeler_pool": label_report if judge is None else None,
+               "labels": pc.labels, "judge_eval": report if pc.labels == "judge" else None,
+               "labeler_pool": report if pc.labels != "judge" else None, "rounds": rounds,
+               "labels_used": {"ppo": sum(x["labels"] + x["audit_labels"] for x in rounds),     # the audits' count
+                               "dpo": sum(x["dpo_labels"] for x in rounds)},
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
                             for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo)) if st},
                "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
                "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,
-                          "ppo": ppo_policy, "dpo": dpo["model"]}, "plot": str(plot)}
+                          "ppo": ppos[-1][1], "dpo": dpo["model"],
+                          **{f"{kind}_r{r}": m for r in range(1, n) for kind, m in
+                             (("rm", rms[r - 1]["model"]), ("ppo", ppos[r - 1][1]), ("dpo", dpos[r - 1]["model"]))}},
+               "plot": str(plot)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (run_dir / "summary.md").write_text(table + "\n")
     if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":
@@ -398,14 +540,32 @@ def run_pipeline(cfg: Config) -> dict:
                          name=f"{cfg.run.name}-summary", dir=str(run_dir), reinit="finish_previous")
         run.log({f"eval/{p}/{k}": v for p, r in ev.items() for k, v in r.items()})
         run.log({f"monitor/{name}_vs_gold_{k}": v for name, m in monitor.items() for k, v in m.items()})
+        for x in rounds:
+            run.log({f"rounds/{k}": v for k, v in x.items() if isinstance(v, (int, float))})
         run.log({"ppo_curves": wandb.Image(str(plot))})
         run.finish()
     print("\n" + table, flush=True)
     return summary
 
 
+def ppo_round(cfg: Config, r: int, policy: str, sft: str, rm: str, monitor: str | None, prompts: str, run_dir: Path,
+              steps: int, audit: Audit, gold, resume: bool) -> dict:
+    """Round r's PPO: from the last round's policy against this round's RM, the KL still to the SFT model
+    (models.reference); a fresh critic from the new RM (its values were learned for the last one) and fresh optimizer and
+    KL-controller states; the prompt order and sampling seeded anew each round. Resumes a killed round."""
+    sets = {"models.policy": policy, "models.reward": rm, "models.monitor": monitor, "data.prompts": prompts,
+            "run.output_dir": str(run_dir / round_name("ppo", r)), "run.name": f"{cfg.run.name}-{round_name('ppo', r)}",
+            "train.steps": steps}
+    if r > 1:
+        sets.update({"models.reference": sft, "run.seed": cfg.run.seed + r - 1})
+    watch = audit if (cfg.pipeline.audit_prompts or audit.stop_on_drift) else None
+    result = ppo_train(derive(cfg, sets), resume="auto" if resume else False, gold_fn=gold, watch=watch)
+    return {k: result[k] for k in ("run_dir", "metrics", "checkpoint", "steps", "stopped")}
+
+
 def main(argv: list[str] | None = None) -> int:
-    summary = run_cli("rlhf-ray pipeline", "SFT -> RM from rankings -> PPO, and DPO", lambda cfg, _: run_pipeline(cfg), argv)
+    summary = run_cli("rlhf-ray pipeline", "SFT -> RM from rankings -> PPO, and DPO (in rounds: pipeline.rounds)",
+                      lambda cfg, args: run_pipeline(cfg, resume=bool(args.resume)), argv, resume_flag=True)
     if isinstance(summary, int):              # bad input or a failed run: said in one line
         return summary
     print(f"\nsummary: {Path(summary['plot']).parent / 'summary.md'}\ncurves:  {summary['plot']}", flush=True)

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 import ray
@@ -205,8 +206,17 @@ class Run:
     norm: ScoreNorm
     guard: DivergenceGuard
     gold_fn: object = None
+    watch: "Watch | None" = None      # sees each step's samples; may end the run early (Watch.stop)
     restarts: int = 0                 # actor deaths recovered from so far (fault_tolerance.max_actor_restarts)
     startup: dict | None = None       # the driver's start-up marks, until the first step reports them
+
+
+class Watch(Protocol):
+    """What watches a PPO run from outside the loop (the pipeline's audit, launch/rounds.py): it sees each step's
+    scored samples and metrics, returns metrics of its own, and sets `stop` (why) to end the run after that step."""
+    stop: str | None
+
+    def observe(self, step: int, scored: ScoredRollout, metrics: dict) -> dict: ...
 
 
 def ppo_step(run: Run, step: int) -> Path | None:
@@ -301,6 +311,8 @@ def log_step(run: Run, step: int, scored: ScoredRollout, update: Update | None, 
               flush=True)
     else:
         metrics = {**step_metrics(run, step, scored, update, sync_stats, timer, busy, judged), **scored.stats}
+        if run.watch is not None:      # the closed loop's audit and drift rule (launch/rounds.py)
+            metrics.update(run.watch.observe(step, scored, metrics))
         run.kl.update(update.exp_stats["kl/ref_per_seq"])
         run.logger.log(step, metrics)
         total = update.scores if scored.token_rewards is None else update.scores + scored.token_rewards.sum(-1)
@@ -423,8 +435,10 @@ def tokenizer_beside_ray(cfg: Config, configs: dict):
             raise
 
 
-def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, gold_fn=None) -> dict:
-    """Run PPO to cfg.train.steps; returns where things were written (and the live actors if keep_actors).
+def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, gold_fn=None,
+          watch: Watch | None = None) -> dict:
+    """Run PPO to cfg.train.steps, or until `watch` says stop (then that step is checkpointed); returns where things
+    were written, the last step and why it stopped early, if it did (and the live actors if keep_actors).
     resume: True continues from the newest whole checkpoint (none is an error), "auto" also starts fresh.
     gold_fn(text) -> float, when given, is logged beside the proxy reward every step (the tiny world's monitor)."""
     startup = {"start": process_started_at() or IMPORTED_AT, "imports": IMPORTED_AT}
@@ -457,7 +471,7 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
     run = Run(cfg, actors, sync, tokenizer, stream, make_rollouts(cfg, actors, tokenizer, stream),
               AdvantageSettings.of(cfg.ppo, cfg.generation.n), logger, run_dir, tok_dir, KLCoef(cfg.ppo),
-              ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, startup=startup)
+              ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, watch, startup=startup)
     last_ckpt = latest
     try:
         # a resumed policy differs from models.policy, which the engines loaded; so does a 4-bit one (it computes
@@ -470,6 +484,10 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
             try:
                 saved = ppo_step(run, step)
                 last_ckpt, step = saved or last_ckpt, step + 1
+                if watch is not None and watch.stop:
+                    last_ckpt = saved or save_checkpoint(run, step - 1)     # where the next round starts from
+                    print(f"step {step - 1}: stopped: {watch.stop}", flush=True)
+                    break
             except (ray.exceptions.RayError, RolloutError) as e:
                 last_ckpt = ckpt.latest(ckpt.checkpoint_root(run_dir))
                 step = recover(run, step, e, last_ckpt)
@@ -479,7 +497,8 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
         raise
 
     summary = {"run_dir": str(run_dir), "metrics": str(logger.path), "wandb": logger.wandb_dir,
-               "checkpoint": str(last_ckpt) if last_ckpt else None}
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "steps": step - 1,
+               "stopped": watch.stop if watch is not None else None}
     logger.close()
     if keep_actors:
         summary["actors"] = actors

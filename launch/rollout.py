@@ -73,6 +73,7 @@ class ScoredRollout:
                                       #   turn's last action token; None single-turn
     episodes: list[dict] | None = None     # multi-turn: each episode's summary (rlhf_ray/env.py Episode.summary)
     stats: dict = field(default_factory=dict)   # filter/* metrics (dynamic sampling)
+    prompts: list[str] | None = None       # each row's prompt as the data gave it (B entries, n per group)
     _ref: ray.ObjectRef | None = None      # the batch in the object store, put once
 
     @property
@@ -146,7 +147,7 @@ class Sampling:
             samples = self.samples(gen)
         sampled()
         batch = self.padded(gen.prompt_ids, samples)
-        out = ScoredRollout(batch, None, self.token_rewards(batch), self.episodes(samples))
+        out = ScoredRollout(batch, None, self.token_rewards(batch), self.episodes(samples), prompts=gen.prompts)
         with timer("score"):
             out.rewards = self.score(batch, gen, out.ref())
         self.check_staleness(out, gen.step)
@@ -207,7 +208,8 @@ class DynamicSampling:
 
     def take(self, gen: Generation, timer: Timer, sampled: Callable[[], None]) -> ScoredRollout:
         src, g = self.source, self.cfg.generation
-        kept: list[tuple[list[int], list[Sample], RewardScores]] = []     # per group: prompt, samples, rewards
+        # per group: its rendered prompt, samples, rewards, and each sample's prompt as the data gave it
+        kept: list[tuple[list[int], list[Sample], RewardScores, list[str]]] = []
         totals = []
         for r in range(self.cfg.rollout.max_rounds):
             if r:
@@ -221,7 +223,8 @@ class DynamicSampling:
             totals.append(rewards.total if turns is None else rewards.total + turns.sum(-1))
             for j in groups_with_signal(totals[-1], g.n).nonzero().flatten().tolist():
                 rows = torch.arange(j * g.n, (j + 1) * g.n)
-                kept.append((gen.prompt_ids[j], samples[j * g.n:(j + 1) * g.n], select(rewards, rows)))
+                kept.append((gen.prompt_ids[j], samples[j * g.n:(j + 1) * g.n], select(rewards, rows),
+                             gen.prompts[j * g.n:(j + 1) * g.n]))
             if len(kept) >= g.prompts_per_step:
                 break
         sampled()
@@ -237,7 +240,8 @@ class DynamicSampling:
         kept = kept[:take]
         samples = [s for k in kept for s in k[1]]
         batch = src.padded([k[0] for k in kept], samples)
-        out = ScoredRollout(batch, cat([k[2] for k in kept]), src.token_rewards(batch), src.episodes(samples), stats)
+        out = ScoredRollout(batch, cat([k[2] for k in kept]), src.token_rewards(batch), src.episodes(samples), stats,
+                            [p for k in kept for p in k[3]])
         src.check_staleness(out, gen.step)
         return out
 

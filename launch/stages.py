@@ -8,6 +8,7 @@ stage opens with `from_pretrained`.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from actors.supervised import SupervisedActor
 from launch.common import cluster_device, mean_over_ranks, run_cli, start_ray, trainer_env
 from rlhf_ray import preflight
 from rlhf_ray.checkpoint import publish_dir
-from rlhf_ray.config import Config, dump_config, resolve_paths
+from rlhf_ray.config import Config, StageConfig, dump_config, resolve_paths
 from rlhf_ray.data import DataError
 from rlhf_ray.formats import load_preferences, load_sft
 from rlhf_ray.metrics import MetricsLogger
@@ -47,8 +48,12 @@ def run_stage(cfg: Config, name: str) -> dict:
 
     # every input checked before anything is started or written
     check_model_dir(st.model, f"{name}.model")            # before the tokenizer: a missing model named as such
+    if name == "dpo" and st.reference:
+        check_model_dir(st.reference, "dpo.reference")
     tokenizer = load_tokenizer(st.model, cfg.models.trust_remote_code)
     check_tokenizer_matches(tokenizer, st.model, f"{name}.model")
+    if name == "dpo" and st.reference:
+        check_tokenizer_matches(tokenizer, st.reference, "dpo.reference")
     train, held = stage_tensors(cfg, name, tokenizer)
     ranks = st.trainer.num_ranks
     train, held = trim_to_multiple(train, ranks), trim_to_multiple(held, ranks)
@@ -61,14 +66,27 @@ def run_stage(cfg: Config, name: str) -> dict:
     dump_config(cfg, run_dir / "config.yaml")
 
     start_ray(cfg)
-    group = RankGroup(SupervisedActor, name, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
-                      (st, name, cfg.train.dtype, device, cfg.run.seed, cfg.models.trust_remote_code), distributed=True,
-                      runtime_env=trainer_env(cfg, device))
+
+    def trainers(section: StageConfig, role: str) -> RankGroup:
+        return RankGroup(SupervisedActor, role, ranks, st.trainer.cpus_per_rank, st.trainer.gpus_per_rank,
+                         (section, name, cfg.train.dtype, device, cfg.run.seed, cfg.models.trust_remote_code),
+                         distributed=True, runtime_env=trainer_env(cfg, device))
+
+    def reference_logprobs(g: RankGroup) -> None:
+        for batch in (train, held):
+            batch.ref_logprobs = torch.cat(g.run("answer_logprobs", ray.put(batch)))
+
+    if name == "dpo" and st.reference:     # the reference's logprobs from its own ranks, gone before training starts
+        ref = trainers(dataclasses.replace(st, model=st.reference), "dpo-reference")
+        try:
+            reference_logprobs(ref)
+        finally:
+            ref.shutdown()
+    group = trainers(st, name)
     logger = None
     try:
-        if name == "dpo":              # reference logprobs: the starting weights, before the first step
-            for batch in (train, held):
-                batch.ref_logprobs = torch.cat(group.run("answer_logprobs", ray.put(batch)))
+        if name == "dpo" and not st.reference:     # the starting weights are the reference: before the first step
+            reference_logprobs(group)
         train_ref, held_ref = ray.put(train), ray.put(held)
         logger = MetricsLogger(run_dir, cfg, f"{cfg.run.name}-{name}", filename=f"{name}_metrics.jsonl")
         before = mean_over_ranks(group.run("evaluate", held_ref))

@@ -373,6 +373,8 @@ class StageConfig:
     max_len: int = 256
     eval_fraction: float = 0.1         # held out by prompt, so no prompt is in both splits
     beta: float = 0.1                  # DPO only: strength of the implicit KL constraint
+    reference: str = ""                # DPO only: the model the KL is to ("" -> the starting weights, model);
+                                       # iterative DPO's later rounds start from the last round's model, KL to SFT
     trainer: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
 
 
@@ -408,6 +410,23 @@ class PipelineConfig:
     eval_prompts: int = 128            # held out from every stage
     eval_samples: int = 4              # answers per held-out prompt for each evaluated policy
     best_of_n: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    gold: Literal["topic", "topic_no_repeats"] = "topic"   # what the simulated people want (tiny_world/gold.py
+                                       # GOLDS); topic_no_repeats: a flaw one pass of RLHF over-optimises
+    # The closed loop (docs/rounds.md): round r >= 2 labels answers of the current policy, retrains the reward
+    # model on every ranking so far and continues PPO (and DPO, as iterative DPO) from the last round's policy
+    rounds: int = 1                    # 1: one pass (label the SFT model's answers once)
+    refresh: Literal["schedule", "on_drift"] = "schedule"  # schedule: each round train.steps / rounds PPO steps;
+                                       # on_drift: a round ends when the audit (or the monitor) says the RM drifted
+    round_labels: int = 128            # rankings each later round: the last round's audit rankings + fresh ones
+    round_steps: int = 0               # schedule: PPO steps a round (0: train.steps / rounds, the rest last)
+    rm_refresh: Literal["scratch", "warm"] = "scratch"     # a later round's RM: trained from the SFT model on
+                                       # all rankings so far, or from the last RM on the new ones
+    audit_prompts: int = 0             # rankings of the current policy's answers an audit labels (0: no audit);
+                                       # they count against the label budget and join the next round's data
+    audit_every: int = 5               # PPO steps between audits
+    drift_accuracy: float = 0.6        # on_drift: the RM's pairwise accuracy on the audits under which it is stale
+    drift_audits: int = 2              # audits pooled for that accuracy (one audit is a few dozen pairs)
+    drift_monitor: bool = True         # on_drift: also when the held-out monitor RM falls while the proxy rises
 
 
 @dataclass
@@ -693,7 +712,28 @@ class Config:
                       f"needs noise and strength >= 0, got {lab.noise} and {lab.strength}")
                 _need(lab.bias != "careless" or lab.strength <= 1, f"pipeline.labelers[{lab.name}]",
                       f"careless: strength is the share of random rankings, in [0, 1], got {lab.strength}")
+        pc = self.pipeline
+        _need(pc.rounds >= 1, "pipeline.rounds", f"must be >= 1, got {pc.rounds}")
+        _need(pc.rounds == 1 or pc.round_labels > pc.audit_prompts, "pipeline.round_labels",
+              f"must exceed pipeline.audit_prompts ({pc.audit_prompts}): a round's rankings include the audits', "
+              f"got {pc.round_labels}")
+        steps = pc.round_steps or self.train.steps // pc.rounds
+        _need(steps >= 1 and steps * (pc.rounds - 1) < self.train.steps, "pipeline.round_steps",
+              f"leaves no PPO step for some of the {pc.rounds} rounds of train.steps {self.train.steps}")
+        _need(pc.refresh == "schedule" or pc.audit_prompts > 0 or (pc.drift_monitor and pc.monitor_prompts),
+              "pipeline.refresh", "on_drift needs pipeline.audit_prompts > 0 or a monitor RM (monitor_prompts, "
+              "drift_monitor) to tell drift by")
+        _need(pc.audit_every >= 1 and pc.drift_audits >= 1, "pipeline.audit_every",
+              "and pipeline.drift_audits must be >= 1")
+        _need(pc.gold == "topic" or pc.labels == "simulated", "pipeline.gold", "the stand-in judge knows the topic "
+              "gold only: topic_no_repeats needs pipeline.labels simulated")
         return self.check_ppo(paths=False)
+
+    def round_plan(self) -> list[int]:
+        """PPO steps each round gets on a schedule (on_drift: the most a round may run), summing to train.steps."""
+        pc, total = self.pipeline, self.train.steps
+        each = pc.round_steps or total // pc.rounds
+        return [each] * (pc.rounds - 1) + [total - each * (pc.rounds - 1)]
 
     def check_label(self) -> "Config":
         """What `rlhf-ray label` needs: a judge, and answers given or a policy to sample them from."""
@@ -977,21 +1017,39 @@ def derive(cfg: Config, sets: dict[str, Any]) -> Config:
     return _build(Config, tree).validate()
 
 
+def _read_tree(p: Path, chain: list[Path]) -> dict:
+    """A YAML file's mapping; with a top-level `extends: other.yaml` (relative to this file), that file's mapping
+    with this one's keys merged over it, section by section (a variant names only what it changes)."""
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {p}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if p.resolve() in chain:
+        raise ConfigError(f"config: {p} extends itself through {' -> '.join(map(str, chain))}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: {p} must hold a mapping at the top level")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    return _merge(_read_tree(p.parent / parent, chain + [p.resolve()]), tree)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (optional), apply `a.b=c` overrides, build and validate the typed tree."""
     tree: dict = {}
     where = ""
     if path is not None:
         where = f" ({path})"
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file not found: {path}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+        tree = _read_tree(Path(path), [])
     for o in overrides or []:
         _apply_override(tree, o)
     try:
@@ -1020,7 +1078,7 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]
     for st in (cfg.sft, cfg.rm, cfg.dpo):
-        st.data, st.model, st.output = fix(st.data), fix(st.model), fix(st.output)
+        st.data, st.model, st.output, st.reference = fix(st.data), fix(st.model), fix(st.output), fix(st.reference)
     cfg.run.output_dir, cfg.pipeline.world_dir = fix(cfg.run.output_dir), fix(cfg.pipeline.world_dir)
     return cfg
 

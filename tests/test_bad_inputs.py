@@ -260,5 +260,5 @@ def test_pipeline_with_no_published_ppo_checkpoint_says_so_in_one_line(tmp_path,
     root = ckpt.checkpoint_root(tmp_path)
     ckpt.begin(root, 40)
     earlier = ckpt.commit(root, 40, {"step": 40, "data": {"epoch": 0, "pos": 0}})
-    assert ppo_checkpoint_policy({"checkpoint": str(earlier)}, cfg) == str(earlier / "policy")
-    assert "evaluating PPO's checkpoint of step 40" in capsys.readouterr().out
+    assert ppo_checkpoint_policy({"checkpoint": str(earlier), "steps": 45}, cfg) == str(earlier / "policy")
+    assert "going on from PPO's checkpoint of step 40" in capsys.readouterr().out

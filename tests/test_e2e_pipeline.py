@@ -1,7 +1,8 @@
 """The tiny-world pipeline end to end with small counts: every stage on the real actor machinery (Ray,
 DeepSpeed ZeRO over 2 ranks, vLLM), each handing its HF checkpoint to the next (SFT -> reward model from K-way
-rankings -> PPO, and DPO at ZeRO-3); SFT, the reward model and DPO learned on held-out data, PPO and DPO moved
-away from SFT; summary, leaderboard, curves and gold monitor written. Slow."""
+rankings -> PPO, and DPO at ZeRO-3), in two rounds, killed in the second and resumed; SFT, the reward model and DPO
+learned on held-out data, PPO and DPO moved away from SFT; summary, leaderboard, curves and gold monitor written.
+One pass (pipeline.rounds 1, the first command's) runs in the judge test. Slow."""
 import json
 import math
 from dataclasses import asdict
@@ -35,14 +36,77 @@ def small_pipeline(tiny_world, tmp_path, extra=()):
         "placement.share_process=[[engine, reference, reward]]", *extra])     # PPO: two processes fewer to start
 
 
-def test_pipeline_small(tiny_world, tmp_path):
-    cfg = small_pipeline(tiny_world, tmp_path)
-    s = run_pipeline(cfg)
+class Killed(Exception):
+    """Stands for the driver dying mid-round (in process: the real SIGKILL of a PPO driver is test_e2e_faults')."""
+
+
+def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_path, monkeypatch):
+    """pipeline.rounds 2 with audits every step: round 2 labels the round-1 policy's answers (its own prompts, fewer by
+    the audit rankings, which join the RM's data), retrains the RM from the SFT model on every ranking so far, and
+    continues PPO from round 1's policy with the KL still to SFT; DPO goes on as iterative DPO (round 2 from round 1's
+    model on its own policy's labels, the reference SFT). The driver dies in round 2's PPO after its first step was
+    checkpointed; `--resume` keeps every finished stage (their files untouched) and continues that PPO from the
+    checkpoint; the evaluation plays every round's policy."""
+    import launch.pipeline as lp
+    cfg = small_pipeline(tiny_world, tmp_path, ["pipeline.rounds=2", "pipeline.round_labels=40",
+                                                "pipeline.audit_prompts=4", "pipeline.audit_every=1",
+                                                "train.steps=4", "checkpoint.every=1"])
+    real = lp.ppo_train
+
+    def dies_in_round_2(cfg, **kw):
+        if cfg.run.output_dir.endswith("ppo_r2"):
+            watch = kw["watch"]
+            seen = watch.observe
+
+            def observe(step, scored, metrics):
+                if step == 2:
+                    raise Killed()
+                return seen(step, scored, metrics)
+            watch.observe = observe
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(lp, "ppo_train", dies_in_round_2)
+    with pytest.raises(Killed):
+        run_pipeline(cfg)
     run = tmp_path / "run"
+    state = json.loads((run / "pipeline_state.json").read_text())["done"]
+    assert {"sft", "label", "label_monitor", "rm_monitor", "rm", "ppo", "dpo", "label_r2", "label_dpo_r2",
+            "rm_r2"} == set(state)
+    kept = {d: (run / d / "model.safetensors").stat().st_mtime for d in ("sft", "rm", "dpo", "rm_r2")}
+    monkeypatch.setattr(lp, "ppo_train", real)
+    s = run_pipeline(cfg, resume=True)
+    assert {d: (run / d / "model.safetensors").stat().st_mtime for d in kept} == kept      # not redone
+    r2 = [json.loads(line) for line in (run / "ppo_r2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in r2] == [1, 2]                 # step 1 from before the kill, step 2 after the resume
+    assert all("audit/accuracy" in r and 0 <= r["audit/accuracy"] <= 1 and "audit/gold_accuracy" in r for r in r2)
+    rounds = s["rounds"]
+    assert [x["round"] for x in rounds] == [1, 2] and [x["ppo_steps"] for x in rounds] == [2, 2]
+    # rankings made: a prompt whose K answers are not all distinct is passed over (answer_sets), so up to the count
+    assert 120 < rounds[0]["labels"] <= 128 and rounds[0]["audit_labels"] == 2 * 4     # 4 rankings an audit, 2 steps
+    assert 28 < rounds[1]["labels"] <= 40 - 8 and 36 < rounds[1]["dpo_labels"] <= 40
+    assert s["labels_used"] == {"ppo": rounds[0]["labels"] + 8 + rounds[1]["labels"] + 8,
+                                "dpo": rounds[0]["labels"] + rounds[1]["dpo_labels"]}
+    rm2 = [json.loads(line) for line in (run / "data" / "rm_r2_rankings.jsonl").read_text().splitlines()]
+    assert len(rm2) == rounds[0]["labels"] + 8 + rounds[1]["labels"]          # scratch: every ranking so far
+    assert sum(len(r["responses"]) == cfg.generation.n for r in rm2) == 8     # the audits' (n answers, not K)
+    ppo2 = load_config(str(run / "ppo_r2" / "config.yaml"))
+    assert ppo2.models.reference == s["models"]["sft"] and ppo2.models.policy == s["models"]["ppo_r1"]
+    assert ppo2.models.reward == str(run / "rm_r2")
+    dpo2 = s["held_out"]["dpo"]
+    assert dpo2["before"]["loss"] != pytest.approx(math.log(2), abs=1e-3)     # round 1's model against SFT's
+    assert "| round | labels (fresh + audit) |" in (run / "summary.md").read_text()
+    assert_stages_learned(s, run, cfg)
+
+
+def assert_stages_learned(s: dict, run, cfg):
+    """Each stage learned and handed on: the one-pass pipeline's checks, on round 1's stages (and the last DPO)."""
     held = s["held_out"]
     assert held["sft"]["after"]["loss"] < held["sft"]["before"]["loss"]     # response-token loss fell
-    # the reward model learned the rankings (128 labelled prompts: with 48 its held-out loss did not fall)
-    assert held["rm"]["after"]["loss"] < held["rm"]["before"]["loss"] and held["rm"]["after"]["accuracy"] > 0.6, held
+    rm1 = json.loads((run / "pipeline_state.json").read_text())["done"]["rm"]
+    # the reward model learned the rankings: its held-out pairwise accuracy (about 19 rankings of 8, 500 pairs) over
+    # 0.6 and over the untrained head's (its held-out loss at this size may rise as its margins grow: 0.69 -> 0.73
+    # here, at accuracy 0.67)
+    assert rm1["eval"]["accuracy"] > max(0.6, rm1["eval_before"]["accuracy"]), rm1
     # the monitor RM (32 labelled prompts) learned too: its own held-out split is 1 ranking at this size, too few to
     # say, so it is scored against gold on the RM's 128 prompts' answers (disjoint from its own). Measured 0.645 in
     # this test, and 0.567-0.667 (0.631 ± 0.040) retrained with 5 other seeds on the same rankings; the bar sits
@@ -51,15 +115,16 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert monitor_acc > MONITOR_GOLD_BAR, monitor_acc
     with torch.no_grad():                                                   # a scalar head on the SFT backbone
         assert load_scalar_model(s["models"]["rm"])(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 1)
-    assert held["dpo"]["before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference at first
-    assert held["dpo"]["after"]["reward_margin"] > 0
-    sft_w, dpo_w = (load_causal_lm(s["models"][m]).state_dict() for m in ("sft", "dpo"))
+    dpo1 = json.loads((run / "pipeline_state.json").read_text())["done"]["dpo"]
+    assert dpo1["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference at first
+    assert dpo1["eval"]["reward_margin"] > 0
+    sft_w, dpo_w = (load_causal_lm(m).state_dict() for m in (s["models"]["sft"], s["models"]["dpo_r1"]))
     assert max((dpo_w[k] - v).abs().max().item() for k, v in sft_w.items()) > 1e-4     # ZeRO-3 DPO moved it
-    assert set(s["eval"]) == {"sft", "ppo", "dpo", "best_of_2", "best_of_4"}
+    assert set(s["eval"]) == {"sft", "ppo_r1", "ppo", "dpo_r1", "dpo", "best_of_2", "best_of_4"}
     for name, r in s["eval"].items():
         assert all(math.isfinite(v) for v in r.values()), (name, r)
     assert s["eval"]["ppo"]["kl_to_sft"] > 0 and s["eval"]["dpo"]["kl_to_sft"] > 0   # both moved away from SFT
-    board = s["leaderboard"]                          # every evaluated entry rated from gold-decided games, best first
+    board = s["leaderboard"]                # every round's policy rated from gold-decided games, best first
     assert {r["name"] for r in board} == set(s["eval"]) and len(board) == len(s["eval"])
     assert [r["rating"] for r in board] == sorted((r["rating"] for r in board), reverse=True)
     assert sum(r["elo"] for r in board) / len(board) == pytest.approx(1000.0)    # Elo's updates are zero-sum
@@ -67,9 +132,9 @@ def test_pipeline_small(tiny_world, tmp_path):
         assert all(math.isfinite(r[k]) for k in ("rating", "rating_sd", "rating_lo", "rating_hi", "elo", "win_rate")), r
         assert r["games"] > 0 and r["rating_sd"] > 0 and r["rating_lo"] <= r["rating"] <= r["rating_hi"], r
     rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all("gold/mean" in r and "monitor/score_mean" in r for r in rows)   # beside the proxy
+    assert len(rows) == 2 and all("gold/mean" in r and "monitor/score_mean" in r for r in rows)   # beside the proxy
     samples = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * cfg.logging.samples_per_step
+    assert len(samples) == 2 * cfg.logging.samples_per_step
     for r in samples:        # PPO samples from the chat-rendered prompt, exactly as SFT, the RM and evaluation do
         assert r["prompt"].startswith("<|user|>\nContinue: ") and r["prompt"].endswith("\n<|assistant|>\n"), r
     assert set(s["monitor"]) == {"monitor", "proxy"} and "monitor_mean" in s["eval"]["ppo"]
@@ -79,7 +144,7 @@ def test_pipeline_small(tiny_world, tmp_path):
     assert (run / "ppo_curves.png").stat().st_size > 10_000
     rankings = [json.loads(line) for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines()]
     assert rankings and all(sorted(r["ranking"]) == list(range(cfg.pipeline.k)) for r in rankings)
-    for stage in ("sft", "rm", "dpo"):
+    for stage in ("sft", "rm", "dpo", "rm_r2", "dpo_r2"):
         assert (run / stage / "model.safetensors").is_file()
 
 

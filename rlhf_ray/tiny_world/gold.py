@@ -6,13 +6,20 @@ model — the share of its words naming objects, functions, methods, classes, va
 or related programming terms (arguments, calls, strings, exceptions, ...; weight 1/2), scaled by 10.
 Graded so that few answers tie: on SFT samples 40 % score 0 and 17 % of answer pairs tie (with the core
 words alone, 59 % scored 0).
+
+A variant, `pipeline.gold: topic_no_repeats` (configs/tiny_world_overopt.yaml), where one pass over-optimises:
+the same words, but each counts once per answer, and every repeat of one costs what a new topic word earns.
+The SFT model's answers barely vary on it (2 % of them repeat a topic word, 0.02 repeats an answer), so rankings
+of them cannot teach a reward model the penalty; pushing topic words up, a policy soon repeats them ("the
+object of the object"): DPO's answers at 6 nats from SFT repeat one 0.5 times an answer. That is the flaw
+Gao et al. (2022) measure, in a form this world can count: the proxy keeps rising while gold turns down.
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from rlhf_ray.labelers import LabeledRanking, aggregate
 from rlhf_ray.prefs import ranking_from_scores
@@ -33,14 +40,37 @@ def gold_score(text: str) -> float:
     return 10.0 * (sum(w in TOPIC_WORDS for w in words) + 0.5 * sum(w in RELATED_WORDS for w in words)) / len(words)
 
 
-def noisy_gold(responses: list[str], rng: random.Random, noise: float) -> list[float]:
+REPEAT_COST = 1.0      # topic_no_repeats: a repeated topic or related word costs a topic word's worth
+MIN_WORDS = 10         # topic_no_repeats: shares are of at least this many words (an SFT answer's mean length)
+
+
+def gold_no_repeats(text: str) -> float:
+    """The over-optimising world's gold: as `gold_score`, but each distinct word counts once, every further
+    occurrence of a counted word costs REPEAT_COST, and the share is of at least MIN_WORDS words (a two-word
+    answer is not the best one: without the floor, brevity would be gold's own optimum, and the policy takes it)."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return 0.0
+    seen, total = set(), 0.0
+    for w in words:
+        worth = 1.0 if w in TOPIC_WORDS else 0.5 if w in RELATED_WORDS else 0.0
+        if worth:
+            total += -REPEAT_COST if w in seen else worth
+            seen.add(w)
+    return 10.0 * total / max(len(words), MIN_WORDS)
+
+
+GOLDS: dict[str, Callable[[str], float]] = {"topic": gold_score, "topic_no_repeats": gold_no_repeats}   # pipeline.gold
+
+
+def noisy_gold(responses: list[str], rng: random.Random, noise: float, gold=gold_score) -> list[float]:
     """What a labeler perceives: each answer's gold plus Gaussian noise of std `noise` (Thurstone)."""
-    return [gold_score(r) + rng.gauss(0.0, noise) for r in responses]
+    return [gold(r) + rng.gauss(0.0, noise) for r in responses]
 
 
-def simulated_ranking(responses: list[str], rng: random.Random, noise: float) -> list[int]:
+def simulated_ranking(responses: list[str], rng: random.Random, noise: float, gold=gold_score) -> list[int]:
     """A labeler's best-first ranking of `noisy_gold`."""
-    return ranking_from_scores(noisy_gold(responses, rng, noise))
+    return ranking_from_scores(noisy_gold(responses, rng, noise, gold))
 
 
 @dataclass(frozen=True)
@@ -55,13 +85,14 @@ class SimulatedLabeler:
     noise: float = 0.15
     bias: Literal["none", "length", "first", "careless"] = "none"
     strength: float = 0.0
+    gold: Callable[[str], float] = gold_score     # what people want in this world (GOLDS)
 
     def rank(self, responses: list[str], rng: random.Random) -> list[int]:
         if self.bias == "none":
-            return simulated_ranking(responses, rng, self.noise)
+            return simulated_ranking(responses, rng, self.noise, self.gold)
         if self.bias == "careless" and rng.random() < self.strength:
             return rng.sample(range(len(responses)), len(responses))
-        scores = noisy_gold(responses, rng, self.noise)
+        scores = noisy_gold(responses, rng, self.noise, self.gold)
         if self.bias == "length":
             lengths = [len(r.split()) for r in responses]
             mean = sum(lengths) / len(lengths)

@@ -1,0 +1,129 @@
+"""The closed loop's pure parts: the audit's accuracy and the drift rule (rlhf_ray/drift.py), the over-optimising
+world's gold, the round plan and its config checks, `extends` in configs, and the pipeline's record of finished
+stages (launch/rounds.py). The loop itself runs end to end in tests/test_e2e_pipeline.py."""
+import json
+import random
+
+import pytest
+
+from launch.common import RunError
+from launch.rounds import Progress, SimulatedLabels, audit_rows, gold_accuracy
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.drift import DriftCheck, monitor_disagrees, ranking_accuracy, trend
+from rlhf_ray.tiny_world.gold import GOLDS, gold_no_repeats, gold_score
+
+
+def test_ranking_accuracy_counts_every_pair_of_the_ranking():
+    assert ranking_accuracy([3.0, 2.0, 1.0], [0, 1, 2]) == (3, 3)
+    assert ranking_accuracy([3.0, 2.0, 1.0], [2, 1, 0]) == (0, 3)
+    # best-first [0, 1, 2] is the pairs 0>1, 0>2, 1>2; scores 1, 3, 2 get only 1>2 right
+    assert ranking_accuracy([1.0, 3.0, 2.0], [0, 1, 2]) == (1, 3)
+    assert ranking_accuracy([1.0, 1.0], [0, 1]) == (0, 1)              # a tie has not agreed
+
+
+def test_trend_and_the_monitor_rule():
+    slope, t = trend([0.0, 1.0, 2.0, 3.0])
+    assert slope == pytest.approx(1.0) and t == float("inf")
+    rng = random.Random(0)
+    up = [0.1 * i + rng.gauss(0, 0.05) for i in range(10)]
+    down = [-0.1 * i + rng.gauss(0, 0.05) for i in range(10)]
+    flat = [rng.gauss(0, 0.05) for _ in range(10)]
+    assert monitor_disagrees(up, down, 10)
+    assert not monitor_disagrees(up, up, 10)           # both rising: they agree
+    assert not monitor_disagrees(up, flat, 10)         # noise is not a fall
+    assert not monitor_disagrees(up[:5], down[:5], 10)     # too few steps to say
+
+
+def test_drift_check_pools_audits_and_fires_once():
+    check = DriftCheck(accuracy=0.6, audits=2)
+    check.audit(40, 48)
+    assert check.pooled() is None and check.fired is None      # one audit is not enough to judge
+    check.audit(30, 48)
+    assert check.pooled() == pytest.approx(70 / 96) and check.fired is None
+    check.audit(20, 48)                                         # (30 + 20) / 96 = 0.52 < 0.6
+    assert check.fired and "0.52" in check.fired
+    first = check.fired
+    check.audit(48, 48)
+    assert check.fired == first
+    mon = DriftCheck(accuracy=0.0, audits=1, monitor_span=6)
+    for i in range(6):
+        mon.step(float(i), -float(i))
+    assert mon.fired and "monitor" in mon.fired
+
+
+def test_gold_accuracy_over_groups():
+    # two groups of 2: the first ordered as gold, the second against it; a tie in gold is not a pair
+    assert gold_accuracy([2.0, 1.0, 1.0, 2.0], [1.0, 0.0, 1.0, 0.0], 2) == 0.5
+    assert gold_accuracy([2.0, 1.0], [1.0, 1.0], 2) == 0.0
+
+
+def test_the_over_optimising_gold_charges_repeats_and_short_answers():
+    assert GOLDS["topic"] is gold_score
+    ten = "the function returns an object of the class that is given"       # 11 words: 3 topic, 1 related
+    assert gold_no_repeats(ten) == pytest.approx(gold_score(ten))           # no repeat, long enough: the same
+    assert gold_no_repeats("the function.") == pytest.approx(10 * 1 / 10)   # a share of at least 10 words
+    rep = "object object object object object object object object object object"
+    assert gold_score(rep) == pytest.approx(10.0) and gold_no_repeats(rep) == pytest.approx(10 * (1 - 9) / 10)
+
+
+def test_simulated_labels_rank_by_the_configured_gold():
+    rows = [{"prompt": "p", "responses": ["object object object object", "the object and the class"]}]
+    SimulatedLabels(0.0, gold_score).rank(rows, 0)
+    assert rows[0]["ranking"] == [0, 1]                  # the topic gold likes the repeats
+    SimulatedLabels(0.0, gold_no_repeats).rank(rows, 0)
+    assert rows[0]["ranking"] == [1, 0]                  # the variant's people do not
+
+
+def test_round_plan_and_checks():
+    cfg = load_config("configs/tiny_world.yaml", ["pipeline.rounds=3", "train.steps=45"])
+    assert cfg.round_plan() == [15, 15, 15]
+    cfg = load_config("configs/tiny_world.yaml", ["pipeline.rounds=3", "train.steps=10"])
+    assert cfg.round_plan() == [3, 3, 4]
+    cfg = load_config("configs/tiny_world.yaml", ["pipeline.rounds=2", "pipeline.round_steps=30"])
+    assert cfg.round_plan() == [30, 15]
+    assert load_config("configs/tiny_world.yaml").round_plan() == [45]
+    for sets, key in ((["pipeline.rounds=0"], "pipeline.rounds"),
+                      (["pipeline.rounds=3", "train.steps=2"], "pipeline.round_steps"),
+                      (["pipeline.rounds=2", "pipeline.audit_prompts=8", "pipeline.round_labels=8"],
+                       "pipeline.round_labels"),
+                      (["pipeline.refresh=on_drift", "pipeline.monitor_prompts=0"], "pipeline.refresh"),
+                      (["pipeline.gold=topic_no_repeats", "pipeline.labels=judge"], "pipeline.gold")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("configs/tiny_world.yaml", sets).check_pipeline()
+
+
+def test_a_config_extends_another(tmp_path):
+    cfg = load_config("configs/tiny_world_overopt.yaml")
+    base = load_config("configs/tiny_world.yaml")
+    assert cfg.pipeline.gold == "topic_no_repeats" and base.pipeline.gold == "topic"
+    assert cfg.pipeline.k == base.pipeline.k and cfg.ppo.clip == base.ppo.clip     # the rest inherited
+    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.kl_target is None                   # a section merged key by key
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*extended by"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_audit_rows_keep_the_last_writing_of_a_step(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    rows = [{"step": 3, "prompt": "a", "responses": ["x", "y"], "ranking": [0, 1]},
+            {"step": 6, "prompt": "b", "responses": ["x", "y"], "ranking": [1, 0]},
+            {"step": 3, "prompt": "a", "responses": ["x", "y"], "ranking": [0, 1]},     # a resumed run redid step 3
+            {"step": 9, "prompt": "c", "responses": ["x", "y"], "ranking": [1, 0]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["prompt"] for r in audit_rows(path, 6)] == ["a", "b"]
+    assert len(audit_rows(path, 9)) == 3 and audit_rows(tmp_path / "none.jsonl", 9) == []
+
+
+def test_progress_keeps_finished_stages_and_refuses_another_config(tmp_path):
+    calls = []
+    p = Progress(tmp_path, {"a": 1}, resume=False)
+    assert p.run("sft", lambda: calls.append(1) or {"model": "m"}) == {"model": "m"}
+    again = Progress(tmp_path, {"a": 1}, resume=True)
+    assert again.run("sft", lambda: calls.append(2) or {"model": "other"}) == {"model": "m"} and calls == [1]
+    assert Progress(tmp_path, {"a": 1}, resume=False).done == {}          # not resuming: a fresh run
+    with pytest.raises(RunError, match="pipeline_state.json.*another config.*sections differ: a"):
+        Progress(tmp_path, {"a": 2}, resume=True)
