@@ -12,6 +12,8 @@ from run.seed), and in each world config the pipeline three ways, every run 384 
                every ranking so far, 15 PPO steps a round; DPO iterated on each round's labels of its own answers
     on_drift   up to 3 rounds, each ended when the audit's accuracy (2 audits pooled) falls under 0.6 or the monitor
                RM falls while the proxy rises; the last round takes the steps left
+    rounds_warm  as rounds, but each later RM warm-started from the last one on the new rankings only (not a
+               default mode: pipeline.rm_refresh's choice, --modes rounds rounds_warm)
 
 Worlds: configs/tiny_world_overopt.yaml (gold charges repeated topic words, which SFT answers almost never have: one
 pass over-optimises) and configs/tiny_world.yaml (the standard world, with the same audits added).
@@ -47,7 +49,9 @@ AUDITS = ["pipeline.audit_prompts=8", "pipeline.audit_every=3"]
 MODES = {"one": ["pipeline.rounds=1", "pipeline.label_prompts=384"],
          "rounds": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96"],
          "on_drift": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96",
-                      "pipeline.refresh=on_drift"]}
+                      "pipeline.refresh=on_drift"],
+         "rounds_warm": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96",
+                         "pipeline.rm_refresh=warm"]}
 FAST = ["pipeline.best_of_n=[4]", "logging.wandb.mode=disabled"]
 WINDOW = 5
 
@@ -100,7 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["one", "rounds", "on_drift"], choices=list(MODES))
     ap.add_argument("--out", default="runs/bench-rounds")
     ap.add_argument("--set", dest="extra", action="append", default=[])
     args = ap.parse_args()
@@ -151,7 +155,7 @@ def main() -> int:
         mean = lambda mode, key: statistics.mean(r[key] for r in res[(world, mode)].values())  # noqa: E731
         sd = lambda mode, key: statistics.stdev([r[key] for r in res[(world, mode)].values()]) \
             if len(res[(world, mode)]) > 1 else 0.0  # noqa: E731
-        for mode in (m for m in ("rounds", "on_drift") if (world, m) in res and one):
+        for mode in (m for m in ("rounds", "on_drift", "rounds_warm") if (world, m) in res and one):
             if world == "overopt":
                 checks += [(mean(mode, "ppo_gain") >= mean("one", "ppo_gain") + 0.3,
                             f"{world}, {mode}: final PPO gain {mean(mode, 'ppo_gain'):+.2f} >= one round's "
