@@ -30,7 +30,8 @@ from rlhf_ray.tiny_world.gold import SimulatedLabeler, pool_rankings, simulated_
 
 
 class LabelSource(Protocol):
-    """Who ranks: sets each row's "ranking" (best first) over its "responses"; returns a report or None."""
+    """Who ranks: sets each row's "ranking" (best first) over its "responses"; returns a report or None. `seed` is
+    the seed the answers were drawn with: each source derives its own stream from it."""
 
     def rank(self, rows: list[dict], seed: int) -> dict | None: ...
 
@@ -42,7 +43,7 @@ class SimulatedLabels:
         self.noise, self.gold = noise, gold
 
     def rank(self, rows: list[dict], seed: int) -> None:
-        rng = random.Random(seed)
+        rng = random.Random(seed + 1)
         for r in rows:
             r["ranking"] = simulated_ranking(r["responses"], rng, self.noise, self.gold)
         return None
@@ -56,7 +57,7 @@ class PoolLabels:
         self.pool, self.weigh = pool, weigh
 
     def rank(self, rows: list[dict], seed: int) -> dict:
-        report = pool_rankings(rows, self.pool, random.Random(seed), self.weigh)
+        report = pool_rankings(rows, self.pool, random.Random(seed + 1), self.weigh)
         print("labelers: agreement {:.2f}; reliability {}{}".format(report["agreement"], ", ".join(
             f"{n} {p:.2f}" for n, p in report["reliability"].items()), "" if self.weigh else " (not used)"),
             flush=True)

@@ -36,6 +36,11 @@ def small_pipeline(tiny_world, tmp_path, extra=()):
         "placement.share_process=[[engine, reference, reward]]", *extra])     # PPO: two processes fewer to start
 
 
+# a labeler pool (rlhf_ray/labelers.py) labels every round and every audit: three honest, one careless on half its rankings
+POOL = ("pipeline.labelers=[{name: a, noise: 0.15}, {name: b, noise: 0.15}, {name: c, noise: 0.15}, "
+        "{name: careless, noise: 0.15, bias: careless, strength: 0.5}]")
+
+
 class Killed(Exception):
     """Stands for the driver dying mid-round (in process: the real SIGKILL of a PPO driver is test_e2e_faults')."""
 
@@ -46,11 +51,12 @@ def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_pat
     continues PPO from round 1's policy with the KL still to SFT; DPO goes on as iterative DPO (round 2 from round 1's
     model on its own policy's labels, the reference SFT). The driver dies in round 2's PPO after its first step was
     checkpointed; `--resume` keeps every finished stage (their files untouched) and continues that PPO from the
-    checkpoint; the evaluation plays every round's policy."""
+    checkpoint; the evaluation plays every round's policy. The labels, the rounds' and the audits', come from a pool
+    of labelers aggregated by reliability, one of them careless."""
     import launch.pipeline as lp
     cfg = small_pipeline(tiny_world, tmp_path, ["pipeline.rounds=2", "pipeline.round_labels=40",
                                                 "pipeline.audit_prompts=4", "pipeline.audit_every=1",
-                                                "train.steps=4", "checkpoint.every=1"])
+                                                "train.steps=4", "checkpoint.every=1", POOL])
     real = lp.ppo_train
 
     def dies_in_round_2(cfg, **kw):
@@ -95,6 +101,10 @@ def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_pat
     dpo2 = s["held_out"]["dpo"]
     assert dpo2["before"]["loss"] != pytest.approx(math.log(2), abs=1e-3)     # round 1's model against SFT's
     assert "| round | labels (fresh + audit) |" in (run / "summary.md").read_text()
+    pool = s["labeler_pool"]            # the careless labeler found from the labels alone, in the pipeline
+    assert min(pool["reliability"], key=pool["reliability"].get) == "careless" and pool["weighed"], pool
+    audits = [json.loads(line) for line in (run / "data" / "audit_r2_rankings.jsonl").read_text().splitlines()]
+    assert audits and all(set(r["labels"]) == {"a", "b", "c", "careless"} for r in audits)   # the pool audits too
     assert_stages_learned(s, run, cfg)
 
 
