@@ -337,10 +337,12 @@ class Stages:
             self.resume))
 
     def dpo(self, r: int, data: str, start: str) -> dict:
-        """Round r's DPO from `start`, the KL to the SFT model (round 1: start is the SFT model)."""
+        """Round r's DPO from `start`, the KL to the SFT model (pipeline.kl_anchor sft; round 1 starts there) or
+        to `start` (round)."""
         name = round_name("dpo", r)
+        anchor = self.sft if r > 1 and self.cfg.pipeline.kl_anchor == "sft" else ""    # "": the starting weights
         return self.progress.run(name, lambda: run_stage(derive(self.cfg, {
-            "dpo.data": data, "dpo.model": start, "dpo.reference": self.sft if r > 1 else "",
+            "dpo.data": data, "dpo.model": start, "dpo.reference": anchor,
             "dpo.output": str(self.run_dir / name)}), "dpo"))
 
 
@@ -551,13 +553,14 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
 def ppo_round(cfg: Config, r: int, policy: str, sft: str, rm: str, monitor: str | None, prompts: str, run_dir: Path,
               steps: int, audit: Audit, gold, resume: bool) -> dict:
     """Round r's PPO: from the last round's policy against this round's RM, the KL still to the SFT model
-    (models.reference); a fresh critic from the new RM (its values were learned for the last one) and fresh optimizer and
+    (models.reference; pipeline.kl_anchor round: to the round's starting policy); a fresh critic from the new RM (its values were learned for the last one) and fresh optimizer and
     KL-controller states; the prompt order and sampling seeded anew each round. Resumes a killed round."""
     sets = {"models.policy": policy, "models.reward": rm, "models.monitor": monitor, "data.prompts": prompts,
             "run.output_dir": str(run_dir / round_name("ppo", r)), "run.name": f"{cfg.run.name}-{round_name('ppo', r)}",
             "train.steps": steps}
-    if r > 1:
-        sets.update({"models.reference": sft, "run.seed": cfg.run.seed + r - 1})
+    if r > 1:                          # the KL anchor (pipeline.kl_anchor round: the starting policy, models.policy)
+        sets.update({"models.reference": sft if cfg.pipeline.kl_anchor == "sft" else None,
+                     "run.seed": cfg.run.seed + r - 1})
     watch = audit if (cfg.pipeline.audit_prompts or audit.stop_on_drift) else None
     result = ppo_train(derive(cfg, sets), resume="auto" if resume else False, gold_fn=gold, watch=watch)
     return {k: result[k] for k in ("run_dir", "metrics", "checkpoint", "steps", "stopped")}

@@ -421,6 +421,8 @@ class PipelineConfig:
     round_steps: int = 0               # schedule: PPO steps a round (0: train.steps / rounds, the rest last)
     rm_refresh: Literal["scratch", "warm"] = "scratch"     # a later round's RM: trained from the SFT model on
                                        # all rankings so far, or from the last RM on the new ones
+    kl_anchor: Literal["sft", "round"] = "sft"   # what a later round's PPO and DPO keep their KL to: the SFT
+                                       # model, or the policy the round starts from (a trust region per round)
     audit_prompts: int = 0             # rankings of the current policy's answers an audit labels (0: no audit);
                                        # they count against the label budget and join the next round's data
     audit_every: int = 5               # PPO steps between audits

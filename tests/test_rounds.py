@@ -7,7 +7,7 @@ import random
 import pytest
 
 from launch.common import RunError
-from launch.rounds import Progress, SimulatedLabels, audit_rows, gold_accuracy
+from launch.rounds import Audit, Progress, SimulatedLabels, audit_rows, gold_accuracy
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.drift import DriftCheck, monitor_disagrees, ranking_accuracy, trend
 from rlhf_ray.tiny_world.gold import GOLDS, gold_no_repeats, gold_score
@@ -127,3 +127,24 @@ def test_progress_keeps_finished_stages_and_refuses_another_config(tmp_path):
     assert Progress(tmp_path, {"a": 1}, resume=False).done == {}          # not resuming: a fresh run
     with pytest.raises(RunError, match="pipeline_state.json.*another config.*sections differ: a"):
         Progress(tmp_path, {"a": 2}, resume=True)
+
+
+@pytest.mark.parametrize("anchor", ["sft", "round"])
+def test_a_later_rounds_ppo_keeps_its_kl_to_the_configured_anchor(monkeypatch, tmp_path, anchor):
+    """launch/pipeline.py ppo_round's derived PPO config (the PPO run itself is faked: only the config is checked)."""
+    import launch.pipeline as lp
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append((cfg, kw))
+        return {"run_dir": "r", "metrics": "m", "checkpoint": "c", "steps": cfg.train.steps, "stopped": None}
+    monkeypatch.setattr(lp, "ppo_train", fake_train)
+    cfg = load_config("configs/tiny_world.yaml", [f"pipeline.kl_anchor={anchor}", "pipeline.rounds=2"])
+    quiet = Audit(None, None, tmp_path / "audit.jsonl", 0, 1, 4, 0, DriftCheck(0.6, 2), stop_on_drift=False)
+    for r in (1, 2):
+        lp.ppo_round(cfg, r, f"policy{r}", "sft", "rm", "mon", "prompts.jsonl", tmp_path, 7, quiet, None, True)
+    (first, kw1), (second, _) = seen
+    assert first.models.reference is None and first.models.policy == "policy1" and first.run.seed == cfg.run.seed
+    assert second.models.reference == ("sft" if anchor == "sft" else None)     # None: the policy it starts from
+    assert second.models.policy == "policy2" and second.run.seed == cfg.run.seed + 1 and second.train.steps == 7
+    assert second.run.output_dir.endswith("ppo_r2") and kw1["resume"] == "auto" and kw1["watch"] is None
