@@ -4,14 +4,14 @@
 
 Per seed, one tiny world (runs/bench-rounds/seed<N>/world: its base model, data split and every stage's randomness
 from run.seed), and in each world config the pipeline three ways, every run 384 label prompts' worth of rankings
-(K = 8 answers each) and 45 PPO steps, audits of 8 of the policy's answer groups every 3 steps in all of them:
+(K = 8 answers each) and 45 PPO steps, audits of 16 of the policy's answer groups every 5 steps in all of them:
 
     one        one round: the SFT model's answers labelled (384), one RM, 45 PPO steps; DPO once on the same labels
     rounds     pipeline.rounds 3 on a schedule: 192 labels of SFT answers, then two rounds of 96 rankings of the
                current policy's answers (the audits' rankings among them), the RM retrained from the SFT model on
                every ranking so far, 15 PPO steps a round; DPO iterated on each round's labels of its own answers
-    on_drift   up to 3 rounds, each ended when the audit's accuracy (2 audits pooled) falls under 0.6 or the monitor
-               RM falls while the proxy rises; the last round takes the steps left
+    on_drift   up to 3 rounds, each ended when the audit's accuracy (2 audits pooled) has fallen by 0.1 from the
+               round's first 2 audits, or the monitor RM falls while the proxy rises; the last round takes the rest
     rounds_warm  as rounds, but each later RM warm-started from the last one on the new rankings only (not a
                default mode: pipeline.rm_refresh's choice, --modes rounds rounds_warm)
 
@@ -45,7 +45,7 @@ from rlhf_ray.drift import monitor_disagrees  # noqa: E402
 from rlhf_ray.metrics import moving_average  # noqa: E402
 
 WORLDS = {"overopt": "configs/tiny_world_overopt.yaml", "standard": "configs/tiny_world.yaml"}
-AUDITS = ["pipeline.audit_prompts=8", "pipeline.audit_every=3"]
+AUDITS = ["pipeline.audit_prompts=16", "pipeline.audit_every=5"]   # as configs/tiny_world_overopt.yaml
 MODES = {"one": ["pipeline.rounds=1", "pipeline.label_prompts=384"],
          "rounds": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96"],
          "on_drift": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96",

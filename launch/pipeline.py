@@ -328,7 +328,7 @@ class Stages:
     def ppo(self, r: int, policy: str, rm: str, steps: int, stop_on_drift: bool) -> dict:
         """Round r's PPO, watched by the audit (its rankings in data/audit_r<r>_rankings.jsonl)."""
         pc = self.cfg.pipeline
-        check = DriftCheck(pc.drift_accuracy, pc.drift_audits, 2 * pc.monitor_window if pc.drift_monitor else 0)
+        check = DriftCheck(pc.drift_drop, pc.drift_audits, 2 * pc.monitor_window if pc.drift_monitor else 0)
         audit = Audit(self.source, self.tokenizer, self.out / f"audit_r{r}_rankings.jsonl", pc.audit_prompts,
                       pc.audit_every, self.cfg.generation.n, self.cfg.run.seed + 1000 * r, check, stop_on_drift,
                       self.gold)

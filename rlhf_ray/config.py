@@ -426,8 +426,9 @@ class PipelineConfig:
     audit_prompts: int = 0             # rankings of the current policy's answers an audit labels (0: no audit);
                                        # they count against the label budget and join the next round's data
     audit_every: int = 5               # PPO steps between audits
-    drift_accuracy: float = 0.6        # on_drift: the RM's pairwise accuracy on the audits under which it is stale
-    drift_audits: int = 2              # audits pooled for that accuracy (one audit is a few dozen pairs)
+    drift_drop: float = 0.1            # on_drift: the fall in the audits' pairwise accuracy, from the round's start,
+                                       # that makes the RM stale
+    drift_audits: int = 2              # audits pooled, at the round's start and at its latest (one audit is ~100 pairs)
     drift_monitor: bool = True         # on_drift: also when the held-out monitor RM falls while the proxy rises
 
 

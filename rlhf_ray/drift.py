@@ -50,28 +50,40 @@ def monitor_disagrees(proxy: list[float], monitor: list[float], span: int, t: fl
 
 @dataclass
 class DriftCheck:
-    """The drift rule of one round: `observe` each audit's (right, pairs) and each step's proxy and monitor means;
-    `fired` names the first reason the reward model looked stale (None while it does not)."""
-    accuracy: float                    # pooled audit accuracy under which the RM is stale
-    audits: int                        # audits pooled
+    """The drift rule of one round: `audit` each audit's (right, pairs), `step` each step's proxy and monitor
+    means; `fired` names the first reason the reward model looked stale (None while it does not).
+
+    The audit rule is relative: the accuracy pooled over the last `audits` audits has fallen by more than `drop`
+    below the round's first `audits` audits' (the answers of the policy the RM was trained beside). An absolute
+    bar would mistake a hard world for a stale RM: on the tiny world's own answer groups a fresh RM scores only
+    0.6-0.75 against noisy labels, since many of a group's answers tie in gold and their labelled order is a coin."""
+    drop: float                        # fall in pooled audit accuracy that makes the RM stale
+    audits: int                        # audits pooled, at the start and at the end
     monitor_span: int = 0              # steps of trend for the monitor rule (0: the monitor is not consulted)
     history: list[tuple[int, int]] = field(default_factory=list)
     proxy: list[float] = field(default_factory=list)
     monitor: list[float] = field(default_factory=list)
     fired: str | None = None
 
+    def _pool(self, part: list[tuple[int, int]]) -> float:
+        right, total = map(sum, zip(*part))
+        return right / max(total, 1)
+
+    def baseline(self) -> float | None:
+        """The accuracy over the round's first `audits` audits (None before that many)."""
+        return self._pool(self.history[:self.audits]) if len(self.history) >= self.audits else None
+
     def pooled(self) -> float | None:
         """The accuracy over the last `audits` audits' pairs (None before that many)."""
-        if len(self.history) < self.audits:
-            return None
-        right, total = map(sum, zip(*self.history[-self.audits:]))
-        return right / max(total, 1)
+        return self._pool(self.history[-self.audits:]) if len(self.history) >= self.audits else None
 
     def audit(self, right: int, pairs: int) -> None:
         self.history.append((right, pairs))
-        acc = self.pooled()
-        if self.fired is None and acc is not None and acc < self.accuracy:
-            self.fired = f"audit accuracy {acc:.2f} < {self.accuracy:g} over the last {self.audits} audits"
+        if self.fired is None and len(self.history) >= 2 * self.audits:
+            base, now = self.baseline(), self.pooled()
+            if now < base - self.drop:
+                self.fired = (f"audit accuracy {now:.2f} over the last {self.audits} audits, down from {base:.2f} "
+                              f"at the round's start (by more than {self.drop:g})")
 
     def step(self, proxy: float, monitor: float | None) -> None:
         self.proxy.append(proxy)

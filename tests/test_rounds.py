@@ -34,18 +34,23 @@ def test_trend_and_the_monitor_rule():
     assert not monitor_disagrees(up[:5], down[:5], 10)     # too few steps to say
 
 
-def test_drift_check_pools_audits_and_fires_once():
-    check = DriftCheck(accuracy=0.6, audits=2)
-    check.audit(40, 48)
-    assert check.pooled() is None and check.fired is None      # one audit is not enough to judge
-    check.audit(30, 48)
-    assert check.pooled() == pytest.approx(70 / 96) and check.fired is None
-    check.audit(20, 48)                                         # (30 + 20) / 96 = 0.52 < 0.6
-    assert check.fired and "0.52" in check.fired
+def test_drift_check_compares_the_latest_audits_with_the_rounds_first():
+    check = DriftCheck(drop=0.1, audits=2)
+    check.audit(60, 96)
+    check.audit(66, 96)                                         # the round's start: 126 / 192 = 0.656
+    assert check.baseline() == pytest.approx(126 / 192) and check.fired is None
+    check.audit(56, 96)                                         # (66 + 56) / 192 = 0.635: a fall of 0.02
+    assert check.fired is None
+    check.audit(48, 96)                                         # (56 + 48) / 192 = 0.542: down 0.115
+    assert check.fired and "0.54" in check.fired and "0.66" in check.fired
     first = check.fired
-    check.audit(48, 48)
-    assert check.fired == first
-    mon = DriftCheck(accuracy=0.0, audits=1, monitor_span=6)
+    check.audit(96, 96)
+    assert check.fired == first                                 # the first reason stays
+    low = DriftCheck(drop=0.1, audits=2)                        # a low accuracy from the start is no drift
+    for _ in range(6):
+        low.audit(55, 96)
+    assert low.fired is None
+    mon = DriftCheck(drop=0.1, audits=1, monitor_span=6)
     for i in range(6):
         mon.step(float(i), -float(i))
     assert mon.fired and "monitor" in mon.fired
@@ -140,7 +145,7 @@ def test_a_later_rounds_ppo_keeps_its_kl_to_the_configured_anchor(monkeypatch, t
         return {"run_dir": "r", "metrics": "m", "checkpoint": "c", "steps": cfg.train.steps, "stopped": None}
     monkeypatch.setattr(lp, "ppo_train", fake_train)
     cfg = load_config("configs/tiny_world.yaml", [f"pipeline.kl_anchor={anchor}", "pipeline.rounds=2"])
-    quiet = Audit(None, None, tmp_path / "audit.jsonl", 0, 1, 4, 0, DriftCheck(0.6, 2), stop_on_drift=False)
+    quiet = Audit(None, None, tmp_path / "audit.jsonl", 0, 1, 4, 0, DriftCheck(0.1, 2), stop_on_drift=False)
     for r in (1, 2):
         lp.ppo_round(cfg, r, f"policy{r}", "sft", "rm", "mon", "prompts.jsonl", tmp_path, 7, quiet, None, True)
     (first, kw1), (second, _) = seen
