@@ -21,6 +21,7 @@ from launch import reaper
 from launch.answers import Judge, Sampler
 from launch.label import main as label_main
 from launch.pipeline import label
+from launch.rounds import JudgeLabels
 from launch.ppo import train
 from rlhf_ray.config import load_config
 from rlhf_ray.judge import (comparison_pairs, expected_score, pair_verdict, pairwise_text, pointwise_text,
@@ -148,8 +149,10 @@ def test_grpo_on_rule_remote_and_judge_rewards_with_no_reward_model_and_no_criti
         # ranked from pairwise verdicts asked in both orders; the strengths are what HF's verdicts give
         few = tmp_path / "label_prompts.jsonl"
         few.write_text("".join(open(tiny_world["prompts"]).readlines()[:4]))
-        path, agreed = label(cfg, Sampler(actors.engines[0], tiny_world["policy"]), tok, str(few), tmp_path, 7,
-                             Judge(cfg, actors.judge.actors))
+        labelled = label(cfg, Sampler(actors.engines[0], tiny_world["policy"]), tok,
+                         JudgeLabels(Judge(cfg, actors.judge.actors), gold_score), str(few),
+                         tmp_path / "label_rankings.jsonl", 7)
+        path, agreed = labelled["path"], labelled["report"]
         ranked = [json.loads(line) for line in open(path)]
         assert ranked and path.endswith("label_rankings.jsonl")
         fmt = cfg.judge_format()

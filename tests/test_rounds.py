@@ -102,7 +102,7 @@ def test_a_config_extends_another(tmp_path):
     base = load_config("configs/tiny_world.yaml")
     assert cfg.pipeline.gold == "topic_no_repeats" and base.pipeline.gold == "topic"
     assert cfg.pipeline.k == base.pipeline.k and cfg.ppo.clip == base.ppo.clip     # the rest inherited
-    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.kl_target is None                   # a section merged key by key
+    assert cfg.ppo.kl_coef == 0.02 and cfg.ppo.kl_target is None                   # a section merged key by key
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
