@@ -1,17 +1,23 @@
 """The closed loop against one pass, at equal labels and PPO steps, in the over-optimising world and the standard one.
 
-    .venv/bin/python benchmarks/rounds.py [--seeds 0 1 2] [--worlds overopt standard] [--modes one rounds on_drift]
+    .venv/bin/python benchmarks/rounds.py [--seeds 0 1 2] [--worlds overopt standard]
+                                          [--modes one one_trusted rounds on_drift]
 
 Per seed, one tiny world (runs/bench-rounds/seed<N>/world: its base model, data split and every stage's randomness
-from run.seed), and in each world config the pipeline three ways, every run 384 label prompts' worth of rankings
+from run.seed), and in each world config the pipeline several ways, every run 384 label prompts' worth of rankings
 (K = 8 answers each) and 45 PPO steps, audits of 16 of the policy's answer groups every 5 steps in all of them:
 
-    one        one round: the SFT model's answers labelled (384), one RM, 45 PPO steps; DPO once on the same labels
+    one        one round as one pass runs it: the SFT model's answers labelled (384), one RM, all 45 PPO steps
+               (pipeline.keep_trusted off: the audits watch, nothing acts); DPO once on the same labels
+    one_trusted  one round, but its PPO ends when the drift rule fires, keeping the policy of the last audit the
+               RM passed (pipeline.keep_trusted, the default): what the audits alone are worth, without new labels
     rounds     pipeline.rounds 3 on a schedule: 192 labels of SFT answers, then two rounds of 96 rankings of the
                current policy's answers (the audits' rankings among them), the RM retrained from the SFT model on
-               every ranking so far, 15 PPO steps a round; DPO iterated on each round's labels of its own answers
-    on_drift   up to 3 rounds, each ended when the audit's accuracy (2 audits pooled) has fallen by 0.1 from the
-               round's first 2 audits, or the monitor RM falls while the proxy rises; the last round takes the rest
+               every ranking so far, 15 PPO steps a round, the last round kept to its last trusted audit;
+               DPO iterated on each round's labels of its own answers
+    on_drift   up to 3 rounds, each ended when the audit's accuracy (2 audits pooled; single audits in a round with
+               room for fewer than 4) has fallen by 0.1 from the round's first, or the monitor RM falls while the
+               proxy rises; the last round takes the rest, kept to its last trusted audit
     rounds_warm  as rounds, but each later RM warm-started from the last one on the new rankings only (not a
                default mode: pipeline.rm_refresh's choice, --modes rounds rounds_warm)
 
@@ -46,7 +52,8 @@ from rlhf_ray.metrics import moving_average  # noqa: E402
 
 WORLDS = {"overopt": "configs/tiny_world_overopt.yaml", "standard": "configs/tiny_world.yaml"}
 AUDITS = ["pipeline.audit_prompts=16", "pipeline.audit_every=5"]   # as configs/tiny_world_overopt.yaml
-MODES = {"one": ["pipeline.rounds=1", "pipeline.label_prompts=384"],
+MODES = {"one": ["pipeline.rounds=1", "pipeline.label_prompts=384", "pipeline.keep_trusted=false"],
+         "one_trusted": ["pipeline.rounds=1", "pipeline.label_prompts=384"],
          "rounds": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96"],
          "on_drift": ["pipeline.rounds=3", "pipeline.label_prompts=192", "pipeline.round_labels=96",
                       "pipeline.refresh=on_drift"],
@@ -97,14 +104,15 @@ def one_run(seed: int, world: str, mode: str, out: Path, extra: list[str]) -> di
             "audit_gold_last": statistics.mean(r["audit/gold_accuracy"] for r in audits[-2:]) if audits else float("nan"),
             "drift_step": drift or 0, "monitor_step": monitor or 0, "rounds": len(s["rounds"]),
             "labels": s["labels_used"]["ppo"], "dpo_labels": s["labels_used"]["dpo"],
-            "seconds": s["seconds"]["total"], "ended": [r["stopped"] for r in s["rounds"]]}
+            "seconds": s["seconds"]["total"], "ended": [r["stopped"] for r in s["rounds"]],
+            "kept": s["rounds"][-1].get("kept") or 0}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--modes", nargs="+", default=["one", "rounds", "on_drift"], choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=["one", "one_trusted", "rounds", "on_drift"], choices=list(MODES))
     ap.add_argument("--out", default="runs/bench-rounds")
     ap.add_argument("--set", dest="extra", action="append", default=[])
     args = ap.parse_args()
@@ -144,18 +152,19 @@ def main() -> int:
         cols = [("ppo_gain", "PPO gold gain (SFT sd)", "{:+.2f}"), ("ppo_kl", "PPO KL", "{:.2f}"),
                 ("end_gold", "training gold, last 5 steps", "{:.3f}"), ("dpo_gain", "DPO gold gain", "{:+.2f}"),
                 ("dpo_kl", "DPO KL", "{:.2f}"), ("rounds", "rounds", "{:.0f}"), ("labels", "PPO labels", "{:.0f}"),
-                ("dpo_labels", "DPO labels", "{:.0f}"), ("seconds", "wall s", "{:.0f}")]
+                ("dpo_labels", "DPO labels", "{:.0f}"), ("kept", "last round kept step (0: all)", "{:.0f}"),
+                ("seconds", "wall s", "{:.0f}")]
         for mode in args.modes:
             if (world, mode) in res:
                 lines += [f"**{mode}**", ""] + seed_table(res[(world, mode)], cols) + [""]
-                if mode == "on_drift":
+                if mode != "one":
                     lines += ["Rounds ended by: " + "; ".join(
                         f"seed {seed}: " + ", ".join(e or "its steps" for e in r["ended"])
                         for seed, r in res[(world, mode)].items()), ""]
         mean = lambda mode, key: statistics.mean(r[key] for r in res[(world, mode)].values())  # noqa: E731
         sd = lambda mode, key: statistics.stdev([r[key] for r in res[(world, mode)].values()]) \
             if len(res[(world, mode)]) > 1 else 0.0  # noqa: E731
-        for mode in (m for m in ("rounds", "on_drift", "rounds_warm") if (world, m) in res and one):
+        for mode in (m for m in ("one_trusted", "rounds", "on_drift", "rounds_warm") if (world, m) in res and one):
             if world == "overopt":
                 checks += [(mean(mode, "ppo_gain") >= mean("one", "ppo_gain") + 0.3,
                             f"{world}, {mode}: final PPO gain {mean(mode, 'ppo_gain'):+.2f} >= one round's "

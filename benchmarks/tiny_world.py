@@ -45,17 +45,14 @@ TARGETS = {"rm_accuracy": 0.75, "ppo_gain_sd": 1.0, "ppo_gain_sd_min": 0.85, "pp
 def label_gold_accuracy(run: Path) -> float:
     """The rankings the RM learned from, against gold: of each prompt's answer pairs whose gold differs, the share
     the ranking orders as gold does (the labelers' noise, or the judge's errors)."""
+    from rlhf_ray.drift import gold_pairs
     from rlhf_ray.tiny_world.gold import gold_score
     right = total = 0
     for line in (run / "data" / "label_rankings.jsonl").read_text().splitlines():
         row = json.loads(line)
         place = {answer: i for i, answer in enumerate(row["ranking"])}        # 0: best
-        g = [gold_score(r) for r in row["responses"]]
-        for a in range(len(g)):
-            for b in range(a + 1, len(g)):
-                if g[a] != g[b]:
-                    total += 1
-                    right += (place[a] < place[b]) == (g[a] > g[b])
+        a, b = gold_pairs([-place[i] for i in range(len(row["responses"]))], [gold_score(r) for r in row["responses"]])
+        right, total = right + a, total + b
     return right / max(total, 1)
 
 

@@ -45,7 +45,7 @@ from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, cat
 from rlhf_ray.config import Config, derive, dump_config, resolve_paths
 from rlhf_ray.data import DataError, read_jsonl
-from rlhf_ray.drift import DriftCheck
+from rlhf_ray.drift import DriftCheck, gold_pairs, pooled_audits
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prefs import games_per_prompt, leaderboard
@@ -104,11 +104,8 @@ def rm_gold_accuracy(rm_dir: str | Path, rankings: str | Path, cfg: Config) -> f
         with torch.no_grad():
             v = [rm(input_ids=torch.tensor([(p + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
                                             [:cfg.rm.max_len]])).logits.item() for r in row["responses"]]
-        g = [GOLDS[cfg.pipeline.gold](r) for r in row["responses"]]
-        for a, b in itertools.combinations(range(len(g)), 2):
-            if g[a] != g[b]:
-                total += 1
-                right += (v[a] > v[b]) == (g[a] > g[b])
+        a, b = gold_pairs(v, [GOLDS[cfg.pipeline.gold](r) for r in row["responses"]])
+        right, total = right + a, total + b
     return right / max(total, 1)
 
 
@@ -262,18 +259,24 @@ def summary_table(ev: dict, board: list[dict], rm_eval: dict, monitor_eval: dict
                   "gold, last steps | proxy, last steps | KL, last steps | DPO labels | ended by |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         f = lambda v, spec: "–" if v is None else format(v, spec)     # noqa: E731
+        kept = lambda x: "" if x.get("kept") is None else f"; kept step {x['kept']}"     # noqa: E731
         lines += [f"| {x['round']} | {x['labels']} + {x['audit_labels']} | {x['rm_accuracy']:.3f} | {x['ppo_steps']} | "
                   f"{f(x['audit_first'], '.2f')} → {f(x['audit_last'], '.2f')} | {f(x['gold_end'], '.3f')} | "
                   f"{f(x['proxy_end'], '+.3f')} | {f(x['kl_end'], '.2f')} | {x['dpo_labels']} | "
-                  f"{x['stopped'] or 'its steps'} |" for x in rounds]
+                  f"{x['stopped'] or 'its steps'}{kept(x)} |" for x in rounds]
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
     return "\n".join(lines)
 
 
-def ppo_checkpoint_policy(ppo: dict, cfg: Config) -> str:
+def ppo_checkpoint_policy(ppo: dict, cfg: Config, start: str) -> str:
     """The PPO policy the evaluation (and the next round) takes: the run's newest published checkpoint. The divergence
     guard publishes none from a step over its KL bound, so that may be an earlier step's (said in one line), or none
-    at all (a one-line error: there is nothing trustworthy to go on from)."""
+    at all (a one-line error: there is nothing trustworthy to go on from). A last round the drift rule ended keeps
+    its policy of the last audit the RM passed (`kept`: that step; 0 keeps `start`, the policy it began from)."""
+    if ppo.get("kept") is not None:
+        print(f"pipeline: the last round keeps its policy of step {ppo['kept']}, the last audit the reward model "
+              f"passed ({ppo['stopped']})", flush=True)
+        return str(Path(ppo["checkpoint"]) / "policy") if ppo["checkpoint"] else start
     if ppo["checkpoint"] is None:
         raise RunError(f"pipeline: PPO published no checkpoint to evaluate: its last step's KL to the reference was "
                        f"over guard.max_kl_per_token ({cfg.guard.max_kl_per_token:g}) and checkpoint.every is "
@@ -296,7 +299,7 @@ def round_record(r: int, ppo: dict, window: int) -> dict:
     tail = rows[-window:]
     mean = lambda key: statistics.mean(x[key] for x in tail) if tail and key in tail[0] else None  # noqa: E731
     audits = [x["audit/accuracy"] for x in rows if "audit/accuracy" in x]
-    return {"round": r, "ppo_steps": len(rows), "stopped": ppo["stopped"], "gold_end": mean("gold/mean"),
+    return {"round": r, "ppo_steps": len(rows), "stopped": ppo["stopped"], "kept": ppo.get("kept"), "gold_end": mean("gold/mean"),
             "proxy_end": mean("reward/score_mean"), "kl_end": mean("kl/ref_per_seq"),
             "audit_first": audits[0] if audits else None, "audit_last": audits[-1] if audits else None}
 
@@ -325,16 +328,20 @@ class Stages:
         return self.progress.run(name, lambda: run_stage(derive(self.cfg, {
             "rm.data": data, "rm.model": start, "rm.output": str(self.run_dir / name)}), "rm"))
 
-    def ppo(self, r: int, policy: str, rm: str, steps: int, stop_on_drift: bool) -> dict:
-        """Round r's PPO, watched by the audit (its rankings in data/audit_r<r>_rankings.jsonl)."""
+    def ppo(self, r: int, policy: str, rm: str, steps: int, last: bool) -> dict:
+        """Round r's PPO, watched by the audit (its rankings in data/audit_r<r>_rankings.jsonl). Under on_drift a
+        round but the last ends when the RM drifts; with pipeline.keep_trusted and audits, so does the last one,
+        keeping the policy of the last audit the RM passed (no later round would refresh the RM)."""
         pc = self.cfg.pipeline
-        check = DriftCheck(pc.drift_drop, pc.drift_audits, 2 * pc.monitor_window if pc.drift_monitor else 0)
+        keep = last and pc.keep_trusted and pc.audit_prompts > 0
+        check = DriftCheck(pc.drift_drop, pooled_audits(pc.drift_audits, steps, pc.audit_every),
+                           2 * pc.monitor_window if pc.drift_monitor else 0)
         audit = Audit(self.source, self.tokenizer, self.out / f"audit_r{r}_rankings.jsonl", pc.audit_prompts,
-                      pc.audit_every, self.cfg.generation.n, self.cfg.run.seed + 1000 * r, check, stop_on_drift,
-                      self.gold)
+                      pc.audit_every, self.cfg.generation.n, self.cfg.run.seed + 1000 * r, check,
+                      (pc.refresh == "on_drift" and not last) or keep, self.gold)
         return self.progress.run(round_name("ppo", r), lambda: ppo_round(
             self.cfg, r, policy, self.sft, rm, self.monitor, self.data["ppo"], self.run_dir, steps, audit, self.gold,
-            self.resume))
+            self.resume, keep))
 
     def dpo(self, r: int, data: str, start: str) -> dict:
         """Round r's DPO from `start`, the KL to the SFT model (pipeline.kl_anchor sft; round 1 starts there) or
@@ -384,8 +391,8 @@ class Loop:
 
         t0 = st.stage(f"ppo r{r}")
         steps = self.remaining if last or pc.refresh == "on_drift" else self.plan[r - 1]
-        ppo = st.ppo(r, self.ppo_policy, self.rm_dir, steps, stop_on_drift=pc.refresh == "on_drift" and not last)
-        self.ppo_policy = ppo_checkpoint_policy(ppo, st.cfg)
+        ppo = st.ppo(r, self.ppo_policy, self.rm_dir, steps, last)
+        self.ppo_policy = ppo_checkpoint_policy(ppo, st.cfg, self.ppo_policy)
         self.remaining -= ppo["steps"]
         self.audits = audit_rows(st.out / f"audit_r{r}_rankings.jsonl", ppo["steps"])
         st.done("ppo", t0)
@@ -551,7 +558,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
 
 
 def ppo_round(cfg: Config, r: int, policy: str, sft: str, rm: str, monitor: str | None, prompts: str, run_dir: Path,
-              steps: int, audit: Audit, gold, resume: bool) -> dict:
+              steps: int, audit: Audit, gold, resume: bool, keep_trusted: bool = False) -> dict:
     """Round r's PPO: from the last round's policy against this round's RM, the KL still to the SFT model
     (models.reference; pipeline.kl_anchor round: to the round's starting policy); a fresh critic from the new RM (its values were learned for the last one) and fresh optimizer and
     KL-controller states; the prompt order and sampling seeded anew each round. Resumes a killed round."""
@@ -561,9 +568,20 @@ def ppo_round(cfg: Config, r: int, policy: str, sft: str, rm: str, monitor: str 
     if r > 1:                          # the KL anchor (pipeline.kl_anchor round: the starting policy, models.policy)
         sets.update({"models.reference": sft if cfg.pipeline.kl_anchor == "sft" else None,
                      "run.seed": cfg.run.seed + r - 1})
-    watch = audit if (cfg.pipeline.audit_prompts or audit.stop_on_drift) else None
+    pc = cfg.pipeline
+    if keep_trusted:                   # a checkpoint at every audit, as many kept as the drift rule looks back
+        back = max(audit.check.audits + 1, audit.check.monitor_span // pc.audit_every + 1)
+        sets.update({"checkpoint.every": pc.audit_every, "checkpoint.keep": max(cfg.checkpoint.keep, back + 1)})
+    watch = audit if (pc.audit_prompts or audit.stop_on_drift) else None
+    if resume:                         # the drift rule picks up the killed round's past
+        audit.replay = run_dir / round_name("ppo", r) / "metrics.jsonl"
     result = ppo_train(derive(cfg, sets), resume="auto" if resume else False, gold_fn=gold, watch=watch)
-    return {k: result[k] for k in ("run_dir", "metrics", "checkpoint", "steps", "stopped")}
+    out = {k: result[k] for k in ("run_dir", "metrics", "checkpoint", "steps", "stopped")}
+    if keep_trusted and result["stopped"] and audit.check.trusted is not None:
+        found = ckpt.latest(ckpt.checkpoint_root(result["run_dir"]), upto=audit.check.trusted)
+        out.update({"checkpoint": str(found) if found else None,
+                    "kept": ckpt.load_state(found)["step"] if found else 0})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,7 @@ def recover(run: "Run", step: int, error: BaseException, latest: Path | None) ->
     actors.attach_judge()
     back_to = ckpt.load_state(latest)["step"] if latest is not None else 0
     run.logger.rewind(back_to)
+    busy_seconds(actors), judge_stats(actors)     # the failed step's counts must not land in the replayed step's row
     print(f"step {step}: {who} died ({cause}); replaced {', '.join(sorted(respawned))}, replaying from step "
           f"{back_to + 1} (restart {run.restarts} of {cfg.fault_tolerance.max_actor_restarts})", flush=True)
     return restore(run, latest, push=True) + 1

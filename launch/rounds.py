@@ -24,7 +24,7 @@ from launch.answers import Judge, judge_ranked
 from launch.common import RunError
 from launch.rollout import ScoredRollout
 from rlhf_ray.batch import response_texts
-from rlhf_ray.drift import DriftCheck, ranking_accuracy
+from rlhf_ray.drift import DriftCheck, gold_pairs, ranking_accuracy
 from rlhf_ray.judge import PairVerdict, agreement
 from rlhf_ray.tiny_world.gold import SimulatedLabeler, pool_rankings, simulated_ranking
 
@@ -95,10 +95,13 @@ class Audit:
         self.seed, self.check, self.stop_on_drift, self.gold = seed, check, stop_on_drift, gold
         self.stop: str | None = None
         self.labels = 0
+        self.replay: Path | None = None    # a resumed round's metrics.jsonl: the drift rule's past, read once
 
     def observe(self, step: int, scored: ScoredRollout, metrics: dict) -> dict:
+        if self.replay is not None:
+            self._replay(step)
         proxy = scored.rewards.total.tolist()       # the reward model's own scores, before normalising and KL
-        self.check.step(sum(proxy) / len(proxy), metrics.get("monitor/score_mean"))
+        self.check.step(step, sum(proxy) / len(proxy), metrics.get("monitor/score_mean"))
         m = {}
         if self.prompts and step % self.every == 0:
             texts, n = response_texts(self.tokenizer, scored.batch), self.n
@@ -110,7 +113,7 @@ class Audit:
             for g, r in enumerate(rows):
                 a, b = ranking_accuracy(proxy[g * n:(g + 1) * n], r["ranking"])
                 right, total = right + a, total + b
-            self.check.audit(right, total)
+            self.check.audit(step, right, total)
             self.labels += len(rows)
             with self.out.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -124,18 +127,22 @@ class Audit:
         m["audit/drift"] = float(self.check.fired is not None)
         return m
 
+    def _replay(self, step: int) -> None:
+        """A resumed round: feed the drift rule the steps logged before `step` (the log is rewound to the
+        checkpoint resumed from), as the uninterrupted round's rule saw them."""
+        path, self.replay = self.replay, None
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        for r in (r for r in rows if r["step"] < step):
+            self.check.step(r["step"], r.get("reward/raw_score_mean", r["reward/score_mean"]), r.get("monitor/score_mean"))
+            if "audit/accuracy" in r:
+                self.check.audit(r["step"], round(r["audit/accuracy"] * r["audit/pairs"]), r["audit/pairs"])
+                self.labels = r["audit/labels"]
+
 
 def gold_accuracy(scores: list[float], gold: list[float], n: int) -> float:
     """Of the pairs within each group of n whose gold differs, the share `scores` order as gold does."""
-    right = total = 0
-    for g in range(len(scores) // n):
-        s, y = scores[g * n:(g + 1) * n], gold[g * n:(g + 1) * n]
-        for a in range(n):
-            for b in range(a + 1, n):
-                if y[a] != y[b]:
-                    total += 1
-                    right += (s[a] > s[b]) == (y[a] > y[b])
-    return right / max(total, 1)
+    pairs = [gold_pairs(scores[g * n:(g + 1) * n], gold[g * n:(g + 1) * n]) for g in range(len(scores) // n)]
+    return sum(right for right, _ in pairs) / max(sum(total for _, total in pairs), 1)
 
 
 def audit_rows(path: Path, last_step: int) -> list[dict]:

@@ -66,12 +66,14 @@ def publish_dir(staging: Path, final: Path) -> Path:
     return final
 
 
-def latest(root: Path, skipped: list[str] | None = None) -> Path | None:
-    """The newest whole checkpoint, or None. A newer one that is damaged is passed over, with one line on why
-    appended to `skipped` (when given)."""
+def latest(root: Path, skipped: list[str] | None = None, upto: int | None = None) -> Path | None:
+    """The newest whole checkpoint (of a step <= `upto`, when given), or None. A newer one that is damaged is
+    passed over, with one line on why appended to `skipped` (when given)."""
     if not root.is_dir():
         return None
     for p in sorted(root.glob("step_*"), reverse=True):
+        if upto is not None and p > step_dir(root, upto):
+            continue
         why = damage(p)
         if why is None:
             return p

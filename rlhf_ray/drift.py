@@ -25,6 +25,17 @@ def ranking_accuracy(scores: list[float], ranking: list[int]) -> tuple[int, int]
     return right, total
 
 
+def gold_pairs(scores: list[float], gold: list[float]) -> tuple[int, int]:
+    """(pairs `scores` order as gold does, pairs whose gold differs) among one group's answers: how a reward
+    model's scores (or a ranking's places, negated) agree with the tiny world's gold."""
+    right = total = 0
+    for a, b in itertools.combinations(range(len(gold)), 2):
+        if gold[a] != gold[b]:
+            total += 1
+            right += (scores[a] > scores[b]) == (gold[a] > gold[b])
+    return right, total
+
+
 def trend(values: list[float]) -> tuple[float, float]:
     """(slope, t statistic) of the least-squares line through values at steps 0..n-1 (t is inf on a perfect line,
     0 with fewer than 3 values)."""
@@ -56,14 +67,19 @@ class DriftCheck:
     The audit rule is relative: the accuracy pooled over the last `audits` audits has fallen by more than `drop`
     below the round's first `audits` audits' (the answers of the policy the RM was trained beside). An absolute
     bar would mistake a hard world for a stale RM: on the tiny world's own answer groups a fresh RM scores only
-    0.6-0.75 against noisy labels, since many of a group's answers tie in gold and their labelled order is a coin."""
+    0.6-0.75 against noisy labels, since many of a group's answers tie in gold and their labelled order is a coin.
+
+    `trusted` is set with `fired`: the last step the RM was still trusted at, the audit just before the pooled
+    window that fell (the monitor rule: the step its window starts at). The pipeline's last round ends there."""
     drop: float                        # fall in pooled audit accuracy that makes the RM stale
     audits: int                        # audits pooled, at the start and at the end
     monitor_span: int = 0              # steps of trend for the monitor rule (0: the monitor is not consulted)
     history: list[tuple[int, int]] = field(default_factory=list)
+    audit_steps: list[int] = field(default_factory=list)
     proxy: list[float] = field(default_factory=list)
     monitor: list[float] = field(default_factory=list)
     fired: str | None = None
+    trusted: int | None = None
 
     def _pool(self, part: list[tuple[int, int]]) -> float:
         right, total = map(sum, zip(*part))
@@ -77,18 +93,28 @@ class DriftCheck:
         """The accuracy over the last `audits` audits' pairs (None before that many)."""
         return self._pool(self.history[-self.audits:]) if len(self.history) >= self.audits else None
 
-    def audit(self, right: int, pairs: int) -> None:
+    def audit(self, step: int, right: int, pairs: int) -> None:
         self.history.append((right, pairs))
+        self.audit_steps.append(step)
         if self.fired is None and len(self.history) >= 2 * self.audits:
             base, now = self.baseline(), self.pooled()
             if now < base - self.drop:
                 self.fired = (f"audit accuracy {now:.2f} over the last {self.audits} audits, down from {base:.2f} "
                               f"at the round's start (by more than {self.drop:g})")
+                self.trusted = self.audit_steps[-self.audits - 1]
 
-    def step(self, proxy: float, monitor: float | None) -> None:
+    def step(self, step: int, proxy: float, monitor: float | None) -> None:
         self.proxy.append(proxy)
         if monitor is None or not self.monitor_span:
             return
         self.monitor.append(monitor)
         if self.fired is None and monitor_disagrees(self.proxy, self.monitor, self.monitor_span):
             self.fired = f"the monitor RM fell while the proxy rose over the last {self.monitor_span} steps"
+            self.trusted = max(step - self.monitor_span, 0)
+
+
+def pooled_audits(wanted: int, steps: int, every: int) -> int:
+    """Audits the drift rule pools in a round of `steps` PPO steps audited every `every`: `wanted`
+    (pipeline.drift_audits), fewer when the round has not room for twice as many (its start and its latest), at
+    least one; a 15-step round audited every 5 steps compares single audits."""
+    return max(1, min(wanted, steps // every // 2))

@@ -255,10 +255,10 @@ def test_pipeline_with_no_published_ppo_checkpoint_says_so_in_one_line(tmp_path,
     from rlhf_ray import checkpoint as ckpt
     cfg = load_config("configs/tiny_world.yaml")
     with pytest.raises(RunError) as e:
-        ppo_checkpoint_policy({"checkpoint": None}, cfg)
+        ppo_checkpoint_policy({"checkpoint": None}, cfg, "start")
     assert "\n" not in str(e.value) and "PPO published no checkpoint to evaluate" in str(e.value)
     root = ckpt.checkpoint_root(tmp_path)
     ckpt.begin(root, 40)
     earlier = ckpt.commit(root, 40, {"step": 40, "data": {"epoch": 0, "pos": 0}})
-    assert ppo_checkpoint_policy({"checkpoint": str(earlier), "steps": 45}, cfg) == str(earlier / "policy")
+    assert ppo_checkpoint_policy({"checkpoint": str(earlier), "steps": 45}, cfg, "start") == str(earlier / "policy")
     assert "going on from PPO's checkpoint of step 40" in capsys.readouterr().out

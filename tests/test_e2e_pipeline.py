@@ -51,8 +51,10 @@ def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_pat
     continues PPO from round 1's policy with the KL still to SFT; DPO goes on as iterative DPO (round 2 from round 1's
     model on its own policy's labels, the reference SFT). The driver dies in round 2's PPO after its first step was
     checkpointed; `--resume` keeps every finished stage (their files untouched) and continues that PPO from the
-    checkpoint; the evaluation plays every round's policy. The labels, the rounds' and the audits', come from a pool
-    of labelers aggregated by reliability, one of them careless."""
+    checkpoint, its drift rule fed the audits logged before the kill; the rule is made to fire at the last step (any
+    audit counts as a fall), so the last round keeps its policy of step 1, the last audit the RM passed
+    (pipeline.keep_trusted); the evaluation plays every round's policy. The labels, the rounds' and the audits', come
+    from a pool of labelers aggregated by reliability, one of them careless."""
     import launch.pipeline as lp
     cfg = small_pipeline(tiny_world, tmp_path, ["pipeline.rounds=2", "pipeline.round_labels=40",
                                                 "pipeline.audit_prompts=4", "pipeline.audit_every=1",
@@ -79,7 +81,12 @@ def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_pat
     assert {"sft", "label", "label_monitor", "rm_monitor", "rm", "ppo", "dpo", "label_r2", "label_dpo_r2",
             "rm_r2"} == set(state)
     kept = {d: (run / d / "model.safetensors").stat().st_mtime for d in ("sft", "rm", "dpo", "rm_r2")}
-    monkeypatch.setattr(lp, "ppo_train", real)
+
+    def drifts_in_round_2(cfg, **kw):
+        if cfg.run.output_dir.endswith("ppo_r2"):
+            kw["watch"].check.drop = -1.0          # the resumed step 2's audit against step 1's (replayed) fires
+        return real(cfg, **kw)
+    monkeypatch.setattr(lp, "ppo_train", drifts_in_round_2)
     s = run_pipeline(cfg, resume=True)
     assert {d: (run / d / "model.safetensors").stat().st_mtime for d in kept} == kept      # not redone
     r2 = [json.loads(line) for line in (run / "ppo_r2" / "metrics.jsonl").read_text().splitlines()]
@@ -87,6 +94,8 @@ def test_pipeline_in_two_rounds_killed_mid_round_and_resumed(tiny_world, tmp_pat
     assert all("audit/accuracy" in r and 0 <= r["audit/accuracy"] <= 1 and "audit/gold_accuracy" in r for r in r2)
     rounds = s["rounds"]
     assert [x["round"] for x in rounds] == [1, 2] and [x["ppo_steps"] for x in rounds] == [2, 2]
+    assert rounds[0]["kept"] is None and rounds[1]["kept"] == 1 and "drifted" in rounds[1]["stopped"]
+    assert s["models"]["ppo"] == str(run / "ppo_r2" / "checkpoints" / "step_000001" / "policy")
     # rankings made: a prompt whose K answers are not all distinct is passed over (answer_sets), so up to the count
     assert 120 < rounds[0]["labels"] <= 128 and rounds[0]["audit_labels"] == 2 * 4     # 4 rankings an audit, 2 steps
     assert 28 < rounds[1]["labels"] <= 40 - 8 and 36 < rounds[1]["dpo_labels"] <= 40

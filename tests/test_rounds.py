@@ -9,7 +9,7 @@ import pytest
 from launch.common import RunError
 from launch.rounds import Audit, Progress, SimulatedLabels, audit_rows, gold_accuracy
 from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.drift import DriftCheck, monitor_disagrees, ranking_accuracy, trend
+from rlhf_ray.drift import DriftCheck, monitor_disagrees, pooled_audits, ranking_accuracy, trend
 from rlhf_ray.tiny_world.gold import GOLDS, gold_no_repeats, gold_score
 
 
@@ -36,24 +36,35 @@ def test_trend_and_the_monitor_rule():
 
 def test_drift_check_compares_the_latest_audits_with_the_rounds_first():
     check = DriftCheck(drop=0.1, audits=2)
-    check.audit(60, 96)
-    check.audit(66, 96)                                         # the round's start: 126 / 192 = 0.656
+    check.audit(5, 60, 96)
+    check.audit(10, 66, 96)                                     # the round's start: 126 / 192 = 0.656
     assert check.baseline() == pytest.approx(126 / 192) and check.fired is None
-    check.audit(56, 96)                                         # (66 + 56) / 192 = 0.635: a fall of 0.02
-    assert check.fired is None
-    check.audit(48, 96)                                         # (56 + 48) / 192 = 0.542: down 0.115
+    check.audit(15, 56, 96)                                     # (66 + 56) / 192 = 0.635: a fall of 0.02
+    assert check.fired is None and check.trusted is None
+    check.audit(20, 48, 96)                                     # (56 + 48) / 192 = 0.542: down 0.115
     assert check.fired and "0.54" in check.fired and "0.66" in check.fired
+    assert check.trusted == 10                                  # the audit before the window that fell
     first = check.fired
-    check.audit(96, 96)
-    assert check.fired == first                                 # the first reason stays
+    check.audit(25, 96, 96)
+    assert check.fired == first and check.trusted == 10         # the first reason stays
+    single = DriftCheck(drop=0.1, audits=1)                     # a short round compares single audits
+    single.audit(5, 60, 96), single.audit(10, 48, 96)
+    assert single.fired and single.trusted == 5
     low = DriftCheck(drop=0.1, audits=2)                        # a low accuracy from the start is no drift
-    for _ in range(6):
-        low.audit(55, 96)
+    for i in range(6):
+        low.audit(5 * i, 55, 96)
     assert low.fired is None
     mon = DriftCheck(drop=0.1, audits=1, monitor_span=6)
-    for i in range(6):
-        mon.step(float(i), -float(i))
-    assert mon.fired and "monitor" in mon.fired
+    for i in range(1, 9):
+        mon.step(i, float(i), -float(i))
+        if mon.fired:
+            break
+    assert mon.fired and "monitor" in mon.fired and mon.trusted == 0     # fired at step 6: the window's start
+
+
+def test_the_drift_rule_pools_what_a_round_has_room_for():
+    assert pooled_audits(2, 45, 5) == 2                         # 9 audits: 2 at the start, 2 at the latest
+    assert pooled_audits(2, 15, 5) == 1 and pooled_audits(2, 3, 5) == 1 and pooled_audits(3, 60, 5) == 3
 
 
 def test_gold_accuracy_over_groups():
@@ -153,3 +164,37 @@ def test_a_later_rounds_ppo_keeps_its_kl_to_the_configured_anchor(monkeypatch, t
     assert second.models.reference == ("sft" if anchor == "sft" else None)     # None: the policy it starts from
     assert second.models.policy == "policy2" and second.run.seed == cfg.run.seed + 1 and second.train.steps == 7
     assert second.run.output_dir.endswith("ppo_r2") and kw1["resume"] == "auto" and kw1["watch"] is None
+
+
+@pytest.mark.parametrize("first_ckpt, kept", [(5, 5), (10, 0)])
+def test_the_last_round_keeps_its_policy_of_the_last_audit_the_rm_passed(tmp_path, monkeypatch, first_ckpt, kept):
+    """pipeline.keep_trusted: the last round checkpoints at every audit; when the drift rule fires, the pipeline goes
+    on from the newest checkpoint at or before the last trusted audit (none: the policy the round began from). The
+    PPO run is faked: it writes the checkpoints a run would and feeds the audit's drift rule two audits, the second
+    fallen (the rule's replay of a resumed round's log is exercised in tests/test_e2e_pipeline.py)."""
+    import launch.pipeline as lp
+    from rlhf_ray import checkpoint as ckpt
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg)
+        root = ckpt.checkpoint_root(cfg.run.output_dir)
+        for step in range(first_ckpt, 11, cfg.checkpoint.every):
+            ckpt.begin(root, step)
+            ckpt.commit(root, step, {"step": step, "data": {}})
+        watch = kw["watch"]
+        watch.check.audit(5, 70, 96), watch.check.audit(10, 40, 96)
+        watch.stop = f"the reward model drifted: {watch.check.fired}"
+        return {"run_dir": cfg.run.output_dir, "metrics": "m", "checkpoint": str(ckpt.step_dir(root, 10)),
+                "steps": 10, "stopped": watch.stop}
+    monkeypatch.setattr(lp, "ppo_train", fake_train)
+    cfg = load_config("configs/tiny_world_overopt.yaml", ["pipeline.rounds=2", "pipeline.drift_monitor=false"])
+    audit = Audit(None, None, tmp_path / "audit.jsonl", 16, 5, 4, 0, DriftCheck(0.1, 1), stop_on_drift=True)
+    out = lp.ppo_round(cfg, 2, "start", "sft", "rm", None, "prompts.jsonl", tmp_path, 15, audit, None, False,
+                       keep_trusted=True)
+    assert seen[0].checkpoint.every == 5 and seen[0].checkpoint.keep >= 3          # every audit, enough kept
+    assert audit.check.trusted == 5 and out["kept"] == kept
+    policy = lp.ppo_checkpoint_policy(out, cfg, "start")
+    assert policy == (str(tmp_path / "ppo_r2" / "checkpoints" / "step_000005" / "policy") if kept else "start")
+    plain = {**out, "kept": None, "checkpoint": str(tmp_path / "ppo_r2" / "checkpoints" / "step_000010")}
+    assert lp.ppo_checkpoint_policy(plain, cfg, "start").endswith("step_000010/policy")    # keep_trusted off
