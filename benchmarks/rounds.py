@@ -74,13 +74,13 @@ def curve(run: Path, rounds: list[dict]) -> list[dict]:
     return rows
 
 
-def one_run(seed: int, world: str, mode: str, out: Path, extra: list[str]) -> dict:
+def one_run(seed: int, world: str, mode: str, out: Path, extra: list[str], resume: bool) -> dict:
     import ray
     run = out / f"seed{seed}" / f"{world}-{mode}"
     cfg = load_config(WORLDS[world], [f"run.seed={seed}", f"run.output_dir={run}",
                                       f"pipeline.world_dir={out}/seed{seed}/world", *AUDITS, *MODES[mode], *FAST,
                                       *extra])
-    s = run_pipeline(cfg)
+    s = run_pipeline(cfg, resume=resume)
     ray.shutdown()                     # the next run starts on a fresh local cluster
     ev, sd = s["eval"], max(s["eval"]["sft"]["gold_sd"], 1e-8)
     rows = curve(run, s["rounds"])
@@ -115,13 +115,15 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["one", "one_trusted", "rounds", "on_drift"], choices=list(MODES))
     ap.add_argument("--out", default="runs/bench-rounds")
     ap.add_argument("--set", dest="extra", action="append", default=[])
+    ap.add_argument("--resume", action="store_true", help="keep each run's finished stages (the pipeline's --resume; "
+                    "a run under another config is refused): only after a change that touches none of them")
     args = ap.parse_args()
     out = ROOT / args.out
     res: dict[tuple[str, str], dict[int, dict]] = {}
     for seed in args.seeds:
         for world in args.worlds:
             for mode in args.modes:
-                r = one_run(seed, world, mode, out, args.extra)
+                r = one_run(seed, world, mode, out, args.extra, args.resume)
                 res.setdefault((world, mode), {})[seed] = r
                 print(f"seed {seed} {world} {mode}: {json.dumps(r)}", flush=True)
     lines = [f"The closed loop against one pass, seeds {', '.join(map(str, args.seeds))}.", ""]

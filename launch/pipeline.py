@@ -330,12 +330,14 @@ class Stages:
 
     def ppo(self, r: int, policy: str, rm: str, steps: int, last: bool) -> dict:
         """Round r's PPO, watched by the audit (its rankings in data/audit_r<r>_rankings.jsonl). Under on_drift a
-        round but the last ends when the RM drifts; with pipeline.keep_trusted and audits, so does the last one,
-        keeping the policy of the last audit the RM passed (no later round would refresh the RM)."""
+        round but the last ends when the RM drifts; with pipeline.keep_trusted and audits, the audit rule ends the
+        last one too, keeping the policy of the last audit the RM passed (no later round would refresh the RM).
+        The monitor rule does not end the last round: it names no step the RM was right at, and in the
+        over-optimising world it fired while gold rose (benchmarks/README.md, the closed loop)."""
         pc = self.cfg.pipeline
         keep = last and pc.keep_trusted and pc.audit_prompts > 0
         check = DriftCheck(pc.drift_drop, pooled_audits(pc.drift_audits, steps, pc.audit_every),
-                           2 * pc.monitor_window if pc.drift_monitor else 0)
+                           2 * pc.monitor_window if pc.drift_monitor and not keep else 0)
         audit = Audit(self.source, self.tokenizer, self.out / f"audit_r{r}_rankings.jsonl", pc.audit_prompts,
                       pc.audit_every, self.cfg.generation.n, self.cfg.run.seed + 1000 * r, check,
                       (pc.refresh == "on_drift" and not last) or keep, self.gold)
@@ -570,8 +572,8 @@ def ppo_round(cfg: Config, r: int, policy: str, sft: str, rm: str, monitor: str 
                      "run.seed": cfg.run.seed + r - 1})
     pc = cfg.pipeline
     if keep_trusted:                   # a checkpoint at every audit, as many kept as the drift rule looks back
-        back = max(audit.check.audits + 1, audit.check.monitor_span // pc.audit_every + 1)
-        sets.update({"checkpoint.every": pc.audit_every, "checkpoint.keep": max(cfg.checkpoint.keep, back + 1)})
+        sets.update({"checkpoint.every": pc.audit_every,
+                     "checkpoint.keep": max(cfg.checkpoint.keep, audit.check.audits + 2)})
     watch = audit if (pc.audit_prompts or audit.stop_on_drift) else None
     if resume:                         # the drift rule picks up the killed round's past
         audit.replay = run_dir / round_name("ppo", r) / "metrics.jsonl"

@@ -101,7 +101,7 @@ class Audit:
         if self.replay is not None:
             self._replay(step)
         proxy = scored.rewards.total.tolist()       # the reward model's own scores, before normalising and KL
-        self.check.step(step, sum(proxy) / len(proxy), metrics.get("monitor/score_mean"))
+        self.check.step(sum(proxy) / len(proxy), metrics.get("monitor/score_mean"))
         m = {}
         if self.prompts and step % self.every == 0:
             texts, n = response_texts(self.tokenizer, scored.batch), self.n
@@ -133,7 +133,7 @@ class Audit:
         path, self.replay = self.replay, None
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         for r in (r for r in rows if r["step"] < step):
-            self.check.step(r["step"], r.get("reward/raw_score_mean", r["reward/score_mean"]), r.get("monitor/score_mean"))
+            self.check.step(r.get("reward/raw_score_mean", r["reward/score_mean"]), r.get("monitor/score_mean"))
             if "audit/accuracy" in r:
                 self.check.audit(r["step"], round(r["audit/accuracy"] * r["audit/pairs"]), r["audit/pairs"])
                 self.labels = r["audit/labels"]

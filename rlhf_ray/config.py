@@ -430,8 +430,8 @@ class PipelineConfig:
                                        # that makes the RM stale
     drift_audits: int = 2              # audits pooled, at the round's start and at its latest (one audit is ~100 pairs)
     drift_monitor: bool = True         # on_drift: also when the held-out monitor RM falls while the proxy rises
-    keep_trusted: bool = True          # the last round (no later one refreshes the RM): the drift rule ends its
-                                       # PPO and the pipeline keeps the policy of the last audit the RM passed
+    keep_trusted: bool = True          # the last round (no later one refreshes the RM), with audits: the audit
+                                       # rule ends its PPO; the pipeline keeps the policy of the last audit passed
 
 
 @dataclass

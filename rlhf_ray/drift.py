@@ -69,8 +69,8 @@ class DriftCheck:
     bar would mistake a hard world for a stale RM: on the tiny world's own answer groups a fresh RM scores only
     0.6-0.75 against noisy labels, since many of a group's answers tie in gold and their labelled order is a coin.
 
-    `trusted` is set with `fired`: the last step the RM was still trusted at, the audit just before the pooled
-    window that fell (the monitor rule: the step its window starts at). The pipeline's last round ends there."""
+    `trusted` is set when the audit rule fires: the step of the audit just before the pooled window that fell, the
+    last one the RM passed. The pipeline's last round goes on from there."""
     drop: float                        # fall in pooled audit accuracy that makes the RM stale
     audits: int                        # audits pooled, at the start and at the end
     monitor_span: int = 0              # steps of trend for the monitor rule (0: the monitor is not consulted)
@@ -103,14 +103,13 @@ class DriftCheck:
                               f"at the round's start (by more than {self.drop:g})")
                 self.trusted = self.audit_steps[-self.audits - 1]
 
-    def step(self, step: int, proxy: float, monitor: float | None) -> None:
+    def step(self, proxy: float, monitor: float | None) -> None:
         self.proxy.append(proxy)
         if monitor is None or not self.monitor_span:
             return
         self.monitor.append(monitor)
         if self.fired is None and monitor_disagrees(self.proxy, self.monitor, self.monitor_span):
             self.fired = f"the monitor RM fell while the proxy rose over the last {self.monitor_span} steps"
-            self.trusted = max(step - self.monitor_span, 0)
 
 
 def pooled_audits(wanted: int, steps: int, every: int) -> int:

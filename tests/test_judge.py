@@ -132,3 +132,22 @@ def test_a_built_judge_is_reused_only_for_the_recipe_it_was_built_from():
     assert judge_recipe(TinyJudgeSpec(seed=2), fmt) != recipe
     other = JudgeFormat(score_labels=tuple("12345"), verdict_labels=("A", "B"))
     assert judge_recipe(TinyJudgeSpec(seed=1), other) != recipe
+
+
+@pytest.mark.slow
+def test_a_judge_under_its_validation_bar_is_built_again_from_another_seed_and_the_better_one_kept(tiny_world, tmp_path):
+    """TinyJudgeSpec.min_val and restarts, at toy size (2 pretraining steps, one epoch): a bar no judge reaches makes
+    the build start over once from seed + 1000, and the better of the two is kept and written."""
+    import json
+    import shutil
+    from pathlib import Path
+    from rlhf_ray.tiny_world.judge import TinyJudgeSpec, build_tiny_judge
+    shutil.copytree(Path(tiny_world["policy"]), tmp_path / "policy")
+    spec = TinyJudgeSpec(pretrain_steps=2, examples=100, epochs=1, min_val=1.01, restarts=1, seed=3)
+    said: list[str] = []
+    out = build_tiny_judge(tmp_path, JudgeFormat(score_labels=tuple("12345")), spec, log=said.append)
+    assert sum("restarting from seed 1003" in line for line in said) == 1, said
+    kept = [line for line in said if "judge: kept epoch 0 of seed" in line]
+    assert len(kept) == 1 and ("seed 3:" in kept[0] or "seed 1003:" in kept[0]), said
+    assert json.loads((Path(out) / "judge_recipe.json").read_text())["spec"]["seed"] == 3
+    assert (Path(out) / "model.safetensors").is_file()
