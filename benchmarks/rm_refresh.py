@@ -83,7 +83,8 @@ def main() -> int:
            [(f"diff_{name}", f"{name}: warm − scratch", "{:+.3f}") for name in SETS]
     for r in sorted({r for rows in res.values() for r in rows}):
         per = {seed: rows[r] for seed, rows in res.items() if r in rows}
-        lines += [f"**round {r}**", ""] + seed_table(per, cols) + [""]
+        have = [c for c in cols if all(row[c[0]] == row[c[0]] for row in per.values())]   # the last round: no next
+        lines += [f"**round {r}**", ""] + seed_table(per, have) + [""]
     every = [row for rows in res.values() for row in rows.values()]
     for name in SETS:
         d = [row[f"diff_{name}"] for row in every if row[f"diff_{name}"] == row[f"diff_{name}"]]

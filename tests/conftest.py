@@ -9,13 +9,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # local test clusters; r
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable otherwise): under --dist worksteal an idle worker steals from the end of the other's
-    queue, so minutes-long end-to-end tests queued last leave one core idle while the other finishes them; queued
-    first, the quick tests fill the gaps at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The offline tiny world (tokenizer, briefly pretrained LM, reward model, prompts), built once per session."""
