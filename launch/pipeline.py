@@ -299,8 +299,8 @@ def round_record(r: int, ppo: dict, window: int) -> dict:
     tail = rows[-window:]
     mean = lambda key: statistics.mean(x[key] for x in tail) if tail and key in tail[0] else None  # noqa: E731
     audits = [x["audit/accuracy"] for x in rows if "audit/accuracy" in x]
-    return {"round": r, "ppo_steps": len(rows), "stopped": ppo["stopped"], "kept": ppo.get("kept"), "gold_end": mean("gold/mean"),
-            "proxy_end": mean("reward/score_mean"), "kl_end": mean("kl/ref_per_seq"),
+    return {"round": r, "ppo_steps": len(rows), "stopped": ppo["stopped"], "kept": ppo.get("kept"),
+            "gold_end": mean("gold/mean"), "proxy_end": mean("reward/score_mean"), "kl_end": mean("kl/ref_per_seq"),
             "audit_first": audits[0] if audits else None, "audit_last": audits[-1] if audits else None}
 
 

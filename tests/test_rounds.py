@@ -196,3 +196,26 @@ def test_the_last_round_keeps_its_policy_of_the_last_audit_the_rm_passed(tmp_pat
     assert policy == (str(tmp_path / "ppo_r2" / "checkpoints" / "step_000005" / "policy") if kept else "start")
     plain = {**out, "kept": None, "checkpoint": str(tmp_path / "ppo_r2" / "checkpoints" / "step_000010")}
     assert lp.ppo_checkpoint_policy(plain, cfg, "start").endswith("step_000010/policy")    # keep_trusted off
+
+
+@pytest.mark.parametrize("keep, refresh", [(True, "schedule"), (False, "schedule"), (True, "on_drift")])
+def test_keep_trusted_reaches_the_last_round_and_only_it(tmp_path, monkeypatch, keep, refresh):
+    """pipeline.keep_trusted and pipeline.refresh, through Stages.ppo: which rounds stop on drift, which keep their
+    last trusted policy, and that the last round's drift rule leaves the monitor out (the PPO round is faked)."""
+    import launch.pipeline as lp
+    seen = {}
+
+    def fake_round(cfg, r, *args):
+        audit, keep_trusted = args[7], args[10]
+        seen[r] = (audit.stop_on_drift, keep_trusted, audit.check.monitor_span, audit.check.audits)
+        return {"run_dir": "r", "metrics": "m", "checkpoint": "c", "steps": 15, "stopped": None}
+    monkeypatch.setattr(lp, "ppo_round", fake_round)
+    cfg = load_config("configs/tiny_world_overopt.yaml", ["pipeline.rounds=3", f"pipeline.keep_trusted={keep}",
+                                                           f"pipeline.refresh={refresh}", "pipeline.monitor_window=5"])
+    st = lp.Stages(cfg, tmp_path, {"ppo": "p.jsonl"}, Progress(tmp_path, {}, False), None, None, None, "sft", "mon",
+                   None, False, None, None)
+    for r in (1, 2, 3):
+        st.ppo(r, "policy", "rm", 15, last=r == 3)
+    drifting = refresh == "on_drift"
+    assert seen[1] == seen[2] == (drifting, False, 10, 1)         # 15 steps audited every 5: single audits
+    assert seen[3] == (keep, keep, 0 if keep else 10, 1)
