@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import socket
 import sys
 import time
 from collections import defaultdict
@@ -104,13 +103,18 @@ class RankActor:
         return {"node": ctx.get_node_id(), "pg": ctx.get_placement_group_id(), "gpu_ids": ray.get_gpu_ids(),
                 "pid": os.getpid()}
 
-    def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def host_store(self, world_size: int) -> int:
+        """As the group's rank 0: open its TCPStore on a port the OS picks and hold it; returns the port."""
+        from actors.sync_group import host_store
+        self._store = host_store(self.node_ip(), world_size)
+        return self._store.port
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
-        """Join the role's process group: gloo on CPU, NCCL on GPU (through DeepSpeed's comm layer)."""
+        """Join the role's process group, whose store rank 0 hosts (`host_store`): gloo on CPU, NCCL on GPU. The
+        group is made here on that store and DeepSpeed's comm layer adopts it (it does when torch.distributed is
+        initialized), because DeepSpeed's own rendezvous binds MASTER_PORT late and can lose it to another process."""
+        import torch.distributed as dist
+        from actors.sync_group import join_store
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
@@ -120,8 +124,10 @@ class RankActor:
             # the real torch package, because deepspeed.comm has an attribute named `torch`.
             import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="gloo" if self.device == "cpu" else "nccl",
-                                   auto_mpi_discovery=False, verbose=False)
+        backend = "gloo" if self.device == "cpu" else "nccl"
+        store = self._store if self.rank == 0 else join_store(master_addr, master_port, self.world_size)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         self._mark("process_group")
 
     def ready(self) -> bool:

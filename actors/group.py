@@ -201,7 +201,7 @@ class RankGroup:
         """Every rank joins the process group at rank 0's address; returns those calls. Nothing blocks here: the
         address and port go to the ranks as references, which Ray resolves before each rank's call runs."""
         master = self.actors[0]
-        addr, port = master.node_ip.remote(), master.free_port.remote()
+        addr, port = master.node_ip.remote(), master.host_store.remote(len(self.actors))
         return [a.init_process_group.remote(addr, port) for a in self.actors]
 
     def wait(self) -> None:

@@ -103,10 +103,16 @@ class Policy(DeepSpeedRole):
             ray.get([e.load_weights.remote(meta, payload) for e in engines])
         return self._send_buckets(bucket_bytes, send)
 
+    def host_sync_store(self, world_size: int) -> int:
+        """Process-group sync: rank 0 hosts the group's store (held until the group opens); returns its port."""
+        from actors.sync_group import host_store
+        self._sync_store = host_store(self.node_ip(), world_size)
+        return self._sync_store.port
+
     def open_sync_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
-        """Process-group sync: rank 0 hosts the group's store and is its broadcast root."""
+        """Process-group sync: rank 0 is the group's broadcast root, on the store it hosts (`host_sync_store`)."""
         from actors.sync_group import open_group
-        self._sync_group = open_group(addr, port, 0, world_size, backend)
+        self._sync_group = open_group(self._sync_store, 0, world_size, backend)
 
     @busy
     def broadcast_weights(self, engines: list, bucket_bytes: int) -> dict:

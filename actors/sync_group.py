@@ -15,10 +15,22 @@ import torch.distributed as dist
 Meta = list[tuple[str, list[int], str]]
 
 
-def open_group(addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 300):
+def host_store(addr: str, world_size: int, timeout_s: float = 600) -> dist.TCPStore:
+    """The store of a group this process hosts, listening on a port the OS picks (read it from `.port`). The port is
+    bound here and held, never probed free and bound later: in between, any process on the node can take it (CI saw
+    EADDRINUSE with two test clusters on one box)."""
+    return dist.TCPStore(addr, 0, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def join_store(addr: str, port: int, world_size: int, timeout_s: float = 600) -> dist.TCPStore:
+    return dist.TCPStore(addr, port, world_size, False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def open_group(store: dist.Store, rank: int, world_size: int, backend: str, timeout_s: float = 300):
     """Every member calls this at the same time (the constructor is a rendezvous); rank 0 hosts the store."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.PrefixStore("rlhf_weight_sync", dist.TCPStore(addr, port, world_size, rank == 0, timeout=timeout))
+    store = dist.PrefixStore("rlhf_weight_sync", store)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout

@@ -90,9 +90,9 @@ class WeightSyncExtension:
     # ---------------------------------------------------------------- the process-group backend
     def rlhf_open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> int:
         """Join the policy's weight-sync group as rank first_rank + this worker's rank within its engine."""
-        from actors.sync_group import open_group
+        from actors.sync_group import join_store, open_group
         rank = first_rank + getattr(self, "rank", 0)
-        self._rlhf_sync = open_group(addr, port, rank, world_size, backend)
+        self._rlhf_sync = open_group(join_store(addr, port, world_size), rank, world_size, backend)
         return rank
 
     def rlhf_receive_bucket(self, meta: list) -> int:

@@ -46,8 +46,8 @@ class ProcessGroupSync(WeightSync):
     def __init__(self, policy_group, engines: list, bucket_mb: float, backend: str, tp: int):
         super().__init__(policy_group, engines, bucket_mb)
         root = policy_group.actors[0]
-        addr, port = ray.get([root.node_ip.remote(), root.free_port.remote()])
         world = 1 + len(engines) * tp
+        addr, port = ray.get([root.node_ip.remote(), root.host_sync_store.remote(world)])
         ray.get([root.open_sync_group.remote(addr, port, world, backend)]
                 + [e.open_sync_group.remote(addr, port, 1 + i * tp, world, backend) for i, e in enumerate(engines)])
 

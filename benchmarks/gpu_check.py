@@ -68,8 +68,10 @@ def workload(tiny: bool) -> dict:
 # ------------------------------------------------------------------------------------------------ in the worker
 
 def ray_standin() -> None:
-    """`ray` for modules that wrap their class at import (`PolicyActor = ray.remote(Policy)`)."""
-    sys.modules["ray"] = types.SimpleNamespace(remote=lambda cls: cls)
+    """`ray` for modules that wrap their class at import (`PolicyActor = ray.remote(Policy)`), and the node address a
+    rank hosting its group's store asks for."""
+    sys.modules["ray"] = types.SimpleNamespace(remote=lambda cls: cls,
+                                               util=types.SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"))
 
 
 class Probe:
@@ -143,7 +145,7 @@ def make_role(job: dict, dtype: str, device: str):
         from actors.critic import Critic as cls
     actor = cls(0, 1, config_for(job, dtype), device)
     os.environ.setdefault("DS_ACCELERATOR", device)
-    actor.init_process_group("127.0.0.1", actor.free_port())
+    actor.init_process_group("127.0.0.1", actor.host_store(1))
     return actor
 
 
