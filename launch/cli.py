@@ -8,6 +8,7 @@
     rlhf-ray submit --address URL --config C ...     submit the same run to a cluster with `ray job submit`
     rlhf-ray plan --config C [--set k=v]             per-GPU memory of each role of a layout; refuses misfits
     rlhf-ray label --config C [--set k=v]            rank K answers per prompt with the LLM judge (pairwise)
+    rlhf-ray label-server serve|add-labeler|add|export|report --db F ...   the labelling page for people
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "label":
         from launch.label import main as label_main
         return label_main(rest)
+    if cmd == "label-server":
+        from launch.label_server import main as label_server_main
+        return label_server_main(rest)
     if cmd == "submit":
         from launch.submit import main as submit_main
         return submit_main(rest)

@@ -17,8 +17,9 @@ the posterior. A prompt's aggregate ranking orders its answers by their expected
 
 Reliability shows only in agreement: a labeler is trusted for agreeing with the others, so among labelers who
 share no prompt, or where the honest ones are outnumbered by ones who agree with each other, it cannot be found.
-Rankings may be partial in who labelled what: any labeler, any subset of prompts, two or more answers each. The
-same aggregation serves judge verdicts (a judge is one more labeler) and people's rankings. Pure: no Ray.
+Rankings may be partial in who labelled what: any labeler, any subset of prompts, two or more answers each, ties
+allowed (tied answers state no pair). The same aggregation serves judge verdicts (a judge is one more labeler)
+and people's rankings. Pure: no Ray.
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ class LabeledRanking:
     prompt: int                        # the prompt's index (any integer naming it)
     labeler: str
     ranking: tuple[int, ...]           # answer indices of that prompt, best first (all of them, or a subset)
+    tiers: tuple[int, ...] | None = None   # each ranked answer's tier (0 best), when the labeler tied some: tied
+                                       # answers make no pair; None: strict
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(above, below) answer pairs the ranking states (tied ones left out)."""
+        if self.tiers is None:
+            return ranking_to_pairs(list(self.ranking))
+        tier = dict(zip(self.ranking, self.tiers))
+        return [(a, b) for a, b in ranking_to_pairs(list(self.ranking)) if tier[a] != tier[b]]
 
 
 @dataclass
@@ -53,15 +63,16 @@ class Aggregate:
 def agreement(labels: list[LabeledRanking]) -> float:
     """Inter-labeler agreement: over every two labelers who ranked the same prompt and every pair of answers both
     ranked, the share ordered alike (nan when no two labelers ever share a pair)."""
-    by_prompt: dict[int, list[dict[int, int]]] = {}
+    by_prompt: dict[int, list[set[tuple[int, int]]]] = {}
     for lab in labels:
-        by_prompt.setdefault(lab.prompt, []).append({a: pos for pos, a in enumerate(lab.ranking)})
+        by_prompt.setdefault(lab.prompt, []).append(set(lab.pairs()))
     same = total = 0
-    for positions in by_prompt.values():
-        for p, q in itertools.combinations(positions, 2):
-            for a, b in itertools.combinations(sorted(p.keys() & q.keys()), 2):
-                same += (p[a] < p[b]) == (q[a] < q[b])
-                total += 1
+    for stated in by_prompt.values():
+        for p, q in itertools.combinations(stated, 2):
+            for a, b in p:                      # pairs both stated: agree if q states it the same way
+                if (a, b) in q or (b, a) in q:
+                    same += (a, b) in q
+                    total += 1
     return same / total if total else float("nan")
 
 
@@ -75,7 +86,7 @@ def aggregate(labels: list[LabeledRanking], weigh: bool = True, iters: int = 200
         if len(set(lab.ranking)) != len(lab.ranking):
             raise ValueError(f"aggregate: labeler {lab.labeler!r} ranks an answer of prompt {lab.prompt} twice: "
                              f"{list(lab.ranking)}")
-        for w, lo in ranking_to_pairs(list(lab.ranking)):
+        for w, lo in lab.pairs():
             votes.setdefault((lab.prompt, min(w, lo), max(w, lo)), []).append((lab.labeler, w < lo))
     names = sorted({lab.labeler for lab in labels})
     p = dict.fromkeys(names, START)
@@ -111,7 +122,7 @@ def aggregate(labels: list[LabeledRanking], weigh: bool = True, iters: int = 200
     agree = {name: [0, 0] for name in names}
     for lab in labels:
         pos = {a: k for k, a in enumerate(rankings[lab.prompt])}
-        for a, b in ranking_to_pairs(list(lab.ranking)):
+        for a, b in lab.pairs():
             agree[lab.labeler][0] += pos[a] < pos[b]
             agree[lab.labeler][1] += 1
     return Aggregate(rankings, wins, new, {n: a / t if t else float("nan") for n, (a, t) in agree.items()},

@@ -16,4 +16,18 @@ if [ "$EXTRA" = cpu ]; then
   # vLLM and transformers run without them (see shared platform notes).
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# The labelling page's tests drive a real browser: Chromium and its WebDriver from the OS packages (Playwright's own
+# browser download is not reachable here). Needs root or sudo; without them, say so and go on (those tests then fail
+# naming this step).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ] && command -v apt-get >/dev/null; then
+    { $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } \
+      || echo "install.sh: could not apt-get install chromium chromium-driver (the page tests need them)" >&2
+  else
+    echo "install.sh: no chromium / chromedriver, and no apt-get as root: the page tests need them" >&2
+  fi
+fi
 echo "installed into $VENV"
