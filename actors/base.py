@@ -218,13 +218,15 @@ class DeepSpeedRole(RankActor):
 
     # ------------------------------------------------------------------ epochs over minibatches (PPO, stages)
     def _minibatch_updates(self, exp: B, epochs: int, minibatch_size: int, step: int,
-                           loss_fn: Callable[[B, float], tuple[torch.Tensor, dict]]) -> dict:
+                           loss_fn: Callable[[B, float], tuple[torch.Tensor, dict]],
+                           before: Callable[[B], None] | None = None) -> dict:
         """Epochs x shuffled minibatches; each rank takes its shard of each minibatch, in micro-batches.
         A trailing partial minibatch is dropped (every optimizer step sees `minibatch_size` sequences).
         loss_fn(micro, denominator) must divide its micro-batch's loss sum by `denominator`, the whole minibatch's
         count (`_loss_count`) over the number of micro-batch losses DeepSpeed averages (accumulation steps x
         ranks): the optimizer step's gradient is then exactly that of the minibatch's loss, however it is split.
-        Its stats are averaged over micro-batches, except those named *_max, which are maxima.
+        Its stats are averaged over micro-batches, except those named *_max, which are maxima. `before(minibatch)`,
+        when given, runs on each whole minibatch first (a statistic of the minibatch the loss needs, e.g. KTO's z0).
 
         The shuffle is seeded identically on every rank so the ranks agree on each minibatch. A rank cuts its
         shard into micro-batches by length (the gradient is a sum over them, so their order is free). DeepSpeed
@@ -243,6 +245,8 @@ class DeepSpeedRole(RankActor):
                 if len(idx) < minibatch_size:
                     break
                 mb = select(exp, idx)
+                if before is not None:
+                    before(mb)
                 denominator = self._loss_count(mb) / losses_averaged
                 for micro in chunks(sort_by_length(shard(mb, self.rank, self.world_size))[0], self.micro):
                     loss, s = loss_fn(micro.to(self.device), denominator)

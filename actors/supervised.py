@@ -1,21 +1,25 @@
-"""Supervised stages on one DeepSpeed ZeRO rank: SFT and DPO train the policy's causal LM, the reward-model
+"""Supervised stages on one DeepSpeed ZeRO rank: SFT, DPO and KTO train the policy's causal LM, the reward-model
 stage trains a scalar head with the Bradley-Terry loss. Same rank group, same minibatch loop as PPO.
 
 Batches (`rlhf_ray/batch.py`, built in `rlhf_ray/stage_data.py`): SFT trains on an `SFTBatch`; the reward model
 and DPO on a `RankingBatch` of K-way rankings (DPO with the starting weights' sequence logprobs as ref_logprobs).
 Each answer runs through the model once; all the C(K, 2) pairs of its ranking are formed from those K values.
-Every loss is exact across micro-batches: SFT averages over the minibatch's labelled tokens, RM and DPO over its
-rankings (each counting once), whatever the micro-batch a token or a ranking lands in.
+KTO trains on a `ThumbsBatch` (each judged answer, and its prompt with another prompt's answer for the reference
+point z0). Every loss is exact across micro-batches: SFT averages over the minibatch's labelled tokens, RM and DPO
+over its rankings (each counting once), KTO over its answers with z0 estimated once per minibatch (before its
+micro-batches: z0 is a minibatch statistic, so a micro-batch's own would change the loss with the split).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import ray
 import torch
 
 from actors.base import DeepSpeedRole
-from rlhf_ray.batch import RankingBatch, SFTBatch, chunks, shard
+from rlhf_ray.batch import RankingBatch, SFTBatch, ThumbsBatch, chunks, shard
 from rlhf_ray.models import load_causal_lm, load_scalar_model, position_ids_from_mask, sequence_scores
-from rlhf_ray.prefs import bradley_terry_loss, dpo_loss
+from rlhf_ray.prefs import bradley_terry_loss, dpo_loss, kto_loss, kto_reference_point
 from rlhf_ray.sft import labelled_tokens, sequence_logprobs, sft_loss
 from rlhf_ray.stage_data import listed_pairs, ranked_prompts
 
@@ -52,9 +56,18 @@ class Supervised(DeepSpeedRole):
     def _answer_logprobs(self, mb: RankingBatch) -> torch.Tensor:
         return self._per_answer(mb, lambda i, m, lab: sequence_logprobs(self._logits(i, m), lab))
 
-    def _loss_count(self, minibatch: SFTBatch | RankingBatch) -> float:
-        """SFT: the labelled tokens; RM and DPO: the rankings with a pair."""
+    def _loss_count(self, minibatch: SFTBatch | RankingBatch | ThumbsBatch) -> float:
+        """SFT: the labelled tokens; RM and DPO: the rankings with a pair; KTO: the judged answers."""
+        if self.objective == "kto":
+            return float(len(minibatch))
         return float(labelled_tokens(minibatch.labels)) if self.objective == "sft" else ranked_prompts(minibatch.pairs)
+
+    @torch.no_grad()
+    def _kto_z0(self, batch: ThumbsBatch) -> None:
+        """KTO's reference point on `batch` under the current weights: every rank runs the whole batch (the same
+        forwards on every rank, as ZeRO-3 needs; KL(pi || ref) from each prompt paired with another's answer)."""
+        lp = torch.cat([self._answer_logprobs(mb.to(self.device))[:, 1].cpu() for mb in chunks(batch, self.micro)])
+        self._z0 = kto_reference_point(lp, batch.ref_logprobs[:, 1])
 
     def _loss(self, mb: SFTBatch | RankingBatch, denominator: float | None = None) -> tuple[torch.Tensor, dict]:
         """The objective's loss on a micro-batch, divided by `denominator` (default: the micro-batch's own count,
@@ -67,18 +80,27 @@ class Supervised(DeepSpeedRole):
             c, r, w = listed_pairs(scores, mb.pairs)
             loss = bradley_terry_loss(c, r, weights=w, denominator=denominator)
             return loss, {"accuracy": (c > r).float().mean().detach(), "margin": (c - r).mean().detach()}
+        if self.objective == "kto":               # slot 0 only: the judged answers (slot 1 went into z0)
+            own = dataclasses.replace(mb, input_ids=mb.input_ids[:, :1], attention_mask=mb.attention_mask[:, :1],
+                                      labels=mb.labels[:, :1])
+            lp, st = self._answer_logprobs(own)[:, 0], self.stage
+            return kto_loss(lp, mb.ref_logprobs[:, 0], mb.desirable, self._z0.to(lp.device), st.beta,
+                            st.desirable_weight, st.undesirable_weight, denominator)
         pc, pr, w = listed_pairs(self._answer_logprobs(mb), mb.pairs)
         rc, rr, _ = listed_pairs(mb.ref_logprobs, mb.pairs)
         return dpo_loss(pc, pr, rc, rr, self.stage.beta, weights=w, denominator=denominator)
 
     # ------------------------------------------------------------------ entry points (collective under ZeRO-3)
-    def train(self, data: SFTBatch | RankingBatch, epoch: int) -> dict:
-        return self._minibatch_updates(data, 1, self.stage.batch_size, epoch, self._loss)
+    def train(self, data: SFTBatch | RankingBatch | ThumbsBatch, epoch: int) -> dict:
+        return self._minibatch_updates(data, 1, self.stage.batch_size, epoch, self._loss,
+                                       before=self._kto_z0 if self.objective == "kto" else None)
 
     @torch.no_grad()
     def evaluate(self, data: SFTBatch | RankingBatch) -> dict:
         """Mean of the objective's loss and statistics over this rank's shard of `data` (equal shards)."""
         sums: dict[str, float] = {}
+        if self.objective == "kto":
+            self._kto_z0(data)
         batches = chunks(shard(data, self.rank, self.world_size), self.micro)
         for mb in batches:
             loss, stats = self._loss(mb.to(self.device))

@@ -114,12 +114,55 @@ def make_app(store: LabelStore) -> FastAPI:
     return app
 
 
-def serve(db: str, host: str = "127.0.0.1", port: int = 8765, log_level: str = "warning") -> None:
-    import uvicorn
+def warn_if_public(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"label-server: listening on {host}, beyond this machine: put it behind TLS (tokens travel in "
               "headers)", file=sys.stderr)
-    uvicorn.run(make_app(LabelStore(db)), host=host, port=port, log_level=log_level)
+
+
+def serve(db: str, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Until interrupted (Ctrl-C, SIGTERM)."""
+    import signal
+    page = start_page(LabelStore(db), f"{host}:{port}")
+    signal.signal(signal.SIGTERM, lambda *_: page.server.__setattr__("should_exit", True))
+    try:
+        while page.thread.is_alive():
+            page.thread.join(0.5)
+    except KeyboardInterrupt:
+        page.stop()
+
+
+class Page:
+    """The labelling page served from a thread of this process (the pipeline's, while it waits for people)."""
+
+    def __init__(self, store: LabelStore, host: str, port: int):
+        import threading
+
+        import uvicorn
+        warn_if_public(host)
+        self.server = uvicorn.Server(uvicorn.Config(make_app(store), host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="label-page", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise LabelError(f"the labelling page could not listen on {host}:{port} (in use? "
+                                 "pipeline.label_page \"\" serves none)")
+            self.thread.join(0.05)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{bound[0]}:{bound[1]}/"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start_page(store: LabelStore, host_port: str) -> Page:
+    """Serve the page on host_port ("127.0.0.1:8765"; port 0: any free one) and say where, and how to let people in."""
+    host, _, port = host_port.rpartition(":")
+    page = Page(store, host, int(port))
+    print(f"labelling page: {page.url}  (a person's link: {page.url}#token=TOKEN, a token from `rlhf-ray "
+          f"label-server add-labeler --db {store.path} NAME`; the lead's page: {page.url}lead.html)", flush=True)
+    return page
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -39,18 +39,20 @@ from actors.reward import RewardActor
 from launch.answers import Judge, Sampler, answer_sets, write_jsonl
 from launch.common import RunError, actor_env, cluster_device, run_cli, start_ray
 from launch.ppo import train as ppo_train
-from launch.rounds import Audit, JudgeLabels, LabelSource, PoolLabels, Progress, SimulatedLabels, audit_rows
+from launch.rounds import (Audit, HumanLabels, JudgeLabels, LabelSource, PoolLabels, Progress, SimulatedLabels,
+                           audit_rows)
 from launch.stages import run_stage
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import build_rollout_batch, cat
 from rlhf_ray.config import Config, derive, dump_config, resolve_paths
 from rlhf_ray.data import DataError, read_jsonl
 from rlhf_ray.drift import DriftCheck, gold_pairs, pooled_audits
+from rlhf_ray.label_store import LabelStore
 from rlhf_ray.metrics import best_of_n, curve_agreement, moving_average
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prefs import games_per_prompt, leaderboard
 from rlhf_ray.prompts import render_prompts
-from rlhf_ray.tiny_world.gold import GOLDS, SimulatedLabeler
+from rlhf_ray.tiny_world.gold import GOLDS, SimulatedLabeler, simulated_thumbs
 from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world, corpus_text
 
 
@@ -109,9 +111,11 @@ def rm_gold_accuracy(rm_dir: str | Path, rankings: str | Path, cfg: Config) -> f
     return right / max(total, 1)
 
 
-def label_source(cfg: Config, judge: Judge | None) -> LabelSource:
-    """Who ranks, from pipeline.labels / pipeline.labelers (launch/rounds.py; people at a page are the next)."""
+def label_source(cfg: Config, judge: Judge | None, store: LabelStore | None) -> LabelSource:
+    """Who ranks, from pipeline.labels / pipeline.labelers (launch/rounds.py)."""
     pc, gold = cfg.pipeline, GOLDS[cfg.pipeline.gold]
+    if store is not None:
+        return HumanLabels(store, pc.people_per_task, pc.weigh_labelers)
     if judge is not None:
         return JudgeLabels(judge, gold)
     if pc.labelers:
@@ -426,7 +430,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     progress = Progress(run_dir, json.loads(json.dumps(asdict(cfg))), resume)
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)      # resolves train.dtype auto: the dump says what ran
     seconds, t_all = {}, time.perf_counter()
-    bar = tqdm(total=5 + 4 * pc.rounds + world_judge, desc="pipeline", unit="stage", dynamic_ncols=True)
+    bar = tqdm(total=5 + 4 * pc.rounds + world_judge + pc.kto, desc="pipeline", unit="stage", dynamic_ncols=True)
 
     def stage(name):
         bar.set_postfix_str(name)
@@ -470,8 +474,13 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(sft["model"])
     sampler = Sampler.start(derive(cfg, {"models.policy": sft["model"]}), run_dir, device)
     judge = Judge.start(cfg, run_dir, device) if pc.labels == "judge" else None
+    store = LabelStore(pc.label_db or run_dir / "labels.sqlite") if pc.labels == "human" else None
+    page = None
+    if store is not None and pc.label_page:
+        from launch.label_server import start_page
+        page = start_page(store, pc.label_page)
     try:                                       # a failed stage leaves no engine behind (in-process callers go on)
-        source = label_source(cfg, judge)
+        source = label_source(cfg, judge, store)
         out = run_dir / "data"
         first = progress.run("label", lambda: label(cfg, sampler, tokenizer, source, data["label"],
                                                     out / "label_rankings.jsonl", cfg.run.seed + 1))
@@ -498,6 +507,14 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
             if loop.remaining <= 0:
                 break
         rm_dir, rms, ppos, dpos, rounds = loop.rm_dir, loop.rms, loop.ppos, loop.dpos, loop.records
+        kto = None
+        if pc.kto:                 # one pass, beside round 1's DPO: thumbs on the answers its rankings judge
+            t0 = stage("kto")
+            kto = progress.run("kto", lambda: run_stage(derive(cfg, {
+                "kto.data": str(write_jsonl(out / "label_thumbs.jsonl", simulated_thumbs(
+                    [row for _, row in read_jsonl(first["path"])], random.Random(cfg.run.seed + 7), pc.labeler_noise,
+                    gold))), "kto.model": sft["model"], "kto.output": str(run_dir / "kto")}), "kto"))
+            done("kto", t0)
 
         t0 = stage("evaluate")
         eval_cfg = derive(cfg, {"models.policy": sft["model"], "models.reward": rm_dir, "models.monitor": monitor_dir})
@@ -506,7 +523,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
                            runtime_env={"env_vars": actor_env(device)})
         n = len(rounds)
         policies = {"sft": sft["model"], **{("ppo" if r == n else f"ppo_r{r}"): ppos[r - 1][1] for r in range(1, n + 1)},
-                    **{("dpo" if r == n else f"dpo_r{r}"): dpos[r - 1]["model"] for r in range(1, n + 1)}}
+                    **{("dpo" if r == n else f"dpo_r{r}"): dpos[r - 1]["model"] for r in range(1, n + 1)},
+                    **({"kto": kto["model"]} if kto else {})}
         ev, board = evaluate(eval_cfg, sampler, reward, tokenizer, data["eval"], policies, sft["model"])
         reward.shutdown()
         done("evaluate", t0)
@@ -514,6 +532,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
         sampler.group.shutdown()
         if judge is not None:
             judge.shutdown()
+        if page is not None:
+            page.stop()
     bar.close()
     seconds["total"] = time.perf_counter() - t_all
 
@@ -535,7 +555,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
                "labels_used": {"ppo": sum(x["labels"] + x["audit_labels"] for x in rounds),     # the audits' count
                                "dpo": sum(x["dpo_labels"] for x in rounds)},
                "held_out": {name: {"before": st["eval_before"], "after": st["eval"]}
-                            for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo)) if st},
+                            for name, st in (("sft", sft), ("rm", rm), ("monitor_rm", monitor_rm), ("dpo", dpo),
+                                             ("kto", kto)) if st},
                "monitor": monitor, "seconds": seconds,
                "ppo_gain_sd": (ev["ppo"]["gold_mean"] - ev["sft"]["gold_mean"]) / max(ev["sft"]["gold_sd"], 1e-8),
                "models": {"sft": sft["model"], "rm": rm["model"], "monitor_rm": monitor_dir,

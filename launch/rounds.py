@@ -1,8 +1,8 @@
 """The closed loop's parts (launch/pipeline.py runs the rounds): who labels, the audit that watches PPO for a stale
 reward model, and the record of finished stages a killed pipeline resumes from.
 
-- A **label source** ranks K answers per prompt: simulated labelers (one per ranking, or a pool aggregated by
-  reliability) or the LLM judge; people at a labelling page are the next (the seam is `LabelSource.rank`).
+- A **label source** ranks K answers per prompt (`LabelSource.rank`): simulated labelers (one per ranking, or a pool
+  aggregated by reliability), the LLM judge, or people at the labelling page (`HumanLabels`: the pipeline waits).
 - The **audit** (a `launch.ppo.Watch`): every pipeline.audit_every PPO steps it has the first
   pipeline.audit_prompts answer groups of the step's own rollout labelled, and counts the pairs the reward
   model's scores order as the labels do (rlhf_ray/drift.py). Its rankings are written down: they count against the
@@ -14,9 +14,11 @@ reward model, and the record of finished stages a killed pipeline resumes from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -26,6 +28,8 @@ from launch.rollout import ScoredRollout
 from rlhf_ray.batch import response_texts
 from rlhf_ray.drift import DriftCheck, gold_pairs, ranking_accuracy
 from rlhf_ray.judge import PairVerdict, agreement
+from rlhf_ray.label_store import LabelStore, labeled_ranking
+from rlhf_ray.labelers import aggregate
 from rlhf_ray.tiny_world.gold import SimulatedLabeler, pool_rankings, simulated_ranking
 
 
@@ -62,6 +66,63 @@ class PoolLabels:
             f"{n} {p:.2f}" for n, p in report["reliability"].items()), "" if self.weigh else " (not used)"),
             flush=True)
         return report
+
+
+class HumanLabels:
+    """People at the labelling page (launch/label_server.py): the rows queued as rank tasks in the label store, then
+    waited for until `wanted` people have ranked each (a skip passes a task on to someone else). A row's ranking is
+    its one label (ties broken by answer index), or the aggregate of several by each person's reliability estimated
+    from the shared tasks (rlhf_ray/labelers.py); each person's own tiers go under "labels". The batch is named by
+    the seed and the prompts, so a pipeline resumed after a kill finds what it queued and the labels given, and
+    waits for the rest; if it drew other answers to the same prompts, the queued ones (those people saw) stand."""
+
+    def __init__(self, store: LabelStore, wanted: int, weigh: bool, poll_s: float = 1.0, say_every_s: float = 60.0):
+        self.store, self.wanted, self.weigh, self.poll_s, self.say_every_s = store, wanted, weigh, poll_s, say_every_s
+
+    def rank(self, rows: list[dict], seed: int) -> dict:
+        digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()[:12]
+        batch = f"seed{seed}-{len(rows)}-{digest}"
+        tasks = self.store.batch_tasks(batch)
+        if not tasks:
+            self.store.add_tasks(batch, [{"prompt": r["prompt"], "responses": r["responses"]} for r in rows],
+                                 "rank", self.wanted)
+            tasks = self.store.batch_tasks(batch)
+            print(f"labels: {len(tasks)} ranking tasks queued for people (batch {batch}, {self.wanted} each) in "
+                  f"{self.store.path}", flush=True)
+        else:
+            redrawn = sum(t["answers"] != r["responses"] for t, r in zip(tasks, rows))
+            for t, r in zip(tasks, rows):
+                r["responses"] = t["answers"]
+            note = f"; {redrawn} answer sets kept as queued, not as drawn again" if redrawn else ""
+            print(f"labels: batch {batch} found queued (resumed){note}", flush=True)
+        self.wait(batch)
+        by_task = {t["task"]: g for g, t in enumerate(tasks)}
+        given = [lab for lab in self.store.labels(batch, "rank") if not lab["skipped"]]
+        labeled = [labeled_ranking(by_task[lab["task_id"]], lab["labeler"], lab["tiers"]) for lab in given]
+        people = {lab.labeler for lab in labeled}
+        agg = aggregate(labeled, weigh=self.weigh and len(people) > 1)
+        for r in rows:
+            r["labels"] = {}
+        for lab in given:
+            rows[by_task[lab["task_id"]]]["labels"][lab["labeler"]] = lab["tiers"]
+        for g, r in enumerate(rows):
+            only = [lab for lab in labeled if lab.prompt == g]
+            # one person's label as given (the aggregate of one label is no better, and weighs it at p = 0.5)
+            r["ranking"] = list(only[0].ranking) if len(only) == 1 else agg.rankings[g]
+        return {"reliability": agg.reliability, "with_aggregate": agg.with_aggregate, "agreement": agg.agreement,
+                "weighed": agg.weighed, "people": len(people), "batch": batch}
+
+    def wait(self, batch: str) -> None:
+        said = 0.0
+        while True:
+            p = self.store.progress(batch=batch)
+            if p["done"] == p["tasks"]:
+                return
+            if time.monotonic() - said >= self.say_every_s:
+                print(f"labels: waiting for people: {p['done']} of {p['tasks']} tasks of batch {batch} labelled",
+                      flush=True)
+                said = time.monotonic()
+            time.sleep(self.poll_s)
 
 
 class JudgeLabels:

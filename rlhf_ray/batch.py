@@ -119,6 +119,18 @@ class RankingBatch(TensorBatch):
     ref_logprobs: torch.Tensor | None = None   # [G, K] DPO: the reference's sequence logprob of each answer
 
 
+@dataclass
+class ThumbsBatch(TensorBatch):
+    """Unpaired thumbs for KTO, one row per judged answer (rlhf_ray/stage_data.py): slot 0 is the prompt with its
+    answer, slot 1 the same prompt with another prompt's answer (KTO's reference point: KL(pi || ref) estimated on
+    answers the prompt did not ask for)."""
+    input_ids: torch.Tensor            # [N, 2, L] long: prompt + answer + EOS, right-padded
+    attention_mask: torch.Tensor       # [N, 2, L] long
+    labels: torch.Tensor               # [N, 2, L] long: the answer's tokens, IGNORE elsewhere
+    desirable: torch.Tensor            # [N] bool: thumb up
+    ref_logprobs: torch.Tensor | None = None   # [N, 2] the reference's sequence logprob of each slot
+
+
 def build_rollout_batch(prompt_ids: list[list[int]], response_ids: list[list[int]],
                         sample_logprobs: list[list[float]], pad_id: int) -> RolloutBatch:
     """Left-pad prompts to P, right-pad responses to T; a single-turn rollout: every response token is an action."""

@@ -15,6 +15,8 @@ RatioLevel = Literal["token", "sequence"]        # sequence: GSPO's one length-n
 RewardNorm = Literal["none", "initial"]          # initial: scores standardised by the first batch's mean and sd
 Quantization = Literal["none", "nf4", "int8"]    # a frozen base in 4-bit NF4 or 8-bit LLM.int8 (bitsandbytes)
 ComputeDtype = Literal["float32", "bfloat16"]
+SFTFormat = Literal["alpaca", "dolly", "messages", "text", "oasst2"]        # data formats (rlhf_ray/formats.py)
+PreferenceFormat = Literal["pairwise", "ranking", "hh", "ultrafeedback", "ultrafeedback_overall", "oasst2"]
 
 
 def options(choice) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rlhf_ray.choices import (AdvantageEstimator, ComputeDtype, ISCorrection, KLEstimator, KLPlacement,
-                              LossAggregation, Quantization, RatioLevel, RewardNorm)
+                              LossAggregation, PreferenceFormat, Quantization, RatioLevel, RewardNorm, SFTFormat,
+                              options)
 from rlhf_ray.judge import PAIRWISE as JUDGE_PAIRWISE, POINTWISE as JUDGE_POINTWISE
 
 
@@ -362,19 +363,24 @@ class WeightSyncConfig:
 
 @dataclass
 class StageConfig:
-    """A supervised stage (sft, rm, dpo) trained on the same DeepSpeed rank machinery as PPO."""
+    """A supervised stage (sft, rm, dpo, kto) trained on the same DeepSpeed rank machinery as PPO."""
     data: str = ""                     # JSONL / JSON / parquet / saved dataset dir (see rlhf_ray/formats.py)
-    format: str = "auto"               # sft: auto|alpaca|dolly|messages|text; rm/dpo: pairwise or K-way rankings
+    format: str = "auto"               # sft: auto|alpaca|dolly|messages|text|oasst2; rm/dpo: auto|pairwise|ranking|
+                                       # hh|ultrafeedback|ultrafeedback_overall|oasst2; kto: auto|thumbs
+                                       # (rlhf_ray/formats.py)
     model: str = ""                    # HF directory the stage starts from
     output: str = ""                   # where the trained HF model goes ("" -> <run.output_dir>/<stage>)
     epochs: int = 1
-    batch_size: int = 16               # sequences (sft) or prompts with all their ranked answers (rm, dpo)
-                                       # per optimizer step, across ranks; micro_batch_size counts the same
+    batch_size: int = 16               # sequences (sft), prompts with all their ranked answers (rm, dpo) or
+                                       # judged answers (kto) per optimizer step, across ranks; micro_batch_size
+                                       # counts the same
     max_len: int = 256
     eval_fraction: float = 0.1         # held out by prompt, so no prompt is in both splits
-    beta: float = 0.1                  # DPO only: strength of the implicit KL constraint
-    reference: str = ""                # DPO only: the model the KL is to ("" -> the starting weights, model);
+    beta: float = 0.1                  # DPO, KTO: strength of the implicit KL constraint
+    reference: str = ""                # DPO, KTO: the model the KL is to ("" -> the starting weights, model);
                                        # iterative DPO's later rounds start from the last round's model, KL to SFT
+    desirable_weight: float = 1.0      # KTO: lambda_D and lambda_U, the weights of thumbs up and down (the paper:
+    undesirable_weight: float = 1.0    # lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the stage says where it is)
     trainer: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
 
 
@@ -394,9 +400,16 @@ class PipelineConfig:
     world_dir: str = "assets/tiny"     # the pretrained base model (built there if missing)
     pretrain_steps: int = 300
     sft_examples: int = 1000           # instruction pairs cut from the corpus
-    labels: Literal["simulated", "judge"] = "simulated"   # who ranks the K answers: the simulated labelers (noisy
-                                       # gold) or the LLM judge (the judge section; pairwise, both orders; with
-                                       # judge.model "", the world's stand-in judge: rlhf_ray/tiny_world/judge.py)
+    labels: Literal["simulated", "judge", "human"] = "simulated"   # who ranks the K answers: the simulated
+                                       # labelers (noisy gold), the LLM judge (the judge section; pairwise, both
+                                       # orders; with judge.model "", the world's stand-in judge:
+                                       # rlhf_ray/tiny_world/judge.py), or people at the labelling page (the pipeline
+                                       # queues the answers in label_db and waits for them: docs/labelling.md)
+    label_db: str = ""                 # human: the label store ("" -> <run.output_dir>/labels.sqlite)
+    people_per_task: int = 1           # human: people who rank each prompt's answers (several: aggregated by
+                                       # reliability, weigh_labelers)
+    label_page: str = "127.0.0.1:8765" # human: host:port the pipeline serves the labelling page on while it runs
+                                       # ("": none; run `rlhf-ray label-server serve` on label_db yourself)
     label_prompts: int = 256           # prompts whose K sampled answers are ranked
     k: int = 4                         # answers per prompt (InstructGPT: 4..9)
     labeler_noise: float = 0.3         # std of the labelers' Gaussian noise on the gold score
@@ -430,16 +443,24 @@ class PipelineConfig:
                                        # that makes the RM stale
     drift_audits: int = 2              # audits pooled, at the round's start and at its latest (one audit is ~100 pairs)
     drift_monitor: bool = True         # on_drift: also when the held-out monitor RM falls while the proxy rises
+    kto: bool = False                  # also KTO from the SFT model, on thumbs from simulated users over the label
+                                       # stage's answers (each answer's noisy gold against their median; the same
+                                       # answers DPO's rankings judge), evaluated beside DPO (not with labels human)
     keep_trusted: bool = True          # the last round (no later one refreshes the RM), with audits: the audit
                                        # rule ends its PPO; the pipeline keeps the policy of the last audit passed
 
 
 @dataclass
 class LabelConfig:
-    """`rlhf-ray label` (launch/label.py): K answers per prompt ranked by the LLM judge (the judge section)."""
+    """`rlhf-ray label` (launch/label.py): K answers per prompt ranked by the LLM judge (the judge section), or
+    queued for people at the labelling page (queue)."""
     responses: str = ""                # JSONL rows {prompt, responses: [K answers]}: ranked as they are; or
     prompts: str = ""                  # JSONL prompts whose answers models.policy samples first (generation.n each)
     output: str = ""                   # the rankings JSONL ("" -> <run.output_dir>/rankings.jsonl)
+    queue: str = ""                    # a label store (SQLite, launch/label_server.py): the answer sets are queued
+                                       # there as ranking tasks for people instead of ranked by the judge
+    batch: str = "label"               # queue: the batch they go in
+    wanted: int = 1                    # queue: people to rank each
 
 
 @dataclass
@@ -494,6 +515,7 @@ class Config:
     sft: StageConfig = field(default_factory=StageConfig)
     rm: StageConfig = field(default_factory=StageConfig)
     dpo: StageConfig = field(default_factory=StageConfig)
+    kto: StageConfig = field(default_factory=StageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -690,13 +712,15 @@ class Config:
                   f"roles sharing GPUs need the same node_resource, got {nodes}")
 
     def check_stage(self, name: str, paths: bool = True) -> "StageConfig":
-        """What supervised stage `name` (sft, rm, dpo) needs beyond valid values."""
+        """What supervised stage `name` (sft, rm, dpo, kto) needs beyond valid values."""
         st: StageConfig = getattr(self, name)
         if paths:
             _need(bool(st.data), f"{name}.data", "is required (a data file or dataset directory)")
             _need(bool(st.model), f"{name}.model", "is required (the HF model directory the stage starts from)")
         _check_trainer(f"{name}.trainer", st.trainer, st.batch_size, f"{name}.batch_size")
         _need(0 < st.eval_fraction < 1, f"{name}.eval_fraction", "must lie in (0, 1)")
+        formats = {"sft": options(SFTFormat), "kto": ("thumbs",)}.get(name, options(PreferenceFormat))
+        _need(st.format in ("auto", *formats), f"{name}.format", f"is one of {['auto', *formats]}, got {st.format!r}")
         return st
 
     def check_pipeline(self) -> "Config":
@@ -730,8 +754,15 @@ class Config:
               "drift_monitor) to tell drift by")
         _need(pc.audit_every >= 1 and pc.drift_audits >= 1, "pipeline.audit_every",
               "and pipeline.drift_audits must be >= 1")
-        _need(pc.gold == "topic" or pc.labels == "simulated", "pipeline.gold", "the stand-in judge knows the topic "
-              "gold only: topic_no_repeats needs pipeline.labels simulated")
+        _need(pc.gold == "topic" or pc.labels != "judge", "pipeline.gold", "the stand-in judge knows the topic "
+              "gold only: topic_no_repeats needs pipeline.labels simulated or human")
+        _need(pc.people_per_task >= 1, "pipeline.people_per_task", f"must be >= 1, got {pc.people_per_task}")
+        _need(not pc.kto or pc.labels != "human", "pipeline.kto", "thumbs come from the tiny world's simulated "
+              "users, not people: with pipeline.labels human, export people's thumbs from the label page and run "
+              "`rlhf-ray kto`")
+        if pc.labels == "human" and pc.label_page:
+            host, _, port = pc.label_page.rpartition(":")
+            _need(bool(host) and port.isdigit(), "pipeline.label_page", f"is host:port or \"\", got {pc.label_page!r}")
         return self.check_ppo(paths=False)
 
     def round_plan(self) -> list[int]:
@@ -741,15 +772,19 @@ class Config:
         return [each] * (pc.rounds - 1) + [total - each * (pc.rounds - 1)]
 
     def check_label(self) -> "Config":
-        """What `rlhf-ray label` needs: a judge, and answers given or a policy to sample them from."""
+        """What `rlhf-ray label` needs: a judge (or a queue for people), and answers given or a policy to sample
+        them from."""
         lc = self.label
-        _need(bool(self.judge.model), "judge.model", "is required (the judge's HF causal LM directory)")
+        _need(bool(self.judge.model) or bool(lc.queue), "judge.model", "is required (the judge's HF causal LM "
+              "directory), unless label.queue sends the answers to people")
+        _need(lc.wanted >= 1, "label.wanted", f"must be >= 1, got {lc.wanted}")
         _need(bool(lc.responses) != bool(lc.prompts), "label", "takes label.responses (answers to rank) or "
               "label.prompts (answers sampled from models.policy first), one of them")
         if lc.prompts:
             _need(bool(self.models.policy), "models.policy", "is required to sample answers for label.prompts")
             _need(self.generation.n >= 2, "generation.n", "must be >= 2: the answers per prompt to rank")
-        self.judge_format()
+        if not lc.queue:
+            self.judge_format()
         return self
 
     def reward_sources(self) -> list[RewardSourceConfig]:
@@ -896,7 +931,7 @@ class Config:
         return node
 
 
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "kto")
 ROLES = ("policy", "critic", "reference", "reward", "engine", "judge", "env")    # a PPO run's roles
 SHAREABLE = {"reference", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
 

@@ -4,20 +4,33 @@ saved with `Dataset.save_to_disk`; every malformed row is a one-line `DataError`
 SFT rows become {"messages": [{"role", "content"}, ...]} (ending with an assistant turn) or {"text": ...}:
     alpaca    instruction, input (optional), output
     dolly     instruction, context (optional), response
-    messages  messages: [{role: system|user|assistant, content}], OASST-style conversations
+    messages  messages: [{role: system|user|assistant, content}]
     text      text (plain language modelling)
+    oasst2    OpenAssistant's message table (one message a row: message_id, parent_id, role prompter|assistant,
+              text, rank, lang, deleted, review_result): each tree's top-ranked path, as a conversation
 Preference rows become (prompt, [responses], [(winner, loser), ...]):
-    pairwise  prompt, chosen, rejected                       (HH-style)
-    ranking   prompt, responses: [K >= 2], and ranking (indices best first) or scores (higher is better)
+    pairwise       prompt, chosen, rejected
+    ranking        prompt, responses: [K >= 2], and ranking (indices best first) or scores (higher is better)
+    hh             Anthropic HH-RLHF: chosen, rejected, each a whole "\n\nHuman: ... \n\nAssistant: ..."
+                   transcript; the prompt is what the two share up to the last "Assistant:", the pair their last turns
+    ultrafeedback  instruction, completions: [{response, annotations: {aspect: {Rating}}, fine-grained_score,
+                   overall_score}]: K-way scores, by default the mean of the fine-grained ratings
+                   (ultrafeedback_overall: the critique's overall_score)
+    oasst2         the message table again: every prompter message's ranked assistant replies, a K-way ranking
+Auto-detection covers all but oasst2, whose rows are messages of trees and name it by `format: oasst2`.
+Thumbs rows (KTO) become (prompt, answer, desirable):
+    thumbs    prompt, completion, label (true: thumb up), as TRL's unpaired preferences and the label page's export
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from rlhf_ray.choices import PreferenceFormat, SFTFormat, options
 from rlhf_ray.data import DataError, read_jsonl
 from rlhf_ray.prefs import ranking_to_pairs, scores_to_pairs
 
-SFT_FORMATS = ("alpaca", "dolly", "messages", "text")
+SFT_FORMATS, PREF_FORMATS = options(SFTFormat), options(PreferenceFormat)
 ROLES = ("system", "user", "assistant")
 
 
@@ -107,10 +120,164 @@ def normalize_sft_row(row: dict, fmt: str, where: str) -> dict:
 
 
 def load_sft(path: str | Path, fmt: str = "auto") -> list[dict]:
+    if fmt == "oasst2":
+        return [{"messages": m} for m in oasst2_top_paths(oasst2_trees(path))]
     return [normalize_sft_row(r, fmt, f"{path}:{i}") for i, r in load_rows(path)]
 
 
-def normalize_preference_row(row: dict, where: str) -> tuple[str, list[str], list[tuple[int, int]]]:
+# --- OpenAssistant (oasst2): message trees --------------------------------------------------------------------------
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def oasst2_trees(path: str | Path, lang: str | None = None) -> dict[str | None, list[dict]]:
+    """The message table as children lists: parent_id -> its messages (roots under None), each list in file order.
+    Deleted messages and those their review rejected are left out, with their subtrees; `lang` keeps one language."""
+    rows = load_rows(path)
+    msgs: dict[str, dict] = {}
+    for i, r in rows:
+        where = f"{path}:{i}"
+        mid = _text(r, "message_id", where)
+        role = r.get("role")
+        if role not in OASST_ROLES:
+            raise DataError(f"{where}: field 'role' must be prompter or assistant, got {role!r}")
+        parent = r.get("parent_id")
+        if parent is not None and not isinstance(parent, str):
+            raise DataError(f"{where}: field 'parent_id' must be a message id or null")
+        rank = r.get("rank")
+        if rank is not None and (not isinstance(rank, (int, float)) or isinstance(rank, bool) or rank < 0):
+            raise DataError(f"{where}: field 'rank' must be a number >= 0 (0 best) or null, got {rank!r}")
+        if mid in msgs:
+            raise DataError(f"{where}: field 'message_id' {mid!r} repeats row {msgs[mid]['row']}")
+        msgs[mid] = {"id": mid, "parent": parent, "role": role, "text": _text(r, "text", where), "rank": rank,
+                     "row": i, "keep": not r.get("deleted", False) and r.get("review_result", True) is not False
+                     and (lang is None or r.get("lang") == lang)}
+    children: dict[str | None, list[dict]] = {}
+    for m in msgs.values():
+        if m["parent"] is not None and m["parent"] not in msgs:
+            raise DataError(f"{path}:{m['row']}: field 'parent_id' {m['parent']!r} names no message in the file")
+        if m["parent"] is None and m["role"] != "prompter":
+            raise DataError(f"{path}:{m['row']}: a tree's root (parent_id null) must be a prompter message")
+        if m["keep"]:
+            children.setdefault(m["parent"], []).append(m)
+    return children
+
+
+def _best(replies: list[dict]) -> dict | None:
+    ranked = [m for m in replies if m["rank"] is not None]
+    return min(ranked, key=lambda m: m["rank"]) if ranked else (replies[0] if len(replies) == 1 else None)
+
+
+def oasst2_top_paths(children: dict[str | None, list[dict]]) -> list[list[dict]]:
+    """Each tree's top-ranked path from its root: at every turn the reply ranked best (an only reply, if unranked),
+    cut after its last assistant message; trees with no ranked or only reply to the root give none."""
+    out = []
+    for root in children.get(None, []):
+        path, node = [root], root
+        while (nxt := _best(children.get(node["id"], []))) is not None:
+            path.append(nxt)
+            node = nxt
+        while path and path[-1]["role"] != "assistant":
+            path.pop()
+        if path:
+            out.append([{"role": OASST_ROLES[m["role"]], "content": m["text"]} for m in path])
+    return out
+
+
+def oasst2_rankings(children: dict[str | None, list[dict]]) -> list[tuple[str, list[str], list[tuple[int, int]]]]:
+    """Every prompter message with two or more ranked assistant replies: its text as the prompt (earlier turns are
+    not carried: a preference prompt is one string), the replies ranked by `rank` (0 best; equal ranks tie)."""
+    by_id = {m["id"]: m for sibs in children.values() for m in sibs}
+    out = []
+    for parent, replies in children.items():
+        ranked = [m for m in replies if m["role"] == "assistant" and m["rank"] is not None]
+        if parent is None or len(ranked) < 2 or by_id.get(parent, {}).get("role") != "prompter":
+            continue
+        pairs = scores_to_pairs([-m["rank"] for m in ranked])
+        if pairs:
+            out.append((by_id[parent]["text"], [m["text"] for m in ranked], pairs))
+    return out
+
+
+# --- HH-RLHF and UltraFeedback ----------------------------------------------------------------------------------
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def hh_row(row: dict, where: str) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """An HH-RLHF row: the prompt is the transcript up to its last "\n\nAssistant:" (which both share), the pair the
+    two last assistant turns."""
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    parts = []
+    for key, t in (("chosen", chosen), ("rejected", rejected)):
+        cut = t.rfind(HH_ASSISTANT)
+        if not t.lstrip("\n").startswith("Human:") or cut < 0:
+            raise DataError(f"{where}: field '{key}' is not an HH transcript "
+                            "(\"\\n\\nHuman: ... \\n\\nAssistant: ...\")")
+        parts.append((t[:cut + len(HH_ASSISTANT)], t[cut + len(HH_ASSISTANT):].strip()))
+    if parts[0][0] != parts[1][0]:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last assistant turn")
+    if not parts[0][1] or not parts[1][1]:
+        raise DataError(f"{where}: field '{'chosen' if not parts[0][1] else 'rejected'}' has an empty last "
+                        "assistant turn")
+    return parts[0][0].strip(), [parts[0][1], parts[1][1]], [(0, 1)]
+
+
+def ultrafeedback_row(row: dict, where: str, score: str = "fine_grained"
+                      ) -> tuple[str, list[str], list[tuple[int, int]]] | None:
+    """An UltraFeedback row: its completions scored by the mean of their fine-grained ratings (the annotations'
+    Ratings; "N/A" left out), or by the critique's overall_score; equal scores give no pair, and a row whose
+    completions all score alike gives None (the published set has many: they are skipped and counted)."""
+    prompt = _text(row, "instruction", where)
+    comps = row.get("completions")
+    if not isinstance(comps, list) or len(comps) < 2:
+        raise DataError(f"{where}: field 'completions' must be a list of at least 2 completions")
+    responses, scores = [], []
+    for j, c in enumerate(comps):
+        here = f"{where}: field 'completions[{j}]"
+        if not isinstance(c, dict) or not isinstance(c.get("response"), str) or not c["response"].strip():
+            raise DataError(f"{here}.response' must be a non-empty string")
+        responses.append(c["response"])
+        if score == "overall":
+            v = c.get("overall_score")
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise DataError(f"{here}.overall_score' must be a number")
+            scores.append(float(v))
+            continue
+        ann = c.get("annotations")
+        if not isinstance(ann, dict) or not ann:
+            raise DataError(f"{here}.annotations' must map aspects to {{Rating}}")
+        ratings = []
+        for aspect, a in ann.items():
+            r = a.get("Rating") if isinstance(a, dict) else None
+            if r in (None, "N/A"):
+                continue
+            try:
+                ratings.append(float(r))
+            except (TypeError, ValueError):
+                raise DataError(f"{here}.annotations.{aspect}.Rating' must be a number or N/A, got {r!r}") from None
+        if not ratings:
+            raise DataError(f"{here}.annotations' has no rating")
+        scores.append(sum(ratings) / len(ratings))
+    pairs = scores_to_pairs(scores)
+    return (prompt, responses, pairs) if pairs else None       # all scored alike: no preference (counted, skipped)
+
+
+def detect_preference_format(row: dict) -> str:
+    if "completions" in row and "instruction" in row:
+        return "ultrafeedback"
+    if "prompt" not in row and "chosen" in row and "rejected" in row:
+        return "hh"
+    return "pairwise" if "chosen" in row or "rejected" in row else "ranking"
+
+
+def normalize_preference_row(row: dict, where: str, fmt: str = "auto"
+                             ) -> tuple[str, list[str], list[tuple[int, int]]] | None:
+    fmt = detect_preference_format(row) if fmt == "auto" else fmt
+    if fmt == "hh":
+        return hh_row(row, where)
+    if fmt in ("ultrafeedback", "ultrafeedback_overall"):
+        return ultrafeedback_row(row, where, "overall" if fmt == "ultrafeedback_overall" else "fine_grained")
+    if fmt not in ("pairwise", "ranking"):
+        raise DataError(f"{where}: unknown preference format '{fmt}' (one of {list(PREF_FORMATS)} or auto)")
     prompt = _text(row, "prompt", where)
     if "chosen" in row or "rejected" in row:
         return prompt, [_text(row, "chosen", where), _text(row, "rejected", where)], [(0, 1)]
@@ -135,5 +302,24 @@ def normalize_preference_row(row: dict, where: str) -> tuple[str, list[str], lis
     raise DataError(f"{where}: needs 'chosen'/'rejected', or 'responses' with 'ranking' or 'scores'")
 
 
-def load_preferences(path: str | Path) -> list[tuple[str, list[str], list[tuple[int, int]]]]:
-    return [normalize_preference_row(r, f"{path}:{i}") for i, r in load_rows(path)]
+def load_preferences(path: str | Path, fmt: str = "auto") -> list[tuple[str, list[str], list[tuple[int, int]]]]:
+    if fmt == "oasst2":
+        return oasst2_rankings(oasst2_trees(path))
+    rows = [normalize_preference_row(r, f"{path}:{i}", fmt) for i, r in load_rows(path)]
+    kept = [r for r in rows if r is not None]
+    if len(kept) < len(rows):
+        print(f"{path}: {len(rows) - len(kept)} of {len(rows)} rows skipped: their completions all score alike",
+              file=sys.stderr)
+    return kept
+
+
+def load_thumbs(path: str | Path) -> list[tuple[str, str, bool]]:
+    """Unpaired thumbs: rows {prompt, completion, label} (label true: desirable)."""
+    out = []
+    for i, r in load_rows(path):
+        where = f"{path}:{i}"
+        label = r.get("label")
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: field 'label' must be true (thumb up) or false (thumb down), got {label!r}")
+        out.append((_text(r, "prompt", where), _text(r, "completion", where), label))
+    return out

@@ -82,6 +82,14 @@ def check_tiers(tiers, k: int) -> list[list[int]]:
     return tiers
 
 
+def labeled_ranking(prompt: int, labeler: str, tiers: list[list[int]]) -> LabeledRanking:
+    """A label's tiers as the aggregation reads them: best first, tied answers by index, each one's tier."""
+    ranking = tuple(a for t in tiers for a in sorted(t))
+    strict = all(len(t) == 1 for t in tiers)
+    return LabeledRanking(prompt, labeler, ranking,
+                          None if strict else tuple(level for level, t in enumerate(tiers) for _ in t))
+
+
 def tiers_to_row(tiers: list[list[int]]) -> dict:
     """A ranking when strict; scores (tier count down to 1, tied answers alike) when it has ties."""
     if all(len(t) == 1 for t in tiers):
@@ -223,6 +231,14 @@ class LabelStore:
             db.execute("DELETE FROM leases WHERE task_id = ? AND labeler = ?", (task_id, labeler))
             return cur.rowcount == 1
 
+    def batch_tasks(self, batch: str) -> list[dict]:
+        """The tasks of `batch` in the order queued: {task, kind, prompt, answers}."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, kind, prompt, answers FROM tasks WHERE batch = ? ORDER BY id",
+                              (batch,)).fetchall()
+        return [{"task": r["id"], "kind": r["kind"], "prompt": r["prompt"], "answers": json.loads(r["answers"])}
+                for r in rows]
+
     # --- reading back ---------------------------------------------------------------------------------------------
     def progress(self, labeler: str | None = None, batch: str | None = None) -> dict:
         """Tasks in all (or in `batch`), those with all the labels they want, and `labeler`'s own count."""
@@ -295,8 +311,7 @@ class LabelStore:
                 p["first_top"].append((lab["shown"][0] in lab["tiers"][0]) - len(lab["tiers"][0]) / len(lab["shown"]))
             if lab["kind"] == "thumbs" and not lab["skipped"]:
                 p["thumbs_up"].append(lab["thumb"])
-        ranked = [LabeledRanking(lab["task_id"], lab["labeler"], tuple(a for t in lab["tiers"] for a in t),
-                                 tuple(level for level, t in enumerate(lab["tiers"]) for _ in t))
+        ranked = [labeled_ranking(lab["task_id"], lab["labeler"], lab["tiers"])
                   for lab in labs if lab["kind"] == "rank" and not lab["skipped"] and len(lab["tiers"]) > 1]
         agg = aggregate(ranked) if ranked else None
         raters: dict[int, set[str]] = {}

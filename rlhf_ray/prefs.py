@@ -159,3 +159,36 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         stats = {"reward_acc": (chosen_reward > rejected_reward).float().mean(),
                  "reward_margin": (chosen_reward - rejected_reward).mean()}
     return loss, stats
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl_ref_point: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             denominator: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Kahneman-Tversky Optimisation (Ethayarajh et al. 2024, eq. 8) on unpaired thumbs: each answer desirable or not.
+
+    r = log pi(y|x) - log ref(y|x);  z0 = the reference point, an estimate of KL(pi || ref) (`kto_reference_point`);
+    v = lambda_D sigmoid(beta (r - z0)) if desirable, lambda_U sigmoid(beta (z0 - r)) if not;
+    loss = sum(lambda_y - v) / denominator (default: the number of answers).
+    z0 carries no gradient (as in the paper's implementation and TRL's). With lambda_D n_D ~ lambda_U n_U the
+    paper's guidance is met (lambda_D n_D / lambda_U n_U in [1, 4/3]).
+    """
+    logratio = policy_logps - ref_logps
+    z0 = kl_ref_point.detach()
+    lam = torch.where(desirable, torch.full_like(logratio, desirable_weight),
+                      torch.full_like(logratio, undesirable_weight))
+    v = lam * torch.sigmoid(beta * torch.where(desirable, logratio - z0, z0 - logratio))
+    losses = lam - v
+    loss = losses.sum() / (denominator if denominator is not None else len(losses))
+    with torch.no_grad():
+        stats = {"reward_desirable": (beta * logratio[desirable]).mean() if desirable.any() else logratio.new_zeros(()),
+                 "reward_undesirable": ((beta * logratio[~desirable]).mean() if (~desirable).any()
+                                        else logratio.new_zeros(())),
+                 "kl_ref_point": z0}
+    return loss, stats
+
+
+def kto_reference_point(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's z0: mean(log pi(y'|x) - log ref(y'|x)) over answers y' paired with prompts x they were not written for
+    (each example's prompt with another example's answer), clamped at 0: a biased but cheap estimate of the
+    batch's KL(pi || ref), as the paper's implementation and TRL compute it."""
+    return (policy_logps - ref_logps).mean().clamp(min=0)

@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from rlhf_ray.batch import RankingBatch, SFTBatch, TensorBatch
+from rlhf_ray.batch import RankingBatch, SFTBatch, TensorBatch, ThumbsBatch
 from rlhf_ray.data import DataError
 from rlhf_ray.prompts import render_prompt
 from rlhf_ray.sft import IGNORE, collate_sft, sft_example
@@ -69,6 +69,39 @@ def ranking_batch(tokenizer, prefs: list[tuple[str, list[str], list[tuple[int, i
         for a, b in prs:
             pair_matrix[g, a, b] = 1.0
     return RankingBatch(torch.tensor(ids), torch.tensor(mask), torch.tensor(labels), pair_matrix)
+
+
+def kl_partners(prompts: list[str], seed: int) -> list[int]:
+    """For each example, another example whose answer its prompt is paired with for KTO's reference point: one with
+    a different prompt (thumbs often judge several answers of one prompt), drawn with a seeded generator."""
+    rng = random.Random(seed)
+    n = len(prompts)
+    if len(set(prompts)) < 2:
+        raise DataError("KTO needs answers to at least 2 different prompts (its reference point pairs a prompt "
+                        "with another prompt's answer)")
+    out = []
+    for i in range(n):
+        j = rng.randrange(n)
+        while prompts[j] == prompts[i]:
+            j = rng.randrange(n)
+        out.append(j)
+    return out
+
+
+def thumbs_batch(tokenizer, thumbs: list[tuple[str, str, bool]], max_len: int, chat: bool, seed: int) -> ThumbsBatch:
+    """One row per judged answer: [its prompt + its answer, its prompt + another prompt's answer (`kl_partners`)],
+    tokenised as `ranking_batch` does; the thumb as `desirable`."""
+    prompts = [render_prompt(tokenizer, x, chat, max_len // 2) for x, _, _ in thumbs]
+    answers = [(tokenizer(y, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for _, y, _ in thumbs]
+    partner = kl_partners([x for x, _, _ in thumbs], seed)
+    rows = [[(p, answers[i][:max_len - len(p)]), (p, answers[partner[i]][:max_len - len(p)])]
+            for i, p in enumerate(prompts)]
+    L = max(len(p) + len(a) for row in rows for p, a in row)
+    ids = [_pad([p + a for p, a in row], tokenizer.pad_token_id, L) for row in rows]
+    mask = [_pad([[1] * (len(p) + len(a)) for p, a in row], 0, L) for row in rows]
+    labels = [_pad([[IGNORE] * len(p) + a for p, a in row], IGNORE, L) for row in rows]
+    return ThumbsBatch(torch.tensor(ids), torch.tensor(mask), torch.tensor(labels),
+                       torch.tensor([good for _, _, good in thumbs], dtype=torch.bool))
 
 
 def listed_pairs(values: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

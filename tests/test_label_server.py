@@ -5,14 +5,11 @@ clicked; a wrong token is refused; an answer holding <script> shows as text. Scr
 $LABEL_SCREENSHOTS when set (the README's picture is made so)."""
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from launch.label_server import make_app
 from rlhf_ray.label_store import LabelStore
 
 EVIL = "<script>window.pwned = 1</script><b>bold?</b> & <img src=x onerror=\"window.pwned = 2\">"
@@ -20,20 +17,12 @@ EVIL = "<script>window.pwned = 1</script><b>bold?</b> & <img src=x onerror=\"win
 
 @pytest.fixture
 def server(tmp_path):
-    import uvicorn
+    from launch.label_server import Page
     store = LabelStore(tmp_path / "labels.sqlite")
-    srv = uvicorn.Server(uvicorn.Config(make_app(store), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the label server did not start"
-        time.sleep(0.05)
-    host, port = srv.servers[0].sockets[0].getsockname()[:2]
-    assert host == "127.0.0.1"
-    yield f"http://127.0.0.1:{port}", store
-    srv.should_exit = True
-    thread.join(10)
+    page = Page(store, "127.0.0.1", 0)
+    assert page.url.startswith("http://127.0.0.1:")
+    yield page.url.rstrip("/"), store
+    page.stop()
 
 
 def test_the_api_wants_a_token_and_a_lead_for_the_lead_s_calls(server):
@@ -196,3 +185,18 @@ def test_a_labeler_ranks_and_thumbs_through_the_page_in_headless_chromium(server
     assert {first, second} == {"You did well today.", "Meh."}
     assert all(r["labeler"] == "ann" for r in exported + thumbs)
     assert all(lab["seconds"] is not None and lab["seconds"] > 0 for lab in store.labels())
+
+
+def test_rlhf_ray_label_queues_answer_sets_for_people_without_a_judge(tmp_path, capsys):
+    """`rlhf-ray label --set label.queue=F`: the answer sets go to the label store as ranking tasks (no judge);
+    the same file the page serves. (Sampled answers, label.prompts, take the sampler as the judge path does.)"""
+    from launch.label import main
+    rows = tmp_path / "answers.jsonl"
+    rows.write_text('{"prompt": "p1", "responses": ["a", "b", "c"]}\n{"prompt": "p2", "responses": ["d", "e"]}\n')
+    db = tmp_path / "q.sqlite"
+    assert main(["--config", "configs/tiny_world.yaml", "--set", f"label.responses={rows}", "--set",
+                 f"label.queue={db}", "--set", "label.wanted=2", "--set", f"run.output_dir={tmp_path / 'run'}"]) == 0
+    assert f"queued 2 prompts' answers for people in {db}" in capsys.readouterr().out
+    tasks = LabelStore(db).batch_tasks("label")
+    assert [(t["prompt"], t["answers"]) for t in tasks] == [("p1", ["a", "b", "c"]), ("p2", ["d", "e"])]
+    assert LabelStore(db).next_task("x")["task"] == tasks[0]["task"]

@@ -112,3 +112,29 @@ def test_gold_and_noisy_labelers():
     rng = random.Random(0)
     flips = sum(simulated_ranking(answers[:2], rng, noise=3.0) != [1, 0] for _ in range(200))
     assert 10 < flips < 100                        # noisy labelers sometimes disagree with gold
+
+
+def test_kto_loss_on_hand_computed_values():
+    """KTO (Ethayarajh et al. 2024, eq. 8) on three answers, worked by hand: r = log pi - log ref = (0.5, -0.2, 0);
+    z0 = 0.1; beta 0.5; lambda_D 1, lambda_U 1.5; the second answer undesirable.
+    v = (sigmoid(0.5 * 0.4), 1.5 sigmoid(0.5 * 0.3), sigmoid(0.5 * -0.1)); loss = mean(lambda - v)."""
+    from rlhf_ray.prefs import kto_loss, kto_reference_point
+    sig = lambda x: 1 / (1 + math.exp(-x))                                  # noqa: E731
+    policy = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.8, -3.0])
+    good = torch.tensor([True, False, True])
+    loss, stats = kto_loss(policy, ref, good, torch.tensor(0.1), beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    v = [sig(0.2), 1.5 * sig(0.15), sig(-0.05)]
+    assert loss.item() == pytest.approx(((1 - v[0]) + (1.5 - v[1]) + (1 - v[2])) / 3, abs=1e-7)
+    loss.backward()
+    # d/dpolicy_i of (lambda - lambda sigmoid(beta * s (r_i - z0))) / 3 = -lambda beta s sigmoid' / 3, s = +1 or -1
+    dsig = lambda x: sig(x) * (1 - sig(x))                                  # noqa: E731
+    want = [-0.5 * dsig(0.2) / 3, 1.5 * 0.5 * dsig(0.15) / 3, -0.5 * dsig(-0.05) / 3]
+    assert policy.grad.tolist() == pytest.approx(want, abs=1e-7)
+    assert stats["reward_desirable"].item() == pytest.approx(0.5 * (0.5 + 0.0) / 2)
+    assert stats["reward_undesirable"].item() == pytest.approx(0.5 * -0.2)
+    # z0: the mean log-ratio on mismatched answers, clamped at 0, and no gradient through it
+    z = kto_reference_point(torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -2.8]))
+    assert z.item() == pytest.approx(0.15) and kto_reference_point(torch.tensor([-3.0]), torch.tensor([-2.0])) == 0
+    zg = torch.tensor(0.3, requires_grad=True)
+    assert not kto_loss(policy.detach(), ref, good, zg, beta=0.5)[0].requires_grad

@@ -219,3 +219,52 @@ def test_keep_trusted_reaches_the_last_round_and_only_it(tmp_path, monkeypatch, 
     drifting = refresh == "on_drift"
     assert seen[1] == seen[2] == (drifting, False, 10, 1)         # 15 steps audited every 5: single audits
     assert seen[3] == (keep, keep, 0 if keep else 10, 1)
+
+
+def test_human_labels_queue_wait_aggregate_and_find_their_batch_again(tmp_path):
+    """HumanLabels: rows queued as ranking tasks, rank() waits until each has its people's labels (a thread labels
+    them here, as the page would), one person's label taken as given (ties by answer index), several aggregated by
+    reliability; a second rank() of the same rows (a resumed pipeline) queues nothing and reads the labels again,
+    keeping the queued answers over redrawn ones."""
+    import threading
+
+    from launch.rounds import HumanLabels
+    from rlhf_ray.label_store import LabelStore, shown_order
+    store = LabelStore(tmp_path / "l.sqlite")
+    rows = [{"prompt": "p0", "responses": ["a", "b", "c"]}, {"prompt": "p1", "responses": ["d", "e", "f"]}]
+
+    def people(names, truth):
+        """Each person ranks every task it is given by `truth` (answer indices best first), a tie for 'tie'."""
+        def work():
+            left = {n: True for n in names}
+            while any(left.values()):
+                for n in names:
+                    t = store.next_task(n)
+                    if t is None:
+                        left[n] = store.progress(n)["tasks"] == 0
+                        continue
+                    order = shown_order(n, t["task"], 3)
+                    best = [order.index(a) for a in truth(n)]
+                    tiers = [[best[0], best[1]], [best[2]]] if n == "tie" else [[p] for p in best]
+                    store.submit(n, t["task"], tiers=tiers)
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        return th
+
+    one = HumanLabels(store, wanted=1, weigh=True, poll_s=0.01)
+    th = people(["tie"], lambda n: [2, 0, 1])
+    report = one.rank(rows, seed=5)
+    th.join(5)
+    assert [r["ranking"] for r in rows] == [[0, 2, 1]] * 2          # tied 2 and 0: by index; then 1
+    assert rows[0]["labels"] == {"tie": [[2, 0], [1]]} and report["people"] == 1
+    three = HumanLabels(store, wanted=3, weigh=True, poll_s=0.01)
+    rows3 = [{"prompt": "q", "responses": ["x", "y", "z"]}]
+    th = people(["a", "b", "c"], lambda n: [1, 2, 0] if n != "c" else [0, 1, 2])
+    report = three.rank(rows3, seed=6)
+    th.join(5)
+    assert rows3[0]["ranking"] == [1, 2, 0] and set(rows3[0]["labels"]) == {"a", "b", "c"} and report["weighed"]
+    tasks = store.progress()["tasks"]
+    again = [{"prompt": "p0", "responses": ["a", "b", "CHANGED"]}, {"prompt": "p1", "responses": ["d", "e", "f"]}]
+    one.rank(again, seed=5)                                          # resumed: found, nothing queued
+    assert store.progress()["tasks"] == tasks and again[0]["responses"] == ["a", "b", "c"]
+    assert again[0]["ranking"] == [0, 2, 1]

@@ -16,7 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassifi
 
 from actors.supervised import Supervised
 from conftest import AccumulatingEngine
-from rlhf_ray.batch import RankingBatch
+from rlhf_ray.batch import RankingBatch, ThumbsBatch
 from rlhf_ray.config import StageConfig
 from rlhf_ray.sft import IGNORE, collate_sft
 from rlhf_ray.stage_data import trim_to_multiple
@@ -85,6 +85,32 @@ def test_dpo_loss_is_exact_across_micro_batches():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**CFG))
     assert_split_free("dpo", model, ranking_data(with_ref=True))
+
+
+def thumbs_data() -> ThumbsBatch:
+    """Eight judged answers (five up, three down) of unequal length, each with its KL slot, [N, 2, L]."""
+    g = torch.Generator().manual_seed(4)
+    N, L = 8, 9
+    ids = torch.randint(1, 64, (N, 2, L), generator=g)
+    mask = torch.zeros(N, 2, L, dtype=torch.long)
+    labels = torch.full((N, 2, L), IGNORE)
+    for i in range(N):
+        for k in range(2):
+            n = 3 + (i * 3 + k) % 7
+            mask[i, k, :n] = 1
+            labels[i, k, 2:n] = ids[i, k, 2:n]
+    desirable = torch.tensor([True, False, True, True, False, True, False, True])
+    # reference logprobs well under the model's on the KL slot, so z0 (clamped at 0) is positive and varies by row
+    ref = torch.stack([-torch.rand(N, generator=g) * 20 - 10, -torch.rand(N, generator=g) * 20 - 40], 1)
+    return ThumbsBatch(ids * mask, mask, labels, desirable, ref)
+
+
+def test_kto_loss_is_exact_across_micro_batches():
+    """KTO's reference point z0 is a minibatch statistic, taken once before the micro-batches: the step's gradient
+    does not depend on how the minibatch is cut (a z0 per micro-batch would)."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**CFG))
+    assert_split_free("kto", model, thumbs_data())
 
 
 @pytest.mark.parametrize("objective", ["rm", "dpo"])

@@ -73,6 +73,16 @@ def simulated_ranking(responses: list[str], rng: random.Random, noise: float, go
     return ranking_from_scores(noisy_gold(responses, rng, noise, gold))
 
 
+def simulated_thumbs(rows: list[dict], rng: random.Random, noise: float, gold=gold_score) -> list[dict]:
+    """Thumbs from simulated users on every answer of `rows` ({prompt, responses}): up when the answer's `noisy_gold`
+    clears the median gold of all those answers (so about half are up: KTO's lambda_D n_D ~ lambda_U n_U at equal
+    weights). Rows {prompt, completion, label} as `rlhf-ray kto` reads them."""
+    answers = [(r["prompt"], a) for r in rows for a in r["responses"]]
+    golds = sorted(gold(a) for _, a in answers)
+    threshold = golds[len(golds) // 2]
+    return [{"prompt": x, "completion": a, "label": gold(a) + rng.gauss(0.0, noise) > threshold} for x, a in answers]
+
+
 @dataclass(frozen=True)
 class SimulatedLabeler:
     """One simulated person of a labeler pool: gold plus Gaussian noise (as `simulated_ranking`), and a systematic
