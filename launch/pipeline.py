@@ -115,7 +115,7 @@ def label_source(cfg: Config, judge: Judge | None, store: LabelStore | None) -> 
     """Who ranks, from pipeline.labels / pipeline.labelers (launch/rounds.py)."""
     pc, gold = cfg.pipeline, GOLDS[cfg.pipeline.gold]
     if store is not None:
-        return HumanLabels(store, pc.people_per_task, pc.weigh_labelers)
+        return HumanLabels(store, pc.people_per_task, pc.weigh_labelers, pc.label_wait_s)
     if judge is not None:
         return JudgeLabels(judge, gold)
     if pc.labelers:

@@ -76,8 +76,10 @@ class HumanLabels:
     the seed and the prompts, so a pipeline resumed after a kill finds what it queued and the labels given, and
     waits for the rest; if it drew other answers to the same prompts, the queued ones (those people saw) stand."""
 
-    def __init__(self, store: LabelStore, wanted: int, weigh: bool, poll_s: float = 1.0, say_every_s: float = 60.0):
-        self.store, self.wanted, self.weigh, self.poll_s, self.say_every_s = store, wanted, weigh, poll_s, say_every_s
+    def __init__(self, store: LabelStore, wanted: int, weigh: bool, wait_s: float = 0.0, poll_s: float = 1.0,
+                 say_every_s: float = 60.0):
+        self.store, self.wanted, self.weigh, self.wait_s = store, wanted, weigh, wait_s
+        self.poll_s, self.say_every_s = poll_s, say_every_s
 
     def rank(self, rows: list[dict], seed: int) -> dict:
         digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()[:12]
@@ -113,11 +115,16 @@ class HumanLabels:
                 "weighed": agg.weighed, "people": len(people), "batch": batch}
 
     def wait(self, batch: str) -> None:
-        said = 0.0
+        """Until every task of `batch` has its labels; past wait_s (> 0) a one-line error (`--resume` waits on)."""
+        said, t0 = 0.0, time.monotonic()
         while True:
             p = self.store.progress(batch=batch)
             if p["done"] == p["tasks"]:
                 return
+            if self.wait_s and time.monotonic() - t0 > self.wait_s:
+                raise RunError(f"labels: {p['tasks'] - p['done']} of {p['tasks']} tasks of batch {batch} still "
+                               f"unlabelled after pipeline.label_wait_s {self.wait_s:g} s ({self.store.path}); "
+                               "--resume waits on, the labels given kept")
             if time.monotonic() - said >= self.say_every_s:
                 print(f"labels: waiting for people: {p['done']} of {p['tasks']} tasks of batch {batch} labelled",
                       flush=True)

@@ -408,6 +408,8 @@ class PipelineConfig:
     label_db: str = ""                 # human: the label store ("" -> <run.output_dir>/labels.sqlite)
     people_per_task: int = 1           # human: people who rank each prompt's answers (several: aggregated by
                                        # reliability, weigh_labelers)
+    label_wait_s: float = 0.0          # human: how long a stage waits for people before it stops in one line (0:
+                                       # as long as it takes; `--resume` picks the wait up, labels given kept)
     label_page: str = "127.0.0.1:8765" # human: host:port the pipeline serves the labelling page on while it runs
                                        # ("": none; run `rlhf-ray label-server serve` on label_db yourself)
     label_prompts: int = 256           # prompts whose K sampled answers are ranked
@@ -757,6 +759,7 @@ class Config:
         _need(pc.gold == "topic" or pc.labels != "judge", "pipeline.gold", "the stand-in judge knows the topic "
               "gold only: topic_no_repeats needs pipeline.labels simulated or human")
         _need(pc.people_per_task >= 1, "pipeline.people_per_task", f"must be >= 1, got {pc.people_per_task}")
+        _need(pc.label_wait_s >= 0, "pipeline.label_wait_s", f"must be >= 0, got {pc.label_wait_s}")
         _need(not pc.kto or pc.labels != "human", "pipeline.kto", "thumbs come from the tiny world's simulated "
               "users, not people: with pipeline.labels human, export people's thumbs from the label page and run "
               "`rlhf-ray kto`")

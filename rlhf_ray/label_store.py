@@ -118,11 +118,13 @@ class LabelStore:
             db.close()
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("BEGIN IMMEDIATE")      # one writer at a time; waits (up to the timeout) rather than fails
+            # a writer takes the write lock at once (one at a time; waits, up to the timeout, rather than fails); a
+            # reader takes none: under WAL it reads its snapshot beside any writer
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
@@ -149,7 +151,7 @@ class LabelStore:
         """The labeler holding `token`, or None (no token, or not one of ours)."""
         if not token:
             return None
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute("SELECT name, lead FROM labelers WHERE token_sha256 = ?", (token_hash(token),)).fetchone()
         return Labeler(row["name"], bool(row["lead"])) if row else None
 
@@ -233,7 +235,7 @@ class LabelStore:
 
     def batch_tasks(self, batch: str) -> list[dict]:
         """The tasks of `batch` in the order queued: {task, kind, prompt, answers}."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute("SELECT id, kind, prompt, answers FROM tasks WHERE batch = ? ORDER BY id",
                               (batch,)).fetchall()
         return [{"task": r["id"], "kind": r["kind"], "prompt": r["prompt"], "answers": json.loads(r["answers"])}
@@ -242,7 +244,7 @@ class LabelStore:
     # --- reading back ---------------------------------------------------------------------------------------------
     def progress(self, labeler: str | None = None, batch: str | None = None) -> dict:
         """Tasks in all (or in `batch`), those with all the labels they want, and `labeler`'s own count."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             q = ("SELECT COUNT(*) AS tasks, COALESCE(SUM((SELECT COUNT(*) FROM labels l WHERE l.task_id = t.id AND "
                  "l.skipped = 0) >= t.wanted), 0) AS done FROM tasks t WHERE (? IS NULL OR t.batch = ?)")
             row = dict(db.execute(q, (batch, batch)).fetchone())
@@ -254,7 +256,7 @@ class LabelStore:
 
     def labels(self, batch: str | None = None, kind: str | None = None) -> list[dict]:
         """Every label given (skips included), each with its task, in the order given."""
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(
                 "SELECT l.*, t.batch, t.kind, t.prompt, t.answers, t.meta FROM labels l JOIN tasks t ON t.id = "
                 "l.task_id WHERE (? IS NULL OR t.batch = ?) AND (? IS NULL OR t.kind = ?) ORDER BY l.id",

@@ -225,8 +225,9 @@ def test_human_labels_queue_wait_aggregate_and_find_their_batch_again(tmp_path):
     """HumanLabels: rows queued as ranking tasks, rank() waits until each has its people's labels (a thread labels
     them here, as the page would), one person's label taken as given (ties by answer index), several aggregated by
     reliability; a second rank() of the same rows (a resumed pipeline) queues nothing and reads the labels again,
-    keeping the queued answers over redrawn ones."""
+    keeping the queued answers over redrawn ones; a wait past label_wait_s stops in one line."""
     import threading
+    import time
 
     from launch.rounds import HumanLabels
     from rlhf_ray.label_store import LabelStore, shown_order
@@ -234,37 +235,46 @@ def test_human_labels_queue_wait_aggregate_and_find_their_batch_again(tmp_path):
     rows = [{"prompt": "p0", "responses": ["a", "b", "c"]}, {"prompt": "p1", "responses": ["d", "e", "f"]}]
 
     def people(names, truth):
-        """Each person ranks every task it is given by `truth` (answer indices best first), a tie for 'tie'."""
+        """A thread in which each person ranks every task offered to them by `truth` (answer indices best first),
+        'tie' tying its first two; it stops when told (the returned event)."""
+        stop = threading.Event()
+
         def work():
-            left = {n: True for n in names}
-            while any(left.values()):
-                for n in names:
-                    t = store.next_task(n)
-                    if t is None:
-                        left[n] = store.progress(n)["tasks"] == 0
-                        continue
-                    order = shown_order(n, t["task"], 3)
-                    best = [order.index(a) for a in truth(n)]
-                    tiers = [[best[0], best[1]], [best[2]]] if n == "tie" else [[p] for p in best]
-                    store.submit(n, t["task"], tiers=tiers)
+            while not stop.is_set():
+                offered = [(n, store.next_task(n)) for n in names]
+                for n, t in offered:
+                    if t is not None:
+                        best = [shown_order(n, t["task"], 3).index(a) for a in truth(n)]
+                        tiers = [[best[0], best[1]], [best[2]]] if n == "tie" else [[p] for p in best]
+                        store.submit(n, t["task"], tiers=tiers)
+                if all(t is None for _, t in offered):
+                    time.sleep(0.01)
         th = threading.Thread(target=work, daemon=True)
         th.start()
-        return th
+        return stop, th
 
-    one = HumanLabels(store, wanted=1, weigh=True, poll_s=0.01)
-    th = people(["tie"], lambda n: [2, 0, 1])
-    report = one.rank(rows, seed=5)
-    th.join(5)
+    def rank(source, rows, seed, names, truth):
+        stop, th = people(names, truth)
+        try:
+            return source.rank(rows, seed)
+        finally:
+            stop.set()
+            th.join(5)
+
+    one = HumanLabels(store, wanted=1, weigh=True, wait_s=60, poll_s=0.01)
+    report = rank(one, rows, 5, ["tie"], lambda n: [2, 0, 1])
     assert [r["ranking"] for r in rows] == [[0, 2, 1]] * 2          # tied 2 and 0: by index; then 1
     assert rows[0]["labels"] == {"tie": [[2, 0], [1]]} and report["people"] == 1
-    three = HumanLabels(store, wanted=3, weigh=True, poll_s=0.01)
+    three = HumanLabels(store, wanted=3, weigh=True, wait_s=60, poll_s=0.01)
     rows3 = [{"prompt": "q", "responses": ["x", "y", "z"]}]
-    th = people(["a", "b", "c"], lambda n: [1, 2, 0] if n != "c" else [0, 1, 2])
-    report = three.rank(rows3, seed=6)
-    th.join(5)
+    report = rank(three, rows3, 6, ["a", "b", "c"], lambda n: [1, 2, 0] if n != "c" else [0, 1, 2])
     assert rows3[0]["ranking"] == [1, 2, 0] and set(rows3[0]["labels"]) == {"a", "b", "c"} and report["weighed"]
     tasks = store.progress()["tasks"]
     again = [{"prompt": "p0", "responses": ["a", "b", "CHANGED"]}, {"prompt": "p1", "responses": ["d", "e", "f"]}]
-    one.rank(again, seed=5)                                          # resumed: found, nothing queued
+    one.rank(again, seed=5)                                          # resumed: found, nothing queued, no wait
     assert store.progress()["tasks"] == tasks and again[0]["responses"] == ["a", "b", "c"]
     assert again[0]["ranking"] == [0, 2, 1]
+    nobody = HumanLabels(store, wanted=1, weigh=True, wait_s=0.2, poll_s=0.01)
+    with pytest.raises(RunError, match=r"labels: 1 of 1 tasks of batch seed7-1-\w+ still unlabelled after "
+                                       r"pipeline.label_wait_s 0.2 s"):
+        nobody.rank([{"prompt": "r", "responses": ["u", "v"]}], seed=7)
