@@ -125,8 +125,9 @@ class RankActor:
             import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         backend = "gloo" if self.device == "cpu" else "nccl"
-        store = self._store if self.rank == 0 else join_store(master_addr, master_port, self.world_size)
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        if not dist.is_initialized():          # one per process (benchmarks/gpu_check.py builds roles in one)
+            store = self._store if self.rank == 0 else join_store(master_addr, master_port, self.world_size)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         self._mark("process_group")
 

@@ -72,18 +72,21 @@ class People:
     def work(self):
         import httpx
         rng = random.Random(0)
+        client, url = None, None                    # one connection, kept (as a browser keeps one)
         while not self.stop.is_set():
             busy = False
             try:
+                if self.url != url:
+                    client, url = httpx.Client(base_url=self.url, timeout=10), self.url
                 for lab, token in self.labelers.values():
-                    if self.url is None:
+                    if url is None:
                         break
                     h = {"Authorization": f"Bearer {token}"}
-                    task = httpx.get(f"{self.url}api/next", headers=h, timeout=10).json()["task"]
+                    task = client.get("api/next", headers=h).json()["task"]
                     if task is not None:
                         order = lab.rank(task["answers"], rng)          # positions as shown, best first
-                        r = httpx.post(f"{self.url}api/label", headers=h, timeout=10,
-                                       json={"task": task["task"], "tiers": [[p] for p in order]})
+                        r = client.post("api/label", headers=h,
+                                        json={"task": task["task"], "tiers": [[p] for p in order]})
                         assert r.status_code == 200, r.text
                         self.labelled += 1
                         busy = True
