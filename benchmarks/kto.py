@@ -1,9 +1,9 @@
 """KTO on thumbs against DPO on rankings, over the same judged answers, at a bounded KL.
 
-    .venv/bin/python benchmarks/kto.py [--seeds 0 1 2] [--runs runs/bench-tiny-world] [--betas 0.1 0.3 1.0]
+    .venv/bin/python benchmarks/kto.py [--seeds 0 1 2] [--runs runs/bench-tiny-world] [--betas 0.1 0.3 0.5 1.0]
 
-Reads the tiny world's pipeline runs of benchmarks/tiny_world.py (<runs>/seed<N>/simulated: run that first, with
-the same --seeds): their SFT model, the label stage's answers (label_prompts x K answers of the SFT model, ranked by
+Reads the tiny world's pipeline runs of benchmarks/tiny_world.py (<runs>/seed<N>/simulated; where one is missing,
+the pipeline runs here first with PPO cut to one step, which comes after all that is used): their SFT model, the label stage's answers (label_prompts x K answers of the SFT model, ranked by
 simulated labelers), the evaluation prompts and the proxy RM. On those very answers:
 
     DPO   on the rankings (each prompt's C(K, 2) pairs), the dpo section of the run's config
@@ -47,14 +47,22 @@ def one_seed(run: Path, seed: int, betas: list[float]) -> dict:
     from rlhf_ray.data import read_jsonl
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.tiny_world.gold import GOLDS, simulated_thumbs
-    if not (run / "summary.json").is_file():
-        raise SystemExit(f"{run}: no finished pipeline; run benchmarks/tiny_world.py with these seeds first")
+    if not (run / "summary.json").is_file():          # none from benchmarks/tiny_world.py: run the pipeline here,
+        from launch.pipeline import run_pipeline      # PPO cut to one step (SFT and the labels come before it)
+        run_pipeline(load_config(str(ROOT / "configs" / "tiny_world.yaml"), [
+            f"run.seed={seed}", f"run.output_dir={run}", f"pipeline.world_dir={run.parent}/world", "train.steps=1",
+            "pipeline.best_of_n=[2]"]))
     sft, data, out = str(run / "sft"), run / "data", run / "kto_bench"
+    if (out / "result.json").is_file():                # measured before (delete it to measure again)
+        res = json.loads((out / "result.json").read_text())
+        if all(f"{b}" in res["dpo"] for b in betas):
+            return {**res, **{m: {float(b): v for b, v in res[m].items()} for m in METHODS}}
     # the stages' settings as configs/tiny_world.yaml has them now (the run's own dump may predate KTO), its seed
     cfg = load_config(str(ROOT / "configs" / "tiny_world.yaml"), [f"run.seed={seed}", f"run.output_dir={out}"])
     rankings = [row for _, row in read_jsonl(data / "label_rankings.jsonl")]
     thumbs = simulated_thumbs(rankings, random.Random(cfg.run.seed + 7), cfg.pipeline.labeler_noise,
                               GOLDS[cfg.pipeline.gold])
+    out.mkdir(parents=True, exist_ok=True)
     thumbs_path = write_jsonl(out / "thumbs.jsonl", thumbs)
     device = cluster_device(cfg, cfg.policy.gpus_per_rank)
     start_ray(cfg, extra_cpus=cfg.engine.cpus_per_rank + cfg.reward.cpus_per_rank)
@@ -96,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="runs/bench-tiny-world")
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0])
     ap.add_argument("--kl-bound", type=float, default=2.0)
     args = ap.parse_args()
     runs = Path(args.runs)
