@@ -76,7 +76,7 @@ class HumanLabels:
     the seed and the prompts, so a pipeline resumed after a kill finds what it queued and the labels given, and
     waits for the rest; if it drew other answers to the same prompts, the queued ones (those people saw) stand."""
 
-    def __init__(self, store: LabelStore, wanted: int, weigh: bool, wait_s: float = 0.0, poll_s: float = 1.0,
+    def __init__(self, store: LabelStore, wanted: int, weigh: bool, wait_s: float = 0.0, poll_s: float = 0.25,
                  say_every_s: float = 60.0):
         self.store, self.wanted, self.weigh, self.wait_s = store, wanted, weigh, wait_s
         self.poll_s, self.say_every_s = poll_s, say_every_s

@@ -27,6 +27,9 @@ MONITOR_GOLD_BAR = 0.53
 JUDGE_BARS = {"averaged": 0.72, "pointwise": 0.75}         # each bar: 3 sd under a measured mean (see the test)
 JUDGE_CORPUS_BARS = {"averaged": 0.74, "pointwise": 0.79}   # likewise
 JUDGE_SEED = 1                                              # its judge passes validation at once (see the test)
+# the judge test's trainers on one rank each (ZeRO over two ranks runs in the two-round test): fewer processes to
+# start on a 2-core box that runs two tests at once
+ONE_RANK = [f"{role}.num_ranks=1" for role in ("sft.trainer", "rm.trainer", "dpo.trainer", "kto.trainer", "policy")]
 
 
 def small_pipeline(tiny_world, tmp_path, extra=()):
@@ -44,7 +47,7 @@ def small_pipeline(tiny_world, tmp_path, extra=()):
 
 
 class People:
-    """People at the labelling page the pipeline serves (pipeline.labels human): a thread of simulated labelers (three
+    """People at the labelling page the pipeline serves (pipeline.labels human): a thread of simulated labelers (two
     honest, one careless on half its rankings) who each take tasks through the page's own HTTP API (GET /api/next,
     POST /api/label, a bearer token each) and rank the answers in the order the page shows them. The page's address
     is taken from start_page as the pipeline starts it (again after a resume)."""
@@ -57,7 +60,7 @@ class People:
         gold = GOLDS["topic"]
         self.labelers = {lab.name: (lab, store.add_labeler(lab.name)) for lab in [
             SimulatedLabeler("a", 0.15, "none", 0.0, gold), SimulatedLabeler("b", 0.15, "none", 0.0, gold),
-            SimulatedLabeler("c", 0.15, "none", 0.0, gold), SimulatedLabeler("careless", 0.15, "careless", 0.5, gold)]}
+            SimulatedLabeler("careless", 0.15, "careless", 0.5, gold)]}
         self.url, self.stop, self.labelled, self.errors = None, threading.Event(), 0, []
         real = ls.start_page
 
@@ -117,7 +120,7 @@ def test_pipeline_in_two_rounds_labelled_by_people_at_the_page_killed_mid_round_
     checkpoint, its drift rule fed the audits logged before the kill; the rule is made to fire at the last step (any
     audit counts as a fall), so the last round keeps its policy of step 1, the last audit the RM passed
     (pipeline.keep_trusted); the evaluation plays every round's policy. The labels, the rounds' and the audits', are
-    people's at the labelling page the pipeline serves (`People`): four rank every task, their rankings aggregated
+    people's at the labelling page the pipeline serves (`People`): three rank every task, their rankings aggregated
     by reliability, one of them careless; the pipeline waits for them, and after the resume finds what it queued."""
     import launch.pipeline as lp
     db = tmp_path / "labels.sqlite"
@@ -125,7 +128,7 @@ def test_pipeline_in_two_rounds_labelled_by_people_at_the_page_killed_mid_round_
     cfg = small_pipeline(tiny_world, tmp_path, ["pipeline.rounds=2", "pipeline.round_labels=40",
                                                 "pipeline.audit_prompts=4", "pipeline.audit_every=1",
                                                 "train.steps=4", "checkpoint.every=1", "pipeline.labels=human",
-                                                f"pipeline.label_db={db}", "pipeline.people_per_task=4",
+                                                f"pipeline.label_db={db}", "pipeline.people_per_task=3",
                                                 "pipeline.label_page=127.0.0.1:0"])
     real = lp.ppo_train
 
@@ -181,10 +184,10 @@ def test_pipeline_in_two_rounds_labelled_by_people_at_the_page_killed_mid_round_
     pool = s["labeler_pool"]            # the careless labeler found from the labels alone, in the pipeline
     assert min(pool["reliability"], key=pool["reliability"].get) == "careless" and pool["weighed"], pool
     audits = [json.loads(line) for line in (run / "data" / "audit_r2_rankings.jsonl").read_text().splitlines()]
-    assert audits and all(set(r["labels"]) == {"a", "b", "c", "careless"} for r in audits)   # people audit too
+    assert audits and all(set(r["labels"]) == {"a", "b", "careless"} for r in audits)   # people audit too
     people.close()
     queue = LabelStore(db).progress()
-    assert people.errors == [] and queue["done"] == queue["tasks"] and people.labelled == 4 * queue["tasks"], (
+    assert people.errors == [] and queue["done"] == queue["tasks"] and people.labelled == 3 * queue["tasks"], (
         people.errors, queue, people.labelled)
     assert_stages_learned(s, run, cfg)
 
@@ -248,7 +251,8 @@ def test_pipeline_with_the_stand_in_judge_as_the_labeler(tiny_world, tmp_path):
     KTO (pipeline.kto) trains beside DPO on simulated users' thumbs of the same answers and is evaluated with them."""
     cfg = small_pipeline(tiny_world, tmp_path, ["pipeline.labels=judge", "pipeline.monitor_prompts=0",
                                                 "judge.max_pairs=8", "train.steps=1", "pipeline.eval_prompts=8",
-                                                "pipeline.best_of_n=[2]", f"run.seed={JUDGE_SEED}", "pipeline.kto=true"])
+                                                "pipeline.best_of_n=[2]", f"run.seed={JUDGE_SEED}", "pipeline.kto=true",
+                                                *ONE_RANK])
     s = run_pipeline(cfg)
     run, world = tmp_path / "run", tmp_path / "world"
     judge_dir = world / "judge"
