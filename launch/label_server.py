@@ -124,7 +124,7 @@ def serve(db: str, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Until interrupted (Ctrl-C, SIGTERM)."""
     import signal
     page = start_page(LabelStore(db), f"{host}:{port}")
-    signal.signal(signal.SIGTERM, lambda *_: page.server.__setattr__("should_exit", True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(page.server, "should_exit", True))
     try:
         while page.thread.is_alive():
             page.thread.join(0.5)

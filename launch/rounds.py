@@ -103,14 +103,13 @@ class HumanLabels:
         labeled = [labeled_ranking(by_task[lab["task_id"]], lab["labeler"], lab["tiers"]) for lab in given]
         people = {lab.labeler for lab in labeled}
         agg = aggregate(labeled, weigh=self.weigh and len(people) > 1)
-        for r in rows:
-            r["labels"] = {}
-        for lab in given:
-            rows[by_task[lab["task_id"]]]["labels"][lab["labeler"]] = lab["tiers"]
-        for g, r in enumerate(rows):
-            only = [lab for lab in labeled if lab.prompt == g]
+        by_row: list[list] = [[] for _ in rows]
+        for lab, ranked in zip(given, labeled):
+            by_row[ranked.prompt].append((lab["labeler"], lab["tiers"], ranked.ranking))
+        for g, (r, own) in enumerate(zip(rows, by_row)):
+            r["labels"] = {name: tiers for name, tiers, _ in own}
             # one person's label as given (the aggregate of one label is no better, and weighs it at p = 0.5)
-            r["ranking"] = list(only[0].ranking) if len(only) == 1 else agg.rankings[g]
+            r["ranking"] = list(own[0][2]) if len(own) == 1 else agg.rankings[g]
         return {"reliability": agg.reliability, "with_aggregate": agg.with_aggregate, "agreement": agg.agreement,
                 "weighed": agg.weighed, "people": len(people), "batch": batch}
 

@@ -278,3 +278,16 @@ def test_human_labels_queue_wait_aggregate_and_find_their_batch_again(tmp_path):
     with pytest.raises(RunError, match=r"labels: 1 of 1 tasks of batch seed7-1-\w+ still unlabelled after "
                                        r"pipeline.label_wait_s 0.2 s"):
         nobody.rank([{"prompt": "r", "responses": ["u", "v"]}], seed=7)
+
+
+def test_the_pipeline_s_human_keys_reach_the_label_source(tmp_path):
+    """pipeline.labels human: label_source builds HumanLabels with people_per_task, weigh_labelers and label_wait_s."""
+    from launch.pipeline import label_source
+    from launch.rounds import HumanLabels
+    from rlhf_ray.label_store import LabelStore
+    cfg = load_config("configs/tiny_world.yaml", ["pipeline.labels=human", "pipeline.people_per_task=3",
+                                                  "pipeline.label_wait_s=12.5", "pipeline.weigh_labelers=false"])
+    src = label_source(cfg, None, LabelStore(tmp_path / "l.sqlite"))
+    assert isinstance(src, HumanLabels) and (src.wanted, src.wait_s, src.weigh) == (3, 12.5, False)
+    with pytest.raises(ConfigError, match="pipeline.kto"):
+        load_config("configs/tiny_world.yaml", ["pipeline.labels=human", "pipeline.kto=true"]).check_pipeline()

@@ -150,3 +150,23 @@ def test_the_run_seed_reaches_the_trainers_update_randomness():
 
     assert torch.equal(first_step(1), first_step(1))
     assert not torch.allclose(first_step(1), first_step(2))
+
+
+def test_kto_weights_and_beta_from_the_stage_config_reach_the_loss():
+    """kto.desirable_weight / undesirable_weight / beta: the actor's loss is kto_loss with the stage's values."""
+    from rlhf_ray.prefs import kto_loss
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**CFG))
+    data = thumbs_data()
+    losses = {}
+    for w in ((1.0, 1.0), (2.0, 0.5)):
+        stage = StageConfig(batch_size=len(data), beta=0.3, desirable_weight=w[0], undesirable_weight=w[1])
+        actor = Supervised(0, 1, stage, "kto", "float32", "cpu", seed=0)
+        actor.model, actor.micro, actor.device = copy.deepcopy(model), len(data), "cpu"
+        actor._kto_z0(data)
+        with torch.no_grad():
+            losses[w] = actor._loss(data)[0].item()
+            lp = actor._answer_logprobs(data)[:, 0]
+        want = kto_loss(lp, data.ref_logprobs[:, 0], data.desirable, actor._z0, 0.3, *w)[0].item()
+        assert losses[w] == pytest.approx(want, rel=1e-6)
+    assert losses[(1.0, 1.0)] != pytest.approx(losses[(2.0, 0.5)])
