@@ -231,21 +231,21 @@ def ppo_step(run: Run, step: int) -> Path | None:
     scored = run.rollouts.take(step, timer)
     update = None
     if not scored.empty:
-        # 2. logprobs and values, in parallel on their actors: pi_old's, the reference's, the critic's V(s_t)
+        # 2. logprobs and values, in parallel on their actors: pi_old's, the reference's, a teacher's, V(s_t)
         with timer("logprobs"):
-            old_logprobs, ref_logprobs, values = logprobs_and_values(run, scored)
+            lp = logprobs_and_values(run, scored)
 
         # 3. experience: the shaped score, KL to the reference (in the reward or as a loss term), the advantage
-        #    estimator, importance weights between the sampling policy and pi_old
+        #    estimator, the teacher's per-token signal, importance weights between the sampling policy and pi_old
         with timer("advantage"):
             scores = shaped_scores(run, scored)
-            exp, exp_stats = compute_experience(scored.batch, old_logprobs, ref_logprobs, values, scores,
-                                                run.advantage, run.kl.coef, scored.token_rewards)
+            exp, exp_stats = compute_experience(scored.batch, lp.old, lp.ref, lp.values, scores, run.advantage,
+                                                run.kl.coef, scored.token_rewards, lp.teacher)
 
         # 4. epochs over minibatches: clipped surrogate on the policy (+ KL loss), clipped value loss on the critic
         with timer("train"):
             stats = train_roles(run, step, exp)
-        update = Update(old_logprobs, scores, exp_stats, stats)
+        update = Update(lp.old, scores, exp_stats, stats)
 
     # 5. weight sync, policy -> every engine, between generations; then the next step's generation may start
     run.rollouts.before_sync(timer)
@@ -271,17 +271,30 @@ class Update:
     stats: dict[str, dict]            # each trained role's training statistics, averaged over its ranks
 
 
-def logprobs_and_values(run: Run, scored: ScoredRollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """([B, T] pi_old, [B, T] the reference's, [B, T] V or None), asked of their actors at once. pi_old: the
-    policy's forward, or the engines' own sampling logprobs (ppo.reuse_sample_logprobs); the reference: its own
-    ranks, or the policy's ranks with the adapters off (reference.from_policy_base); values: GAE only."""
+@dataclass
+class Forwards:
+    """A step's per-token forwards over its samples, each from its own actors."""
+    old: torch.Tensor                 # [B, T] pi_old (or the engines' sampling logprobs, ppo.reuse_sample_logprobs)
+    ref: torch.Tensor                 # [B, T] the reference's
+    values: torch.Tensor | None       # [B, T] the critic's V(s_t); GAE only
+    teacher: torch.Tensor | None      # [B, T] the distillation teacher's (models.teacher) or None
+
+
+def logprobs_and_values(run: Run, scored: ScoredRollout) -> Forwards:
+    """Every forward a step needs, asked of their actors at once. pi_old: the policy's forward, or the engines' own
+    sampling logprobs (ppo.reuse_sample_logprobs); the reference: its own ranks, or the policy's ranks with the
+    adapters off (reference.from_policy_base); the teacher: its own ranks (or a process it shares)."""
     a, ref = run.actors, scored.ref()
     ref_refs = a.reference.call("logprobs", ref) if a.reference else a.policy.call("reference_logprobs", ref)
     old_refs = None if run.cfg.ppo.reuse_sample_logprobs else a.policy.call("logprobs", ref)
     value_refs = a.critic.call("values", ref) if a.critic else None
-    ref_logprobs = torch.cat(ray.get(ref_refs))
-    old_logprobs = torch.cat(ray.get(old_refs)) if old_refs else scored.batch.sample_logprobs
-    return old_logprobs, ref_logprobs, torch.cat(ray.get(value_refs)) if value_refs else None
+    teacher_refs = a.teacher.call("logprobs", ref) if a.teacher else None
+
+    def gathered(refs):
+        return torch.cat(ray.get(refs)) if refs else None
+    old = gathered(old_refs)
+    return Forwards(old if old is not None else scored.batch.sample_logprobs, gathered(ref_refs),
+                    gathered(value_refs), gathered(teacher_refs))
 
 
 def shaped_scores(run: Run, scored: ScoredRollout) -> torch.Tensor:
@@ -401,6 +414,10 @@ def step_metrics(run: Run, step: int, scored: ScoredRollout, update: Update, syn
                   "time/judge": judged["seconds"] / max(len(run.actors.reward.actors), 1)})
     if scored.episodes is not None:      # multi-turn: turns, tokens, the environment's rewards, failures and counts
         m.update(episode_metrics(scored.episodes))
+    if "teacher" in busy:                # distillation: the teacher's scoring rate and its share of the step
+        scoring = busy["teacher"].get("logprobs", 0.0)
+        m["perf/teacher_tokens_per_s"] = mask.sum().item() / max(scoring, 1e-9)
+        m["time/teacher_share"] = scoring / max(step_seconds, 1e-9)
     if rewards.monitor is not None:      # overoptimisation monitor: a held-out RM beside the proxy, every step
         m["monitor/score_mean"] = rewards.monitor.mean().item()
     if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
@@ -413,8 +430,9 @@ def step_line(cfg: Config, step: int, m: dict) -> str:
     """The one line a step prints."""
     vf = f"  vf {m['value/loss']:.4f}" if "value/loss" in m else ""
     stale = f"  stale {m['rollout/staleness_max']}" if cfg.rollout.max_staleness else ""
+    teacher = f"  kl_teacher {m['distill/reverse_kl_per_token']:.4f}/tok" if "distill/reverse_kl_per_token" in m else ""
     return (f"step {step}/{cfg.train.steps}  score {m['reward/score_mean']:+.3f}±{m['reward/score_std']:.3f}"
-            f"  kl {m['kl/ref_per_seq']:.4f}  pg {m['policy/loss']:+.4f}{vf}  len {m['response/length_mean']:.1f}"
+            f"  kl {m['kl/ref_per_seq']:.4f}{teacher}  pg {m['policy/loss']:+.4f}{vf}  len {m['response/length_mean']:.1f}"
             f"{stale}  | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s lp {m['time/logprobs']:.2f}s"
             f" train {m['time/train']:.2f}s"
             f" sync {m['time/weight_sync']:.2f}s step {m['time/step']:.2f}s")
@@ -467,11 +485,14 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
                  else ""), flush=True)
     if not cfg.needs_reference():
         print("reference: the policy's base, adapters switched off (reference.from_policy_base)", flush=True)
+    if cfg.needs_teacher():
+        print(f"teacher: {cfg.models.teacher}, distill.coef {cfg.distill.coef}, gamma {cfg.distill.gamma}"
+              + (" (the only signal)" if cfg.distill.only else " (beside the task reward)"), flush=True)
 
     start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
     logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
     run = Run(cfg, actors, sync, tokenizer, stream, make_rollouts(cfg, actors, tokenizer, stream),
-              AdvantageSettings.of(cfg.ppo, cfg.generation.n), logger, run_dir, tok_dir, KLCoef(cfg.ppo),
+              AdvantageSettings.of(cfg.ppo, cfg.generation.n, cfg.distill if cfg.needs_teacher() else None), logger, run_dir, tok_dir, KLCoef(cfg.ppo),
               ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, watch, startup=startup)
     last_ckpt = latest
     try:

@@ -18,6 +18,7 @@ from actors.host import RoleHostActor, RoleView
 from actors.policy import PolicyActor
 from actors.reference import Reference, ReferenceActor
 from actors.reward import Reward, RewardActor
+from actors.teacher import Teacher, TeacherActor
 from launch.common import actor_env, engine_env, trainer_env
 from rlhf_ray.config import Config
 
@@ -27,11 +28,12 @@ class Actors:
     policy: RankGroup
     critic: RankGroup | None          # only the GAE estimator has one
     reference: RankGroup | None       # none with reference.from_policy_base: the policy's ranks answer for it
-    reward: RankGroup
+    reward: RankGroup | None          # none with distill.only: the teacher is the only signal
     engine_group: RankGroup
     placements: list = field(default_factory=list)   # shared placement groups of colocated roles
     judge: RankGroup | None = None    # the LLM judge's engines (a reward source of kind judge), weights never synced
     env: RankGroup | None = None      # environment workers of multi-turn rollouts (env.cls)
+    teacher: RankGroup | None = None  # on-policy distillation's teacher (models.teacher), frozen like the reference
 
     @property
     def engines(self) -> list:
@@ -39,10 +41,9 @@ class Actors:
 
     def groups(self) -> dict[str, RankGroup]:
         """Every role's rank group, by role."""
-        return {"policy": self.policy, **({"critic": self.critic} if self.critic else {}),
-                **({"reference": self.reference} if self.reference else {}), "reward": self.reward,
-                "engine": self.engine_group,
-                **({"judge": self.judge} if self.judge else {}), **({"env": self.env} if self.env else {})}
+        every = {"policy": self.policy, "critic": self.critic, "reference": self.reference, "teacher": self.teacher,
+                 "reward": self.reward, "engine": self.engine_group, "judge": self.judge, "env": self.env}
+        return {role: g for role, g in every.items() if g is not None}
 
     def attach_judge(self) -> None:
         """The reward ranks' judge sources get the judge engines' handles: at start and after any replacement."""
@@ -111,17 +112,18 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     policy = group(PolicyActor, "policy", True, runtime=trainer_env(cfg, device))
     critic = group(CriticActor, "critic", True, runtime=trainer_env(cfg, device)) if cfg.needs_critic() else None
     reference = group(ReferenceActor, "reference", cfg.reference.zero_stage == 3) if cfg.needs_reference() else None
-    reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3)
+    teacher = group(TeacherActor, "teacher", cfg.teacher.zero_stage == 3) if cfg.needs_teacher() else None
+    reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3) if cfg.needs_reward() else None
     judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
     env_workers = group(EnvWorkerActor, "env") if cfg.needs_env() else None
-    every = (policy, critic, reference, reward, engines, judge, env_workers)
+    every = (policy, critic, reference, teacher, reward, engines, judge, env_workers)
     for g in every:
         if g:
             g.wait()
     ray.get([a.ready.remote() for g in every if g for a in g.actors])
-    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers)
+    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers, teacher)
     actors.attach_judge()
     return actors
 
 
-ROLE_CLASSES = {"reference": Reference, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts
+ROLE_CLASSES = {"reference": Reference, "teacher": Teacher, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts

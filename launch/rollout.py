@@ -134,7 +134,11 @@ class Sampling:
         return None
 
     def score(self, batch: RolloutBatch, gen: Generation, ref: ray.ObjectRef | None = None) -> RewardScores:
-        """Every reward source's score of each sample, weighted and summed (actors/reward.py)."""
+        """Every reward source's score of each sample, weighted and summed (actors/reward.py); 0 for every sample
+        when the teacher is the only signal (distill.only: no sources, no reward actors)."""
+        if self.actors.reward is None:
+            B = batch.input_ids.size(0)
+            return RewardScores(torch.zeros(B), torch.zeros(B, 0))
         ref = ref if ref is not None else ray.put(batch)
         return cat(ray.get(self.actors.reward.call("scores", ref, gen.prompts, gen.extras)))
 

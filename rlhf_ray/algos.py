@@ -145,6 +145,24 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     return out * mask
 
 
+def distill_rewards(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """On-policy distillation's per-token reward d_t = log pi_teacher(y_t) - log pi(y_t) on the policy's own sampled
+    tokens y_t [B, T]: minus the one-sample (k1) estimate of the per-token reverse KL(pi || pi_teacher), whose
+    expectation over y_t ~ pi is minus the exact reverse KL at that position (Gu et al. 2024, MiniLLM; Agarwal et
+    al. 2024, GKD's on-policy student-generated data with the reverse KL). 0 off the mask."""
+    return (teacher_logprobs - logprobs) * mask
+
+
+def distill_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, coef: float,
+                       gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef * sum_{s>=t} gamma^(s-t) d_s [B, T], d [B, T]): what the teacher adds to each token's advantage.
+    gamma 0: each token's own d_t, the policy gradient of the per-position reverse KL (Qwen3's on-policy
+    distillation, Thinking Machines 2025); gamma 1: the tokens after it too, the gradient of the sequence-level
+    reverse KL (its score-function form: E[grad log pi * d] with the log pi term's own gradient 0 in expectation)."""
+    d = distill_rewards(logprobs, teacher_logprobs, mask)
+    return coef * discounted_returns(d, mask, gamma), d
+
+
 def group_advantages(scores: torch.Tensor, n: int, estimator: str, norm_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
     """Outcome advantages from the n samples of each prompt (scores prompt-major, [P * n]) -> [P * n].
@@ -377,17 +395,22 @@ class AdvantageSettings:
     is_correction: ISCorrection = "none"
     is_cap: float = 2.0
     mask_truncated: bool = False       # answers cut at max_new_tokens (no EOS) carry no loss
+    distill_coef: float = 0.0          # on-policy distillation (a teacher's logprobs given): its signal's weight
+    distill_gamma: float = 0.0         # and the discount of its return (distill_advantages)
 
     @classmethod
-    def of(cls, ppo, n: int) -> "AdvantageSettings":
-        """From the config's ppo section (rlhf_ray/config.py PPOConfig) and generation.n."""
+    def of(cls, ppo, n: int, distill=None) -> "AdvantageSettings":
+        """From the config's ppo section (rlhf_ray/config.py PPOConfig), generation.n and, when a teacher scores
+        the samples, the distill section."""
         return cls(ppo.advantage, n, ppo.kl_estimator, ppo.kl_placement == "reward", ppo.gamma, ppo.lam,
-                   ppo.whiten_advantages, ppo.grpo_norm_std, ppo.is_correction, ppo.is_cap, ppo.mask_truncated)
+                   ppo.whiten_advantages, ppo.grpo_norm_std, ppo.is_correction, ppo.is_cap, ppo.mask_truncated,
+                   *((distill.coef, distill.gamma) if distill is not None else ()))
 
 
 def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        values: torch.Tensor | None, scores: torch.Tensor, settings: AdvantageSettings,
-                       kl_coef: float, token_rewards: torch.Tensor | None = None) -> tuple[Experience, dict]:
+                       kl_coef: float, token_rewards: torch.Tensor | None = None,
+                       teacher_logprobs: torch.Tensor | None = None) -> tuple[Experience, dict]:
     """Rollout + scores -> the tensors the updates train on, and the step's rollout statistics.
 
     KL_t = estimator(log pi_old, log pi_ref). With the KL in the reward:
@@ -402,6 +425,10 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
     pi_old (`importance_weights`), the experience's is_weights unless "none".
     token_rewards [B, T]: an environment's per-turn rewards on each turn's last action token, added to r_t (so
     the outcome estimators get their sum).
+    teacher_logprobs [B, T] (on-policy distillation): A_t += distill_coef * sum_{s>=t} distill_gamma^(s-t) d_s with
+    d_s = log pi_teacher - log pi_old (`distill_advantages`), after any whitening and for every estimator alike:
+    the teacher's signal stays per token (an outcome estimator would sum it into one number per answer), in nats
+    whatever the task reward's scale, and the critic never fits it.
     Every term counts the tokens of batch.action_mask (the policy's own tokens).
     mask_truncated: rows cut without an EOS (batch.finished False) carry no loss: their advantages are computed
     as the others' (their scores still count in their group's baseline and in the batch whitening), then their
@@ -424,6 +451,13 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
         advantages = group_advantages(outcome, n, estimator, s.grpo_norm_std)[:, None] * mask
     if s.whiten_advantages if s.whiten_advantages is not None else estimator in ("gae", "reinforce++"):
         advantages = masked_whiten(advantages, mask)
+    distill_stats = {}
+    if teacher_logprobs is not None:
+        distill, d = distill_advantages(old_logprobs, teacher_logprobs, mask, s.distill_coef, s.distill_gamma)
+        advantages = advantages + distill
+        distill_stats = {"distill/reverse_kl_per_token": -masked_mean(d, mask).item(),
+                         "distill/reverse_kl_per_seq": -masked_sum(d, mask, dim=-1).mean().item(),
+                         "distill/advantage_mean": masked_mean(distill, mask).item()}
     is_weights, is_stats = importance_weights(old_logprobs, batch.sample_logprobs, mask, s.is_correction, s.is_cap)
     loss_mask = mask * batch.finished.to(mask.dtype)[:, None] if s.mask_truncated else mask
     exp = Experience(batch.input_ids, batch.attention_mask, loss_mask, old_logprobs, ref_logprobs, advantages,
@@ -434,7 +468,7 @@ def compute_experience(batch: RolloutBatch, old_logprobs: torch.Tensor, ref_logp
         "reward/score_mean": scores.mean().item(), "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "reward/total_mean": masked_sum(rewards, mask, dim=-1).mean().item(),
         "kl/ref_per_seq": seq_kl.mean().item(), "kl/ref_per_token": masked_mean(kl, mask).item(),
-        "advantage/mean": masked_mean(advantages, mask).item(), **is_stats,
+        "advantage/mean": masked_mean(advantages, mask).item(), **is_stats, **distill_stats,
     }
     if values is not None:
         stats["value/mean"] = masked_mean(values, mask).item()

@@ -52,6 +52,8 @@ class ModelsConfig:
                                        # model's: scored every step beside it (monitor/score_mean), never
                                        # optimised. Proxy up while monitor falls: the policy exploits the RM
     tokenizer: Optional[str] = None    # None: the policy's directory
+    teacher: Optional[str] = None      # on-policy distillation's teacher (distill section): a frozen causal LM with
+                                       # the policy's tokenizer, scoring every sampled token; None: no teacher
     trust_remote_code: bool = False
 
 
@@ -116,7 +118,7 @@ class LoraConfig:
 
 @dataclass
 class InferenceRoleConfig(RoleResources):
-    """A frozen role (reference, reward): forward passes only."""
+    """A frozen role (reference, reward, teacher): forward passes only."""
     micro_batch_size: int = 16
     zero_stage: Literal[0, 3] = 0      # 0: every rank holds the whole model; 3: weights partitioned over the ranks
                                        # (DeepSpeed ZeRO-3 inference; each forward is a collective), for models
@@ -135,6 +137,18 @@ class ReferenceRoleConfig(InferenceRoleConfig):
                                        # models.policy): one copy of the base, as TRL and OpenRLHF do for LoRA.
                                        # Needs policy.lora.rank > 0; with policy.quantization nf4 the anchor is
                                        # the 4-bit base the policy computes with
+
+
+@dataclass
+class DistillConfig:
+    """On-policy distillation from models.teacher (docs/algorithms.md): the teacher scores each token the policy
+    sampled, d_t = log pi_teacher(y_t) - log pi_old(y_t) (minus the per-token reverse KL, one-sample estimate), and
+    coef times d's return with discount gamma joins every token's advantage, whatever the estimator."""
+    coef: float = 1.0                  # weight of the teacher's signal beside the task's advantages
+    gamma: float = 0.0                 # discount of d's return: 0, each token its own reverse KL (Qwen3's and
+                                       # Thinking Machines' recipe); 1, the sum over the tokens after it too (the
+                                       # sequence-level reverse KL's policy gradient, MiniLLM)
+    only: bool = False                 # the teacher is the only signal: no reward sources, no reward actors
 
 
 @dataclass
@@ -487,6 +501,7 @@ class PlanConfig:
     policy_arch: str = ""
     reward_arch: str = ""              # the reward model's and the critic's ("" -> models.reward, else policy_arch)
     judge_arch: str = ""               # the LLM judge's, when a reward source is a judge ("" -> judge.model)
+    teacher_arch: str = ""             # the distillation teacher's ("" -> models.teacher)
     engine_weights: Literal["bf16", "nf4"] = "bf16"   # what the engines hold: the merged bf16 weights (what runs);
                                        # nf4: what-if of a 4-bit engine receiving only the LoRA adapters (vLLM's
                                        # bitsandbytes + LoRA serving, CUDA only; not a run mode of rlhf-ray yet)
@@ -501,6 +516,7 @@ class Config:
     policy: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
     critic: TrainerRoleConfig = field(default_factory=TrainerRoleConfig)
     reference: ReferenceRoleConfig = field(default_factory=ReferenceRoleConfig)
+    teacher: InferenceRoleConfig = field(default_factory=InferenceRoleConfig)   # models.teacher's ranks
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -508,6 +524,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -538,6 +555,11 @@ class Config:
         if paths:
             need(bool(self.models.policy), "models.policy", "is required (an HF-format model directory)")
             need(bool(self.data.prompts), "data.prompts", "is required (a JSONL file of prompts)")
+        if self.distill.only:
+            self._check_distill_only()
+        if self.needs_teacher():
+            need(ppo.ratio_level == "token", "ppo.ratio_level", "must be token with models.teacher: the teacher's "
+                 "signal is per token, and a sequence-level ratio (GSPO) averages each answer's advantages into one")
         for i, src in enumerate(self.reward_sources()):
             key = f"reward.sources[{i}].path"
             if src.kind == "model" and paths:
@@ -593,6 +615,15 @@ class Config:
         self._check_layout()
         return self
 
+    def _check_distill_only(self) -> None:
+        """The teacher as the only signal: no task reward to score, so no reward source and no critic to fit it."""
+        _need(self.needs_teacher(), "distill.only", "needs models.teacher (the teacher is then the only signal)")
+        _need(not self.reward.sources and not self.models.monitor, "reward.sources", "must be empty with "
+              "distill.only (the teacher is the only signal; set distill.coef to mix it with a task reward)")
+        _need(self.ppo.advantage != "gae", "ppo.advantage", "gae fits a critic to the task return, which is 0 with "
+              "distill.only: take grpo, rloo or reinforce++")
+        _need(not self.needs_env(), "env.cls", "must be unset with distill.only (an environment is a task reward)")
+
     def _check_recipe(self) -> None:
         """DAPO's and GSPO's flags (docs/algorithms.md): one key per choice, and no two mechanisms for one concern."""
         need, ppo, gen = _need, self.ppo, self.generation
@@ -642,6 +673,8 @@ class Config:
     def quantized_roles(self) -> dict[str, str]:
         """Every model a PPO run loads and its quantization, by the key that sets it."""
         out = {"policy": self.policy.quantization, "reference": self.reference.quantization}
+        if self.needs_teacher():
+            out["teacher"] = self.teacher.quantization
         if self.needs_critic():
             out["critic"] = self.critic.quantization
         for i, src in enumerate(self.reward_sources()):
@@ -658,12 +691,21 @@ class Config:
         """Whether the reference has actors of its own (not with reference.from_policy_base)."""
         return not self.reference.from_policy_base
 
+    def needs_teacher(self) -> bool:
+        return bool(self.models.teacher)
+
+    def needs_reward(self) -> bool:
+        """Whether reward actors score the samples (not when the teacher is the only signal)."""
+        return not self.distill.only
+
     def present(self, roles: list[str]) -> list[str]:
         """The roles of a placement group that have actors in this run: a critic only for gae, a judge only when
-        a source asks it, the reference unless the policy's base stands in for it. A placement group names roles
-        once for every run of a config; the absent ones are passed over."""
-        return [r for r in roles if (r != "critic" or self.needs_critic()) and (r != "judge" or self.needs_judge())
-                and (r != "reference" or self.needs_reference()) and (r != "env" or self.needs_env())]
+        a source asks it, the reference unless the policy's base stands in for it, a teacher only with
+        models.teacher, reward actors unless the teacher is the only signal. A placement group names roles once for
+        every run of a config; the absent ones are passed over."""
+        wanted = {"critic": self.needs_critic(), "judge": self.needs_judge(), "reference": self.needs_reference(),
+                  "env": self.needs_env(), "teacher": self.needs_teacher(), "reward": self.needs_reward()}
+        return [r for r in roles if wanted.get(r, True)]
 
     def _check_layout(self) -> None:
         """Colocation, shared processes and the weight-sync backend that depends on them."""
@@ -792,7 +834,9 @@ class Config:
 
     def reward_sources(self) -> list[RewardSourceConfig]:
         """reward.sources, or the single reward model at models.reward when none are listed; a model source
-        without a path takes models.reward."""
+        without a path takes models.reward. None with distill.only (the teacher is the only signal)."""
+        if not self.needs_reward():
+            return []
         srcs = self.reward.sources or [RewardSourceConfig(kind="model")]
         return [dataclasses.replace(s, path=s.path or self.models.reward,
                                     quantization=s.quantization or self.reward.quantization)
@@ -853,7 +897,7 @@ class Config:
                  f"must be two numbers in [0, 1), got {r.betas}")
             need(r.lora.rank >= 0, f"{key}.lora.rank", "must be >= 0 (0: off)")
             _check_quantization(key, r)
-        for key in ("reference", "reward"):
+        for key in ("reference", "reward", "teacher"):
             r = self._get(key)
             need(r.quantization == "none" or r.zero_stage == 0, f"{key}.quantization",
                  f"{r.quantization} loads whole quantised layers on every rank: it needs {key}.zero_stage 0 "
@@ -865,7 +909,7 @@ class Config:
         need(self.ppo.is_cap > 1, "ppo.is_cap", f"must be > 1, got {self.ppo.is_cap}")
         need(self.rollout.max_staleness in (0, 1), "rollout.max_staleness",
              f"must be 0 (synchronous) or 1 (one step off-policy), got {self.rollout.max_staleness}")
-        roles = {"policy", "critic", "reference", "reward", "engine", "judge"}
+        roles = {"policy", "critic", "reference", "reward", "engine", "judge", "teacher"}
         for group in self.placement.colocate:
             unknown = [r for r in group if r not in roles]
             need(not unknown, "placement.colocate", f"names unknown role(s) {unknown} (roles: {sorted(roles)})")
@@ -878,7 +922,7 @@ class Config:
                     "engine.tensor_parallel_size": 1, "engine.max_model_len": 2,
                     "checkpoint.every": 0, "logging.samples_per_step": 0, "guard.patience": 1,
                     "fault_tolerance.max_actor_restarts": 0}
-        for role in ("policy", "critic", "reference", "reward"):
+        for role in ("policy", "critic", "reference", "reward", "teacher"):
             at_least.update({f"{role}.micro_batch_size": 1})
         at_least.update({"judge.engine.max_model_len": 2, "judge.batch_size": 1,
                          "judge.retries": 0, "judge.timeout_s": 1e-3})
@@ -892,7 +936,7 @@ class Config:
                     "generation.temperature", "generation.top_p", "engine.kv_cache_gib",
                     "fault_tolerance.probe_timeout_s"]
         positive += [f"{r}.lr" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))]
-        non_negative = ["ppo.kl_coef", "ppo.value_clip", "ppo.entropy_coef", "ppo.missing_eos_penalty",
+        non_negative = ["ppo.kl_coef", "distill.coef", "ppo.value_clip", "ppo.entropy_coef", "ppo.missing_eos_penalty",
                         "ppo.overlong_penalty", "ppo.overlong_buffer",
                         "guard.max_kl_per_token"]
         non_negative += [f"{r}.{k}" for r in ("policy", "critic", *(f"{st}.trainer" for st in STAGES))
@@ -901,11 +945,13 @@ class Config:
             v = self._get(key)
             ok = v is None or (math.isfinite(v) and (v > 0 if key in positive else v >= 0))
             _need(ok, key, f"must be a finite number {'> 0' if key in positive else '>= 0'}, got {v}")
+        _need(0 <= self.distill.gamma <= 1, "distill.gamma", f"must lie in [0, 1], got {self.distill.gamma}")
         _need(self.generation.top_p <= 1, "generation.top_p", f"must lie in (0, 1], got {self.generation.top_p}")
 
     def role_sections(self) -> dict[str, RoleResources]:
         """Every role's resources, by the key of its section (the supervised stages' trainers included)."""
-        return {"policy": self.policy, "critic": self.critic, "reference": self.reference, "reward": self.reward,
+        return {"policy": self.policy, "critic": self.critic, "reference": self.reference, "teacher": self.teacher,
+                "reward": self.reward,
                 "engine": self.engine, "judge.engine": self.judge.engine, "env": self.env,
                 **{f"{st}.trainer": getattr(self, st).trainer for st in STAGES}}
 
@@ -935,8 +981,8 @@ class Config:
 
 
 STAGES = ("sft", "rm", "dpo", "kto")
-ROLES = ("policy", "critic", "reference", "reward", "engine", "judge", "env")    # a PPO run's roles
-SHAREABLE = {"reference", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
+ROLES = ("policy", "critic", "reference", "teacher", "reward", "engine", "judge", "env")    # a PPO run's roles
+SHAREABLE = {"reference", "teacher", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
 
 
 def _check_trainer(key: str, r: TrainerRoleConfig, batch_size: int, batch_key: str) -> None:
@@ -1112,15 +1158,15 @@ def resolve_paths(cfg: Config) -> Config:
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
     cfg.run.base_dir = str(base)
     m = cfg.models
-    m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor = map(
-        fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor))
+    m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor, m.teacher = map(
+        fix, (m.policy, m.reference, m.reward, m.critic, m.tokenizer, m.monitor, m.teacher))
     cfg.judge.model, cfg.judge.tokenizer = fix(cfg.judge.model), fix(cfg.judge.tokenizer)
     cfg.label.responses, cfg.label.prompts, cfg.label.output = map(fix, (cfg.label.responses, cfg.label.prompts,
                                                                       cfg.label.output))
     cfg.data.prompts = fix(cfg.data.prompts)
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]
-    for st in (cfg.sft, cfg.rm, cfg.dpo):
+    for st in (getattr(cfg, name) for name in STAGES):
         st.data, st.model, st.output, st.reference = fix(st.data), fix(st.model), fix(st.output), fix(st.reference)
     cfg.run.output_dir, cfg.pipeline.world_dir = fix(cfg.run.output_dir), fix(cfg.pipeline.world_dir)
     return cfg

@@ -105,6 +105,29 @@ def check_tokenizer_matches(tokenizer, model_dir: str | Path, what: str, config:
     return cfg
 
 
+def check_same_tokenizer(tokenizer, model_dir: str | Path, what: str, trust_remote_code: bool = False) -> None:
+    """A model that scores the policy's token ids (the distillation teacher) must read them as the policy does:
+    the tokenizer saved in its directory maps every token to the same id as `tokenizer`, EOS included. One line
+    naming the first difference otherwise; a directory with no tokenizer is refused too (nothing to check)."""
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(model_dir) / f).is_file() for f in files):
+        raise ModelLoadError(f"{what}: no tokenizer to check against the policy's in {model_dir} (none of "
+                             f"{', '.join(files)}); save the tokenizer it was trained with beside its weights")
+    theirs = load_tokenizer(model_dir, trust_remote_code)
+    mine, other = tokenizer.get_vocab(), theirs.get_vocab()
+    differ = sorted((t for t in mine.keys() | other.keys() if mine.get(t) != other.get(t)),
+                    key=lambda t: min(mine.get(t, 1 << 30), other.get(t, 1 << 30)))
+    if differ:
+        t = differ[0]
+        raise ModelLoadError(f"{what}: its tokenizer ({model_dir}) is not the policy's: {len(differ)} of "
+                             f"{len(mine | other)} tokens differ (e.g. {t!r} is id {other.get(t)} there, "
+                             f"{mine.get(t)} for the policy); it scores the policy's token ids, so they must share "
+                             "one tokenizer")
+    if theirs.eos_token_id != tokenizer.eos_token_id:
+        raise ModelLoadError(f"{what}: its tokenizer ({model_dir}) ends text with id {theirs.eos_token_id}, the "
+                             f"policy's with {tokenizer.eos_token_id}: they must share one tokenizer")
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """RLHF trains without dropout: it would make the PPO ratio and the KL noisy (Huang et al. 2023)."""
     for m in model.modules():

@@ -30,7 +30,7 @@ on the 1.5 B ones within a few per cent, README "The trainer on a GPU"):
   probabilities stay in the graph, 8·T·b·V more.
 - The caching allocator reserves more than it hands out (SLACK, a share of the peak, by stage and by
   train.cuda_alloc_conf), and every GPU process holds CUDA_CONTEXT outside it (CUDA context, cuBLAS, NCCL).
-Frozen roles (reference, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3), one layer's forward
+Frozen roles (reference, teacher, reward) hold bf16 weights (2Ψ, or 2Ψ/N sharded at ZeRO-3), one layer's forward
 working set and their logits, and a CUDA context (not measured on a GPU). A vLLM engine takes
 gpu_memory_utilization of each of its TP GPUs: 2Ψ/TP of weights, the rest KV cache at 2·L·kv_heads·head_dim·2
 bytes per token (split over TP).
@@ -277,16 +277,21 @@ def make_plan(cfg) -> Plan:
     pl, place = cfg.plan, cfg.placement
     gpu_bytes = place.gpu_memory_gib * GiB
     pol = arch_from(pl.policy_arch or cfg.models.policy)
-    rew = arch_from(pl.reward_arch or pl.policy_arch or cfg.models.reward)
+    rew = arch_from(pl.reward_arch or pl.policy_arch or cfg.models.reward) if cfg.needs_reward() or cfg.needs_critic() \
+        else None
     T = cfg.generation.max_new_tokens
     seq = cfg.data.max_prompt_tokens + T
     roles = {"policy": plan_trained("policy", pol, cfg.policy, seq, T, entropy_in_graph=cfg.ppo.entropy_coef > 0,
                                     cuda_alloc_conf=cfg.train.cuda_alloc_conf)}
     if cfg.needs_reference():
         roles["reference"] = plan_frozen("reference", pol, cfg.reference, seq, T, cfg.reference.zero_stage == 3)
+    if cfg.needs_teacher():          # scores every sampled token, as the reference does: its logits count
+        roles["teacher"] = plan_frozen("teacher", arch_from(pl.teacher_arch or cfg.models.teacher), cfg.teacher, seq,
+                                       T, cfg.teacher.zero_stage == 3)
     models = [s for s in cfg.reward_sources() if s.kind == "model"]    # the planner counts one reward model
-    roles["reward"] = plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3,
-                                  models[0].quantization if models else None)
+    if cfg.needs_reward():
+        roles["reward"] = plan_frozen("reward", rew, cfg.reward, seq, 0, cfg.reward.zero_stage == 3,
+                                      models[0].quantization if models else None)
     if cfg.needs_critic():
         roles["critic"] = plan_trained("critic", rew, cfg.critic, seq, cuda_alloc_conf=cfg.train.cuda_alloc_conf)
     engine_weights = None

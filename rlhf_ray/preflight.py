@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rlhf_ray.config import Config, ConfigError
 from rlhf_ray.data import load_prompts
-from rlhf_ray.models import check_model_dir, check_tokenizer_matches, load_tokenizer, model_context_length
+from rlhf_ray.models import (check_model_dir, check_same_tokenizer, check_tokenizer_matches, load_tokenizer,
+                             model_context_length)
 from rlhf_ray.rewards import load_function
 
 
@@ -20,13 +21,20 @@ def ppo_inputs(cfg: Config) -> tuple[list, dict[str, tuple[str, dict]]]:
     (`ppo_tokenizer`)."""
     m = cfg.models
     models = [("models.policy", m.policy), ("models.reference", m.reference), ("models.critic", m.critic),
-              ("models.monitor", m.monitor)]
+              ("models.monitor", m.monitor), ("models.teacher", m.teacher)]
     models += [(f"reward.sources[{i}].path", s.path) for i, s in enumerate(cfg.reward_sources()) if s.kind == "model"]
     configs = {what: (path, check_model_dir(path, what)) for what, path in models if path}
     longest = model_context_length(configs["models.policy"][1])
     if longest is not None and cfg.engine.max_model_len > longest:
         raise ConfigError(f"config: engine.max_model_len {cfg.engine.max_model_len} exceeds the policy's context of "
                           f"{longest} tokens ({m.policy}/config.json)")
+    if m.teacher:                        # it scores whole rollouts, as the reference does
+        teacher = model_context_length(configs["models.teacher"][1])
+        longest = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+        if teacher is not None and teacher < longest:
+            raise ConfigError(f"config: models.teacher's context of {teacher} tokens ({m.teacher}/config.json) is "
+                              f"shorter than a rollout (data.max_prompt_tokens + generation.max_new_tokens = "
+                              f"{longest})")
     for s in cfg.reward_sources():
         if s.kind == "function":
             load_function(s.path)
@@ -47,6 +55,8 @@ def ppo_tokenizer(cfg: Config, configs: dict[str, tuple[str, dict]]):
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     for what, (path, config) in configs.items():
         check_tokenizer_matches(tokenizer, path, what, config)
+    if m.teacher:
+        check_same_tokenizer(tokenizer, m.teacher, "models.teacher", m.trust_remote_code)
     if cfg.needs_judge():
         judge_tokenizer(cfg)
     if cfg.needs_env():

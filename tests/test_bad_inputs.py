@@ -96,7 +96,18 @@ def test_ppo_refuses_bad_inputs_before_starting_anything_or_writing(tiny_world, 
     bad_prompts.write_bytes(b'{"prompt": "\xff\xfe"}\n')
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    other_tok = tmp_path / "other_tokenizer"           # a teacher whose tokenizer has the policy's size, other ids
+    shutil.copytree(tiny_world["policy"], other_tok)
+    from rlhf_ray.tiny_world.world import corpus_text, train_tokenizer
+    train_tokenizer(corpus_text()[::-1], 2048).save_pretrained(other_tok)
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_world["policy"], f), no_tok / f)
     cases = [
+        ([f"models.teacher={other_tok}"], 2, "models.teacher: its tokenizer (" + str(other_tok) + ") is not the "
+         "policy's"),
+        ([f"models.teacher={no_tok}"], 2, "models.teacher: no tokenizer to check against the policy's"),
         ([f"models.policy={policy}"], 2, "model.safetensors is truncated"),
         ([f"models.policy={unparsable}"], 2, "models.policy: " + str(unparsable / "config.json") + " is not valid JSON"),
         (["engine.max_model_len=40"], 2, "engine.max_model_len must hold data.max_prompt_tokens"),

@@ -151,7 +151,7 @@ def test_resolve_paths_makes_every_local_model_path_absolute(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["placement.share_process=[[reference, policy]]"], "lists groups of at least two of ['engine', 'reference', 'reward']"),
+    (["placement.share_process=[[reference, policy]]"], "lists groups of at least two of ['engine', 'reference', 'reward', 'teacher']"),
     (["placement.share_process=[[reference]]"], "lists groups of at least two"),
     (["placement.share_process=[[reference, reward], [reward, engine]]"], "names a role twice: ['reward']"),
     (["placement.share_process=[[reference, reward]]", "reward.num_ranks=2"], "need the same number of ranks"),

@@ -98,6 +98,22 @@ def test_a_judge_counts_its_own_engines():
     assert plan.problems == base.problems                               # on GPUs of its own, the judge fits
 
 
+def test_a_distillation_teacher_is_planned_as_a_frozen_role_scoring_every_token():
+    """models.teacher adds the teacher's ranks, counted as the reference is (weights, one layer's forward and the
+    logits of the response tokens); ZeRO-3 shards its weights; with distill.only no reward role is planned."""
+    sets = ["models.teacher=t", "plan.teacher_arch=llama2-13b", "teacher.num_ranks=2", "teacher.micro_batch_size=1"]
+    base, plan = make_plan(_tiny_layout()), make_plan(_tiny_layout(sets))
+    teacher = next(r for r in plan.roles if r.role == "teacher")
+    psi = PRESETS["llama2-13b"].params(True)
+    assert teacher.per_gpu["weights"] == 2 * psi and teacher.gpus == 2 and plan.gpus == base.gpus + 2
+    assert teacher.per_gpu["activations"] > 6 * 1024 * PRESETS["llama2-13b"].vocab     # the logits of T tokens
+    sharded = next(r for r in make_plan(_tiny_layout(sets + ["teacher.zero_stage=3"])).roles if r.role == "teacher")
+    assert sharded.per_gpu["weights"] == pytest.approx(psi)                       # 2 psi / 2 ranks
+    only = make_plan(_tiny_layout(sets + ["distill.only=true", "ppo.advantage=grpo", "generation.n=2",
+                                          "ppo.minibatch_size=16"]))
+    assert {r.role for r in only.roles} == {"policy", "reference", "teacher", "engine"}
+
+
 def _measured(name):
     from benchmarks.gpu_check import planner_errors
     saved = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / name).read_text())

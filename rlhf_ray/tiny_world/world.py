@@ -135,3 +135,35 @@ def build_tiny_world(out: str | Path, spec: TinySpec | None = None, log=print) -
     log(f"tiny world written to {out} in {time.time() - t0:.1f}s (final LM loss {final_loss:.3f}, "
         f"{len(prompts)} prompts)")
     return {"policy": str(policy_dir), "reward": str(reward_dir), "prompts": str(out / "prompts.jsonl")}
+
+
+TEACHER_SPEC = TinySpec(hidden_size=256, intermediate_size=768, num_layers=3, num_heads=4, pretrain_steps=600)
+"""A teacher for on-policy distillation: ~3.1 M parameters against the world's 0.6 M, pretrained twice as long."""
+
+
+def build_teacher_base(world_policy: str | Path, out: str | Path, spec: TinySpec = TEACHER_SPEC, log=print,
+                       text: str | None = None) -> str:
+    """A larger causal LM pretrained on the same corpus (or on `text`) with the world's own tokenizer (loaded from
+    `world_policy`, so teacher and student share every token id), written as an HF directory under `out`; returns
+    its path."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    t0 = time.time()
+    torch.manual_seed(spec.seed)
+    tok = AutoTokenizer.from_pretrained(str(world_policy))
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                      num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
+                      tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, dtype="float32")
+    lm = Qwen2ForCausalLM(cfg)
+    ids = torch.tensor(tok.backend_tokenizer.encode((text or corpus_text()).replace("\n\n", EOS)).ids,
+                       dtype=torch.long)
+    with torch.enable_grad():
+        loss = pretrain(lm, ids, spec, log)
+    lm.generation_config.eos_token_id = tok.eos_token_id
+    lm.generation_config.pad_token_id = tok.pad_token_id
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    log(f"teacher base: {sum(p.numel() for p in lm.parameters()) / 1e6:.2f} M params, final LM loss {loss:.3f}, "
+        f"written to {out} in {time.time() - t0:.1f}s")
+    return str(out)
