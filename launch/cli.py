@@ -1,6 +1,6 @@
 """`rlhf-ray` command line: one subcommand per entry point.
 
-    rlhf-ray tiny-world [--out assets/tiny]          build the offline tiny model world
+    rlhf-ray tiny-world [--out assets/tiny] [--teacher]   build the offline tiny model world (+ a 3.1 M teacher)
     rlhf-ray copy-task [--world assets/tiny]         its copy task: prompts with answers and a briefly tuned policy
     rlhf-ray pipeline --config C [--set k=v]         the three stages end to end (+ DPO, evaluation)
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
@@ -49,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         ap = argparse.ArgumentParser(prog="rlhf-ray tiny-world")
         ap.add_argument("--out", default="assets/tiny")
         ap.add_argument("--pretrain-steps", type=int, default=300)
+        ap.add_argument("--teacher", action="store_true", help="also <out>/teacher: a 3.1 M base on the same corpus "
+                        "and tokenizer, for on-policy distillation (configs/tiny_distill.yaml)")
         args = ap.parse_args(rest)
-        from rlhf_ray.tiny_world.world import TinySpec, build_tiny_world
-        build_tiny_world(args.out, TinySpec(pretrain_steps=args.pretrain_steps))
+        from pathlib import Path
+        from rlhf_ray.tiny_world.world import TinySpec, build_teacher_base, build_tiny_world
+        if not args.teacher or not (Path(args.out) / "policy" / "model.safetensors").is_file():
+            build_tiny_world(args.out, TinySpec(pretrain_steps=args.pretrain_steps))
+        if args.teacher:
+            build_teacher_base(Path(args.out) / "policy", Path(args.out) / "teacher")
         return 0
     if cmd == "copy-task":
         ap = argparse.ArgumentParser(prog="rlhf-ray copy-task")
