@@ -82,12 +82,16 @@ def expected_surrogate(theta, teacher, gamma):
     return total
 
 
-def test_gamma_one_is_the_gradient_of_the_sequence_level_reverse_kl():
-    torch.manual_seed(1)
+def estimated(seed: int, gamma: float):
+    """A random policy and teacher; the estimator's expected gradient, and the log-probabilities of both."""
+    torch.manual_seed(seed)
     theta, teacher = torch.randn(1 + V, V, requires_grad=True), torch.randn(1 + V, V)
-    grad_est, = torch.autograd.grad(expected_surrogate(theta, teacher, gamma=1.0), theta)
-    l1, l2 = tabular(theta)
-    t1, t2 = tabular(teacher)
+    grad_est, = torch.autograd.grad(expected_surrogate(theta, teacher, gamma), theta)
+    return theta, grad_est, tabular(theta), tabular(teacher)
+
+
+def test_gamma_one_is_the_gradient_of_the_sequence_level_reverse_kl():
+    theta, grad_est, (l1, l2), (t1, t2) = estimated(1, gamma=1.0)
     seq_lp = l1[:, None] + l2                                  # log pi(a, b) [V, V]
     kl = (seq_lp.exp() * (seq_lp - (t1[:, None] + t2))).sum()  # KL(pi || teacher) over whole answers
     grad_kl, = torch.autograd.grad(kl, theta)
@@ -95,11 +99,7 @@ def test_gamma_one_is_the_gradient_of_the_sequence_level_reverse_kl():
 
 
 def test_gamma_zero_is_the_gradient_of_each_positions_reverse_kl_with_its_prefix_held():
-    torch.manual_seed(2)
-    theta, teacher = torch.randn(1 + V, V, requires_grad=True), torch.randn(1 + V, V)
-    grad_est, = torch.autograd.grad(expected_surrogate(theta, teacher, gamma=0.0), theta)
-    l1, l2 = tabular(theta)
-    t1, t2 = tabular(teacher)
+    theta, grad_est, (l1, l2), (t1, t2) = estimated(2, gamma=0.0)
     prefix = l1.exp().detach()                                 # the first token's distribution, held
     kl = (l1.exp() * (l1 - t1)).sum() + (prefix[:, None] * l2.exp() * (l2 - t2)).sum()
     grad_kl, = torch.autograd.grad(kl, theta)

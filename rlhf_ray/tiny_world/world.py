@@ -92,6 +92,24 @@ def pretrain(model, ids: torch.Tensor, spec: TinySpec, log=print) -> float:
     return loss_val
 
 
+def lm_config(tok, spec: TinySpec):
+    """The Qwen2 config of a world model of `spec`'s size over tokenizer `tok` (tied embeddings, EOS = BOS)."""
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                       num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                       num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
+                       tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, dtype="float32")
+
+
+def save_lm(lm, tok, out: Path) -> None:
+    """An HF directory: the model (its generation stopping at EOS) and its tokenizer beside it."""
+    lm.generation_config.eos_token_id = tok.eos_token_id
+    lm.generation_config.pad_token_id = tok.pad_token_id
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def build_tiny_world(out: str | Path, spec: TinySpec | None = None, log=print) -> dict:
     """Build (or rebuild) the tiny world under `out`; returns the paths. Deterministic for a given spec."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
@@ -101,11 +119,7 @@ def build_tiny_world(out: str | Path, spec: TinySpec | None = None, log=print) -
     torch.manual_seed(spec.seed)
     text = corpus_text()
     tok = train_tokenizer(text, spec.vocab_size)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                      num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
-                      tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, dtype="float32")
+    cfg = lm_config(tok, spec)
     lm = Qwen2ForCausalLM(cfg)
     ids = torch.tensor(tok.backend_tokenizer.encode(text.replace("\n\n", EOS)).ids, dtype=torch.long)
     log(f"tiny world: {sum(p.numel() for p in lm.parameters()) / 1e6:.2f} M params, "
@@ -114,10 +128,7 @@ def build_tiny_world(out: str | Path, spec: TinySpec | None = None, log=print) -
         final_loss = pretrain(lm, ids, spec, log)
 
     policy_dir, reward_dir = out / "policy", out / "reward"
-    lm.generation_config.eos_token_id = tok.eos_token_id
-    lm.generation_config.pad_token_id = tok.pad_token_id
-    lm.save_pretrained(policy_dir)
-    tok.save_pretrained(policy_dir)
+    save_lm(lm, tok, policy_dir)
 
     # Reward model: the LM's backbone under a seeded scalar head (training it on preferences is the RM stage's job).
     rm = Qwen2ForSequenceClassification(Qwen2Config(**{**cfg.to_dict(), "id2label": {0: "score"}}))
@@ -146,24 +157,16 @@ def build_teacher_base(world_policy: str | Path, out: str | Path, spec: TinySpec
     """A larger causal LM pretrained on the same corpus (or on `text`) with the world's own tokenizer (loaded from
     `world_policy`, so teacher and student share every token id), written as an HF directory under `out`; returns
     its path."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
     t0 = time.time()
     torch.manual_seed(spec.seed)
     tok = AutoTokenizer.from_pretrained(str(world_policy))
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                      num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
-                      tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, dtype="float32")
-    lm = Qwen2ForCausalLM(cfg)
+    lm = Qwen2ForCausalLM(lm_config(tok, spec))
     ids = torch.tensor(tok.backend_tokenizer.encode((text or corpus_text()).replace("\n\n", EOS)).ids,
                        dtype=torch.long)
     with torch.enable_grad():
         loss = pretrain(lm, ids, spec, log)
-    lm.generation_config.eos_token_id = tok.eos_token_id
-    lm.generation_config.pad_token_id = tok.pad_token_id
-    lm.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_lm(lm, tok, Path(out))
     log(f"teacher base: {sum(p.numel() for p in lm.parameters()) / 1e6:.2f} M params, final LM loss {loss:.3f}, "
         f"written to {out} in {time.time() - t0:.1f}s")
     return str(out)
