@@ -202,7 +202,7 @@ def one_seed(seed: int, teacher_steps: int, steps: int) -> dict:
         "wall_s": {"rl": step_s(rl["rows"]), "opd": step_s(opd["rows"]), "teacher_rl": step_s(teacher["rows"])},
         "teacher_tokens": teacher_tokens,
         "teacher_tokens_per_s": statistics.median(r["perf/teacher_tokens_per_s"] for r in opd["rows"]),
-        "teacher_share": statistics.median(r["time/teacher_share"] for r in opd["rows"]),
+        "teacher_share": statistics.median(r["perf/teacher_share"] for r in opd["rows"]),
         "opd_logprobs_share": statistics.median(r["time/logprobs"] / r["time/step"] for r in opd["rows"]),
         "rl_step_s": statistics.median(r["time/step"] for r in rl["rows"]),
         "opd_step_s": statistics.median(r["time/step"] for r in opd["rows"]),

@@ -417,7 +417,7 @@ def step_metrics(run: Run, step: int, scored: ScoredRollout, update: Update, syn
     if "teacher" in busy:                # distillation: the teacher's scoring rate and its share of the step
         scoring = busy["teacher"].get("logprobs", 0.0)
         m["perf/teacher_tokens_per_s"] = mask.sum().item() / max(scoring, 1e-9)
-        m["time/teacher_share"] = scoring / max(step_seconds, 1e-9)
+        m["perf/teacher_share"] = scoring / max(step_seconds, 1e-9)
     if rewards.monitor is not None:      # overoptimisation monitor: a held-out RM beside the proxy, every step
         m["monitor/score_mean"] = rewards.monitor.mean().item()
     if run.gold_fn is not None:          # the tiny world's hidden gold reward beside the proxy, every step
