@@ -247,18 +247,18 @@ def test_adaptive_kl_controller_steers_the_kl_toward_its_target(tiny_world, tmp_
 
 def test_on_policy_distillation_pulls_the_policy_toward_a_teacher_sharing_the_frozen_roles_process(tiny_world,
                                                                                                    tmp_path):
-    """The teacher as the only signal (distill.only: no reward source, no reward actor): a model with the world's
-    tokenizer that learnt twenty sentences of the corpus by heart, hosted in the engine's and the reference's
-    process, scores every sampled token; the policy's reverse KL to it falls over the steps."""
+    """configs/tiny_distill.yaml: the teacher as the only signal (distill.only: no reward source, no reward actor).
+    Here a model with the world's tokenizer that learnt twenty sentences of the corpus by heart, hosted in the
+    engine's and the reference's process, scores every sampled token; the policy's reverse KL to it falls over the
+    steps."""
     from rlhf_ray.tiny_world.world import TinySpec, build_teacher_base, corpus_text
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", corpus_text()) if " object" in s][:20]
     teacher = build_teacher_base(tiny_world["policy"], tmp_path / "teacher", TinySpec(pretrain_steps=100, seed=7),
                                  log=lambda *_: None, text="\n\n".join(sentences))
     run_dir = tmp_path / "run"
-    cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        f"models.teacher={teacher}", "distill.only=true", "reward.sources=[]", "ppo.kl_coef=0",
-        "placement.share_process=[[engine, reference, teacher]]", "generation.n=4", "ppo.minibatch_size=16",
-        "policy.lr=5e-4", "train.steps=12", "ppo.missing_eos_penalty=0"])
+    cfg = load_config("configs/tiny_distill.yaml", tiny_overrides(tiny_world, run_dir) + [   # as shipped, but for
+        f"models.teacher={teacher}", "placement.share_process=[[engine, reference, teacher]]",  # the test's sizes
+        "ppo.minibatch_size=16", "train.steps=12"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         train(cfg)
@@ -267,7 +267,7 @@ def test_on_policy_distillation_pulls_the_policy_toward_a_teacher_sharing_the_fr
     assert len(rows) == 12
     for r in rows:
         assert r["reward/score_mean"] == 0 and "time/busy/reward" not in r       # no task reward, no reward actor
-        assert r["time/busy/teacher"] > 0 and r["perf/teacher_tokens_per_s"] > 0 and 0 < r["time/teacher_share"] < 1
+        assert r["time/busy/teacher"] > 0 and r["perf/teacher_tokens_per_s"] > 0 and 0 < r["perf/teacher_share"] < 1
         assert r["distill/reverse_kl_per_seq"] > r["distill/reverse_kl_per_token"] > 0
     kl = [r["distill/reverse_kl_per_token"] for r in rows]
     assert mean(kl[-3:]) < 0.8 * mean(kl[:2]), kl                     # the student moved toward the teacher

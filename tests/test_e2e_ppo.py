@@ -1,7 +1,8 @@
 """PPO end to end on a multi-node Ray cluster simulated on loopback (ray.cluster_utils.Cluster: a head and three
 worker nodes, each its own raylet and object store, with custom resources naming their roles): a DeepSpeed ZeRO-3
-policy (2 ranks) and a critic on the trainer node, a ZeRO-3 reference (2 ranks) and reward model (3 ranks) on the
-scorer node, one vLLM CPU engine on the rollout node; the weights cross nodes over the process-group backend (gloo).
+policy (2 ranks) and a critic on the trainer node, a ZeRO-3 reference (2 ranks), reward model (3 ranks) and
+distillation teacher (2 ranks, beside the reward: distill.coef) on the scorer node, one vLLM CPU engine on the rollout
+node; the weights cross nodes over the process-group backend (gloo).
 Nothing mocked. (ZeRO-2, the default, runs in most other end-to-end tests.) Slow: it starts every actor."""
 import json
 import math
@@ -33,14 +34,16 @@ def test_ppo_at_zero3_across_nodes_then_engine_matches_policy(tiny_world, tmp_pa
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 << 20,
                                                             "include_dashboard": False})
     nodes = {name: cluster.add_node(num_cpus=cpus, resources={name: 100}, object_store_memory=200 << 20)
-             for name, cpus in (("trainer", 3), ("scorer", 5), ("rollout", 1))}
+             for name, cpus in (("trainer", 3), ("scorer", 7), ("rollout", 1))}
     run_dir = tmp_path / "run"
     # the frozen roles are partitioned too: reference over 2 ranks, reward over 3 ranks whose shards (5, 5, 6 rows
     # in micro-batches of 5) need different numbers of forwards, which the collective evens out
+    # and a teacher (here the starting policy itself, so its KL must equal the reference's) at ZeRO-3 over 2 ranks
     frozen = ["reference.zero_stage=3", "reference.num_ranks=2", "reward.zero_stage=3", "reward.num_ranks=3",
-              "reward.micro_batch_size=5", "placement.share_process=[]"]
+              "reward.micro_batch_size=5", "placement.share_process=[]", f"models.teacher={tiny_world['policy']}",
+              "teacher.zero_stage=3", "teacher.num_ranks=2", "teacher.micro_batch_size=3", "distill.coef=0.1"]
     nodes_of_roles = ["policy.node_resource=trainer", "critic.node_resource=trainer", "reference.node_resource=scorer",
-                      "reward.node_resource=scorer", "engine.node_resource=rollout"]
+                      "reward.node_resource=scorer", "teacher.node_resource=scorer", "engine.node_resource=rollout"]
     try:
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
             f"ray.address={cluster.address}", "policy.zero_stage=3", "weight_sync.backend=process_group",
@@ -50,9 +53,9 @@ def test_ppo_at_zero3_across_nodes_then_engine_matches_policy(tiny_world, tmp_pa
         node_of = {n.node_id: name for name, n in nodes.items()}
         where = {name: {node_of.get(ray.get(a.placement.remote())["node"]) for a in g.actors}
                  for name, g in (("policy", actors.policy), ("critic", actors.critic), ("reference", actors.reference),
-                                 ("reward", actors.reward), ("engine", actors.engine_group))}
+                                 ("reward", actors.reward), ("teacher", actors.teacher), ("engine", actors.engine_group))}
         assert where == {"policy": {"trainer"}, "critic": {"trainer"}, "reference": {"scorer"},
-                         "reward": {"scorer"}, "engine": {"rollout"}}
+                         "reward": {"scorer"}, "teacher": {"scorer"}, "engine": {"rollout"}}
 
         rows = read_metrics(run_dir)
         assert [r["step"] for r in rows] == [1, 2, 3]
@@ -61,6 +64,9 @@ def test_ppo_at_zero3_across_nodes_then_engine_matches_policy(tiny_world, tmp_pa
             assert not missing, missing
             assert all(math.isfinite(r[k]) for k in REQUIRED), r
         assert abs(rows[0]["kl/ref_per_seq"]) < 1e-4               # step 1: the reference is the starting policy
+        for r in rows:          # the partitioned teacher scores every token as the partitioned reference does
+            assert r["distill/reverse_kl_per_seq"] == pytest.approx(r["kl/ref_per_seq"], abs=1e-4), r
+            assert r["time/busy/teacher"] > 0 and r["perf/teacher_tokens_per_s"] > 0
         assert rows[-1]["kl/ref_per_seq"] > 0                      # the policy moved away from the reference
         # steps 2 and 3 sampled with weights broadcast from the trainer node to the rollout node
         assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-3 and rows[-1]["perf/weight_sync_mb"] > 1
