@@ -250,7 +250,7 @@ def report(results: list[dict]) -> str:
                  f"{msd(col(lambda r: gain(r, 'opd') / gain(r, 'teacher_rl')), '.2f')} | |")
     lines += ["", "Gold of the answers drawn in training (5-step trailing mean) against samples drawn:", "",
               "| seed | RL final (last 5) | OPD final | OPD reaches RL's final at | share of RL's samples | "
-              "RL s (steps) | OPD s (steps) | teacher tokens scored | teacher tokens/s | teacher's share of the step |",
+              "RL wall s | OPD wall s | teacher tokens scored | teacher tokens/s | teacher's share of the step |",
               "|" + "---|" * 10]
     for r in results:
         reach = r["opd_steps_to_rl_final"]
@@ -264,6 +264,12 @@ def report(results: list[dict]) -> str:
                  f"{msd(col(lambda r: r['opd_final_gold']), '.3f')} | | {msd(share, '.2f')} | "
                  f"{msd(col(lambda r: r['wall_s']['rl']), '.0f')} | {msd(col(lambda r: r['wall_s']['opd']), '.0f')} | | "
                  f"{msd(col(lambda r: r['teacher_tokens_per_s']), ',.0f')} | {msd(col(lambda r: r['teacher_share']), '.2f')} |")
+    ratio = statistics.mean(col(lambda r: gain(r, "opd") / teacher_gain(r)))
+    reached = [x is not None and x <= 1 / 3 for x in share]
+    lines += ["", f"- [{'met' if ratio >= 0.9 else 'missed'}] OPD's held-out gold gain >= 0.9 x the teacher's gain over "
+              f"its SFT model (mean {ratio:.2f})",
+              f"- [{'met' if all(reached) else 'missed'}] OPD reaches RL's final training gold within 1/3 of RL's "
+              f"samples ({sum(reached)} of {len(reached)} seeds)"]
     lines += ["", "Training-sample gold by step (5-step trailing mean), per seed: RL / OPD", ""]
     for r in results:
         pick = [i for i in range(len(r["rl_gold_curve"])) if (i + 1) % 5 == 0]
