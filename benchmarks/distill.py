@@ -1,7 +1,7 @@
 """On-policy distillation in the tiny world: a 3.1 M teacher trained by GRPO on the world's gold, and the 0.6 M
 student taught three ways at one budget, over several seeds.
 
-    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--teacher-steps 45] [--steps 40]
+    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--teacher-steps 45] [--steps 40] [--opd-lr 5e-4]
 
 Per seed (runs/bench-distill/seed<N>, each stage kept and reused when its output exists):
 1. the world (rlhf_ray/tiny_world/world.py, seeded): its tokenizer and 0.6 M base, and a 3.1 M base pretrained on the
@@ -138,6 +138,8 @@ def evaluate(cfg, d: Path, models: dict[str, str], student_sft: str, prompts: st
     out = {}
     for size in ("student", "teacher"):
         names = [n for n in models if n.startswith("teacher") == (size == "teacher")]
+        if not names:
+            continue
         sampler = Sampler.start(derive(cfg, {"models.policy": models[names[0]]}), d, device)
         try:
             drawn = {}
@@ -216,6 +218,49 @@ def one_seed(seed: int, teacher_steps: int, steps: int) -> dict:
     return res
 
 
+def opd_at_lr(seed: int, lr: float, steps: int) -> dict:
+    """OPD again from the seed's student SFT model with the policy's learning rate `lr` (the teacher, prompts and
+    samples of one_seed's run): its held-out gold and KL, training gold curve and where it reaches RL's final."""
+    from launch.common import cluster_device, start_ray
+    d = OUT / f"seed{seed}"
+    out = d / f"opd_lr{lr:g}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    base = json.loads((d / "result.json").read_text())
+    data, cfg = world_and_data(d, seed)
+    device = cluster_device(cfg, cfg.policy.gpus_per_rank)
+    start_ray(cfg, extra_cpus=cfg.engine.cpus_per_rank + 2)
+    teacher = json.loads((d / "teacher_rl" / "done.json").read_text())["policy"]
+    run = rl_run(cfg, d, f"opd_lr{lr:g}", str(d / "sft_student"), data["ppo"], steps,
+                 [f"models.teacher={teacher}", *OPD, f"policy.lr={lr}"])
+    ev = evaluate(cfg, d, {"student_sft": str(d / "sft_student"), "opd": run["policy"]}, str(d / "sft_student"),
+                  data["eval"], device)
+    gold = [r["gold/mean"] for r in run["rows"]]
+    reach = next((i + 1 for i, g in enumerate(trailing(gold)) if i + 1 >= WINDOW and g >= base["rl_final_gold"]), None)
+    res = {"lr": lr, "eval": ev["opd"], "final_gold": statistics.mean(gold[-WINDOW:]), "steps_to_rl_final": reach,
+           "curve": gold, "kl_teacher_curve": [r["distill/reverse_kl_per_token"] for r in run["rows"]]}
+    import ray
+    ray.shutdown()
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def lr_report(results: list[dict], variants: list[dict]) -> str:
+    """The OPD runs at another learning rate beside the main table's."""
+    lr = variants[0]["lr"]
+    lines = ["", f"OPD at policy.lr {lr:g} (the main runs: 1e-4), same teacher, prompts and samples:", "",
+             "| seed | held-out gold | gain ÷ teacher's gain | KL to SFT | training gold, last 5 | reaches RL's final at "
+             "| reverse KL to the teacher, step 1 → 40 |", "|" + "---|" * 7]
+    for r, v in zip(results, variants):
+        e, ev = v["eval"], r["eval"]
+        ratio = (e["gold"] - ev["student_sft"]["gold"]) / (ev["teacher_rl"]["gold"] - ev["teacher_sft"]["gold"])
+        reach = v["steps_to_rl_final"]
+        lines.append(f"| {r['seed']} | {e['gold']:.3f} | {ratio:.2f} | {e['kl_to_sft']:.2f} | {v['final_gold']:.3f} | "
+                     + (f"step {reach} ({reach / r['steps']:.2f} of RL's samples)" if reach else "not reached")
+                     + f" | {v['kl_teacher_curve'][0]:.3f} → {v['kl_teacher_curve'][-1]:.3f} |")
+    return "\n".join(lines)
+
+
 def msd(xs: list[float], fmt: str = "+.3f") -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -288,9 +333,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teacher-steps", type=int, default=45)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--opd-lr", type=float, default=None, help="also OPD at this policy.lr, beside the main runs")
     args = ap.parse_args()
     results = [one_seed(s, args.teacher_steps, args.steps) for s in args.seeds]
-    publish(report(results), OUT / "distill.md")
+    text = report(results)
+    if args.opd_lr is not None:
+        text += "\n" + lr_report(results, [opd_at_lr(s, args.opd_lr, args.steps) for s in args.seeds])
+    publish(text, OUT / "distill.md")
 
 
 if __name__ == "__main__":

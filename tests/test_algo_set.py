@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_ray.batch import RolloutBatch
-from rlhf_ray.algos import (AdvantageSettings, aggregate, compute_experience, discounted_returns, gae_advantages,
+from rlhf_ray.algos import (AdvantageSettings, aggregate, compute_experience, discounted_returns,
                             group_advantages, kl_estimate, kl_k1, kl_k2, kl_k3, missing_eos_penalty, ppo_policy_loss)
 
 
