@@ -150,7 +150,7 @@ def distill_rewards(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask
     tokens y_t [B, T]: minus the one-sample (k1) estimate of the per-token reverse KL(pi || pi_teacher), whose
     expectation over y_t ~ pi is minus the exact reverse KL at that position (Gu et al. 2024, MiniLLM; Agarwal et
     al. 2024, GKD's on-policy student-generated data with the reverse KL). 0 off the mask."""
-    return (teacher_logprobs - logprobs) * mask
+    return -kl_k1(logprobs, teacher_logprobs) * mask
 
 
 def distill_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, coef: float,

@@ -113,6 +113,15 @@ def test_gamma_zero_is_the_gradient_of_each_positions_reverse_kl_with_its_prefix
 
 # ---------------------------------------------------------------- the config's rules
 
+def test_the_distill_keys_reach_the_advantage_settings_only_with_a_teacher():
+    sets = ["distill.coef=0.3", "distill.gamma=0.5"]
+    cfg = load_config("configs/tiny_grpo.yaml", ["models.teacher=t", *sets])
+    s = AdvantageSettings.of(cfg.ppo, cfg.generation.n, cfg.distill)
+    assert (s.distill_coef, s.distill_gamma) == (0.3, 0.5)
+    assert AdvantageSettings.of(cfg.ppo, cfg.generation.n).distill_coef == 0.0
+
+
+
 def test_a_teacher_is_a_role_of_its_own_placed_planned_and_shareable():
     cfg = load_config("configs/tiny_grpo.yaml", ["models.teacher=t", "placement.share_process=[[reference, teacher]]"])
     assert cfg.present(["reference", "teacher", "reward"]) == ["reference", "teacher", "reward"]
