@@ -40,6 +40,11 @@ def engine_runtime_env(cfg, device: str, run_dir: str) -> dict:
     return {"env_vars": env}
 
 
+def turn_seed(episode_seed: int, turn: int) -> int:
+    """The sampling seed of a multi-turn episode's turn (an agent's call): the same through env.cls and the gateway."""
+    return derive_seed(episode_seed, "turn", turn)
+
+
 class Engine(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
         super().__init__(rank, world_size, device, role="engine", seed=cfg.run.seed, threads=cfg.engine.cpus_per_rank,
@@ -67,6 +72,11 @@ class Engine(RankActor):
             logprobs_mode="processed_logprobs",
         )
         self.sleeps = self.device == "cuda" and cfg.placement.engines_sleep   # vLLM has no sleep mode on CPU
+        if self.device == "cpu" and cfg.needs_episodes():
+            # Multi-turn turns are sampled with per-request seeds (`_sample`), so an episode's tokens do not depend
+            # on which other calls share its batch. On CPU vLLM rewinds a request's generator after a chunked
+            # prefill with set_offset, which a CPU generator lacks; whole prefills never need the rewind.
+            kwargs["enable_chunked_prefill"] = False
         if self.device == "cuda":
             kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleeps
@@ -86,23 +96,30 @@ class Engine(RankActor):
         self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=2), use_tqdm=False)
         self._mark("warmed_up")
 
-    def _sample(self, prompt_token_ids: list[list[int]], n: int | list[int], max_tokens: int | list[int],
-                temperature: float, top_p: float, seed: int, stop_token_ids: list[int] | None = None) -> list:
+    def _sample(self, prompt_token_ids: list[list[int]], n: int, max_tokens: int | list[int], temperature: float,
+                top_p: float, seed: int | list[int], stop_token_ids: list[int] | list[list[int]] | None = None) -> list:
         """vLLM's completions, n per prompt, prompt-major: (ids, logprobs, finish_reason, stop_reason) each.
-        A list of max_tokens gives each prompt its own."""
+        A list of max_tokens (of stop_token_ids lists) gives each prompt its own. An int seed seeds the whole call;
+        a list gives each prompt its own seed (n must be 1): its tokens then depend on that seed alone, not on the
+        other prompts of the call or on their order (multi-turn episodes and agents' calls, which arrive apart)."""
         from vllm import SamplingParams
+        per_request = isinstance(seed, list)
         # Per-request seeds break the CPU build on chunked prefill (vLLM calls set_offset on a CPU generator:
-        # "CPU Generator does not use offset"); there the workers' default generator is reseeded per call
-        # instead, so each call's samples depend on its seed only, not on what the engine sampled before.
-        if self.device != "cuda":
+        # "CPU Generator does not use offset"); those engines run without it (__init__). A call-wide seed on CPU
+        # reseeds the workers' default generator instead, so each call's samples depend on its seed only, not on
+        # what the engine sampled before.
+        if self.device != "cuda" and not per_request:
             self.llm.collective_rpc("rlhf_reseed", args=(seed,))
-
-        def params(m: int, k: int):
-            return SamplingParams(n=k, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0,
-                                  seed=seed if self.device == "cuda" else None, detokenize=False,   # ids suffice
-                                  **({"stop_token_ids": stop_token_ids} if stop_token_ids else {}))
-        per = ([params(m, n) for m in max_tokens] if isinstance(max_tokens, list) else params(max_tokens, n))
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], per, use_tqdm=False)
+        P = len(prompt_token_ids)
+        tokens = max_tokens if isinstance(max_tokens, list) else [max_tokens] * P
+        stops = (stop_token_ids if stop_token_ids and isinstance(stop_token_ids[0], list)
+                 else [stop_token_ids] * P)
+        seeds = seed if per_request else [seed if self.device == "cuda" else None] * P
+        assert n == 1 or not per_request, "per-request seeds draw one sample per prompt"
+        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0, seed=s,
+                                 detokenize=False, **({"stop_token_ids": st} if st else {}))      # ids suffice
+                  for m, st, s in zip(tokens, stops, seeds)]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False)
         return [(list(c.token_ids), [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)], c.finish_reason,
                  c.stop_reason) for o in outs for c in o.outputs]
 
@@ -116,19 +133,21 @@ class Engine(RankActor):
 
     @busy
     def episodes(self, prompt_token_ids: list[list[int]], rows: list[dict], n: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int, env, stop_ids: list[int],
+                 temperature: float, top_p: float, seeds: list[int], env, stop_ids: list[int],
                  workers: list) -> list[EpisodeSample]:
         """n multi-turn episodes per prompt (rlhf_ray/env.py), prompt-major, token in, token out: generate a turn
         (until a stop token of env.turn_stop, EOS, or the turn's or episode's token budget), hand it to the
         episode's environment worker, append the observation's ids, go on, until the environment says done, EOS,
-        env.max_turns or max_tokens (turns and observations together). `env`: the env section; `stop_ids`: its
+        env.max_turns or max_tokens (turns and observations together). `seeds`: one per episode (prompt-major); its
+        turn t is sampled with derive_seed(seed, "turn", t) (`turn_seed`), whatever else the engine samples beside it,
+        as an agent's calls through the gateway are (actors/agent.py). `env`: the env section; `stop_ids`: its
         turn_stop tokens; `workers`: the environment workers (episode i goes to worker i mod their number). Its
         busy time counts generation only, not the waits on the environments (theirs: time/busy/env)."""
         from rlhf_ray.env import Episode
         E, per_turn = len(prompt_token_ids) * n, env.max_turn_tokens or max_tokens
         eps = [Episode() for _ in range(E)]
         context = [list(prompt_token_ids[i // n]) for i in range(E)]
-        keys = [f"{seed}/{i}" for i in range(E)]
+        keys = [f"{seeds[i]}/{i}" for i in range(E)]
         worker = [workers[i % len(workers)] for i in range(E)]
 
         def ask(calls: dict) -> dict:
@@ -172,14 +191,9 @@ class Engine(RankActor):
             live = [i for i in range(E) if eps[i].ended is None]
             if not live:
                 break
-            turn_seed = derive_seed(seed, "turn", turn)
-            if turn == 0 and not any(ep.ids for ep in eps):
-                # nothing observed yet: the first turn is exactly the single-turn sampling call (n per prompt)
-                drawn = self._sample(prompt_token_ids, n, per_turn, temperature, top_p, seed, stop_ids)
-            else:
-                budget = [min(per_turn, max_tokens - len(eps[i].ids)) for i in live]
-                drawn = self._sample([context[i] for i in live], 1, budget, temperature, top_p, turn_seed,
-                                     stop_ids)
+            budget = [min(per_turn, max_tokens - len(eps[i].ids)) for i in live]
+            drawn = self._sample([context[i] for i in live], 1, budget, temperature, top_p,
+                                 [turn_seed(seeds[i], turn) for i in live], stop_ids)
             ended_by_model = {}
             for i, (ids, lps, reason, stop) in zip(live, drawn):
                 eps[i].add_turn(ids, lps)
@@ -195,15 +209,24 @@ class Engine(RankActor):
                 if answer["done"] or ended_by_model[i]:
                     ep.ended = "done" if answer["done"] else "eos"
                     continue
-                observe(i, answer["obs"])
-                if ep.ended is None and turn == env.max_turns - 1:
+                if turn == env.max_turns - 1:     # no turn follows: its observation would be read by nobody
                     ep.ended = "turns"
+                    continue
+                observe(i, answer["obs"])
         for w in workers:
             w.close.remote([k for k, ww in zip(keys, worker) if ww is w])
         return [EpisodeSample(ids=ep.ids, logprobs=ep.logprobs, finished=ep.ended in ("done", "eos"),
                               version=self.version, action=ep.action, token_rewards=ep.token_rewards(),
                               episode=ep.summary())
                 for ep in eps]
+
+    @busy
+    def complete(self, prompt_token_ids: list[list[int]], max_tokens: list[int], stop_ids: list[list[int]],
+                 seeds: list[int], temperature: float, top_p: float) -> tuple[int, list]:
+        """Agents' calls, batched by the gateway (actors/agent.py), each with its own prompt, budget, stop tokens and
+        seed (`turn_seed`): the version of the weights that sampled them, and per call (ids, logprobs,
+        finish_reason, stop_reason)."""
+        return self.version, self._sample(prompt_token_ids, 1, max_tokens, temperature, top_p, seeds, stop_ids)
 
     @busy
     def prompt_logprobs(self, token_ids: list[list[int]], starts: list[int]) -> list[list[float]]:
@@ -262,6 +285,10 @@ class Engine(RankActor):
     @busy
     def receive_ipc_bucket(self, meta: list, handles: list) -> int:
         return sum(self.llm.collective_rpc("rlhf_receive_ipc_bucket", args=(meta, handles)))
+
+    def weights_version(self) -> int:
+        """The policy update whose weights this engine holds."""
+        return self.version
 
     def weights_loaded(self, version: int) -> int:
         """After a sync: the weights of policy update `version` are in. Drops the prefix cache, whose KV entries

@@ -1,8 +1,8 @@
 """The reward actor: scores each whole (prompt, response) with every configured source and sums
 weight * score. A source is a frozen scalar-head reward model, a rule function (`module:function`), an
 HTTP scorer (rlhf_ray/rewards.py) or an LLM judge on engines of its own (actors/judge.py); rule, remote and judge
-sources see the decoded texts. An environment's rewards (kind env) arrive with the rollout, per turn: its column
-here is 0 and the driver fills it. A held-out monitor reward
+sources see the decoded texts. An environment's rewards (kind env) and an agent's (kind agent) arrive with the
+rollout: their column here is 0 and the driver fills it. A held-out monitor reward
 model (models.monitor), when configured, is scored beside them and never enters the sum."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Reward(FrozenRole):
     def _load_sources(self) -> None:
         cfg = self.cfg
         for i, src in enumerate(self.sources):
-            if src.kind == "env":            # scored during the rollout, per turn: its column is the driver's
+            if src.kind in ("env", "agent"):   # scored during the rollout: its column is the driver's
                 self.scorers.append(("env", None))
             elif src.kind == "model":
                 self._before_load()
@@ -85,7 +85,7 @@ class Reward(FrozenRole):
         keyword lists."""
         cols, texts = [], None
         for kind, scorer in self.scorers:
-            if kind == "env":
+            if kind in ("env", "agent"):
                 cols.append(torch.zeros(len(shard(batch, self.rank, self.world_size))))
                 continue
             if kind == "model":

@@ -13,9 +13,13 @@ Per seed (rlhf_ray/tiny_world/tool_task.py says what the task is):
    it at 0.09);
 3. GRPO with the calculator as the environment (rlhf_ray.tool_envs:Calculator, the `kind: env` reward source:
    1 for a final answer holding the product), launched as `rlhf-ray ppo` would (configs/tiny_grpo.yaml);
-4. a single-turn GRPO run on the same prompts and budgets (no environment; the rule reward
+4. the same GRPO run with the task written as an ordinary OpenAI-client agent
+   (rlhf_ray.tiny_world.tool_task:calculator_agent, agent.cls): its calls go through the gateway's endpoint over
+   HTTP, stitched token for token, the `kind: agent` source taking the agent's reward. Its episodes are seeded as
+   env.cls episodes are, so the two runs should draw the same tokens: the table says how many steps agree;
+5. a single-turn GRPO run on the same prompts and budgets (no environment; the rule reward
    rlhf_ray.rule_rewards:contains_answer), for the step time per generated token without the round trips;
-5. the SFT policy and the RL policy, each on 200 held-out problems, with the tool available and switched off
+6. the SFT policy and the RL policies, each on 200 held-out problems, with the tool available and switched off
    (rlhf_ray.tool_envs:CalculatorOff), played in-process as the engines play them.
 
 Writes runs/bench-tool/tool_task.md. A benchmark, not a test.
@@ -45,6 +49,11 @@ WORKLOAD = ["generation.prompts_per_step=8", "generation.n=8", "ppo.minibatch_si
 TOOL = ["env.cls=rlhf_ray.tool_envs:Calculator", "env.turn_stop=['=']", "env.max_turns=3", "env.max_turn_tokens=16",
         "env.timeout_s=10", "reward.sources=[{kind: env, weight: 1.0}]"]
 SINGLE = ["reward.sources=[{kind: function, path: 'rlhf_ray.rule_rewards:contains_answer'}]"]
+AGENT = ["agent.cls=rlhf_ray.tiny_world.tool_task:calculator_agent",
+         "agent.tool_format=rlhf_ray.tiny_world.tool_task:CallFormat",
+         "agent.chat_template=rlhf_ray/tiny_world/calculator_chat.jinja", "agent.timeout_s=60",
+         "reward.sources=[{kind: agent, weight: 1.0}]"]
+SAME = ["reward/score_mean", "policy/loss", "kl/ref_per_seq", "response/length_mean"]   # agent run == env.cls run?
 
 
 def prepare(seed: int, target: float) -> tuple[Path, Path, list[dict], int]:
@@ -87,20 +96,32 @@ def seed_row(d: Path, sft: Path, held: list[dict], seed: int, a) -> dict:
     from rlhf_ray.tool_envs import Calculator, CalculatorOff
     from rlhf_ray.tiny_world.tool_task import evaluate
     tool_rows, policy = rl(d, sft, seed, a.steps, "tool", TOOL + a.extra)
+    agent_rows, agent_policy = rl(d, sft, seed, a.steps, "agent", AGENT + a.extra)
     single_rows, _ = rl(d, sft, seed, min(a.steps, 10), "single", SINGLE + a.extra)
     ev = {(who, tool): evaluate(path, held, Calculator if tool else CalculatorOff, seed=seed)
           for who, path in (("sft", sft), ("rl", policy)) for tool in (True, False)}
+    ev["agent", True] = evaluate(agent_policy, held, Calculator, seed=seed)
     late = tool_rows[-5:]
     med = lambda rows, k: statistics.median(r[k] for r in rows[2:])  # noqa: E731   (steps 1-2 warm up)
     import yaml
     g = yaml.safe_load((d / "tool" / "config.yaml").read_text())["generation"]
     episodes = g["prompts_per_step"] * g["n"]                     # the same in both runs
     tool_tokens = [r["env/action_tokens_mean"] * episodes for r in tool_rows[2:]]
+    agent_tokens = [r["agent/action_tokens_mean"] * episodes for r in agent_rows[2:]]
     single_tokens = [r["response/length_mean"] * episodes for r in single_rows[2:]]
     per_k = lambda rows, tokens: statistics.median(  # noqa: E731
         1000 * r["time/step"] / t for r, t in zip(rows[2:], tokens))
     return {
         "sft_tool": ev["sft", True]["correct"], "rl_tool": ev["rl", True]["correct"],
+        "agent_tool": ev["agent", True]["correct"],
+        "agent_first": statistics.mean(r["agent/reward_mean"] for r in agent_rows[:5]),
+        "agent_last": statistics.mean(r["agent/reward_mean"] for r in agent_rows[-5:]),
+        "same_steps": sum(all(x[k] == y[k] for k in SAME) for x, y in zip(tool_rows, agent_rows)),
+        "agent_errors": sum(r["agent/errors"] + r["agent/timeouts"] for r in agent_rows),
+        "agent_cuts": sum((r["agent/cut_edited_mean"] + r["agent/cut_rerendered_mean"]) * episodes
+                          for r in agent_rows),
+        "step_agent": med(agent_rows, "time/step"), "gen_agent": med(agent_rows, "time/generate"),
+        "gateway_agent": med(agent_rows, "time/busy/gateway"), "per_k_agent": per_k(agent_rows, agent_tokens),
         "sft_off": ev["sft", False]["correct"], "rl_off": ev["rl", False]["correct"],
         "train_first": statistics.mean(r["env/correct_mean"] for r in tool_rows[:5]),
         "train_last": statistics.mean(r["env/correct_mean"] for r in late),
@@ -122,19 +143,39 @@ COLUMNS = [("sft_steps", "SFT steps", "{:.0f}"), ("sft_tool", "SFT, tool", "{:.3
            ("turns", "turns / ep.", "{:.2f}"), ("action_tokens", "model tokens / ep.", "{:.1f}"),
            ("obs_tokens", "observation tokens / ep.", "{:.1f}"), ("errors", "env errors", "{:.0f}"),
            ("timeouts", "env timeouts", "{:.0f}")]
+AGENT_COLUMNS = [("rl_tool", "RL, env.cls", "{:.3f}"), ("agent_tool", "RL, agent", "{:.3f}"),
+                 ("train_first", "train success env.cls, first 5", "{:.3f}"),
+                 ("train_last", "env.cls, last 5", "{:.3f}"), ("agent_first", "agent, first 5", "{:.3f}"),
+                 ("agent_last", "agent, last 5", "{:.3f}"), ("same_steps", "steps equal to env.cls's", "{:.0f}"),
+                 ("agent_errors", "agent errors + timeouts", "{:.0f}"), ("agent_cuts", "history cuts", "{:.0f}")]
 TIMES = [("step_tool", "step s, tool", "{:.2f}"), ("gen_tool", "generate s, tool", "{:.2f}"),
-         ("env_tool", "environment s, tool", "{:.3f}"), ("step_single", "step s, single-turn", "{:.2f}"),
+         ("env_tool", "environment s, tool", "{:.3f}"), ("step_agent", "step s, agent", "{:.2f}"),
+         ("gen_agent", "generate s, agent", "{:.2f}"), ("gateway_agent", "episodes s (gateway), agent", "{:.2f}"),
+         ("step_single", "step s, single-turn", "{:.2f}"),
          ("per_k_tool", "step s per 1k generated tokens, tool", "{:.2f}"),
+         ("per_k_agent", "step s per 1k generated tokens, agent", "{:.2f}"),
          ("per_k_single", "step s per 1k generated tokens, single-turn", "{:.2f}"), ("kl", "KL to SFT, last", "{:.2f}")]
 
 
 def report(rows: dict[int, dict], a) -> str:
     rose = all(r["rl_tool"] > r["sft_tool"] for r in rows.values())
+    agent_rose = all(r["agent_tool"] > r["sft_tool"] for r in rows.values())
+    env_sd = statistics.stdev([r["rl_tool"] for r in rows.values()]) if len(rows) > 1 else 0.0
+    gap = statistics.mean(r["agent_tool"] - r["rl_tool"] for r in rows.values())
+    overhead = [r["per_k_agent"] / r["per_k_tool"] for r in rows.values()]
     lines = ["Success rate on held-out problems (the product in the final answer), episode shape of the RL policy "
              "with the tool, and failures during RL:", "", *seed_table(rows, COLUMNS), "",
              "Step time, tool episodes against single-turn GRPO on the same prompts (medians over steps 3-N):", "",
              *seed_table(rows, TIMES), "",
+             "The same task as an OpenAI-client agent through the endpoint (held-out success with the tool; training "
+             "success; steps whose reward, loss, KL and length equal the env.cls run's):", "",
+             *seed_table(rows, AGENT_COLUMNS), "",
              f"- [{'met' if rose else 'MISSED'}] RL raises the success rate with the tool on every seed",
+             f"- [{'met' if agent_rose else 'MISSED'}] RL through the agent raises it on every seed",
+             f"- [{'met' if abs(gap) <= env_sd else 'MISSED'}] the agent's held-out success within the env.cls "
+             f"version's spread: mean difference {gap:+.3f}, env.cls sd {env_sd:.3f}",
+             f"- step time per generated token, agent / env.cls: "
+             f"{statistics.mean(overhead):.2f}x (per seed {', '.join(f'{x:.2f}' for x in overhead)})",
              "", f"GRPO (configs/tiny_grpo.yaml; {', '.join(WORKLOAD)}), {a.steps} steps with the calculator "
              f"({', '.join(TOOL[:4])}){''.join('; ' + x for x in a.extra)}; SFT on 3,000 demonstrations until it solved {a.sft_target:.0%} of 50 of them with the tool (lr 1e-3, checked every 10 steps); {HELD_OUT} held-out problems "
              "per cell, sampled at temperature 1. The single-turn run: 10 steps, the same workload, rule reward "

@@ -110,6 +110,7 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     from actors.group import PlacementError
     from rlhf_ray.config import ConfigError, load_config
     from rlhf_ray.data import DataError
+    from rlhf_ray.agent import AgentError
     from rlhf_ray.env import EnvError
     from rlhf_ray.models import ModelLoadError
     from rlhf_ray.rewards import RewardSourceError
@@ -127,7 +128,7 @@ def run_cli(prog: str, description: str, run, argv: list[str] | None, resume_fla
     except ray.exceptions.RayError as e:     # first: Ray re-raises an actor's exception as a subclass of both
         print(f"error: {actor_error_line(e)}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, ModelLoadError, RewardSourceError, EnvError) as e:
+    except (ConfigError, DataError, ModelLoadError, RewardSourceError, EnvError, AgentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RunError, PlacementError) as e:

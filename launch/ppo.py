@@ -151,7 +151,7 @@ def recover(run: "Run", step: int, error: BaseException, latest: Path | None) ->
     for base, ranks in bases.values():
         base.respawn(sorted(ranks))
     run.sync = make_weight_sync(cfg, actors.policy, actors.engines)
-    actors.attach_judge()
+    actors.attach()
     back_to = ckpt.load_state(latest)["step"] if latest is not None else 0
     run.logger.rewind(back_to)
     busy_seconds(actors), judge_stats(actors)     # the failed step's counts must not land in the replayed step's row
@@ -375,7 +375,7 @@ def step_metrics(run: Run, step: int, scored: ScoredRollout, update: Update, syn
     p, staleness, step_seconds = stats["policy"], scored.staleness(step), timer.elapsed()
     mask = batch.response_mask
     sources = cfg.reward_sources()
-    generating = busy["engine"].get("generate", 0.0) + busy["engine"].get("episodes", 0.0)
+    generating = sum(busy["engine"].get(k, 0.0) for k in ("generate", "episodes", "complete"))
     m = {
         **update.exp_stats,
         "response/finished_frac": batch.finished.float().mean().item(),
@@ -412,8 +412,8 @@ def step_metrics(run: Run, step: int, scored: ScoredRollout, update: Update, syn
                   "judge/label_mass_mean": judged["label_mass"] / max(answers - judged["fallbacks"], 1),
                   "judge/answers_per_s": judged["answers"] / max(judged["seconds"], 1e-9),
                   "time/judge": judged["seconds"] / max(len(run.actors.reward.actors), 1)})
-    if scored.episodes is not None:      # multi-turn: turns, tokens, the environment's rewards, failures and counts
-        m.update(episode_metrics(scored.episodes))
+    if scored.episodes is not None:      # multi-turn: turns, tokens, the environment's or agents' rewards, failures
+        m.update(episode_metrics(scored.episodes, "agent" if cfg.needs_agent() else "env"))      # and counts
     if "teacher" in busy:                # distillation: the teacher's scoring rate and its share of the step
         scoring = busy["teacher"].get("logprobs", 0.0)
         m["perf/teacher_tokens_per_s"] = mask.sum().item() / max(scoring, 1e-9)

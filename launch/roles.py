@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from actors.agent import AgentWorkerActor, GatewayActor
 from actors.critic import CriticActor
 from actors.engine import Engine, EngineActor
 from actors.env import EnvWorkerActor
@@ -34,6 +35,8 @@ class Actors:
     judge: RankGroup | None = None    # the LLM judge's engines (a reward source of kind judge), weights never synced
     env: RankGroup | None = None      # environment workers of multi-turn rollouts (env.cls)
     teacher: RankGroup | None = None  # on-policy distillation's teacher (models.teacher), frozen like the reference
+    agent: RankGroup | None = None    # agent workers running the user's agents (agent.cls)
+    gateway: RankGroup | None = None  # the agents' OpenAI-compatible endpoint (actors/agent.py), one rank
 
     @property
     def engines(self) -> list:
@@ -42,13 +45,18 @@ class Actors:
     def groups(self) -> dict[str, RankGroup]:
         """Every role's rank group, by role."""
         every = {"policy": self.policy, "critic": self.critic, "reference": self.reference, "teacher": self.teacher,
-                 "reward": self.reward, "engine": self.engine_group, "judge": self.judge, "env": self.env}
+                 "reward": self.reward, "engine": self.engine_group, "judge": self.judge, "env": self.env,
+                 "agent": self.agent, "gateway": self.gateway}
         return {role: g for role, g in every.items() if g is not None}
 
-    def attach_judge(self) -> None:
-        """The reward ranks' judge sources get the judge engines' handles: at start and after any replacement."""
+    def attach(self) -> None:
+        """Hand actors the handles of others they call, at start and after any replacement: the reward ranks'
+        judge sources get the judge engines, the gateway the engines (and starts serving)."""
         if self.judge:
             self.reward.run("attach_judge", self.judge.actors)
+        if self.gateway:
+            self.gateway.run("attach_engines", self.engines)
+            self.gateway.run("serve")
 
     @property
     def trained(self) -> dict[str, RankGroup]:
@@ -116,13 +124,17 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     reward = group(RewardActor, "reward", cfg.reward.zero_stage == 3) if cfg.needs_reward() else None
     judge = judge_group(cfg, device, run_dir, shared.get("judge"), wait=False) if cfg.needs_judge() else None
     env_workers = group(EnvWorkerActor, "env") if cfg.needs_env() else None
-    every = (policy, critic, reference, teacher, reward, engines, judge, env_workers)
+    agents = group(AgentWorkerActor, "agent") if cfg.needs_agent() else None
+    gateway = (RankGroup(GatewayActor, "gateway", 1, cfg.agent.gateway_cpus, 0, args, runtime_env=env,
+                         node_resource=cfg.agent.node_resource, wait=False) if cfg.needs_agent() else None)
+    every = (policy, critic, reference, teacher, reward, engines, judge, env_workers, agents, gateway)
     for g in every:
         if g:
             g.wait()
     ray.get([a.ready.remote() for g in every if g for a in g.actors])
-    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers, teacher)
-    actors.attach_judge()
+    actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers, teacher, agents,
+                    gateway)
+    actors.attach()
     return actors
 
 

@@ -5,6 +5,9 @@ A source draws the step's prompts, samples them on the engines and scores them o
     Sampling           single-turn: n answers per prompt
     Episodes           multi-turn (env.cls): n episodes per prompt, the engines acting, the environment workers
                        answering; the environment's per-turn rewards come with the samples
+    Agents             the user's agents (agent.cls): n episodes per prompt, each agent calling the policy through
+                       the gateway's OpenAI-compatible endpoint, its calls stitched token for token; the agents'
+                       rewards come with the samples
     DynamicSampling    wraps either (rollout.filter_groups, DAPO): more rounds of prompts until enough groups have
                        rewards that differ; possibly none ("nothing to train")
 
@@ -17,7 +20,10 @@ and a schedule decides when a step's generation runs relative to the weight sync
                        are in, on the same weights, and owns its pending rollout (saved with a checkpoint)
 
 Every sampling seed derives from (run seed, step, engine, and the round past the first of dynamic sampling), so
-when a generation starts never changes its samples.
+when a generation starts never changes its samples. A multi-turn episode's (an environment's or an agent's) derives
+from (run seed, step, round, the episode's index in the step): its turns are sampled with their own seeds, whatever
+else an engine samples beside them, so an agent's episode and the same episode through env.cls are the same
+tokens.
 """
 from __future__ import annotations
 
@@ -72,7 +78,8 @@ class ScoredRollout:
                                       #   an environment's per-turn rewards x its source's weight, each on its
                                       #   turn's last action token; None single-turn
     episodes: list[dict] | None = None     # multi-turn: each episode's summary (rlhf_ray/env.py Episode.summary)
-    stats: dict = field(default_factory=dict)   # filter/* metrics (dynamic sampling)
+    stats: dict = field(default_factory=dict)   # the source's own metrics: filter/* (dynamic sampling), agent/*
+                                           #   (the gateway's counts: late calls, unknown sessions, bad keys)
     prompts: list[str] | None = None       # each row's prompt as the data gave it (B entries, n per group)
     _ref: ray.ObjectRef | None = None      # the batch in the object store, put once
 
@@ -105,14 +112,14 @@ class Sampling:
         keys = self.cfg.data.reward_keys     # row fields for rule/HTTP rewards and environments, one per sample
         prompts = [r["prompt"] for r in rows] if keys else rows
         ids = render_prompts(self.tokenizer, prompts, self.cfg.data)
-        seeds = [derive_seed(self.cfg.run.seed, "sample", *((step,) if not round_ else (step, round_)), i)
-                 for i in range(len(self.actors.engines))]
-        refs = self.dispatch(ids, [r if keys else {"prompt": r} for r in rows], seeds)
+        refs = self.dispatch(ids, [r if keys else {"prompt": r} for r in rows], (step,) if not round_ else (step, round_))
         return Generation(step, ids, [p for p in prompts for _ in range(g.n)],
                           {k: [r[k] for r in rows for _ in range(g.n)] for k in keys}, refs, state)
 
-    def dispatch(self, ids: list[list[int]], rows: list[dict], seeds: list[int]) -> list[ray.ObjectRef]:
+    def dispatch(self, ids: list[list[int]], rows: list[dict], when: tuple[int, ...]) -> list[ray.ObjectRef]:
+        """Start sampling `ids` (rendered prompts of `rows`) for the step (and round) `when`."""
         g, engines = self.cfg.generation, self.actors.engines
+        seeds = [derive_seed(self.cfg.run.seed, "sample", *when, i) for i in range(len(engines))]
         return [e.generate.remote(part, g.n, g.max_new_tokens, g.temperature, g.top_p, seed)
                 for e, part, seed in zip(engines, split_round_robin(ids, len(engines)), seeds) if part]
 
@@ -145,13 +152,18 @@ class Sampling:
     def token_rewards(self, batch: RolloutBatch) -> torch.Tensor | None:
         return None
 
+    def stats(self) -> dict:
+        """The source's own counts since the last call (metrics)."""
+        return {}
+
     def take(self, gen: Generation, timer: Timer, sampled: Callable[[], None]) -> ScoredRollout:
         """Wait for `gen`, call `sampled` (the engines are free), then score it."""
         with timer("rollout_wait"):
             samples = self.samples(gen)
         sampled()
         batch = self.padded(gen.prompt_ids, samples)
-        out = ScoredRollout(batch, None, self.token_rewards(batch), self.episodes(samples), prompts=gen.prompts)
+        out = ScoredRollout(batch, None, self.token_rewards(batch), self.episodes(samples), self.stats(),
+                            gen.prompts)
         with timer("score"):
             out.rewards = self.score(batch, gen, out.ref())
         self.check_staleness(out, gen.step)
@@ -174,12 +186,14 @@ class Episodes(Sampling):
         self.env_source, self.env_weight = next((i, s.weight) for i, s in enumerate(cfg.reward_sources())
                                                 if s.kind == "env")
 
-    def dispatch(self, ids: list[list[int]], rows: list[dict], seeds: list[int]) -> list[ray.ObjectRef]:
+    def dispatch(self, ids: list[list[int]], rows: list[dict], when: tuple[int, ...]) -> list[ray.ObjectRef]:
         g, engines, k = self.cfg.generation, self.actors.engines, len(self.actors.engines)
-        return [e.episodes.remote(part, rows_part, g.n, g.max_new_tokens, g.temperature, g.top_p, seed, self.cfg.env,
-                                  self.stop_ids, self.actors.env.actors)
-                for e, part, rows_part, seed in zip(engines, split_round_robin(ids, k), split_round_robin(rows, k),
-                                                    seeds) if part]
+        seeds = split_round_robin(episode_seeds(self.cfg.run.seed, when, len(ids), g.n), k)
+        return [e.episodes.remote(part, rows_part, g.n, g.max_new_tokens, g.temperature, g.top_p,
+                                  [s for row in seeds_part for s in row], self.cfg.env, self.stop_ids,
+                                  self.actors.env.actors)
+                for e, part, rows_part, seeds_part in zip(engines, split_round_robin(ids, k),
+                                                          split_round_robin(rows, k), seeds) if part]
 
     to_batch = staticmethod(rollout_from_episodes)
 
@@ -193,6 +207,56 @@ class Episodes(Sampling):
 
     def token_rewards(self, batch: RolloutBatch) -> torch.Tensor:
         return self.env_weight * batch.token_rewards
+
+
+class Agents(Episodes):
+    """The user's agents (agent.cls, actors/agent.py): n episodes per prompt, each agent calling the policy through
+    the gateway, which stitches its calls into one trajectory (rlhf_ray/agent.py) and batches them onto the engines.
+    The agent's returned number, times the `kind: agent` source's weight, lands on the trajectory's last action
+    token; without that source, the configured sources score the whole transcript. Each sample's prompt is what its
+    agent's first call rendered."""
+
+    def __init__(self, cfg: Config, actors: Actors, tokenizer, stream: PromptStream):
+        Sampling.__init__(self, cfg, actors, tokenizer, stream)
+        found = [(i, s.weight) for i, s in enumerate(cfg.reward_sources()) if s.kind == "agent"]
+        self.env_source, self.env_weight = found[0] if found else (None, 0.0)
+
+    def dispatch(self, ids: list[list[int]], rows: list[dict], when: tuple[int, ...]) -> list[ray.ObjectRef]:
+        g = self.cfg.generation
+        seeds = [s for row in episode_seeds(self.cfg.run.seed, when, len(ids), g.n) for s in row]
+        return [self.actors.gateway.actors[0].episodes.remote([r for r in rows for _ in range(g.n)], seeds,
+                                                              self.actors.agent.actors, self.env_source is not None)]
+
+    def samples(self, gen: Generation) -> list:
+        """The episodes, prompt-major; one whose agent never called has the row's rendered prompt."""
+        try:
+            (out,) = ray.get(gen.refs)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise RolloutError(f"rollout for step {gen.step} failed on the agents' gateway: {cause_line(e)}") from None
+        n = self.cfg.generation.n
+        for i, s in enumerate(out):
+            s["prompt"] = s["prompt"] or gen.prompt_ids[i // n]
+        return out
+
+    def padded(self, prompt_ids: list[list[int]], samples: list) -> RolloutBatch:
+        return self.to_batch([s["prompt"] for s in samples], samples, self.tokenizer.pad_token_id)
+
+    def score(self, batch: RolloutBatch, gen: Generation, ref: ray.ObjectRef | None = None) -> RewardScores:
+        if self.env_source is not None:
+            return super().score(batch, gen, ref)
+        return Sampling.score(self, batch, gen, ref)
+
+    def token_rewards(self, batch: RolloutBatch) -> torch.Tensor:
+        """The agents' rewards times their source's weight; without one, only failures' agent.error_reward."""
+        return batch.token_rewards * (self.env_weight if self.env_source is not None else 1.0)
+
+    def stats(self) -> dict:
+        return ray.get(self.actors.gateway.actors[0].take_counters.remote())
+
+
+def episode_seeds(run_seed: int, when: tuple[int, ...], prompts: int, n: int) -> list[list[int]]:
+    """Each multi-turn episode's seed, n per prompt: from (run seed, step [, round], the episode's index)."""
+    return [[derive_seed(run_seed, "episode", *when, i * n + k) for k in range(n)] for i in range(prompts)]
 
 
 class DynamicSampling:
@@ -238,7 +302,7 @@ class DynamicSampling:
                  "filter/signal_groups": len(kept), "filter/groups": take,
                  "filter/extra_samples": (rounds - 1) * g.prompts_per_step * g.n,
                  "filter/short": float(take < g.prompts_per_step), "filter/skipped": float(take == 0),
-                 "filter/reward_all_mean": torch.cat(totals).mean().item()}
+                 "filter/reward_all_mean": torch.cat(totals).mean().item(), **src.stats()}
         if not take:
             return ScoredRollout(None, None, stats=stats)
         kept = kept[:take]
@@ -340,7 +404,8 @@ class OneStepOff(Rollouts):
 
 def make_rollouts(cfg: Config, actors: Actors, tokenizer, stream: PromptStream) -> Rollouts:
     """The run's rollouts, as its config asks."""
-    source = (Episodes if cfg.needs_env() else Sampling)(cfg, actors, tokenizer, stream)
+    source = (Episodes if cfg.needs_env() else Agents if cfg.needs_agent() else Sampling)(cfg, actors, tokenizer,
+                                                                                           stream)
     if cfg.rollout.filter_groups:
         source = DynamicSampling(source)
     if cfg.rollout.max_staleness:

@@ -53,6 +53,12 @@ class EpisodeSample(Sample):
     episode: dict                      # Episode.summary: turns, observation tokens, why it ended, the env's counts
 
 
+class AgentSample(EpisodeSample):
+    """One agent's episode through the gateway (rlhf_ray/agent.py Trajectory): its prompt is what the agent's first
+    call rendered, not the data row's (empty when the agent never called: the row's rendered prompt stands in)."""
+    prompt: list[int]
+
+
 @dataclass
 class RolloutBatch(TensorBatch):
     """One step's samples, padded: what the engines drew and what scoring and training read."""

@@ -154,12 +154,13 @@ class DistillConfig:
 @dataclass
 class RewardSourceConfig:
     """One source of reward; the reward actor scores with every source and sums weight * score."""
-    kind: Literal["model", "function", "http", "judge", "env"] = "model"
+    kind: Literal["model", "function", "http", "judge", "env", "agent"] = "model"
     path: str = ""                     # model: scalar-head HF dir ("" -> models.reward); function:
                                        # "package.module:function" (fn(prompts, responses) -> list of floats,
                                        # importable on every node); http: the endpoint URL; judge: unused (the
                                        # judge section says which model and how it is asked); env: unused (the
-                                       # env section's environment rewards each turn, this weight scales it)
+                                       # env section's environment rewards each turn, this weight scales it);
+                                       # agent: unused (the number each agent returns, times this weight)
     weight: float = 1.0
     batch_size: int = 64               # http: responses per request
     timeout_s: float = 30.0            # http: per request
@@ -225,6 +226,26 @@ class EnvConfig(RoleResources):
     timeout_s: float = 30.0            # per environment call; past it the episode ends ("timeout")
     error_reward: float = -1.0         # added to the last turn of an episode whose environment raised, answered
                                        # something unusable or timed out (counted in env/errors, env/timeouts)
+
+
+@dataclass
+class AgentConfig(RoleResources):
+    """Agents as people write them (rlhf_ray/agent.py): the user's async agent function calls the policy through an
+    OpenAI-compatible endpoint (actors/agent.py, the gateway), each episode its own session, recorded token for
+    token. Its ranks are the agent workers; the whole response (the model's turns and what the calls appended)
+    stays within generation.max_new_tokens."""
+    cls: str = ""                      # "package.module:function": async fn(base_url, api_key, row) -> float | None
+    tool_format: str = ""              # "package.module:Class" parsing tool calls out of the model's text
+                                       # (rlhf_ray.agent.ToolFormat; "": no tool calls, every reply is content)
+    chat_template: str = ""            # a Jinja file rendering the calls' messages ("": the tokenizer's, or the
+                                       # default of rlhf_ray/prompts.py)
+    host: str = "127.0.0.1"            # the endpoint's address: 0.0.0.0 serves agent workers on other nodes
+    port: int = 0                      # 0: a free port
+    cpus_per_rank: float = 0.25        # num_ranks agent workers, each running up to 256 agents at once (threads)
+    gateway_cpus: float = 0.25         # the endpoint's actor
+    timeout_s: float = 60.0            # wall time per agent episode; past it the episode ends ("timeout")
+    error_reward: float = -1.0         # on the last recorded token of an episode whose agent raised, returned
+                                       # something unusable or ran out of time (agent/errors, agent/timeouts)
 
 
 @dataclass
@@ -521,6 +542,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -572,6 +594,9 @@ class Config:
             elif src.kind == "env":
                 need(self.needs_env(), "env.cls", f"is required by reward.sources[{i}] (kind env): the environment "
                      "class, 'package.module:Class'")
+            elif src.kind == "agent":
+                need(self.needs_agent(), "agent.cls", f"is required by reward.sources[{i}] (kind agent): the agent "
+                     "function, 'package.module:function'")
             elif src.kind != "model":
                 need(bool(src.path), key, "is required ('module:function' or an http(s) URL)")
             if src.kind == "function":
@@ -597,6 +622,19 @@ class Config:
             need(e.timeout_s > 0, "env.timeout_s", f"must be > 0, got {e.timeout_s}")
             need(ppo.reward_norm == "none", "ppo.reward_norm", "must be none with an environment (its rewards "
                  "reach each turn unnormalised)")
+        if self.needs_agent():
+            a = self.agent
+            need(":" in a.cls, "agent.cls", f"must read 'package.module:function', got {a.cls!r}")
+            need(not self.needs_env(), "agent.cls", "and env.cls are two ways of running episodes: set one")
+            need(sum(s.kind == "agent" for s in self.reward_sources()) <= 1, "reward.sources",
+                 "lists kind agent more than once")
+            need(a.timeout_s > 0, "agent.timeout_s", f"must be > 0, got {a.timeout_s}")
+            need(0 <= a.port < 65536, "agent.port", f"must be 0 (a free port) or a port number, got {a.port}")
+            need(a.tool_format == "" or ":" in a.tool_format, "agent.tool_format",
+                 f"must read 'package.module:Class', got {a.tool_format!r}")
+            need(ppo.reward_norm == "none", "ppo.reward_norm", "must be none with agents (their rewards reach the "
+                 "last token unnormalised)")
+            need(not self.distill.only, "agent.cls", "must be unset with distill.only (an agent is a task reward)")
         longest = self.data.max_prompt_tokens + gen.max_new_tokens
         need(longest <= self.engine.max_model_len, "engine.max_model_len", f"must hold data.max_prompt_tokens + "
              f"generation.max_new_tokens = {longest} tokens, got {self.engine.max_model_len}")
@@ -704,7 +742,8 @@ class Config:
         models.teacher, reward actors unless the teacher is the only signal. A placement group names roles once for
         every run of a config; the absent ones are passed over."""
         wanted = {"critic": self.needs_critic(), "judge": self.needs_judge(), "reference": self.needs_reference(),
-                  "env": self.needs_env(), "teacher": self.needs_teacher(), "reward": self.needs_reward()}
+                  "env": self.needs_env(), "agent": self.needs_agent(), "teacher": self.needs_teacher(),
+                  "reward": self.needs_reward()}
         return [r for r in roles if wanted.get(r, True)]
 
     def _check_layout(self) -> None:
@@ -849,6 +888,13 @@ class Config:
     def needs_env(self) -> bool:
         return bool(self.env.cls)
 
+    def needs_agent(self) -> bool:
+        return bool(self.agent.cls)
+
+    def needs_episodes(self) -> bool:
+        """Multi-turn rollouts: an environment's (env.cls) or an agent's (agent.cls)."""
+        return self.needs_env() or self.needs_agent()
+
     def needs_judge(self) -> bool:
         return any(s.kind == "judge" for s in self.reward_sources())
 
@@ -952,7 +998,7 @@ class Config:
         """Every role's resources, by the key of its section (the supervised stages' trainers included)."""
         return {"policy": self.policy, "critic": self.critic, "reference": self.reference, "teacher": self.teacher,
                 "reward": self.reward,
-                "engine": self.engine, "judge.engine": self.judge.engine, "env": self.env,
+                "engine": self.engine, "judge.engine": self.judge.engine, "env": self.env, "agent": self.agent,
                 **{f"{st}.trainer": getattr(self, st).trainer for st in STAGES}}
 
     def _check_resources(self) -> None:
@@ -964,12 +1010,15 @@ class Config:
                 _need(math.isfinite(v) and v >= 0, f"{key}.{k}", f"must be a finite number >= 0, got {v}")
             _need(r.cpu_cores is None or (len(r.cpu_cores) > 0 and min(r.cpu_cores) >= 0), f"{key}.cpu_cores",
                   f"must list core numbers (or be null), got {r.cpu_cores}")
-        _need(self.env.gpus_per_rank == 0 and self.env.cpu_cores is None, "env", "environment workers take CPUs "
-              f"only: gpus_per_rank 0 and cpu_cores null, got {self.env.gpus_per_rank} and {self.env.cpu_cores}")
+        for key, workers in (("env", "environment workers"), ("agent", "agent workers")):
+            r = getattr(self, key)
+            _need(r.gpus_per_rank == 0 and r.cpu_cores is None, key, f"{workers} take CPUs only: gpus_per_rank 0 "
+                  f"and cpu_cores null, got {r.gpus_per_rank} and {r.cpu_cores}")
 
     def cpus_needed(self) -> float:
         """Logical CPUs a run's actors take at once: the PPO roles present, or the largest supervised stage."""
         ppo = sum(r.num_ranks * r.cpus_per_rank for r in map(self.role_section, self.present(list(ROLES))))
+        ppo += self.agent.gateway_cpus if self.needs_agent() else 0.0
         return max(ppo, *(getattr(self, st).trainer.num_ranks * getattr(self, st).trainer.cpus_per_rank
                           for st in STAGES))
 
@@ -981,7 +1030,7 @@ class Config:
 
 
 STAGES = ("sft", "rm", "dpo", "kto")
-ROLES = ("policy", "critic", "reference", "teacher", "reward", "engine", "judge", "env")    # a PPO run's roles
+ROLES = ("policy", "critic", "reference", "teacher", "reward", "engine", "judge", "env", "agent")   # a PPO run's roles
 SHAREABLE = {"reference", "teacher", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
 
 
@@ -1163,7 +1212,7 @@ def resolve_paths(cfg: Config) -> Config:
     cfg.judge.model, cfg.judge.tokenizer = fix(cfg.judge.model), fix(cfg.judge.tokenizer)
     cfg.label.responses, cfg.label.prompts, cfg.label.output = map(fix, (cfg.label.responses, cfg.label.prompts,
                                                                       cfg.label.output))
-    cfg.data.prompts = fix(cfg.data.prompts)
+    cfg.data.prompts, cfg.agent.chat_template = fix(cfg.data.prompts), fix(cfg.agent.chat_template)
     cfg.reward.sources = [dataclasses.replace(s, path=fix(s.path)) if s.kind == "model" else s
                           for s in cfg.reward.sources]
     for st in (getattr(cfg, name) for name in STAGES):

@@ -140,18 +140,18 @@ def env_stop_ids(tokenizer, strings: list[str]) -> list[int]:
     return ids
 
 
-def episode_metrics(episodes: list[dict]) -> dict[str, float]:
-    """One step's episodes (Episode.summary) -> env/* metrics: means per episode, failures counted, and the share
-    of episodes that ended each way."""
+def episode_metrics(episodes: list[dict], prefix: str = "env") -> dict[str, float]:
+    """One step's episodes (Episode.summary, or an agent's: rlhf_ray/agent.py) -> <prefix>/* metrics: means per
+    episode, failures counted, and the share of episodes that ended each way."""
     n = max(len(episodes), 1)
-    m = {f"env/{k}_mean": sum(e[k] for e in episodes) / n
+    m = {f"{prefix}/{k}_mean": sum(e[k] for e in episodes) / n
          for k in ("turns", "action_tokens", "observation_tokens", "reward")}
-    m["env/errors"] = sum(e["ended"] == "error" for e in episodes)
-    m["env/timeouts"] = sum(e["ended"] == "timeout" for e in episodes)
+    m[f"{prefix}/errors"] = sum(e["ended"] == "error" for e in episodes)
+    m[f"{prefix}/timeouts"] = sum(e["ended"] == "timeout" for e in episodes)
     for why in ENDINGS:
-        m[f"env/ended_{why}_frac"] = sum(e["ended"] == why for e in episodes) / n
+        m[f"{prefix}/ended_{why}_frac"] = sum(e["ended"] == why for e in episodes) / n
     for k in sorted({k for e in episodes for k in e["metrics"]}):
-        m[f"env/{k}_mean"] = sum(e["metrics"].get(k, 0.0) for e in episodes) / n
+        m[f"{prefix}/{k}_mean"] = sum(e["metrics"].get(k, 0.0) for e in episodes) / n
     return m
 
 

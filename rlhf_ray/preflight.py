@@ -41,6 +41,12 @@ def ppo_inputs(cfg: Config) -> tuple[list, dict[str, tuple[str, dict]]]:
     if cfg.needs_env():
         from rlhf_ray.env import load_env_class
         load_env_class(cfg.env.cls)
+    if cfg.needs_agent():
+        from rlhf_ray.agent import load_agent, load_tool_format
+        load_agent(cfg.agent.cls)
+        load_tool_format(cfg.agent.tool_format)
+        if cfg.agent.chat_template and not Path(cfg.agent.chat_template).is_file():
+            raise ConfigError(f"config: agent.chat_template {cfg.agent.chat_template}: no such file")
     if cfg.needs_judge():                 # its own tokenizer: not among the models checked against the policy's
         judge = model_context_length(check_model_dir(cfg.judge.model, "judge.model"))
         if judge is not None and cfg.judge.engine.max_model_len > judge:
@@ -62,6 +68,12 @@ def ppo_tokenizer(cfg: Config, configs: dict[str, tuple[str, dict]]):
     if cfg.needs_env():
         from rlhf_ray.env import env_stop_ids
         env_stop_ids(tokenizer, cfg.env.turn_stop)
+    if cfg.needs_agent():
+        from rlhf_ray.agent import BadRequest, load_tool_format, one_token_stops
+        try:
+            one_token_stops(tokenizer, load_tool_format(cfg.agent.tool_format).stop, "agent.tool_format stop")
+        except BadRequest as e:
+            raise ConfigError(f"config: {e}") from None
     return tokenizer
 
 

@@ -1,8 +1,8 @@
 """Asynchronous rollout end to end on the real actor machinery (Ray, DeepSpeed ZeRO over gloo, vLLM CPU engines;
 nothing mocked): the overlapping path changes nothing but which weights sample, GRPO learns one step off-policy,
-and a resumed run trains on the rollout its checkpoint saved. Multi-turn episodes (env.cls) join both runs: a
-single-turn environment changes nothing, bit for bit; a tool the model calls over several turns, token in, token
-out, some of its calls crashing or hanging. Slow."""
+and a resumed run trains on the rollout its checkpoint saved. Multi-turn episodes (env.cls) run in both: a one-turn
+environment through the episodes' machinery; a tool the model calls over several turns, token in, token out, some
+of its calls crashing or hanging. Slow."""
 import json
 import math
 
@@ -36,21 +36,23 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# every episode ends after its first turn: the multi-turn path must then be the single-turn one, bit for bit
+# every episode ends after its first turn, run through the multi-turn machinery (episodes, environment workers, the
+# env reward source, a pending rollout of episodes saved with a checkpoint)
 SINGLE_TURN_ENV = ["env.cls=tests.episode_envs:OneTurn", "reward.sources=[{kind: model}, {kind: env}]"]
 
 
 def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_path):
     """With the policy frozen (lr 1e-30: each update is below fp32 resolution) every weight version is the same
     weights: one step off-policy must then give, bit for bit, the synchronous run's samples, losses and critic.
-    GAE with a critic. The off-policy run samples through a single-turn environment (episodes on the engines,
-    environment workers, the env reward source): that must change nothing either."""
+    GAE with a critic. Both sample through a one-turn environment (episodes on the engines, environment workers, the
+    env reward source). (Its episodes are not the plain single-turn run's tokens: each episode is sampled with a
+    seed of its own, as an agent's calls are, while a plain rollout seeds the whole call.)"""
     runs = {}
     for staleness in (0, 1):
         run_dir = tmp_path / f"staleness{staleness}"
         cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
             f"rollout.max_staleness={staleness}", "ppo.is_correction=tis", "policy.lr=1e-30", "checkpoint.every=2",
-            *OFF_POLICY_LAYOUT, *(SINGLE_TURN_ENV if staleness else [])])
+            *OFF_POLICY_LAYOUT, *SINGLE_TURN_ENV])
         summary = train(cfg)
         runs[staleness] = (read_metrics(run_dir), summary["checkpoint"])
     (sync_rows, sync_ckpt), (async_rows, async_ckpt) = runs[0], runs[1]
@@ -58,8 +60,7 @@ def test_overlapping_rollouts_change_only_the_sampling_weights(tiny_world, tmp_p
     assert [r["rollout/staleness_max"] for r in async_rows] == [0, 1, 1]      # step s sampled by update s - 2
     for s, a in zip(sync_rows, async_rows):
         assert {k: s[k] for k in SAME} == {k: a[k] for k in SAME}
-    assert "env/turns_mean" not in sync_rows[0]
-    for a in async_rows:                      # through the environment: one turn each, ended by it, nothing observed
+    for a in sync_rows + async_rows:          # through the environment: one turn each, ended by it, nothing observed
         assert (a["env/turns_mean"], a["env/ended_done_frac"], a["env/observation_tokens_mean"]) == (1, 1, 0), a
     critic = [load_file(f"{c}/critic/model.safetensors") for c in (sync_ckpt, async_ckpt)]
     assert all(torch.equal(critic[0][k], critic[1][k]) for k in critic[0])
@@ -131,7 +132,8 @@ def test_grpo_one_step_off_policy_with_truncated_importance_weights_on_two_engin
         rows_in = [json.loads(line) for line in open(prompts)]
         ok = [r for r in rows_in if r["tool"] == "ok"][:4]
         ids = render_prompts(tok, [r["prompt"] for r in ok], cfg.data)
-        eps = ray.get(actors.engines[0].episodes.remote(ids, ok, 2, 16, 1.0, 1.0, 7, cfg.env, dot, actors.env.actors))
+        eps = ray.get(actors.engines[0].episodes.remote(ids, ok, 2, 16, 1.0, 1.0, list(range(7, 15)), cfg.env, dot,
+                                                        actors.env.actors))
         assert len(eps) == 8 and max(e["episode"]["turns"] for e in eps) > 1
         for e, p in zip(eps, [p for p in ids for _ in range(2)]):
             turns, i, a = [], 0, e["action"]

@@ -153,3 +153,50 @@ def play(model, tok, rows: list[dict], env_cls, max_turns: int = 3, max_turn_tok
             used += len(obs)
             totals["observation_tokens"] += len(obs)
     return {k: v / len(rows) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the task as an agent
+# The same task as people write agents: a loop over an OpenAI chat-completions client with a calculator tool
+# (agent.cls: rlhf_ray.tiny_world.tool_task:calculator_agent). The endpoint parses the model's `<call>54*81=` into a
+# tool call (CallFormat), and CHAT_TEMPLATE renders the conversation back to exactly the text env.cls episodes hold:
+# the prompt as written, each reply as the model wrote it, each tool result as the calculator's observation (" 4374").
+CHAT_TEMPLATE = Path(__file__).with_name("calculator_chat.jinja")
+CALCULATOR_TOOL = {"type": "function", "function": {
+    "name": "calculator", "description": "The value of an arithmetic expression, e.g. 54*81.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+class CallFormat:
+    """agent.tool_format for the calculator: a turn ending in `=` with `<call>` in it is a call of `calculator` on
+    what follows the last `<call>` (as rlhf_ray/tool_envs.py reads it); anything else is the final answer."""
+    stop = [TURN_STOP]
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        body = text.rstrip()
+        if body.endswith(TURN_STOP) and "<call>" in body:
+            at = body.rindex("<call>")
+            return body[:at], [{"name": "calculator", "arguments": {"expression": body[at + 6:-len(TURN_STOP)]}}]
+        return text, []
+
+
+async def calculator_agent(base_url: str, api_key: str, row: dict, max_turns: int = 3, max_turn_tokens: int = 16):
+    """The tool task as an ordinary OpenAI-client agent: ask, run the calculator on each tool call, answer; 1.0 when
+    the final answer holds the product. The limits are tool_task's env.cls ones (benchmarks/tool_task.py)."""
+    import openai
+
+    from rlhf_ray.tool_envs import arithmetic, number_text
+    messages = [{"role": "user", "content": row["prompt"]}]
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
+        for _ in range(max_turns):
+            reply = (await client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR_TOOL],
+                                                          max_tokens=max_turn_tokens)).choices[0].message
+            messages.append(reply.model_dump(exclude_none=True))
+            if not reply.tool_calls:
+                return float(row["answer"] in (reply.content or ""))
+            for call in reply.tool_calls:
+                try:
+                    result = number_text(arithmetic(json.loads(call.function.arguments)["expression"]))
+                except ValueError:
+                    result = "error"
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    return 0.0
