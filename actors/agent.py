@@ -3,9 +3,9 @@
     Gateway       one actor: the HTTP endpoint (/<session>/v1/chat/completions, /<session>/v1/completions,
                   /<session>/v1/models), a session per episode, and the batching of every session's calls onto
                   the engines (`Engine.complete`: each call with its own seed, budget and stop tokens)
-    AgentWorker   agent.num_ranks of them: they run the user's async agent functions, agent.concurrency at once each,
-                  each on its own thread and event loop (a blocking agent holds only its thread), within
-                  agent.timeout_s
+    AgentWorker   agent.num_ranks of them: they run the user's async agent functions, up to 1,000 at once each, on
+                  the worker's event loop (so one client, made once, can serve them all), each within agent.timeout_s.
+                  An agent must not block the loop: blocking code belongs in asyncio.to_thread
 
 A step's episodes (`Gateway.episodes`): open a session per episode, with its seed (`turn_seed(seed, t)` samples
 its t-th call, as env.cls episodes are sampled) and its budget (generation.max_new_tokens); start each agent on a
@@ -25,7 +25,6 @@ import asyncio
 import collections
 import json
 import secrets
-import threading
 import time
 
 import ray
@@ -38,6 +37,8 @@ from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prompts import DEFAULT_CHAT_TEMPLATE
 
 MODEL_NAME = "policy"          # what /v1/models lists; any model name in a call is served by the policy
+QUIET_S = 0.02                 # a batch waits for calls while they keep arriving this often ...
+LINGER_S = 0.25                # ... at most this long after its first
 
 
 def one_line(e: BaseException) -> str:
@@ -73,6 +74,7 @@ class Gateway(RankActor):
         self.wake: asyncio.Event | None = None     # set when calls are pending (made in the actor's event loop)
         self.dispatchers: list[asyncio.Task] = []
         self.engines: list = []
+        self.inflight = 0                          # calls on the engines now
         self.url = None
         self.episodes_s = 0.0                      # the wall time of the episodes since take_busy
 
@@ -121,15 +123,26 @@ class Gateway(RankActor):
         return await fut
 
     async def _dispatch(self, engine) -> None:
-        """Take every pending call (after a short linger, so calls arriving together share a batch) to this
-        engine, one batch at a time; the others' dispatchers take what arrives meanwhile."""
+        """Take pending calls to this engine, one batch at a time. A batch goes as soon as every open session that
+        is not already generating has a call waiting (agents answered together call again together); otherwise once
+        no call has arrived for QUIET_S (an agent still running its tools), at most LINGER_S after the first. With
+        several engines each takes its share of what waits."""
+        loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
-            await asyncio.sleep(0.002)      # calls arriving together share the batch
-            batch, self.pending = self.pending, []
-            self.wake.clear()
+            first, seen = loop.time(), -1
+            while len(self.pending) < len(self.sessions) - self.inflight:
+                if len(self.pending) == seen or loop.time() - first > LINGER_S:
+                    break
+                seen = len(self.pending)
+                await asyncio.sleep(QUIET_S)
+            share = -(-len(self.pending) // max(1, len(self.engines)))
+            batch, self.pending = self.pending[:share], self.pending[share:]
+            if not self.pending:
+                self.wake.clear()
             if not batch:
                 continue
+            self.inflight += len(batch)
             reqs = [r for r, _ in batch]
             try:
                 version, outs = await engine.complete.remote(
@@ -140,6 +153,8 @@ class Gateway(RankActor):
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                self.inflight -= len(batch)
             for (_, fut), out in zip(batch, outs):
                 if not fut.done():
                     fut.set_result((version, out))
@@ -360,22 +375,19 @@ class AgentWorker(RankActor):
     def __init__(self, rank: int, world_size: int, cfg, device: str):
         super().__init__(rank, world_size, "cpu", role="agent", seed=cfg.run.seed, threads=1)
         self.fn = load_agent(cfg.agent.cls)
-        self.running = 0
-        self.lock = threading.Lock()
+        self.running, self.since = 0, 0.0
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return True
 
-    def run(self, base_url: str, api_key: str, row: dict, timeout_s: float) -> dict:
-        """One agent episode, on this call's thread and its own event loop: {"reward": x or None},
-        {"error": one line} or {"timeout": True}."""
-        with self.lock:                 # busy: the wall time with at least one agent running
-            self.running += 1
-            if self.running == 1:
-                self.since = time.perf_counter()
+    async def run(self, base_url: str, api_key: str, row: dict, timeout_s: float) -> dict:
+        """One agent episode on this worker's event loop, shared by its agents (a client made once can serve them
+        all): {"reward": x or None}, {"error": one line} or {"timeout": True}."""
+        self.running += 1                  # busy: the wall time with at least one agent running
+        if self.running == 1:
+            self.since = time.perf_counter()
         try:
-            value = asyncio.run(asyncio.wait_for(self.fn(base_url=base_url, api_key=api_key, row=dict(row)),
-                                                 timeout_s))
+            value = await asyncio.wait_for(self.fn(base_url=base_url, api_key=api_key, row=dict(row)), timeout_s)
             return {"reward": checked_reward(value)}
         except asyncio.TimeoutError:
             return {"timeout": True}
@@ -384,12 +396,11 @@ class AgentWorker(RankActor):
         except Exception as e:      # the user's code: any failure ends this episode, never the run
             return {"error": one_line(e)}
         finally:
-            with self.lock:
-                self.running -= 1
-                if self.running == 0:
-                    self._busy["agents"] += time.perf_counter() - self.since
+            self.running -= 1
+            if self.running == 0:
+                self._busy["agents"] += time.perf_counter() - self.since
 
 
 GatewayActor = ray.remote(max_concurrency=1000)(Gateway)
-# Agents run at once per worker, each on a thread of its own.
-AgentWorkerActor = ray.remote(max_concurrency=256)(AgentWorker)
+# Agents run at once per worker, on its event loop.
+AgentWorkerActor = ray.remote(max_concurrency=1000)(AgentWorker)

@@ -8,13 +8,13 @@ import zlib
 import httpx
 import openai
 
-from rlhf_ray.tiny_world.tool_task import calculator_agent
+from rlhf_ray.tiny_world.tool_task import calculator_agent, openai_client
 
 
 async def faulty(base_url: str, api_key: str, row: dict):
     """The calculator agent, misbehaving as the row's `mode` says: "ok"; "raise" (before any call); "hang" (after
     its first call, past agent.timeout_s); "malformed" (a call with no messages first, then as "ok"); "late" (as
-    "ok", then one more call a second after its episode has ended)."""
+    "ok", then one more call a second after its episode has ended, from a thread of its own)."""
     mode = row.get("mode", "ok")
     if mode == "raise":
         raise RuntimeError("the agent crashed")
@@ -43,11 +43,9 @@ async def tagged(base_url: str, api_key: str, row: dict):
     a reply that reached the wrong session shows)."""
     tag = row["tag"]
     messages = [{"role": "user", "content": f"Question: {tag}\nAnswer:"}]
-    seen = []
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
-        for turn in range(3):
-            reply = (await client.chat.completions.create(model="policy", messages=messages, max_tokens=4)
-                     ).choices[0].message
-            seen.append(reply.content or "")
-            messages += [reply.model_dump(exclude_none=True), {"role": "user", "content": f" {tag} again:"}]
+    seen, client = [], openai_client(base_url, api_key)
+    for turn in range(3):
+        reply = (await client.chat.completions.create(model="policy", messages=messages, max_tokens=4)).choices[0].message
+        seen.append(reply.content or "")
+        messages += [reply.model_dump(exclude_none=True), {"role": "user", "content": f" {tag} again:"}]
     return float(zlib.crc32("|".join(seen).encode()) % 100_000)

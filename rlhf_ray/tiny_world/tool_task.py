@@ -14,8 +14,10 @@ same environment class and limits as the engines), with the tool available or sw
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import weakref
 from pathlib import Path
 
 import torch
@@ -179,24 +181,35 @@ class CallFormat:
         return text, []
 
 
+_CLIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def openai_client(base_url: str, api_key: str):
+    """An AsyncOpenAI client for `base_url`, sharing one HTTP client per event loop: making one costs ~25 ms (an SSL
+    context, even for http), which an agent worker running 64 episodes at once would pay per episode."""
+    import openai
+    loop = asyncio.get_running_loop()
+    if loop not in _CLIENTS:
+        _CLIENTS[loop] = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    return _CLIENTS[loop].with_options(base_url=base_url, api_key=api_key)
+
+
 async def calculator_agent(base_url: str, api_key: str, row: dict, max_turns: int = 3, max_turn_tokens: int = 16):
     """The tool task as an ordinary OpenAI-client agent: ask, run the calculator on each tool call, answer; 1.0 when
     the final answer holds the product. The limits are tool_task's env.cls ones (benchmarks/tool_task.py)."""
-    import openai
-
     from rlhf_ray.tool_envs import arithmetic, number_text
     messages = [{"role": "user", "content": row["prompt"]}]
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0) as client:
-        for _ in range(max_turns):
-            reply = (await client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR_TOOL],
-                                                          max_tokens=max_turn_tokens)).choices[0].message
-            messages.append(reply.model_dump(exclude_none=True))
-            if not reply.tool_calls:
-                return float(row["answer"] in (reply.content or ""))
-            for call in reply.tool_calls:
-                try:
-                    result = number_text(arithmetic(json.loads(call.function.arguments)["expression"]))
-                except ValueError:
-                    result = "error"
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    client = openai_client(base_url, api_key)
+    for _ in range(max_turns):
+        reply = (await client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR_TOOL],
+                                                      max_tokens=max_turn_tokens)).choices[0].message
+        messages.append(reply.model_dump(exclude_none=True))
+        if not reply.tool_calls:
+            return float(row["answer"] in (reply.content or ""))
+        for call in reply.tool_calls:
+            try:
+                result = number_text(arithmetic(json.loads(call.function.arguments)["expression"]))
+            except ValueError:
+                result = "error"
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     return 0.0
