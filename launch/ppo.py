@@ -31,7 +31,7 @@ from rlhf_ray.algos import (AdvantageSettings, ScoreNorm, adaptive_kl_coef, comp
 from rlhf_ray.batch import first_rollouts, response_texts
 from rlhf_ray.config import Config, dump_config, resolve_paths
 from rlhf_ray.data import PromptStream
-from rlhf_ray.env import episode_metrics
+from rlhf_ray.env import episode_metrics, failure_line
 from rlhf_ray.guard import DivergenceGuard
 from rlhf_ray.metrics import MetricsLogger, process_started_at, startup_report
 
@@ -333,6 +333,9 @@ def log_step(run: Run, step: int, scored: ScoredRollout, update: Update | None, 
         run.logger.log_samples(step, [{**r, "score": s} for r, s in zip(
             first_rollouts(run.tokenizer, scored.batch, cfg.logging.samples_per_step), total.tolist())])
         print(step_line(cfg, step, metrics), flush=True)
+        failed = failure_line(scored.episodes, "agent" if cfg.needs_agent() else "environment")
+        if failed:                     # counted in the metrics; the first failure's own words once a step
+            print(f"step {step}: {failed}", flush=True)
     if run.startup is not None:
         report_startup(run)
     return metrics

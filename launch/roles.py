@@ -20,7 +20,8 @@ from actors.policy import PolicyActor
 from actors.reference import Reference, ReferenceActor
 from actors.reward import Reward, RewardActor
 from actors.teacher import Teacher, TeacherActor
-from launch.common import actor_env, engine_env, trainer_env
+from launch.common import RunError, actor_env, engine_env, trainer_env
+from rlhf_ray.agent import unreachable
 from rlhf_ray.config import Config
 
 
@@ -134,6 +135,12 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     ray.get([a.ready.remote() for g in every if g for a in g.actors])
     actors = Actors(policy, critic, reference, reward, engines, placements, judge, env_workers, teacher, agents,
                     gateway)
+    if gateway:
+        why = unreachable(cfg.agent.host, ray.get(gateway.actors[0].node_ip.remote()),
+                          ray.get([a.node_ip.remote() for a in agents.actors]))
+        if why:
+            actors.shutdown()
+            raise RunError(why)
     actors.attach()
     return actors
 

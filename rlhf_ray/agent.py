@@ -281,6 +281,18 @@ class Trajectory:
                              episode=summary, prompt=list(self.prompt))
 
 
+def unreachable(host: str, gateway_ip: str, worker_ips: list[str]) -> str | None:
+    """Why agent workers cannot reach a gateway bound to a loopback `host` (one on another node), or None."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    far = [i for i, ip in enumerate(worker_ips) if ip != gateway_ip]
+    if not far:
+        return None
+    return (f"agent.host {host}: agent worker {far[0]} runs on node {worker_ips[far[0]]} and the gateway on "
+            f"{gateway_ip}, which it cannot reach on loopback; set agent.host: 0.0.0.0, or pin both to one node with "
+            "agent.node_resource")
+
+
 def one_token_stops(tokenizer, strings: list[str], where: str) -> list[int]:
     """Stop strings as token ids: each must be one token (the engines stop on ids)."""
     ids = []

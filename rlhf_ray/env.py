@@ -155,4 +155,16 @@ def episode_metrics(episodes: list[dict], prefix: str = "env") -> dict[str, floa
     return m
 
 
+def failure_line(episodes: list[dict] | None, what: str) -> str | None:
+    """One line on a step's failed episodes (ended "error" or "timeout"): how many, and the first one's error."""
+    bad = [e for e in episodes or [] if e["ended"] in ("error", "timeout")]
+    if not bad:
+        return None
+    errors = sum(e["ended"] == "error" for e in bad)
+    first = next((e["error"] for e in bad if e.get("error")), None)
+    counts = f"{errors} error{'s' * (errors != 1)}, {len(bad) - errors} timeout{'s' * (len(bad) - errors != 1)}"
+    return (f"{len(bad)} of {len(episodes)} {what} episodes failed ({counts})"
+            + (f"; the first: {first}" if first else ""))
+
+
 ENDINGS = ("done", "eos", "turns", "length", "error", "timeout")

@@ -287,3 +287,18 @@ def test_agent_config_is_checked(sets, says):
     base = ["models.policy=p", "data.prompts=d.jsonl", "reward.sources=[{kind: function, path: 'a:b'}]"]
     with pytest.raises(ConfigError, match=re.escape(says)):
         load_config(None, base + sets).check_ppo()
+
+
+def test_a_steps_failed_episodes_are_one_line_and_an_unreachable_loopback_is_refused():
+    from rlhf_ray.agent import unreachable
+    from rlhf_ray.env import failure_line
+    ok = {"ended": "done", "error": None}
+    assert failure_line([ok, ok], "agent") is None
+    line = failure_line([ok, {"ended": "timeout", "error": None}, {"ended": "error", "error": "RuntimeError: boom"},
+                         {"ended": "error", "error": "ValueError: x"}], "agent")
+    assert line == "3 of 4 agent episodes failed (2 errors, 1 timeout); the first: RuntimeError: boom"
+    assert unreachable("0.0.0.0", "10.0.0.1", ["10.0.0.2"]) is None
+    assert unreachable("127.0.0.1", "10.0.0.1", ["10.0.0.1", "10.0.0.1"]) is None
+    assert unreachable("127.0.0.1", "10.0.0.1", ["10.0.0.1", "10.0.0.2"]) == (
+        "agent.host 127.0.0.1: agent worker 1 runs on node 10.0.0.2 and the gateway on 10.0.0.1, which it cannot "
+        "reach on loopback; set agent.host: 0.0.0.0, or pin both to one node with agent.node_resource")

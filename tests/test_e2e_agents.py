@@ -41,7 +41,7 @@ def tool_policy(world: dict, out) -> str:
 
 
 def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_and_serve_200_at_once(tiny_world,
-                                                                                                    tmp_path):
+                                                                                                    tmp_path, capsys):
     policy = tool_policy(tiny_world, tmp_path / "tool-policy")
     prompts = tmp_path / "tool.jsonl"
     rows = problems(8, 1)          # one step's prompts: every step has one row of each mode
@@ -64,6 +64,9 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
             assert sum(r[f"agent/ended_{why}_frac"] for why in ENDINGS) == pytest.approx(1.0)
             assert r["agent/cut_edited_mean"] == r["agent/cut_rerendered_mean"] == 0
         assert sum(r.get("agent/late_calls", 0) for r in m) >= 8          # counted when they come
+        printed = capsys.readouterr().out
+        assert printed.count("8 of 32 agent episodes failed (4 errors, 4 timeouts); the first: RuntimeError: the "
+                             "agent crashed") == 3
         assert max(r["agent/turns_mean"] for r in m) > 1.2 and all(r["agent/observation_tokens_mean"] > 0 for r in m)
         assert all(r["time/busy/gateway"] > 0 and r["time/generate"] > 0 for r in m)
 
