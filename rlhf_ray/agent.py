@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, field
 
 from rlhf_ray.batch import AgentSample
+from rlhf_ray.prompts import single_token_ids
 
 
 class AgentError(RuntimeError):
@@ -294,14 +295,12 @@ def unreachable(host: str, gateway_ip: str, worker_ips: list[str]) -> str | None
 
 
 def one_token_stops(tokenizer, strings: list[str], where: str) -> list[int]:
-    """Stop strings as token ids: each must be one token (the engines stop on ids)."""
-    ids = []
-    for s in strings:
-        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
-        if len(enc) != 1:
-            raise BadRequest(f"{where}: {s!r} is {len(enc)} tokens of the policy's tokenizer, not one")
-        ids += enc
-    return ids
+    """A call's (or the tool format's) stop strings as token ids, each one token (rlhf_ray/prompts.py); a
+    BadRequest otherwise."""
+    try:
+        return single_token_ids(tokenizer, strings, where)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- responses

@@ -129,15 +129,12 @@ class Episode:
 
 
 def env_stop_ids(tokenizer, strings: list[str]) -> list[int]:
-    """env.turn_stop as token ids of the policy's tokenizer: each string must be exactly one token (the engines stop
-    on ids; a string the model could spell in several ways would end some turns and not others)."""
-    ids = []
-    for text in strings:
-        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(enc) != 1:
-            raise EnvError(f"env.turn_stop: {text!r} is {len(enc)} tokens of the policy's tokenizer, not one")
-        ids += enc
-    return ids
+    """env.turn_stop as token ids of the policy's tokenizer, each string one token (rlhf_ray/prompts.py)."""
+    from rlhf_ray.prompts import single_token_ids
+    try:
+        return single_token_ids(tokenizer, strings, "env.turn_stop")
+    except ValueError as e:
+        raise EnvError(str(e)) from None
 
 
 def episode_metrics(episodes: list[dict], prefix: str = "env") -> dict[str, float]:

@@ -44,3 +44,16 @@ def render_prompt(tokenizer, prompt: str, chat: bool, max_tokens: int | None = N
 def render_prompts(tokenizer, prompts: list[str], data) -> list[list[int]]:
     """`render_prompt` over a list, as the config's `data` section (apply_chat_template, max_prompt_tokens) says."""
     return [render_prompt(tokenizer, p, data.apply_chat_template, data.max_prompt_tokens) for p in prompts]
+
+
+def single_token_ids(tokenizer, strings: list[str], where: str) -> list[int]:
+    """Strings a turn ends on, as token ids of the policy's tokenizer: each must be exactly one token (the engines
+    stop on ids; a string the model could spell in several ways would end some turns and not others). A ValueError
+    naming `where` and the string otherwise."""
+    ids = []
+    for text in strings:
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"{where}: {text!r} is {len(enc)} tokens of the policy's tokenizer, not one")
+        ids += enc
+    return ids
