@@ -1,7 +1,7 @@
 """Agents through the OpenAI-compatible endpoint, end to end on the real actor machinery (Ray, DeepSpeed over gloo,
 a vLLM CPU engine, the gateway and agent workers; the agents are real `openai`-client code, tests/agents.py): a
-GRPO run whose agents misbehave, then, on its actors, the same episodes through the agent and through env.cls token
-for token, and 200 agents at once. Slow."""
+GRPO run one step off-policy whose agents misbehave, then, on its actors, the same episodes through the agent and
+through env.cls token for token, and 200 agents at once. Slow."""
 import json
 import time
 import zlib
@@ -50,14 +50,16 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + AGENT + [
         f"models.policy={policy}", f"data.prompts={prompts}", "generation.max_new_tokens=40", "generation.n=4",
-        "ppo.minibatch_size=16", "ppo.missing_eos_penalty=0", "policy.num_ranks=1", "train.steps=3"])
+        "ppo.minibatch_size=16", "ppo.missing_eos_penalty=0", "policy.num_ranks=1", "train.steps=3",
+        # one step off-policy: the next step's agents run while the trainers update (an engine of its own)
+        "rollout.max_staleness=1", "ppo.is_correction=tis", "placement.share_process=[[reference, reward]]"])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:
         # 1. the run: agents that raise, hang, send a malformed call or call after their episode, each counted, one
         # line, the run going on; the others' episodes several calls long, token for token (checked below)
         m = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert len(m) == 3
+        assert [r["rollout/staleness_max"] for r in m] == [0, 1, 1]
         for r in m:        # 8 prompts a step, each mode's 4 episodes together
             assert (r["agent/errors"], r["agent/timeouts"]) == (4, 4), r
             assert r["agent/malformed_calls_mean"] == pytest.approx(4 / 32)
@@ -68,7 +70,8 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
         assert printed.count("8 of 32 agent episodes failed (4 errors, 4 timeouts); the first: RuntimeError: the "
                              "agent crashed") == 3
         assert max(r["agent/turns_mean"] for r in m) > 1.2 and all(r["agent/observation_tokens_mean"] > 0 for r in m)
-        assert all(r["time/busy/gateway"] > 0 and r["time/generate"] > 0 for r in m)
+        # the last step's episodes ran in the one before
+        assert all(r["time/busy/gateway"] > 0 and r["time/generate"] > 0 for r in m[:-1])
 
         # 2. the same episodes through the agent (the gateway) and through env.cls on the same engine and seeds:
         # equal token for token, logprobs and rewards included
