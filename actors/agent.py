@@ -14,10 +14,10 @@ and return their trajectories. A call to a closed session gets 410 and counts in
 
 Failures, each one line and counted, the run going on: an agent that raises or returns something other than a
 number or None ("error"), one past agent.timeout_s ("timeout"): agent.error_reward on its last recorded token. A
-malformed call gets a 400 naming the field (agent/malformed_calls); the agent sees it and may go on. A call past
-the episode's token budget is answered with an empty reply cut for length, and the episode ends "length". A
-wrong api key: 401. The endpoint binds
-agent.host (127.0.0.1 unless set), and answers only with the run's api key, generated per run and never logged.
+malformed call gets a 400 naming the field (agent/malformed_calls_mean); the agent sees it and may go on. A call
+past the episode's token budget is answered with an empty reply cut for length, and the episode ends "length". A
+wrong api key: 401. The endpoint binds agent.host (127.0.0.1 unless set), and answers only with the run's api key,
+generated per run and never logged.
 """
 from __future__ import annotations
 
