@@ -32,7 +32,8 @@ import ray
 from actors.base import RankActor
 from actors.engine import turn_seed
 from rlhf_ray.agent import (AgentError, BadRequest, Trajectory, chat_response, checked_reward, completion_response,
-                            load_agent, load_tool_format, one_token_stops, parse_call, reply_message)
+                            load_agent, load_tool_format, one_token_stops, parse_call, reply_message,
+                            token_logprobs)
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prompts import DEFAULT_CHAT_TEMPLATE
 
@@ -284,15 +285,18 @@ class Gateway(RankActor):
             traj.add_turn(out_ids, logprobs, turn_text, reply_message(content, tool_calls) if kind == "chat" else None,
                           version)
         finish = "length" if reason == "length" else "tool_calls" if tool_calls else "stop"
+        lps = (token_logprobs([self.tokenizer.decode([t]) for t in out_ids], logprobs, kind) if call.logprobs
+               else None)
         return self._reply(kind, key, sess, body, tool_calls, len(context), content if kind == "chat" else visible,
-                           finish, len(out_ids))
+                           finish, len(out_ids), lps)
 
     def _reply(self, kind: str, key: str, sess: Session, body: dict, tool_calls: list, prompt_tokens: int,
-               text: str | None, finish: str, completion_tokens: int = 0) -> dict:
+               text: str | None, finish: str, completion_tokens: int = 0, logprobs: dict | None = None) -> dict:
         call_id, created, model = f"{key}-{sess.calls}", int(time.time()), body.get("model") or MODEL_NAME
         if kind == "chat":
-            return chat_response(call_id, model, text, tool_calls, finish, prompt_tokens, completion_tokens, created)
-        return completion_response(call_id, model, text, finish, prompt_tokens, completion_tokens, created)
+            return chat_response(call_id, model, text, tool_calls, finish, prompt_tokens, completion_tokens, created,
+                                 logprobs)
+        return completion_response(call_id, model, text, finish, prompt_tokens, completion_tokens, created, logprobs)
 
     # ------------------------------------------------------------------------------------------ episodes
     async def open(self, seeds: list[int], version: int = 0) -> list[str]:

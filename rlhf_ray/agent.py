@@ -112,6 +112,7 @@ class Call:
     max_tokens: int | None
     stop: list[str]
     asked_sampling: bool               # the call asked for its own temperature or top_p (the run's are used)
+    logprobs: bool = False             # return each sampled token's logprob (the engine's, as recorded)
 
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -180,6 +181,11 @@ def parse_call(body, kind: str) -> Call:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise BadRequest(f"max_tokens: must be a positive integer, got {max_tokens!r}")
     asked = any(body.get(k) is not None for k in ("temperature", "top_p"))
+    top = body.get("top_logprobs") if kind == "chat" else body.get("logprobs")
+    if top is not None and (isinstance(top, bool) or top != 0):
+        raise BadRequest(f"{'top_logprobs' if kind == 'chat' else 'logprobs'}: only the sampled token's logprob is "
+                         f"returned (0 or none), got {top!r}")
+    logprobs = bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") == 0
     if kind == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
@@ -188,12 +194,12 @@ def parse_call(body, kind: str) -> Call:
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise BadRequest("tools: must be a list of objects")
         return Call("chat", [_message(m, i) for i, m in enumerate(msgs)], tools, None, max_tokens,
-                    _stops(body.get("stop")), asked)
+                    _stops(body.get("stop")), asked, logprobs)
     prompt = body.get("prompt")
     if not (isinstance(prompt, str) and prompt) and not (
             isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise BadRequest("prompt: must be a non-empty string or a list of token ids")
-    return Call("completion", None, None, prompt, max_tokens, _stops(body.get("stop")), asked)
+    return Call("completion", None, None, prompt, max_tokens, _stops(body.get("stop")), asked, logprobs)
 
 
 def same_history(sent: list[dict], recorded: list[dict]) -> bool:
@@ -304,24 +310,33 @@ def one_token_stops(tokenizer, strings: list[str], where: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- responses
+def token_logprobs(tokens: list[str], logprobs: list[float], kind: str) -> dict:
+    """The sampled tokens' logprobs in the response's shape (chat or completion); no alternatives."""
+    if kind == "chat":
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, lp in zip(tokens, logprobs)], "refusal": None}
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
 def chat_response(call_id: str, model: str, content: str | None, tool_calls: list[dict], finish: str,
-                  prompt_tokens: int, completion_tokens: int, created: int) -> dict:
+                  prompt_tokens: int, completion_tokens: int, created: int, logprobs: dict | None = None) -> dict:
     """An OpenAI chat.completion object."""
     calls = [{"id": f"call_{call_id}_{i}", "type": "function",
               "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
              for i, c in enumerate(tool_calls)]
     message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
     return {"id": f"chatcmpl-{call_id}", "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
 def completion_response(call_id: str, model: str, text: str, finish: str, prompt_tokens: int,
-                        completion_tokens: int, created: int) -> dict:
+                        completion_tokens: int, created: int, logprobs: dict | None = None) -> dict:
     """An OpenAI text_completion object."""
     return {"id": f"cmpl-{call_id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 

@@ -162,8 +162,10 @@ def test_completions_extend_by_token_ids_and_the_budget_ends_the_episode(tok_dir
         keys = await gw.open([seed])
         prompt = tok(ROW["prompt"], add_special_tokens=False)["input_ids"]
         async with openai.AsyncOpenAI(base_url=f"{base}/{keys[0]}/v1", api_key=gw.api_key, max_retries=0) as c:
-            first = await c.completions.create(model="m", prompt=prompt)
+            first = await c.completions.create(model="m", prompt=prompt, logprobs=0)
             assert first.choices[0].text == " <call>12*34=" and first.choices[0].finish_reason == "stop"
+            assert "".join(first.choices[0].logprobs.tokens) == " <call>12*34="
+            assert first.choices[0].logprobs.token_logprobs == [-0.5] * len(turn1)      # the engine's, as recorded
             spent = await c.completions.create(model="m", prompt=prompt + turn1 + [5] * 10)
             assert (spent.choices[0].text, spent.choices[0].finish_reason) == ("", "length")
         out = await gw.close(keys, [{"reward": 0.0}], True)
@@ -207,8 +209,11 @@ def test_bad_calls_are_refused_in_one_line_and_counted(tok_dir):
                 r = await h.post(f"{url}/chat/completions", content=b"{not json",
                                  headers={"Authorization": f"Bearer {gw.api_key}"})
                 assert r.status_code == 400 and r.json()["error"]["message"] == "the body is not JSON"
-            reply = await c.chat.completions.create(model="m", messages=msgs, temperature=0.2)
+            with pytest.raises(openai.BadRequestError, match="top_logprobs: only the sampled token's logprob"):
+                await c.chat.completions.create(model="m", messages=msgs, logprobs=True, top_logprobs=3)
+            reply = await c.chat.completions.create(model="m", messages=msgs, temperature=0.2, logprobs=True)
             assert reply.choices[0].message.content == " 408"
+            assert [t.logprob for t in reply.choices[0].logprobs.content] == [-0.5] * 5
             out = await gw.close(keys, [{"reward": 1.0}], True)
             with pytest.raises(openai.APIStatusError, match="has ended") as late:
                 await c.chat.completions.create(model="m", messages=msgs)
@@ -218,7 +223,7 @@ def test_bad_calls_are_refused_in_one_line_and_counted(tok_dir):
         return out[0], counters
     s, counters = run(go())
     m = s["episode"]["metrics"]
-    assert (m["malformed_calls"], m["calls"], m["sampling_overridden"]) == (7.0, 1.0, 1.0)
+    assert (m["malformed_calls"], m["calls"], m["sampling_overridden"]) == (8.0, 1.0, 1.0)
     assert counters == {"agent/unauthorized_calls": 1.0, "agent/unknown_sessions": 1.0, "agent/late_calls": 1.0}
 
 
