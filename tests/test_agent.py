@@ -55,6 +55,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+
+
+def one_episode(gw: Gateway, seed: int, agent, result: float | None = None):
+    """One session on the gateway's loopback endpoint: `agent(base_url, api_key)` runs against it, then the session
+    closes with the reward `result` (None: what the agent returned). Returns (what the agent returned, the sample)."""
+    async def go():
+        base = await gw.serve()
+        keys = await gw.open([seed])
+        out = await agent(f"{base}/{keys[0]}/v1", gw.api_key)
+        samples = await gw.close(keys, [{"reward": out if result is None else result}], True)
+        await gw.runner.cleanup()
+        return out, samples[0]
+    return run(go())
+
+
 def test_an_openai_client_agents_calls_become_one_trajectory_token_for_token_never_retokenised(tok_dir):
     """The calculator agent (rlhf_ray/tiny_world/tool_task.py) through the endpoint: the model's turns are the
     engine's own ids (spelled one character a token here, as a model may sample them), the tool's result is
@@ -65,14 +82,7 @@ def test_an_openai_client_agents_calls_become_one_trajectory_token_for_token_nev
     turn1, turn2 = spelled(tok, " <call>12*34="), spelled(tok, " It is 408.") + [tok.eos_token_id]
     gw = gateway(tok_dir, script={turn_seed(seed, 0): turn1, turn_seed(seed, 1): turn2})
 
-    async def go():
-        base = await gw.serve()
-        keys = await gw.open([seed])
-        reward = await calculator_agent(f"{base}/{keys[0]}/v1", gw.api_key, ROW)
-        samples = await gw.close(keys, [{"reward": reward}], True)
-        await gw.runner.cleanup()
-        return reward, samples[0]
-    reward, s = run(go())
+    reward, s = one_episode(gw, seed, lambda url, key: calculator_agent(url, key, ROW))
     assert reward == 1.0
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     observation = enc(" 408")
@@ -96,10 +106,8 @@ def test_an_agent_that_edits_its_history_is_cut_there_and_still_answered(tok_dir
     turn1, turn2 = spelled(tok, " <call>12*34="), spelled(tok, " 408") + [tok.eos_token_id]
     gw = gateway(tok_dir, script={turn_seed(seed, 0): turn1, turn_seed(seed, 1): turn2})
 
-    async def go():
-        base = await gw.serve()
-        keys = await gw.open([seed])
-        async with openai.AsyncOpenAI(base_url=f"{base}/{keys[0]}/v1", api_key=gw.api_key, max_retries=0) as c:
+    async def agent(url, key):
+        async with client(url, key) as c:
             first = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": ROW["prompt"]}])
             assert first.choices[0].finish_reason == "tool_calls"
             call = first.choices[0].message.tool_calls[0]
@@ -109,10 +117,7 @@ def test_an_agent_that_edits_its_history_is_cut_there_and_still_answered(tok_dir
                       {"role": "tool", "tool_call_id": call.id, "content": "408"}]
             second = await c.chat.completions.create(model="m", messages=edited)
             assert second.choices[0].message.content == " 408"
-        out = await gw.close(keys, [{"reward": 1.0}], True)
-        await gw.runner.cleanup()
-        return out[0]
-    s = run(go())
+    _, s = one_episode(gw, seed, agent, 1.0)
     assert s["ids"] == turn1 and s["action"] == [1] * len(turn1)
     assert s["token_rewards"][-1] == 1.0
     m = s["episode"]["metrics"]
@@ -131,18 +136,13 @@ def test_a_template_that_renders_earlier_turns_otherwise_is_a_rerendered_cut(tok
     gw = gateway(tok_dir, [f"agent.chat_template={template}", "agent.tool_format="],
                  script={turn_seed(seed, 0): turn1, turn_seed(seed, 1): turn2})
 
-    async def go():
-        base = await gw.serve()
-        keys = await gw.open([seed])
-        async with openai.AsyncOpenAI(base_url=f"{base}/{keys[0]}/v1", api_key=gw.api_key, max_retries=0) as c:
+    async def agent(url, key):
+        async with client(url, key) as c:
             msgs = [{"role": "user", "content": ROW["prompt"]}]
             first = await c.chat.completions.create(model="m", messages=msgs)
             msgs += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": " go on"}]
             await c.chat.completions.create(model="m", messages=msgs)
-        out = await gw.close(keys, [{"reward": 0.5}], True)
-        await gw.runner.cleanup()
-        return out[0]
-    s = run(go())
+    _, s = one_episode(gw, seed, agent, 0.5)
     assert s["ids"] == turn1
     m = s["episode"]["metrics"]
     assert (m["cut_edited"], m["cut_rerendered"], m["untrained_calls"]) == (0.0, 1.0, 1.0)
@@ -157,21 +157,17 @@ def test_completions_extend_by_token_ids_and_the_budget_ends_the_episode(tok_dir
     turn1 = spelled(tok, " <call>12*34=")
     gw = gateway(tok_dir, ["generation.max_new_tokens=20"], script={turn_seed(seed, 0): turn1})
 
-    async def go():
-        base = await gw.serve()
-        keys = await gw.open([seed])
-        prompt = tok(ROW["prompt"], add_special_tokens=False)["input_ids"]
-        async with openai.AsyncOpenAI(base_url=f"{base}/{keys[0]}/v1", api_key=gw.api_key, max_retries=0) as c:
+    prompt = tok(ROW["prompt"], add_special_tokens=False)["input_ids"]
+
+    async def agent(url, key):
+        async with client(url, key) as c:
             first = await c.completions.create(model="m", prompt=prompt, logprobs=0)
             assert first.choices[0].text == " <call>12*34=" and first.choices[0].finish_reason == "stop"
             assert "".join(first.choices[0].logprobs.tokens) == " <call>12*34="
             assert first.choices[0].logprobs.token_logprobs == [-0.5] * len(turn1)      # the engine's, as recorded
             spent = await c.completions.create(model="m", prompt=prompt + turn1 + [5] * 10)
             assert (spent.choices[0].text, spent.choices[0].finish_reason) == ("", "length")
-        out = await gw.close(keys, [{"reward": 0.0}], True)
-        await gw.runner.cleanup()
-        return prompt, out[0]
-    prompt, s = run(go())
+    _, s = one_episode(gw, seed, agent, 0.0)
     assert s["prompt"] == prompt and s["ids"] == turn1 + [5] * (20 - len(turn1))     # kept up to the budget
     assert s["episode"]["ended"] == "length" and not s["finished"]
 
