@@ -2,6 +2,7 @@
 
     rlhf-ray tiny-world [--out assets/tiny] [--teacher]   build the offline tiny model world (+ a 3.1 M teacher)
     rlhf-ray copy-task [--world assets/tiny]         its copy task: prompts with answers and a briefly tuned policy
+    rlhf-ray tool-task [--world assets/tiny]         its calculator task (multi-turn): problems and a policy that calls it
     rlhf-ray pipeline --config C [--set k=v]         the three stages end to end (+ DPO, evaluation)
     rlhf-ray sft|rm|dpo --config C [--set k=v]       a supervised stage (SFT, reward model, DPO)
     rlhf-ray ppo --config C [--set k=v] [--resume [auto]]   run PPO (local Ray cluster, or the one it runs on)
@@ -67,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(rest)
         from rlhf_ray.tiny_world.copy_task import build_copy_task
         build_copy_task(args.world, args.out or f"{args.world}/copy", args.seed)
+        return 0
+    if cmd == "tool-task":
+        ap = argparse.ArgumentParser(prog="rlhf-ray tool-task")
+        ap.add_argument("--world", default="assets/tiny")
+        ap.add_argument("--out", default=None, help="default: <world>/tool")
+        ap.add_argument("--seed", type=int, default=0)
+        args = ap.parse_args(rest)
+        from rlhf_ray.tiny_world.tool_task import build_tool_task
+        build_tool_task(args.world, args.out or f"{args.world}/tool", args.seed)
         return 0
     print(f"rlhf-ray: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2

@@ -434,7 +434,9 @@ def step_line(cfg: Config, step: int, m: dict) -> str:
     vf = f"  vf {m['value/loss']:.4f}" if "value/loss" in m else ""
     stale = f"  stale {m['rollout/staleness_max']}" if cfg.rollout.max_staleness else ""
     teacher = f"  kl_teacher {m['distill/reverse_kl_per_token']:.4f}/tok" if "distill/reverse_kl_per_token" in m else ""
-    return (f"step {step}/{cfg.train.steps}  score {m['reward/score_mean']:+.3f}±{m['reward/score_std']:.3f}"
+    # episodes' own rewards (an environment's per turn, an agent's) reach the tokens, not the score: shown beside it
+    episodes = next((f"  {k.split('/')[0]} {m[k]:+.3f}" for k in ("env/reward_mean", "agent/reward_mean") if k in m), "")
+    return (f"step {step}/{cfg.train.steps}  score {m['reward/score_mean']:+.3f}±{m['reward/score_std']:.3f}{episodes}"
             f"  kl {m['kl/ref_per_seq']:.4f}{teacher}  pg {m['policy/loss']:+.4f}{vf}  len {m['response/length_mean']:.1f}"
             f"{stale}  | gen {m['time/generate']:.2f}s score {m['time/score']:.2f}s lp {m['time/logprobs']:.2f}s"
             f" train {m['time/train']:.2f}s"

@@ -18,14 +18,13 @@ from rlhf_ray.config import load_config
 from rlhf_ray.env import ENDINGS, env_stop_ids
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.prompts import render_prompts
-from rlhf_ray.tiny_world.tool_task import CHAT_TEMPLATE, CallFormat, demonstration, problems, sft_until_success
+from rlhf_ray.tiny_world.tool_task import CallFormat, demonstration, problems, sft_until_success
 
 pytestmark = pytest.mark.slow
 
 MODES = ["ok", "ok", "raise", "ok", "hang", "malformed", "ok", "late"]     # each prompt row's agent, by index mod 8
-AGENT = ["agent.cls=tests.agents:faulty", "agent.tool_format=rlhf_ray.tiny_world.tool_task:CallFormat",
-         f"agent.chat_template={CHAT_TEMPLATE}", "agent.timeout_s=4", "reward.sources=[{kind: agent}]",
-         "data.reward_keys=[answer, mode]"]
+# configs/tiny_agent.yaml as shipped, but for the agent (the calculator agent, misbehaving as each row says)
+AGENT = ["agent.cls=tests.agents:faulty", "agent.timeout_s=4", "data.reward_keys=[answer, mode]"]
 # the tool task's limits (benchmarks/tool_task.py), the same for the agent (rlhf_ray/tiny_world/tool_task.py) and env.cls
 TOOL_ENV = ["env.cls=rlhf_ray.tool_envs:Calculator", "env.turn_stop=['=']", "env.max_turns=3", "env.max_turn_tokens=16",
             "env.timeout_s=10", "reward.sources=[{kind: env}]"]
@@ -48,7 +47,7 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"], "mode": MODES[i % 8]}) + "\n"
                                for i, r in enumerate(rows)))
     run_dir = tmp_path / "run"
-    cfg = load_config("configs/tiny_grpo.yaml", tiny_overrides(tiny_world, run_dir) + AGENT + [
+    cfg = load_config("configs/tiny_agent.yaml", tiny_overrides(tiny_world, run_dir) + AGENT + [
         f"models.policy={policy}", f"data.prompts={prompts}", "generation.max_new_tokens=40", "generation.n=4",
         "ppo.minibatch_size=16", "ppo.missing_eos_penalty=0", "policy.num_ranks=1", "train.steps=3",
         # one step off-policy: the next step's agents run while the trainers update (an engine of its own)

@@ -78,6 +78,24 @@ def train_tool_sft(policy_dir: str | Path, out: str | Path, rows: list[dict], ta
                              target, check_every, max_steps, lr, batch_size, seed, log)
 
 
+def build_tool_task(world: str | Path, out: str | Path, seed: int = 0, target: float = 0.4,
+                    log=print) -> dict[str, Path]:
+    """The task beside a tiny world: out/train.jsonl (3,000 problems with answers), out/held_out.jsonl (200 others)
+    and out/policy, the world's policy after `train_tool_sft` on the training problems (reused when already there).
+    configs/tiny_agent.yaml points here. benchmarks/tool_task.py builds the same per seed, for its own worlds."""
+    out = Path(out)
+    train = problems(3000, seed)
+    held = problems(200, seed + 1000, {(r["a"], r["b"]) for r in train})
+    paths = {"train": write_prompts(out / "train.jsonl", train),
+             "held_out": write_prompts(out / "held_out.jsonl", held), "policy": out / "policy"}
+    if not (paths["policy"] / "model.safetensors").is_file():
+        _, steps, rate = train_tool_sft(Path(world) / "policy", paths["policy"], train, target=target, seed=seed,
+                                        log=log)
+        (paths["policy"] / "sft_steps.txt").write_text(f"{steps}\n")
+        log(f"tool task written to {out}: SFT {steps} steps, {rate:.0%} of 50 problems solved with the tool")
+    return paths
+
+
 def sft_until_success(policy_dir: str | Path, out: str | Path, demonstrations, success, target: float,
                       check_every: int, max_steps: int, lr: float, batch_size: int, seed: int,
                       log=print) -> tuple[Path, int, float]:
