@@ -60,23 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.teacher:
             build_teacher_base(Path(args.out) / "policy", Path(args.out) / "teacher")
         return 0
-    if cmd == "copy-task":
-        ap = argparse.ArgumentParser(prog="rlhf-ray copy-task")
+    if cmd in ("copy-task", "tool-task"):      # a verifiable task beside a tiny world: <world>/copy or <world>/tool
+        name = cmd.split("-")[0]
+        ap = argparse.ArgumentParser(prog=f"rlhf-ray {cmd}")
         ap.add_argument("--world", default="assets/tiny")
-        ap.add_argument("--out", default=None, help="default: <world>/copy")
+        ap.add_argument("--out", default=None, help=f"default: <world>/{name}")
         ap.add_argument("--seed", type=int, default=0)
         args = ap.parse_args(rest)
-        from rlhf_ray.tiny_world.copy_task import build_copy_task
-        build_copy_task(args.world, args.out or f"{args.world}/copy", args.seed)
-        return 0
-    if cmd == "tool-task":
-        ap = argparse.ArgumentParser(prog="rlhf-ray tool-task")
-        ap.add_argument("--world", default="assets/tiny")
-        ap.add_argument("--out", default=None, help="default: <world>/tool")
-        ap.add_argument("--seed", type=int, default=0)
-        args = ap.parse_args(rest)
-        from rlhf_ray.tiny_world.tool_task import build_tool_task
-        build_tool_task(args.world, args.out or f"{args.world}/tool", args.seed)
+        if name == "copy":
+            from rlhf_ray.tiny_world.copy_task import build_copy_task as build
+        else:
+            from rlhf_ray.tiny_world.tool_task import build_tool_task as build
+        build(args.world, args.out or f"{args.world}/{name}", args.seed)
         return 0
     print(f"rlhf-ray: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
