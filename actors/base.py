@@ -202,6 +202,9 @@ class DeepSpeedRole(RankActor):
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
         if self.zero_stage == 3:
             partition_at_load(self, ds_cfg)
+        # Fresh parameters (LoRA adapters, a value head) drawn from this rank's own stream, whatever else its process
+        # built since __init__ seeded it (the hybrid layout builds frozen roles beside the policy: actors/host.py)
+        torch.manual_seed(derive_seed(self.seed, f"{self.role}/init", self.rank))
         model = load_model()
         self._mark("model_loaded")
         if role_cfg.lora.rank > 0:

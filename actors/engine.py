@@ -263,6 +263,12 @@ class Engine(RankActor):
             flat = flat.tobytes()
         return sum(self.llm.collective_rpc("rlhf_load_weights", args=(meta, flat)))
 
+    @busy
+    def load_tensors(self, bucket: dict) -> int:
+        """Load one bucket of HF-named tensors handed over in this process (the hybrid layout: the policy lives
+        here too, actors/host.py). The in-process engine core passes them to its worker by reference."""
+        return sum(self.llm.collective_rpc("rlhf_load_tensors", args=(list(bucket.items()),)))
+
     def open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
         return self.llm.collective_rpc("rlhf_open_sync_group", args=(addr, port, first_rank, world_size, backend))
 

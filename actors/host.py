@@ -1,5 +1,6 @@
-"""Roles sharing one worker process (`placement.share_process`, e.g. [[reference, reward]] or
-[[engine, reference, reward]]): rank i of every member role lives in the i-th process of one rank group.
+"""Roles sharing one worker process (`placement.share_process`, e.g. [[reference, reward]],
+[[engine, reference, reward]], or the hybrid layout [[policy, engine, reference, reward]]): rank i of every member
+role lives in the i-th process of one rank group.
 
 Why: on a small box, each Ray worker process costs seconds of CPU before it does anything (the worker itself,
 then torch and transformers, and vLLM for an engine: ~4-15 CPU-s each), and start-up is the sum of that work on
@@ -8,9 +9,16 @@ sharing a process costs them nothing; what is traded: the shared roles' calls ru
 engine could not generate beside its process's scoring, so the config refuses sharing an engine with
 rollout.max_staleness > 0), and a fault takes every role of the process, all replaced together.
 
-The roles stay what they are: each is its plain class (Reference, Reward, Engine), built in the host's process;
-the driver reaches it through `HostedRole`, which quacks like a Ray actor handle (`handle.method.remote(...)`),
-and `RoleView`, which quacks like the role's RankGroup. Nothing else in the driver knows.
+The hybrid layout (the policy with its engine, as veRL's hybrid engine and OpenRLHF's colocate_all_models have
+them): the process is the policy's rank and joins its process group (the host group is distributed); the engine is
+built after that, so vLLM's in-process engine finds torch.distributed initialised (a world of one rank) and uses it
+instead of opening its own; weights go from the policy's parameters to the engine's in the same process
+(`load_engine_weights`: no packing, no object store, no serialisation).
+
+The roles stay what they are: each is its plain class (Policy, Reference, Reward, Engine), built in the host's
+process; the driver reaches it through `HostedRole`, which quacks like a Ray actor handle
+(`handle.method.remote(...)`), and `RoleView`, which quacks like the role's RankGroup. Nothing else in the driver
+knows, but the weight sync, which asks the host to load its engine in place (actors/weight_sync.py).
 """
 from __future__ import annotations
 
@@ -20,10 +28,18 @@ import ray
 
 
 class RoleHost:
-    """Rank `rank` of several roles in one process: members is [(role, class, args)], built in order."""
+    """Rank `rank` of several roles in one process: members is [(role, class, args)], built in order. With the
+    policy among them the host is a rank of the policy's process group (its RankGroup is distributed): the engine
+    is then built once that group is up (`init_process_group`), the other members at once."""
 
     def __init__(self, rank: int, world_size: int, members: list[tuple[str, type, tuple]]):
-        self.roles = {role: cls(rank, world_size, *args) for role, cls, args in members}
+        self.rank, self.world_size = rank, world_size
+        self.roles: dict = {}
+        hybrid = any(role == "policy" for role, _, _ in members)
+        self.later = [m for m in members if hybrid and m[0] == "engine"]
+        for role, cls, args in members:
+            if not (hybrid and role == "engine"):
+                self.roles[role] = cls(rank, world_size, *args)
 
     def call(self, role: str, method: str, *args, **kwargs):
         return getattr(self.roles[role], method)(*args, **kwargs)
@@ -31,6 +47,24 @@ class RoleHost:
     def ready(self) -> bool:
         """Every member built (the group's liveness probe; each role answers its own `ready` through `call`)."""
         return True
+
+    # ------------------------------------------------------------------ the hybrid layout: the policy's rank
+    def node_ip(self) -> str:
+        return self.roles["policy"].node_ip()
+
+    def host_store(self, world_size: int) -> int:
+        return self.roles["policy"].host_store(world_size)
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        """The policy joins its group (and loads its model under DeepSpeed); then the engine is built."""
+        self.roles["policy"].init_process_group(master_addr, master_port)
+        for role, cls, args in self.later:
+            self.roles[role] = cls(self.rank, self.world_size, *args)
+        self.later = []
+
+    def load_engine_weights(self, bucket_bytes: int) -> dict:
+        """Weight sync in place: the policy's weights, bucket by bucket, loaded into this process's engine."""
+        return self.roles["policy"].load_into(self.roles["engine"], bucket_bytes)
 
 
 RoleHostActor = ray.remote(RoleHost)

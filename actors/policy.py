@@ -92,6 +92,15 @@ class Policy(DeepSpeedRole):
         return {"tensors": n_tensors, "bytes": n_bytes}
 
     @busy
+    def load_into(self, engine, bucket_bytes: int) -> dict:
+        """In-place sync (the hybrid layout, actors/host.py): `engine` is an Engine object in this process. Each
+        bucket goes to it as the tensors themselves, no packing or copy: below ZeRO-3 on the policy's device they are
+        the live parameters, which the engine copies into its own layout (fused projections; on CPU, prepacked)
+        before this returns. `staged` counts bytes copied on the way (none)."""
+        out = self._send_buckets(bucket_bytes, engine.load_tensors)
+        return {**out, "staged": 0}
+
+    @busy
     def push_weights(self, engines: list, bucket_bytes: int) -> dict:
         """Object-store sync: each bucket packed into one flat buffer (actors/sync_group.py), put into Ray's object
         store once as a numpy array, which every engine on the node then reads without a copy."""
@@ -101,7 +110,8 @@ class Policy(DeepSpeedRole):
             meta, flat = pack(bucket)
             payload = ray.put(flat.numpy())
             ray.get([e.load_weights.remote(meta, payload) for e in engines])
-        return self._send_buckets(bucket_bytes, send)
+        out = self._send_buckets(bucket_bytes, send)
+        return {**out, "staged": 2 * out["bytes"]}          # the flat buffer, then its copy in the object store
 
     def host_sync_store(self, world_size: int) -> int:
         """Process-group sync: rank 0 hosts the group's store (held until the group opens); returns its port."""
@@ -124,7 +134,8 @@ class Policy(DeepSpeedRole):
             refs = [e.receive_bucket.remote(meta) for e in engines]
             broadcast(self._sync_group, flat.to(self.device))
             ray.get(refs)
-        return self._send_buckets(bucket_bytes, send)
+        out = self._send_buckets(bucket_bytes, send)
+        return {**out, "staged": (1 + len(engines)) * out["bytes"]}   # the flat buffer, each engine's receive buffer
 
     @busy
     def share_weights_ipc(self, engines: list, bucket_bytes: int) -> dict:
@@ -135,7 +146,8 @@ class Policy(DeepSpeedRole):
         def send(bucket):
             meta = [(name, list(t.shape), str(t.dtype)) for name, t in bucket.items()]
             ray.get([e.receive_ipc_bucket.remote(meta, [reduce_tensor(t) for t in bucket.values()]) for e in engines])
-        return self._send_buckets(bucket_bytes, send, keep_on_device=True)
+        out = self._send_buckets(bucket_bytes, send, keep_on_device=True)
+        return {**out, "staged": 0}                          # the engines read the policy's GPU tensors
 
 
 PolicyActor = ray.remote(Policy)

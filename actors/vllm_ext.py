@@ -87,6 +87,10 @@ class WeightSyncExtension:
                 flat = torch.frombuffer(flat, dtype=torch.uint8)
         return self._rlhf_reload(unpack(meta, flat))
 
+    def rlhf_load_tensors(self, weights: list) -> int:
+        """Load (name, tensor) pairs handed over in this process (the in-process backend): no unpacking."""
+        return self._rlhf_reload(weights)
+
     # ---------------------------------------------------------------- the process-group backend
     def rlhf_open_sync_group(self, addr: str, port: int, first_rank: int, world_size: int, backend: str) -> int:
         """Join the policy's weight-sync group as rank first_rank + this worker's rank within its engine."""

@@ -9,6 +9,10 @@ The driver calls `push()` and does not know which backend ran. Backends:
                     engine worker (gloo on CPU, NCCL on GPU; actors/sync_group.py), across nodes alike
     cuda_ipc        engines on the same GPU as policy rank 0 (placement.colocate) open its tensors through CUDA
                     IPC handles: no copy through the host
+    in_process      the hybrid layout (placement.share_process [[policy, engine, ...]]): the engine lives in the
+                    policy's process and loads its parameters as they are (actors/host.py)
+Each push reports `bytes` (the weights loaded into each engine) and `staged` (bytes copied on the way there:
+packed buffers, the object store's copy, receive buffers); the engine's own load into its layout is not counted.
 ZeRO-3 parameters are gathered bucket by bucket, never the whole model at once on one rank.
 """
 from __future__ import annotations
@@ -31,9 +35,14 @@ class WeightSync:
         """Load the policy's weights, those of update `version`, into every engine. An engine still generating
         takes them after that generation: its calls run one at a time, so weights never change mid-rollout."""
         t0 = time.perf_counter()
-        results = self.policy_group.run(self.method, self.engines, self.bucket_bytes)  # collective on all ranks
+        sent = self._send()
         ray.get([e.weights_loaded.remote(version) for e in self.engines])
-        return {"bytes": results[0]["bytes"], "tensors": results[0]["tensors"], "seconds": time.perf_counter() - t0}
+        return {"bytes": sent["bytes"], "staged": sent["staged"], "tensors": sent["tensors"],
+                "seconds": time.perf_counter() - t0}
+
+    def _send(self) -> dict:
+        """Every rank gathers (collective under ZeRO-3); rank 0's count of what it sent."""
+        return self.policy_group.run(self.method, self.engines, self.bucket_bytes)[0]
 
 
 class ObjectStoreSync(WeightSync):
@@ -56,6 +65,13 @@ class CudaIpcSync(WeightSync):
     method = "share_weights_ipc"
 
 
+class InProcessSync(WeightSync):
+    """The policy's process hosts its engine: that process (the host, actors/host.py) loads one into the other."""
+
+    def _send(self) -> dict:
+        return self.policy_group.base.run("load_engine_weights", self.bucket_bytes)[0]
+
+
 def make_weight_sync(cfg, policy_group, engines: list) -> WeightSync:
     if cfg.weight_sync.backend == "object_store":
         return ObjectStoreSync(policy_group, engines, cfg.weight_sync.bucket_mb)
@@ -65,4 +81,6 @@ def make_weight_sync(cfg, policy_group, engines: list) -> WeightSync:
                                 cfg.engine.tensor_parallel_size)
     if cfg.weight_sync.backend == "cuda_ipc":
         return CudaIpcSync(policy_group, engines, cfg.weight_sync.bucket_mb)
+    if cfg.weight_sync.backend == "in_process":
+        return InProcessSync(policy_group, engines, cfg.weight_sync.bucket_mb)
     raise ValueError(f"weight_sync.backend: unknown backend {cfg.weight_sync.backend!r}")

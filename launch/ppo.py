@@ -395,6 +395,7 @@ def step_metrics(run: Run, step: int, scored: ScoredRollout, update: Update, syn
         "rollout/engine_version": int(batch.version.min()),
         "perf/tokens_per_s": batch.action_mask.sum().item() / max(generating, 1e-9),
         "perf/weight_sync_mb": sync_stats["bytes"] / 2 ** 20,
+        "perf/weight_sync_staged_mb": sync_stats["staged"] / 2 ** 20,     # copied on the way (0: in place)
         **{f"time/{k}": v for k, v in timer.seconds.items()},
         "time/generate": generating, "time/policy_update": p["update_seconds"],
         "time/step": step_seconds, "time/start": timer.started,

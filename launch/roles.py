@@ -16,7 +16,7 @@ from actors.engine import Engine, EngineActor
 from actors.env import EnvWorkerActor
 from actors.group import RankGroup, SharedPlacement
 from actors.host import RoleHostActor, RoleView
-from actors.policy import PolicyActor
+from actors.policy import Policy, PolicyActor
 from actors.reference import Reference, ReferenceActor
 from actors.reward import Reward, RewardActor
 from actors.teacher import Teacher, TeacherActor
@@ -101,11 +101,13 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
         if len(members) < 2:
             continue
         res = [cfg.role_section(m) for m in members]          # same num_ranks and node_resource (checked)
-        ordered = sorted(members, key=lambda m: m == "engine")     # vLLM last: it sets the process's threads
+        # the policy first (the hybrid layout: the process is its rank), vLLM last: it sets the process's threads
+        ordered = sorted(members, key=lambda m: (m != "policy", m == "engine"))
         hosts = RankGroup(RoleHostActor, "+".join(members), res[0].num_ranks, sum(r.cpus_per_rank for r in res),
                           max(r.gpus_per_rank for r in res), ([(m, ROLE_CLASSES[m], args) for m in ordered],),
-                          node_resource=res[0].node_resource, wait=False,
-                          runtime_env=engine_runtime if "engine" in members else env)
+                          distributed="policy" in members, node_resource=res[0].node_resource, wait=False,
+                          runtime_env=engine_runtime if "engine" in members else
+                          trainer_env(cfg, device) if "policy" in members else env)
         hosted.update({m: RoleView(hosts, m) for m in members})
 
     def group(actor_cls, role, distributed=False, runtime=env, gpu_bundles=1):
@@ -145,4 +147,5 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     return actors
 
 
-ROLE_CLASSES = {"reference": Reference, "teacher": Teacher, "reward": Reward, "engine": Engine}     # roles placement.share_process hosts
+ROLE_CLASSES = {"policy": Policy, "reference": Reference, "teacher": Teacher, "reward": Reward,   # roles that
+                "engine": Engine}                                                                 # share_process hosts

@@ -391,8 +391,9 @@ class FaultToleranceConfig:
 
 @dataclass
 class WeightSyncConfig:
-    backend: Literal["object_store", "process_group", "cuda_ipc"] = "object_store"
-    # process_group: gloo (CPU) / NCCL (GPU); cuda_ipc: engines sharing policy rank 0's GPU (placement.colocate)
+    backend: Literal["object_store", "process_group", "cuda_ipc", "in_process"] = "object_store"
+    # process_group: gloo (CPU) / NCCL (GPU); cuda_ipc: engines sharing policy rank 0's GPU (placement.colocate);
+    # in_process: the engine in the policy's own process (placement.share_process [[policy, engine, ...]])
     bucket_mb: float = 64.0            # parameters gathered (ZeRO-3) and shipped bucket by bucket
 
 
@@ -509,7 +510,8 @@ class PlacementConfig:
     share_process: list[list[str]] = field(default_factory=list)   # roles whose rank i lives in one worker process,
                                        # e.g. [[reference, reward]] or [[engine, reference, reward]]: on a small box
                                        # each process costs seconds of imports at start-up; shared roles' calls run
-                                       # one at a time (actors/host.py)
+                                       # one at a time (actors/host.py). With the policy and the engine: the hybrid
+                                       # layout, weights loaded in place (weight_sync.backend in_process)
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
     cpu_memory_gib: float = 1152.0     # per node (p4de.24xlarge), for offloaded optimizer states
@@ -752,16 +754,21 @@ class Config:
         for group in self.placement.share_process:
             key = "placement.share_process"
             _need(len(group) >= 2 and set(group) <= SHAREABLE, key, f"lists groups of at least two of "
-                  f"{sorted(SHAREABLE)} (the frozen roles and the engines), got {group}")
+                  f"{sorted(SHAREABLE)} (the policy, the frozen roles and the engines), got {group}")
             _need(not seen & set(group), key, f"names a role twice: {sorted(seen & set(group))}")
             seen |= set(group)
             _need(not any(set(group) & set(c) for c in self.placement.colocate), key,
                   f"{group}: a role that shares a process is placed with it; leave it out of placement.colocate")
             ranks = {r: self.role_section(r).num_ranks for r in group}
             _need(len(set(ranks.values())) == 1, key, f"roles sharing processes need the same number of ranks, got {ranks}")
+            if "policy" in group:
+                # vLLM's in-process engine joins the process's torch.distributed world, which is then the policy's
+                # group: with several ranks that takes vLLM's external_launcher mode (every rank one engine shard)
+                _need(self.policy.num_ranks == 1, key, f"{group}: the policy shares a process with one rank only "
+                      f"(policy.num_ranks 1), got {self.policy.num_ranks}")
             for r in group:
-                _need(r == "engine" or getattr(self, r).zero_stage == 0, key, f"{r}.zero_stage 3 joins a process "
-                      "group of its own (one per process): it cannot share a process")
+                _need(r in ("engine", "policy") or getattr(self, r).zero_stage == 0, key, f"{r}.zero_stage 3 joins "
+                      "a process group of its own (one per process): it cannot share a process")
                 _need(getattr(self, r).cpu_cores == getattr(self, group[0]).cpu_cores, key,
                       f"roles sharing processes need the same cpu_cores, got {r}.cpu_cores "
                       f"{getattr(self, r).cpu_cores} and {group[0]}.cpu_cores {getattr(self, group[0]).cpu_cores}")
@@ -772,6 +779,12 @@ class Config:
                       "be synchronous (rollout.max_staleness 0): off-policy it generates beside their scoring")
                 _need(self.engine.tensor_parallel_size == 1, key, "an engine sharing a process needs "
                       "engine.tensor_parallel_size 1")
+        hybrid = any({"policy", "engine"} <= set(g) for g in self.placement.share_process)
+        in_process = self.weight_sync.backend == "in_process"
+        _need(in_process or not hybrid, "weight_sync.backend", "must be in_process when the policy and the engine "
+              f"share a process (placement.share_process): weights are loaded in place; got {self.weight_sync.backend}")
+        _need(hybrid or not in_process, "weight_sync.backend", "in_process needs the engine in the policy's "
+              "process: placement.share_process [[policy, engine, ...]]")
         if self.weight_sync.backend == "cuda_ipc":
             _need(any({"policy", "engine"} <= set(g) for g in self.placement.colocate) and self.policy.gpus_per_rank > 0,
                   "weight_sync.backend", "cuda_ipc needs the engines on policy rank 0's GPU: placement.colocate "
@@ -1031,7 +1044,8 @@ class Config:
 
 STAGES = ("sft", "rm", "dpo", "kto")
 ROLES = ("policy", "critic", "reference", "teacher", "reward", "engine", "judge", "env", "agent")   # a PPO run's roles
-SHAREABLE = {"reference", "teacher", "reward", "engine"}       # roles that may share a worker process (placement.share_process)
+SHAREABLE = {"policy", "reference", "teacher", "reward", "engine"}   # roles that may share a worker process
+                                                                        # (placement.share_process)
 
 
 def _check_trainer(key: str, r: TrainerRoleConfig, batch_size: int, batch_key: str) -> None:

@@ -151,7 +151,10 @@ def test_resolve_paths_makes_every_local_model_path_absolute(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["placement.share_process=[[reference, policy]]"], "lists groups of at least two of ['engine', 'reference', 'reward', 'teacher']"),
+    (["placement.share_process=[[reference, critic]]"],
+     "lists groups of at least two of ['engine', 'policy', 'reference', 'reward', 'teacher']"),
+    (["placement.share_process=[[policy, reference]]", "policy.num_ranks=2", "reference.num_ranks=2"],
+     "the policy shares a process with one rank only (policy.num_ranks 1), got 2"),
     (["placement.share_process=[[reference]]"], "lists groups of at least two"),
     (["placement.share_process=[[reference, reward], [reward, engine]]"], "names a role twice: ['reward']"),
     (["placement.share_process=[[reference, reward]]", "reward.num_ranks=2"], "need the same number of ranks"),
@@ -169,6 +172,27 @@ def test_shared_processes_are_checked(overrides, needle):
         "config: placement.share_process "), str(e.value)
     ok = load_config("configs/tiny_ppo.yaml", BASE + ["placement.share_process=[[engine, reference, reward]]"])
     assert ok.check_ppo().placement.share_process == [["engine", "reference", "reward"]]
+
+
+def test_the_hybrid_layout_loads_weights_in_place_and_only_it_does():
+    """The policy and the engine in one process (placement.share_process) take weight_sync.backend in_process, and
+    in_process takes that layout; the policy may also share with the frozen roles alone (engine apart, off-policy)."""
+    hybrid = BASE + ["placement.share_process=[[policy, engine, reference, reward]]", "policy.num_ranks=1"]
+    with pytest.raises(ConfigError, match=r"^config: weight_sync.backend must be in_process when the policy and the "
+                                          r"engine share a process .*got object_store$"):
+        load_config("configs/tiny_grpo.yaml", hybrid).check_ppo()
+    with pytest.raises(ConfigError, match=r"^config: weight_sync.backend in_process needs the engine in the policy's"):
+        load_config("configs/tiny_grpo.yaml", BASE + ["weight_sync.backend=in_process", "policy.num_ranks=1",
+                                                      "placement.share_process=[[policy, reference, reward]]"]).check_ppo()
+    with pytest.raises(ConfigError, match="must be synchronous"):
+        load_config("configs/tiny_grpo.yaml", hybrid + ["weight_sync.backend=in_process", "rollout.max_staleness=1",
+                                                        "ppo.is_correction=tis"]).check_ppo()
+    ok = load_config("configs/tiny_grpo.yaml", hybrid + ["weight_sync.backend=in_process"]).check_ppo()
+    assert ok.placement.share_process == [["policy", "engine", "reference", "reward"]]
+    apart = load_config("configs/tiny_grpo.yaml", BASE + [
+        "placement.share_process=[[policy, reference, reward]]", "policy.num_ranks=1", "rollout.max_staleness=1",
+        "ppo.is_correction=tis", "weight_sync.backend=object_store"]).check_ppo()
+    assert apart.weight_sync.backend == "object_store"
 
 
 @pytest.mark.parametrize("override, needle", [
