@@ -32,7 +32,7 @@ from benchmarks.tables import publish, seed_table  # noqa: E402
 
 OUT = ROOT / "runs" / "bench-async"
 PIN = ["engine.cpu_cores=[0]", "reference.cpu_cores=[0]", "reward.cpu_cores=[0]", "policy.cpu_cores=[1]",
-       "policy.num_ranks=1"]
+       "policy.num_ranks=1", "placement.share_process=[[reference, reward]]"]   # (tiny_grpo.yaml's is now hybrid)
 # 128 samples a step (32 prompts x 4) in two minibatches: enough work per step that the loop's fixed costs (weight
 # sync, Ray round trips) do not decide the overlap; a learning rate and KL coefficient that keep the KL to the
 # reference within tens of nats over the run

@@ -34,7 +34,8 @@ EDGE = 5
 SOURCES = ('reward.sources=[{kind: judge, weight: 1.0},'
            ' {kind: function, path: "rlhf_ray.tiny_world.gold:tiny_gold", weight: 0.0}]')
 WORKLOAD = ["generation.prompts_per_step=16", "generation.n=4", "ppo.minibatch_size=32", "policy.lr=2e-4",
-            "ppo.kl_coef=0.05"]
+            "ppo.kl_coef=0.05",
+            "placement.share_process=[[reference, reward]]"]    # the layout measured (tiny_grpo.yaml's is now hybrid)
 
 
 def world(seed: int) -> Path:

@@ -45,7 +45,8 @@ SFT_TARGET = 0.4
 HELD_OUT = 200
 WORKLOAD = ["generation.prompts_per_step=8", "generation.n=8", "ppo.minibatch_size=32", "policy.lr=1e-4",
             "ppo.kl_coef=0.02", "generation.max_new_tokens=40", "data.max_prompt_tokens=32",
-            "ppo.missing_eos_penalty=0", "data.reward_keys=[answer]"]
+            "ppo.missing_eos_penalty=0", "data.reward_keys=[answer]",
+            "placement.share_process=[[reference, reward]]"]    # the layout measured (tiny_grpo.yaml's is now hybrid)
 TOOL = ["env.cls=rlhf_ray.tool_envs:Calculator", "env.turn_stop=['=']", "env.max_turns=3", "env.max_turn_tokens=16",
         "env.timeout_s=10", "reward.sources=[{kind: env, weight: 1.0}]"]
 SINGLE = ["reward.sources=[{kind: function, path: 'rlhf_ray.rule_rewards:contains_answer'}]"]

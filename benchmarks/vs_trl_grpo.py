@@ -10,9 +10,11 @@ world's gold rule + 0.2 x ends-with-period. Systems, each run as a user runs it,
 
     TRL         GRPOTrainer (benchmarks/trl_grpo_peer.py, its own venv .venv-trl made on first use), fp32, CPU,
                 one process, OMP_NUM_THREADS=2 (the box's two cores); it generates with HF generate
-    sync        rlhf-ray, configs/tiny_grpo.yaml: engine and the shared reference+reward process pinned to core 0,
-                the policy (one rank) to core 1, one thread each; rollout.max_staleness 0
-    off-policy  the same, one step off-policy (rollout.max_staleness 1, truncated importance weights, C = 2)
+    sync        rlhf-ray, configs/tiny_grpo.yaml, synchronous (rollout.max_staleness 0), the hybrid layout: policy,
+                engine, reference and reward in one process on both cores (two threads), weights loaded in place
+    off-policy  one step off-policy (rollout.max_staleness 1, truncated importance weights, C = 2): the engine in a
+                process of its own on core 0 (it samples step s+1 while the step s trains), policy, reference and
+                reward in one process on core 1, one thread each
 
 Per seed and system: runs of each --steps length; the median step and tokens/s (completion tokens over the steps'
 wall time, steps 2..N-1) from the longest run, the whole run's wall time from the command's start to its exit for
@@ -60,10 +62,15 @@ OUT = ROOT / "runs" / "bench-vs-trl-grpo"
 PROMPTS, N, MAX_NEW, LR, BETA, MINIBATCHES = 32, 4, 24, 2e-4, 0.05, 2
 WORKLOAD = [f"generation.prompts_per_step={PROMPTS}", f"generation.n={N}", f"generation.max_new_tokens={MAX_NEW}",
             f"ppo.minibatch_size={PROMPTS * N // MINIBATCHES}", "ppo.epochs=1", f"policy.lr={LR}", f"ppo.kl_coef={BETA}",
-            "ppo.missing_eos_penalty=0.0", "policy.num_ranks=1"]
-PIN = ["engine.cpu_cores=[0]", "reference.cpu_cores=[0]", "reward.cpu_cores=[0]", "policy.cpu_cores=[1]"]
-MODES = {"sync": ["rollout.max_staleness=0"],
-         "off-policy": ["rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0"]}
+            "ppo.missing_eos_penalty=0.0", "policy.num_ranks=1",
+            # forwards and backwards in chunks of a whole minibatch, as TRL's per_device_train_batch_size here
+            f"policy.micro_batch_size={PROMPTS * N // MINIBATCHES}", f"reference.micro_batch_size={PROMPTS * N // MINIBATCHES}"]
+ROLES = ("policy", "engine", "reference", "reward")
+MODES = {"sync": ["rollout.max_staleness=0", "placement.share_process=[[policy, engine, reference, reward]]",
+                  *(f"{r}.cpu_cores=[0, 1]" for r in ROLES)],
+         "off-policy": ["rollout.max_staleness=1", "ppo.is_correction=tis", "ppo.is_cap=2.0",
+                        "placement.share_process=[[policy, reference, reward]]",
+                        "engine.cpu_cores=[0]", *(f"{r}.cpu_cores=[1]" for r in ROLES if r != "engine")]}
 LAST = 5
 
 
@@ -103,7 +110,7 @@ def run_trl(w: Path, seed: int, steps: int, gen: dict) -> dict:
 def ours_sets(w: Path, run_dir: Path, seed: int, steps: int, mode: str) -> list[str]:
     return [f"models.policy={w}/policy", f"data.prompts={w}/prompts.jsonl", f"run.output_dir={run_dir}",
             f"run.seed={seed}", f"train.steps={steps}", "checkpoint.every=0", "logging.wandb.enabled=false",
-            "logging.samples_per_step=0", *WORKLOAD, *PIN, *MODES[mode]]
+            "logging.samples_per_step=0", *WORKLOAD, *MODES[mode]]
 
 
 def run_ours(w: Path, seed: int, steps: int, mode: str) -> dict:
@@ -173,8 +180,9 @@ def main() -> int:
               "steps' time; wall: command start to exit. Sampling, checked equal from each side's own config: "
               f"temperature {gen['temperature']:g}, top_p {gen['top_p']:g}, top-k and min-p off, no repetition "
               "penalty. "
-              "TRL 1.12 GRPOTrainer: one process, 2 threads, HF generate. rlhf-ray: configs/tiny_grpo.yaml, engine "
-              "and reference+reward on core 0, policy on core 1, one thread each.",
+              "TRL 1.12 GRPOTrainer: one process, 2 threads, HF generate. rlhf-ray: configs/tiny_grpo.yaml; sync: "
+              "the hybrid layout, policy, engine, reference and reward in one process on both cores; off-policy: the "
+              "engine alone on core 0, policy+reference+reward in one process on core 1.",
               f"{cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; commit {git_commit()}."]
     publish("\n".join(lines), OUT / "grpo.md")
     return 0

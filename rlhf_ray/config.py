@@ -391,9 +391,10 @@ class FaultToleranceConfig:
 
 @dataclass
 class WeightSyncConfig:
-    backend: Literal["object_store", "process_group", "cuda_ipc", "in_process"] = "object_store"
-    # process_group: gloo (CPU) / NCCL (GPU); cuda_ipc: engines sharing policy rank 0's GPU (placement.colocate);
-    # in_process: the engine in the policy's own process (placement.share_process [[policy, engine, ...]])
+    backend: Literal["auto", "object_store", "process_group", "cuda_ipc", "in_process"] = "auto"
+    # auto: in_process when the engine lives in the policy's process (placement.share_process [[policy, engine,
+    # ...]]: weights loaded in place), else object_store; process_group: gloo (CPU) / NCCL (GPU); cuda_ipc:
+    # engines sharing policy rank 0's GPU (placement.colocate). Resolved by check_ppo: the dumped config says which
     bucket_mb: float = 64.0            # parameters gathered (ZeRO-3) and shipped bucket by bucket
 
 
@@ -776,13 +777,17 @@ class Config:
                       "roles sharing processes need the same node_resource")
             if "engine" in group:
                 _need(self.rollout.max_staleness == 0, key, "an engine sharing a process with scoring roles must "
-                      "be synchronous (rollout.max_staleness 0): off-policy it generates beside their scoring")
+                      "be synchronous (rollout.max_staleness 0): off-policy it generates beside their scoring; give "
+                      "it a process of its own (e.g. [[policy, reference, reward]])")
                 _need(self.engine.tensor_parallel_size == 1, key, "an engine sharing a process needs "
                       "engine.tensor_parallel_size 1")
         hybrid = any({"policy", "engine"} <= set(g) for g in self.placement.share_process)
+        if self.weight_sync.backend == "auto":
+            self.weight_sync.backend = "in_process" if hybrid else "object_store"
         in_process = self.weight_sync.backend == "in_process"
-        _need(in_process or not hybrid, "weight_sync.backend", "must be in_process when the policy and the engine "
-              f"share a process (placement.share_process): weights are loaded in place; got {self.weight_sync.backend}")
+        _need(in_process or not hybrid, "weight_sync.backend", "must be in_process (or auto) when the policy and the "
+              f"engine share a process (placement.share_process): weights are loaded in place; got "
+              f"{self.weight_sync.backend}")
         _need(hybrid or not in_process, "weight_sync.backend", "in_process needs the engine in the policy's "
               "process: placement.share_process [[policy, engine, ...]]")
         if self.weight_sync.backend == "cuda_ipc":

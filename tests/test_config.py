@@ -175,24 +175,22 @@ def test_shared_processes_are_checked(overrides, needle):
 
 
 def test_the_hybrid_layout_loads_weights_in_place_and_only_it_does():
-    """The policy and the engine in one process (placement.share_process) take weight_sync.backend in_process, and
-    in_process takes that layout; the policy may also share with the frozen roles alone (engine apart, off-policy)."""
+    """The policy and the engine in one process (placement.share_process) resolve weight_sync.backend auto to
+    in_process and refuse any other channel; in_process takes that layout; the policy may also share with the frozen
+    roles alone (the engine apart, e.g. off-policy), where auto is the object store."""
     hybrid = BASE + ["placement.share_process=[[policy, engine, reference, reward]]", "policy.num_ranks=1"]
-    with pytest.raises(ConfigError, match=r"^config: weight_sync.backend must be in_process when the policy and the "
-                                          r"engine share a process .*got object_store$"):
-        load_config("configs/tiny_grpo.yaml", hybrid).check_ppo()
+    assert load_config("configs/tiny_grpo.yaml", hybrid).check_ppo().weight_sync.backend == "in_process"
+    with pytest.raises(ConfigError, match=r"^config: weight_sync.backend must be in_process \(or auto\) when the "
+                                          r"policy and the engine share a process .*got object_store$"):
+        load_config("configs/tiny_grpo.yaml", hybrid + ["weight_sync.backend=object_store"]).check_ppo()
+    apart = BASE + ["placement.share_process=[[policy, reference, reward]]", "policy.num_ranks=1",
+                    "rollout.max_staleness=1", "ppo.is_correction=tis"]
     with pytest.raises(ConfigError, match=r"^config: weight_sync.backend in_process needs the engine in the policy's"):
-        load_config("configs/tiny_grpo.yaml", BASE + ["weight_sync.backend=in_process", "policy.num_ranks=1",
-                                                      "placement.share_process=[[policy, reference, reward]]"]).check_ppo()
+        load_config("configs/tiny_grpo.yaml", apart + ["weight_sync.backend=in_process"]).check_ppo()
+    assert load_config("configs/tiny_grpo.yaml", apart).check_ppo().weight_sync.backend == "object_store"
     with pytest.raises(ConfigError, match="must be synchronous"):
-        load_config("configs/tiny_grpo.yaml", hybrid + ["weight_sync.backend=in_process", "rollout.max_staleness=1",
-                                                        "ppo.is_correction=tis"]).check_ppo()
-    ok = load_config("configs/tiny_grpo.yaml", hybrid + ["weight_sync.backend=in_process"]).check_ppo()
-    assert ok.placement.share_process == [["policy", "engine", "reference", "reward"]]
-    apart = load_config("configs/tiny_grpo.yaml", BASE + [
-        "placement.share_process=[[policy, reference, reward]]", "policy.num_ranks=1", "rollout.max_staleness=1",
-        "ppo.is_correction=tis", "weight_sync.backend=object_store"]).check_ppo()
-    assert apart.weight_sync.backend == "object_store"
+        load_config("configs/tiny_grpo.yaml", hybrid + ["rollout.max_staleness=1", "ppo.is_correction=tis"]).check_ppo()
+    assert load_config("configs/tiny_ppo.yaml", BASE).check_ppo().weight_sync.backend == "object_store"
 
 
 @pytest.mark.parametrize("override, needle", [
