@@ -526,9 +526,11 @@ class PlanConfig:
     reward_arch: str = ""              # the reward model's and the critic's ("" -> models.reward, else policy_arch)
     judge_arch: str = ""               # the LLM judge's, when a reward source is a judge ("" -> judge.model)
     teacher_arch: str = ""             # the distillation teacher's ("" -> models.teacher)
-    engine_weights: Literal["bf16", "nf4"] = "bf16"   # what the engines hold: the merged bf16 weights (what runs);
-                                       # nf4: what-if of a 4-bit engine receiving only the LoRA adapters (vLLM's
-                                       # bitsandbytes + LoRA serving, CUDA only; not a run mode of rlhf-ray yet)
+    engine_weights: Literal["bf16", "nf4", "shared"] = "bf16"   # what the engines hold: the merged bf16 weights
+                                       # (what runs); nf4: what-if of a 4-bit engine receiving only the LoRA adapters
+                                       # (vLLM's bitsandbytes + LoRA serving, CUDA only; not a run mode of rlhf-ray
+                                       # yet); shared: the same, the engine in the policy's process reading the
+                                       # policy's own 4-bit base (the hybrid layout; a plan, not a run mode yet)
 
 
 @dataclass
@@ -775,6 +777,9 @@ class Config:
                       f"{getattr(self, r).cpu_cores} and {group[0]}.cpu_cores {getattr(self, group[0]).cpu_cores}")
                 _need(getattr(self, r).node_resource == getattr(self, group[0]).node_resource, key,
                       "roles sharing processes need the same node_resource")
+            if {"policy", "engine"} <= set(group) and self.policy.gpus_per_rank > 0:
+                _need(self.placement.engines_sleep, "placement.engines_sleep", "must be true when the engine shares "
+                      "the policy's process on a GPU (vLLM sleep mode frees its memory while the policy trains)")
             if "engine" in group:
                 _need(self.rollout.max_staleness == 0, key, "an engine sharing a process with scoring roles must "
                       "be synchronous (rollout.max_staleness 0): off-policy it generates beside their scoring; give "

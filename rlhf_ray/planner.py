@@ -44,7 +44,11 @@ reference with the adapters off, within the memory they already hold. The engine
 plan.engine_weights nf4 plans a 4-bit engine that would receive only the adapters instead (not a run mode yet).
 
 Roles colocated on the same GPUs add up. With the engines sleeping (vLLM sleep mode) they hold nothing while the
-trainers run; during generation the trainers' model states stay resident beside the engine.
+trainers run; during generation the trainers' model states stay resident beside the engine. Roles sharing one
+process (placement.share_process; the hybrid layout puts the policy and its engine there) share its GPU the same
+way and hold one CUDA context between them. In the hybrid layout a QLoRA policy's engine could read the policy's own
+4-bit base and take only the adapters (plan.engine_weights shared: Unsloth's layout on one GPU; vLLM serves
+bitsandbytes + LoRA on CUDA only, so on CPU the engine takes the merged weights and this stays a plan).
 What one rank cannot show, and so stays the paper's arithmetic: the 1/N division across ranks, ZeRO-3's
 prefetch at N > 1, NCCL's buffers per peer.
 """
@@ -297,6 +301,13 @@ def make_plan(cfg) -> Plan:
     engine_weights = None
     if pl.engine_weights == "nf4":       # a 4-bit engine holding the base and the policy's bf16 adapters
         engine_weights = weight_bytes(pol, True, "nf4") + 2 * pol.lora_params(cfg.policy.lora.rank)
+    hybrid = next((m for m in place.share_process if {"policy", "engine"} <= set(m)), None)
+    if pl.engine_weights == "shared":    # the policy's process: its 4-bit base once, the engine's own adapters
+        if hybrid is None or cfg.policy.quantization == "none" or not cfg.policy.lora.rank:
+            from rlhf_ray.config import ConfigError
+            raise ConfigError("config: plan.engine_weights shared needs a quantised LoRA policy sharing its process "
+                              "with the engine (placement.share_process [[policy, engine, ...]])")
+        engine_weights = 2 * pol.lora_params(cfg.policy.lora.rank)
     engine, capacity, seqs = plan_engine(pol, cfg.engine, cfg.generation, gpu_bytes, weights_bytes=engine_weights)
     roles["engine"] = engine
     if cfg.needs_judge():            # its own engines, sized like the policy's: weights, then KV cache
@@ -306,7 +317,8 @@ def make_plan(cfg) -> Plan:
     problems: list[str] = []
     groups: list[tuple[list[str], int, float]] = []
     placed: set[str] = set()
-    for members in place.colocate:
+    for members in [*place.colocate, *place.share_process]:
+        one_process = members in place.share_process
         members = [m for m in members if m in roles]
         if not members:
             continue
@@ -314,14 +326,17 @@ def make_plan(cfg) -> Plan:
         if len(sizes) > 1:
             problems.append(f"colocated roles {members} need the same GPU count, got "
                             + ", ".join(f"{m}={roles[m].gpus}" for m in members))
-        trainers = [roles[m] for m in members if m != "engine"]
-        if "engine" in members:
+        others = [roles[m] for m in members if m != "engine"]
+        sleeps = "engine" in members and not (one_process and "policy" not in members)   # beside trainers: asleep
+        if sleeps:
             if not place.engines_sleep:
                 problems.append("engines colocated with other roles need placement.engines_sleep: true (vLLM sleep mode)")
             # generation: engine + everything else's resident states; training: engine asleep, trainers' peaks
-            peak = max(engine.total + sum(r.resident for r in trainers), sum(r.total for r in trainers))
-        else:
-            peak = sum(r.total for r in trainers)
+            peak = max(engine.total + sum(r.resident for r in others), sum(r.total for r in others))
+        else:                          # frozen roles beside an awake engine (one process), or no engine
+            peak = sum(r.total for r in others) + (engine.total if "engine" in members else 0.0)
+        if one_process:                # one CUDA context between them (each role's plan counts its own)
+            peak -= max(0, len(others) - 1) * CUDA_CONTEXT
         groups.append((members, max(sizes), peak))
         placed.update(members)
     for name, r in roles.items():

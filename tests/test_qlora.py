@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassifi
 from actors.base import adapters_off, add_lora, dequantized, export_items, full_numel, is_quantized, save_unquantized
 from rlhf_ray.config import ConfigError, LoraConfig, load_config
 from rlhf_ray.models import Quant, load_causal_lm, load_scalar_model, response_logprobs, sequence_scores
-from rlhf_ray.planner import GiB, PRESETS, make_plan, weight_bytes
+from rlhf_ray.planner import CUDA_CONTEXT, GiB, PRESETS, make_plan, weight_bytes
 from rlhf_ray.tiny_world.world import train_tokenizer
 
 NF4 = Quant("nf4", True, "float32")
@@ -191,6 +191,19 @@ def test_planner_counts_4bit_weights_and_answers_the_16gb_question():
     assert make_plan(load_config(shipped, ["placement.gpu_memory_gib=40"])).fits
     assert not make_plan(load_config(shipped, ["plan.engine_weights=nf4"])).fits
     assert make_plan(load_config(shipped, ["plan.engine_weights=nf4", "ppo.advantage=grpo"])).fits
+    # the hybrid layout (GRPO: no critic): policy, engine and reward in one process, one CUDA context between them
+    hybrid = ["ppo.advantage=grpo", "placement.colocate=[]", "placement.share_process=[[policy, engine, reward]]"]
+    merged, shared = make_plan(load_config(shipped, hybrid)), make_plan(load_config(shipped, hybrid + [
+        "plan.engine_weights=shared"]))
+    separate = make_plan(load_config(shipped, ["ppo.advantage=grpo"]))           # three processes on the GPU
+    # policy and reward: one context fewer (the engine's own lies within its gpu_memory_utilization either way)
+    assert separate.gpu_groups[0][2] - merged.gpu_groups[0][2] == pytest.approx(CUDA_CONTEXT)
+    assert not merged.fits and merged.gpu_groups[0][:2] == (["policy", "engine", "reward"], 1)   # bf16 engine copy
+    engine = next(r for r in shared.roles if r.role == "engine")           # the base read in place: adapters only
+    assert engine.per_gpu["weights"] == 2 * arch.lora_params(16) and shared.fits
+    assert 14 < shared.gpu_groups[0][2] / GiB < 15 and shared.engine_concurrent_seqs >= 8
+    with pytest.raises(ConfigError, match="plan.engine_weights shared needs a quantised LoRA policy sharing"):
+        make_plan(load_config(shipped, ["plan.engine_weights=shared"]))
 
 
 def test_double_quant_and_compute_dtype_reach_the_loaded_layers(tiny):
