@@ -25,6 +25,13 @@ def tiny_overrides(world: dict, run_dir) -> list[str]:
             "placement.share_process=[[engine, reference, reward]]"]    # two processes fewer to start (actors/host.py)
 
 
+# The hybrid layout (actors/host.py) for a synchronous one-rank policy: one worker process for the policy, the engine
+# and the frozen roles, two fewer to start than tiny_overrides' layout (each ~5 CPU-s of imports on a 2-core box)
+HYBRID = ["policy.num_ranks=1", "placement.share_process=[[policy, engine, reference, reward]]"]
+# One step off-policy the engine samples beside the update, in a process of its own; the rest share one
+OFF_POLICY_LAYOUT = ["policy.num_ranks=1", "placement.share_process=[[policy, reference, reward]]"]
+
+
 SHARED_CLUSTER_CPUS = 16        # logical CPUs: room for every in-process test's layout (the actors share the cores)
 
 

@@ -12,7 +12,7 @@ import ray
 
 from actors.agent import AgentWorkerActor
 from actors.env import EnvWorkerActor
-from conftest import tiny_overrides
+from conftest import OFF_POLICY_LAYOUT, tiny_overrides
 from launch.ppo import train
 from launch.rollout import episode_seeds
 from rlhf_ray.config import load_config
@@ -52,7 +52,7 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
         f"models.policy={policy}", f"data.prompts={prompts}", "generation.max_new_tokens=40", "generation.n=4",
         "ppo.minibatch_size=16", "ppo.missing_eos_penalty=0", "policy.num_ranks=1", "train.steps=3",
         # one step off-policy: the next step's agents run while the trainers update (an engine of its own)
-        "rollout.max_staleness=1", "ppo.is_correction=tis", "placement.share_process=[[reference, reward]]"])
+        "rollout.max_staleness=1", "ppo.is_correction=tis", *OFF_POLICY_LAYOUT])
     summary = train(cfg, keep_actors=True)
     actors = summary["actors"]
     try:

@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from conftest import tiny_overrides
+from conftest import HYBRID, tiny_overrides
 from launch import reaper
 from launch.answers import Judge, Sampler
 from launch.label import main as label_main
@@ -233,7 +233,7 @@ def test_adaptive_kl_controller_steers_the_kl_toward_its_target(tiny_world, tmp_
     target = 1.0
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
         "ppo.kl_coef=1.0", f"ppo.kl_target={target}", "ppo.kl_horizon=1", "policy.lr=3e-4", "train.steps=14",
-        "policy.num_ranks=1"])
+        *HYBRID])
     train(cfg)
     rows = read_metrics(run_dir)
     kl, coef = [r["kl/ref_per_seq"] for r in rows], [r["kl/coef"] for r in rows]
@@ -257,7 +257,7 @@ def test_on_policy_distillation_pulls_the_policy_toward_a_teacher_sharing_the_fr
                                  log=lambda *_: None, text="\n\n".join(sentences))
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_distill.yaml", tiny_overrides(tiny_world, run_dir) + [   # as shipped, but for
-        f"models.teacher={teacher}", "placement.share_process=[[engine, reference, teacher]]",  # the test's sizes
+        f"models.teacher={teacher}", "placement.share_process=[[policy, engine, reference, teacher]]",  # test sizes
         "ppo.minibatch_size=16", "train.steps=12"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

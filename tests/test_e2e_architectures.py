@@ -12,7 +12,7 @@ import math
 import pytest
 import transformers
 
-from conftest import tiny_overrides
+from conftest import HYBRID, tiny_overrides
 from launch.ppo import train
 from rlhf_ray.config import load_config
 from rlhf_ray.models import load_tokenizer
@@ -49,7 +49,7 @@ def test_engine_and_policy_agree_for_every_family(family, tiny_world, tmp_path):
     policy = build_policy(family, tiny_world["policy"], tmp_path / family)
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        f"models.policy={policy}", "ppo.advantage=grpo", "policy.num_ranks=1", "policy.lr=1e-3",
+        f"models.policy={policy}", "ppo.advantage=grpo", *HYBRID, "policy.lr=1e-3",
         "logging.wandb.enabled=false", *RUN.get(family, [])])
     train(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

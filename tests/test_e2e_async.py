@@ -11,7 +11,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import OFF_POLICY_LAYOUT, tiny_overrides
 from episode_envs import OBSERVATION
 from launch.ppo import train
 from rlhf_ray.config import load_config
@@ -26,7 +26,6 @@ SAME = ["reward/score_mean", "reward/score_std", "kl/ref_per_seq", "policy/loss"
 
 
 # an engine generating beside scoring has a process of its own; one policy rank (what is compared needs no ZeRO split)
-OFF_POLICY_LAYOUT = ["placement.share_process=[[reference, reward]]", "policy.num_ranks=1"]
 
 
 TOOLS = ["ok", "ok", "ok", "raise", "ok", "hang", "ok", "ok"]     # the tool each prompt row gets, by row index mod 8
@@ -106,7 +105,8 @@ def test_grpo_one_step_off_policy_with_truncated_importance_weights_on_two_engin
     try:
         assert actors.critic is None
         where = {r: ray.get(g.actors[0].placement.remote()) for r, g in actors.groups().items()}
-        assert where["reference"]["pid"] == where["reward"]["pid"] != where["policy"]["pid"]   # share_process
+        assert where["reference"]["pid"] == where["reward"]["pid"] == where["policy"]["pid"]   # share_process
+        assert where["engine"]["pid"] != where["policy"]["pid"]
         rows = read_metrics(run_dir)
         assert len(actors.engines) == 2
         assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1, 1, 1]

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import HYBRID, tiny_overrides
 from launch.ppo import train
 from rlhf_ray.config import load_config
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_reused_sample_logprobs_train_and_stay_close_to_the_policy(tiny_world, tmp_path, dtype, attn, bound):
     run_dir = tmp_path / "run"
     cfg = load_config("configs/tiny_ppo.yaml", tiny_overrides(tiny_world, run_dir) + [
-        "policy.num_ranks=1", "ppo.reuse_sample_logprobs=true", f"train.dtype={dtype}",
+        *HYBRID, "ppo.reuse_sample_logprobs=true", f"train.dtype={dtype}",
         f"train.attn_implementation={attn}", "policy.lr=1e-3", "ppo.epochs=2", "policy.micro_batch_size=4"])
     train(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import OFF_POLICY_LAYOUT, tiny_overrides
 from launch import reaper
 from launch.ppo import main as ppo_main
 from rlhf_ray.models import Quant, load_causal_lm
@@ -162,7 +162,7 @@ def dapo_sets(world, run_dir, prompts) -> list[str]:
     """configs/tiny_dapo.yaml one step off-policy with a QLoRA policy, on prompts whose first UNIFORM_ROWS rows score
     every answer alike (tests/reward_fns.py), in file order."""
     return tiny_overrides(world, run_dir) + QLORA + [
-        "placement.share_process=[[reference, reward]]", "policy.num_ranks=1", "rollout.max_staleness=1",
+        *OFF_POLICY_LAYOUT, "rollout.max_staleness=1",
         "ppo.is_correction=tis", "generation.prompts_per_step=4", "generation.n=4", "ppo.minibatch_size=8",
         "policy.micro_batch_size=8", "rollout.max_rounds=2", "policy.lr=1e-3", "train.steps=6", "checkpoint.every=2",
         "checkpoint.keep=5", f"data.prompts={prompts}", "data.shuffle=false", "data.reward_keys=[mode]",

@@ -30,6 +30,7 @@ JUDGE_SEED = 1                                              # its judge passes v
 # the judge test's trainers on one rank each (ZeRO over two ranks runs in the two-round test): fewer processes to
 # start on a 2-core box that runs two tests at once
 ONE_RANK = [f"{role}.num_ranks=1" for role in ("sft.trainer", "rm.trainer", "dpo.trainer", "kto.trainer", "policy")]
+ONE_RANK += ["placement.share_process=[[policy, engine, reference, reward]]"]     # PPO in the hybrid layout
 
 
 def small_pipeline(tiny_world, tmp_path, extra=()):
