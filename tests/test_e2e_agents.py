@@ -84,6 +84,7 @@ def test_agents_train_through_the_endpoint_match_env_episodes_token_for_token_an
         flat = [s for row in seeds for s in row]
         env_cfg = load_config("configs/tiny_grpo.yaml", [f"models.policy={policy}", *TOOL_ENV])
         env_worker = EnvWorkerActor.remote(0, 1, env_cfg, "cpu")
+        ray.get(env_worker.ready.remote())        # started (its imports) before env.timeout_s counts its answers
         ids = render_prompts(tok, [r["prompt"] for r in ok], cfg.data)
         through_env = ray.get(actors.engines[0].episodes.remote(
             ids, ok, n, 40, 1.0, 1.0, flat, env_cfg.env, env_stop_ids(tok, ["="]), [env_worker]))
