@@ -27,6 +27,9 @@ def start_ray(cfg: Config, extra_cpus: float = 0) -> None:
         return
     # Logical CPUs: on a small box the actors share the cores (their phases mostly take turns).
     num_cpus = cfg.ray.num_cpus or max(math.ceil(cfg.cpus_needed() + extra_cpus), os.cpu_count() or 1)
+    # Ray prestarts idle workers for the first driver, one per logical CPU it can; rlhf-ray's actors each carry a
+    # runtime_env of their own and never take one, so they only spend CPU (~0.5 s each) while the actors start
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     with watch_local_cluster():           # the cluster dies with this process, however it ends (not what it starts later)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=True)

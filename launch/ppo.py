@@ -460,6 +460,23 @@ def tokenizer_beside_ray(cfg: Config, configs: dict):
             raise
 
 
+def actors_beside_logger(cfg: Config, device: str, run_dir: Path, resume_step: int | None) -> tuple[Actors, MetricsLogger]:
+    """Every role's actors, and the metrics logger opened while they start (W&B's import and service take about a
+    second, which the actors' start-up hides). Either failing leaves neither behind."""
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(MetricsLogger, run_dir, cfg, cfg.run.name, resume_step=resume_step)
+        try:
+            actors = build_actors(cfg, device, run_dir)
+        except BaseException:
+            opening.result().close()
+            raise
+        try:
+            return actors, opening.result()
+        except BaseException:
+            actors.shutdown()
+            raise
+
+
 def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, gold_fn=None,
           watch: Watch | None = None) -> dict:
     """Run PPO to cfg.train.steps, or until `watch` says stop (then that step is checkpointed); returns where things
@@ -480,7 +497,8 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
     tok_dir = cfg.models.tokenizer or cfg.models.policy
     stream = PromptStream(prompts, cfg.generation.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
 
-    actors = build_actors(cfg, device, run_dir)
+    start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
+    actors, logger = actors_beside_logger(cfg, device, run_dir, start_step if latest is not None else None)
     startup["actors"] = time.time()
     sync = make_weight_sync(cfg, actors.policy, actors.engines)
     for name, group in actors.trained.items():
@@ -495,8 +513,6 @@ def train(cfg: Config, resume: bool | str = False, keep_actors: bool = False, go
         print(f"teacher: {cfg.models.teacher}, distill.coef {cfg.distill.coef}, gamma {cfg.distill.gamma}"
               + (" (the only signal)" if cfg.distill.only else " (beside the task reward)"), flush=True)
 
-    start_step = ckpt.load_state(latest)["step"] if latest is not None else 0
-    logger = MetricsLogger(run_dir, cfg, cfg.run.name, resume_step=start_step if latest is not None else None)
     run = Run(cfg, actors, sync, tokenizer, stream, make_rollouts(cfg, actors, tokenizer, stream),
               AdvantageSettings.of(cfg.ppo, cfg.generation.n, cfg.distill if cfg.needs_teacher() else None), logger, run_dir, tok_dir, KLCoef(cfg.ppo),
               ScoreNorm(cfg.ppo.reward_norm), DivergenceGuard(cfg.guard), gold_fn, watch, startup=startup)
