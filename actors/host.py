@@ -22,20 +22,26 @@ knows, but the weight sync, which asks the host to load its engine in place (act
 """
 from __future__ import annotations
 
+import gc
+import importlib
 from dataclasses import dataclass
 
 import ray
 
 
 class RoleHost:
-    """Rank `rank` of several roles in one process: members is [(role, class, args)], built in order. With the
-    policy among them the host is a rank of the policy's process group (its RankGroup is distributed): the engine
-    is then built once that group is up (`init_process_group`), the other members at once."""
+    """Rank `rank` of several roles in one process: members is [(role, "module:Class" or a class, args)], built in
+    order. With the policy among them the host is a rank of the policy's process group (its RankGroup is
+    distributed): the engine is then built once that group is up (`init_process_group`), the other members at once.
+    The classes come by name, imported here with the collector off, as every rank's start-up runs (actors/base.py
+    RankActor)."""
 
-    def __init__(self, rank: int, world_size: int, members: list[tuple[str, type, tuple]]):
+    def __init__(self, rank: int, world_size: int, members: list[tuple[str, str | type, tuple]]):
+        gc.disable()                    # until the members' `ready` (their modules import torch, transformers, vLLM)
         self.rank, self.world_size = rank, world_size
         self.roles: dict = {}
         hybrid = any(role == "policy" for role, _, _ in members)
+        members = [(role, _load(cls) if isinstance(cls, str) else cls, args) for role, cls, args in members]
         self.later = [m for m in members if hybrid and m[0] == "engine"]
         for role, cls, args in members:
             if not (hybrid and role == "engine"):
@@ -46,7 +52,7 @@ class RoleHost:
 
     def ready(self) -> bool:
         """Every member built (the group's liveness probe; each role answers its own `ready` through `call`)."""
-        return True
+        return all(role.ready() for role in self.roles.values())
 
     # ------------------------------------------------------------------ the hybrid layout: the policy's rank
     def node_ip(self) -> str:
@@ -65,6 +71,11 @@ class RoleHost:
     def load_engine_weights(self, bucket_bytes: int) -> dict:
         """Weight sync in place: the policy's weights, bucket by bucket, loaded into this process's engine."""
         return self.roles["policy"].load_into(self.roles["engine"], bucket_bytes)
+
+
+def _load(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 RoleHostActor = ray.remote(RoleHost)

@@ -6,8 +6,9 @@ One warm-up run (so that the measured runs are warm: bytecode compiled, files in
 runs, one after the other. Per run: the wall time from the command's start to its first step line; the driver's
 and every actor's start-up phases (the run's startup.json: process start, imports, model load, DeepSpeed, vLLM
 import, engine build); and the CPU seconds each process spent until that line (sampled from /proc every 0.1 s:
-the box has two cores, so start-up is bounded by the sum of this work as much as by any one process). Prints the
-median run's table and writes runs/bench-startup/startup.md. A benchmark, not a test.
+the box has two cores, so start-up is bounded by the sum of this work as much as by any one process). After each
+run, the yardstick: `python -c "from vllm import LLM"` in a fresh process, timed. Prints the median run's table and
+writes runs/bench-startup/startup.md. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -85,11 +86,22 @@ def one_run(cmd: list[str], run_dir: Path) -> dict:
     return {"first_step": first, "cpu": by_title, "phases": json.loads((run_dir / "startup.json").read_text())}
 
 
-def report(runs: list[dict], a) -> str:
+def vllm_import() -> float:
+    """Wall seconds of `python -c "from vllm import LLM"` in a fresh process (the yardstick: vLLM's import alone)."""
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", "from vllm import LLM"], cwd=ROOT, check=True, capture_output=True)
+    return time.time() - t0
+
+
+def report(runs: list[dict], imports: list[float], a) -> str:
     med = sorted(runs, key=lambda r: r["first_step"])[len(runs) // 2]
     walls = [r["first_step"] for r in runs]
+    yardstick = statistics.median(imports)
     lines = [f"From `rlhf-ray ppo --config {a.config}` to its first step's line: median {statistics.median(walls):.1f} s "
-             f"over {len(runs)} warm runs ({', '.join(f'{w:.1f}' for w in walls)} s). The median run's phases, each "
+             f"over {len(runs)} warm runs ({', '.join(f'{w:.1f}' for w in walls)} s), "
+             f"**{statistics.median(walls) / yardstick:.2f}x** the wall time of `python -c \"from vllm import LLM\"` "
+             f"in a fresh process, measured between the runs: median {yardstick:.1f} s "
+             f"({', '.join(f'{w:.1f}' for w in imports)} s). The median run's phases, each "
              "as the time it ended (seconds since the driver process started):", "",
              "| process | started | phases |", "|---|---|---|"]
     for name, marks in med["phases"].items():
@@ -117,14 +129,16 @@ def main() -> int:
     cmd = [str(Path(sys.executable).parent / "rlhf-ray"), "ppo", "--config", a.config]
     for s in [f"run.output_dir={run_dir}", "train.steps=2", *a.extra]:        # W&B as the config has it (offline)
         cmd += ["--set", s]
-    runs = []
+    runs, imports = [], []
     for i in range(a.runs + 1):
         (run_dir / "startup.json").unlink(missing_ok=True)
         r = one_run(cmd, run_dir)
         print(f"{'warm-up' if i == 0 else f'run {i}'}: first step at {r['first_step']:.1f} s", flush=True)
         if i:
             runs.append(r)
-    publish(report(runs, a), OUT / "startup.md")
+            imports.append(vllm_import())
+            print(f"  from vllm import LLM: {imports[-1]:.1f} s", flush=True)
+    publish(report(runs, imports, a), OUT / "startup.md")
     return 0
 
 

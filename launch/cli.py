@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from rlhf_ray.config import STAGES
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "ppo":
+        # no cyclic garbage collection through the start-up (imports walked by every collection: ~15 % of them);
+        # launch/ppo.py turns it back on after the first step
+        gc.disable()
         from launch.ppo import main as ppo_main
         return ppo_main(rest)
     if cmd == "pipeline":

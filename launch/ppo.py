@@ -8,6 +8,7 @@ and padded tensors between the actors and does the (cheap) advantage math.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -350,6 +351,9 @@ def report_startup(run: Run) -> None:
     print(line, flush=True)
     (run.run_dir / "startup.json").write_text(json.dumps(table, indent=1))
     run.startup = None
+    if not gc.isenabled():             # `rlhf-ray ppo` starts without cyclic collection (launch/cli.py): on again,
+        gc.freeze()                    # the start-up's objects never walked again
+        gc.enable()
 
 
 def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:

@@ -12,14 +12,14 @@ import ray
 
 from actors.agent import AgentWorkerActor, GatewayActor
 from actors.critic import CriticActor
-from actors.engine import Engine, EngineActor
+from actors.engine import EngineActor
 from actors.env import EnvWorkerActor
 from actors.group import RankGroup, SharedPlacement
 from actors.host import RoleHostActor, RoleView
-from actors.policy import Policy, PolicyActor
-from actors.reference import Reference, ReferenceActor
-from actors.reward import Reward, RewardActor
-from actors.teacher import Teacher, TeacherActor
+from actors.policy import PolicyActor
+from actors.reference import ReferenceActor
+from actors.reward import RewardActor
+from actors.teacher import TeacherActor
 from launch.common import RunError, actor_env, engine_env, trainer_env
 from rlhf_ray.agent import unreachable
 from rlhf_ray.config import Config
@@ -147,5 +147,5 @@ def build_actors(cfg: Config, device: str, run_dir: Path) -> Actors:
     return actors
 
 
-ROLE_CLASSES = {"policy": Policy, "reference": Reference, "teacher": Teacher, "reward": Reward,   # roles that
-                "engine": Engine}                                                                 # share_process hosts
+ROLE_CLASSES = {role: f"actors.{role}:{role.capitalize()}"             # the roles placement.share_process hosts,
+                for role in ("policy", "reference", "teacher", "reward", "engine")}   # by name (actors/host.py)
