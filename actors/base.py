@@ -43,6 +43,14 @@ def full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
+def startup_over() -> None:
+    """A process's start-up is over (rank actors and shared processes start with the collector off): what it made
+    goes to the collector's permanent generation, never walked again, and collection resumes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def busy(method):
     """Count a work method's wall time toward its actor's busy time (time/busy/<role>), by method name. Only
     entry points the driver (or another actor) calls carry it, so no time counts twice."""
@@ -137,12 +145,9 @@ class RankActor:
         self._mark("process_group")
 
     def ready(self) -> bool:
-        """The driver's first call once every role is built (and its liveness probe after): the start-up is over.
-        Its objects go to the collector's permanent generation, never walked again, and collection resumes."""
+        """The driver's first call once every role is built (and its liveness probe after): the start-up is over."""
         self._mark("ready")
-        if not gc.isenabled():
-            gc.freeze()
-            gc.enable()
+        startup_over()
         return True
 
     collective = False      # ZeRO-3: every forward gathers parameters from all ranks

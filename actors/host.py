@@ -51,8 +51,11 @@ class RoleHost:
         return getattr(self.roles[role], method)(*args, **kwargs)
 
     def ready(self) -> bool:
-        """Every member built (the group's liveness probe; each role answers its own `ready` through `call`)."""
-        return all(role.ready() for role in self.roles.values())
+        """Every member built (the group's liveness probe; each role answers its own `ready` through `call`): the
+        start-up is over."""
+        from actors.base import startup_over
+        startup_over()
+        return True
 
     # ------------------------------------------------------------------ the hybrid layout: the policy's rank
     def node_ip(self) -> str:

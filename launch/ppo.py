@@ -8,7 +8,6 @@ and padded tensors between the actors and does the (cheap) advantage math.
 """
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
+from actors.base import startup_over
 from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import RunError, cause_line, cluster_device, mean_over_ranks, run_cli, start_ray
 from launch.roles import Actors, build_actors
@@ -351,9 +351,7 @@ def report_startup(run: Run) -> None:
     print(line, flush=True)
     (run.run_dir / "startup.json").write_text(json.dumps(table, indent=1))
     run.startup = None
-    if not gc.isenabled():             # `rlhf-ray ppo` starts without cyclic collection (launch/cli.py): on again,
-        gc.freeze()                    # the start-up's objects never walked again
-        gc.enable()
+    startup_over()                     # `rlhf-ray ppo` starts without cyclic collection (launch/cli.py)
 
 
 def busy_seconds(actors: Actors) -> dict[str, dict[str, float]]:
