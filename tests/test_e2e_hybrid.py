@@ -91,3 +91,18 @@ def test_the_hybrid_process_runs_grpo_as_separate_processes_do_through_a_kill_an
     loaded = [json.loads(line)["perf/weight_sync_mb"] for line in (separate / "metrics.jsonl").read_text().splitlines()]
     by_store = [json.loads(line)["perf/weight_sync_staged_mb"] for line in (separate / "metrics.jsonl").read_text().splitlines()]
     assert staged == [0.0] * 6 and by_store == [2 * b for b in loaded] and loaded[0] > 1
+
+
+def test_a_qlora_policy_hands_its_engine_the_merged_weights_in_place(tiny_world, tmp_path):
+    """The hybrid layout with a QLoRA policy (its 4-bit base, rank-8 adapters; the reference its own base, adapters
+    off): after each in-place sync the engine samples with the weights the policy computes with (its dequantised base
+    with the adapters merged), as an engine in its own process does (docs/qlora.md's bound)."""
+    run_dir = tmp_path / "qlora"
+    summary = train(grpo(tiny_world, run_dir, [
+        "policy.quantization=nf4", "policy.lora.rank=8", "policy.lora.alpha=16", "policy.lr=1e-3",
+        "reference.from_policy_base=true", "placement.share_process=[[policy, engine, reward]]", "train.steps=3",
+        "checkpoint.every=0"]))
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rollout/logprob_diff_max"] < 1e-3 and r["perf/weight_sync_staged_mb"] == 0 for r in rows), rows
+    assert rows[-1]["kl/ref_per_seq"] > 0                     # the adapters moved, and the engine followed them
