@@ -4,7 +4,6 @@ resume)."""
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from actors.startup import startup_begins, startup_over
 from rlhf_ray.batch import B, TensorBatch, chunks, select, shard, sort_by_length
 from rlhf_ray.ds_config import deepspeed_config, inference_config
 from rlhf_ray.metrics import process_started_at
@@ -43,14 +43,6 @@ def full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
-def startup_over() -> None:
-    """A process's start-up is over (rank actors and shared processes start with the collector off): what it made
-    goes to the collector's permanent generation, never walked again, and collection resumes."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
-
-
 def busy(method):
     """Count a work method's wall time toward its actor's busy time (time/busy/<role>), by method name. Only
     entry points the driver (or another actor) calls carry it, so no time counts twice."""
@@ -72,10 +64,7 @@ class RankActor:
 
     def __init__(self, rank: int, world_size: int, device: str, *, role: str, seed: int, threads: float,
                  cores: list[int] | None = None):
-        # No cyclic garbage collection until the start-up is over (`ready`): imports, model loads and an engine's
-        # build allocate millions of objects, and each collection walks all of them (on CPython 3.11, a quarter
-        # of the time `from vllm import LLM` takes)
-        gc.disable()
+        startup_begins()                # no cyclic garbage collection until `ready` (actors/startup.py)
         # start-up marks (wall-clock): the worker process's start, then here, the role's module imports done
         self._startup = {"process": process_started_at(), "imported": time.time()}
         self.rank, self.world_size, self.device, self.role, self.seed = rank, world_size, device, role, seed

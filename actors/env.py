@@ -35,7 +35,7 @@ class EnvWorker(RankActor):
         self.lock = threading.Lock()
 
     def ready(self) -> bool:
-        return True
+        return super().ready()
 
     def _observation(self, text: str | None) -> list[int] | None:
         return None if text is None else self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -179,6 +179,7 @@ class RankGroup:
         self.actor_cls, self.args, self.runtime_env, self.k = actor_cls, args, runtime_env, k
         self.cpus_per_rank, self.gpus_per_rank, self.distributed = cpus_per_rank, gpus_per_rank, distributed
         self.actors = [self._spawn(i, num_ranks) for i in range(num_ranks)]
+        self.starting = list(range(num_ranks))             # ranks whose start-up `wait` sees through
         self.joining = self._rendezvous() if distributed else []
         if wait:
             self.wait()
@@ -205,9 +206,11 @@ class RankGroup:
         return [a.init_process_group.remote(addr, port) for a in self.actors]
 
     def wait(self) -> None:
-        """Until every rank has joined the group's process group; raises what a rank raised on the way."""
+        """Until every rank has joined the group's process group and answered `ready` (its start-up over: see
+        actors/startup.py); raises what a rank raised on the way."""
         ray.get(self.joining)
-        self.joining = []
+        ray.get([self.actors[i].ready.remote() for i in self.starting])
+        self.joining, self.starting = [], []
 
     def respawn(self, ranks: list[int]) -> list[int]:
         """Replace `ranks` with fresh actors in the same bundles (their resources stay reserved, so the new ones
@@ -218,10 +221,10 @@ class RankGroup:
             ray.kill(self.actors[i])
         for i in ranks:
             self.actors[i] = self._spawn(i, len(self.actors))
+        self.starting = ranks
         if self.distributed:
             self.joining = self._rendezvous()
         self.wait()
-        ray.get([self.actors[i].ready.remote() for i in ranks])
         return ranks
 
     def call(self, method: str, *args, **kwargs) -> list:

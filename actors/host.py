@@ -22,22 +22,23 @@ knows, but the weight sync, which asks the host to load its engine in place (act
 """
 from __future__ import annotations
 
-import gc
 import importlib
 from dataclasses import dataclass
 
 import ray
+
+from actors.startup import startup_begins, startup_over
 
 
 class RoleHost:
     """Rank `rank` of several roles in one process: members is [(role, "module:Class" or a class, args)], built in
     order. With the policy among them the host is a rank of the policy's process group (its RankGroup is
     distributed): the engine is then built once that group is up (`init_process_group`), the other members at once.
-    The classes come by name, imported here with the collector off, as every rank's start-up runs (actors/base.py
-    RankActor)."""
+    The classes come by name, imported here with the collector off, as every rank's start-up runs
+    (actors/startup.py)."""
 
     def __init__(self, rank: int, world_size: int, members: list[tuple[str, str | type, tuple]]):
-        gc.disable()                    # until the members' `ready` (their modules import torch, transformers, vLLM)
+        startup_begins()                # until `ready`: the members' modules import torch, transformers, vLLM
         self.rank, self.world_size = rank, world_size
         self.roles: dict = {}
         hybrid = any(role == "policy" for role, _, _ in members)
@@ -53,7 +54,6 @@ class RoleHost:
     def ready(self) -> bool:
         """Every member built (the group's liveness probe; each role answers its own `ready` through `call`): the
         start-up is over."""
-        from actors.base import startup_over
         startup_over()
         return True
 

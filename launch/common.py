@@ -7,6 +7,7 @@ import re
 
 import ray
 
+from actors.startup import ENV as STARTUP_GC
 from launch.reaper import watch_local_cluster
 from rlhf_ray.config import Config
 from rlhf_ray.hardware import fastest_dtype
@@ -53,6 +54,7 @@ def actor_env(device: str) -> dict:
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONWARNINGS": "ignore::FutureWarning"}
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    env[STARTUP_GC] = "off"            # actors/startup.py: no cyclic garbage collection until the actor is ready
     return env
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.base import startup_over
+from actors.startup import startup_over
 from actors.weight_sync import WeightSync, make_weight_sync
 from launch.common import RunError, cause_line, cluster_device, mean_over_ranks, run_cli, start_ray
 from launch.roles import Actors, build_actors
