@@ -41,11 +41,11 @@ class RoleHost:
         startup_begins()                # until `ready`: the members' modules import torch, transformers, vLLM
         self.rank, self.world_size = rank, world_size
         self.roles: dict = {}
-        hybrid = any(role == "policy" for role, _, _ in members)
         members = [(role, _load(cls) if isinstance(cls, str) else cls, args) for role, cls, args in members]
-        self.later = [m for m in members if hybrid and m[0] == "engine"]
+        after_group = {"engine"} if any(role == "policy" for role, _, _ in members) else set()
+        self.later = [m for m in members if m[0] in after_group]
         for role, cls, args in members:
-            if not (hybrid and role == "engine"):
+            if role not in after_group:
                 self.roles[role] = cls(rank, world_size, *args)
 
     def call(self, role: str, method: str, *args, **kwargs):

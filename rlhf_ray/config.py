@@ -786,7 +786,7 @@ class Config:
                       "it a process of its own (e.g. [[policy, reference, reward]])")
                 _need(self.engine.tensor_parallel_size == 1, key, "an engine sharing a process needs "
                       "engine.tensor_parallel_size 1")
-        hybrid = any({"policy", "engine"} <= set(g) for g in self.placement.share_process)
+        hybrid = self.hybrid()
         if self.weight_sync.backend == "auto":
             self.weight_sync.backend = "in_process" if hybrid else "object_store"
         in_process = self.weight_sync.backend == "in_process"
@@ -920,6 +920,11 @@ class Config:
 
     def needs_judge(self) -> bool:
         return any(s.kind == "judge" for s in self.reward_sources())
+
+    def hybrid(self) -> bool:
+        """The hybrid layout: the engine lives in the policy's process (placement.share_process [[policy, engine,
+        ...]]), its weights loaded in place."""
+        return any({"policy", "engine"} <= set(g) for g in self.placement.share_process)
 
     def judge_format(self):
         """The judge section's templates and labels, checked (rlhf_ray/judge.py: a bad one is a ConfigError)."""

@@ -301,9 +301,8 @@ def make_plan(cfg) -> Plan:
     engine_weights = None
     if pl.engine_weights == "nf4":       # a 4-bit engine holding the base and the policy's bf16 adapters
         engine_weights = weight_bytes(pol, True, "nf4") + 2 * pol.lora_params(cfg.policy.lora.rank)
-    hybrid = next((m for m in place.share_process if {"policy", "engine"} <= set(m)), None)
     if pl.engine_weights == "shared":    # the policy's process: its 4-bit base once, the engine's own adapters
-        if hybrid is None or cfg.policy.quantization == "none" or not cfg.policy.lora.rank:
+        if not cfg.hybrid() or cfg.policy.quantization == "none" or not cfg.policy.lora.rank:
             from rlhf_ray.config import ConfigError
             raise ConfigError("config: plan.engine_weights shared needs a quantised LoRA policy sharing its process "
                               "with the engine (placement.share_process [[policy, engine, ...]])")
@@ -327,7 +326,7 @@ def make_plan(cfg) -> Plan:
             problems.append(f"colocated roles {members} need the same GPU count, got "
                             + ", ".join(f"{m}={roles[m].gpus}" for m in members))
         others = [roles[m] for m in members if m != "engine"]
-        sleeps = "engine" in members and not (one_process and "policy" not in members)   # beside trainers: asleep
+        sleeps = "engine" in members and (not one_process or "policy" in members)    # beside trainers: asleep
         if sleeps:
             if not place.engines_sleep:
                 problems.append("engines colocated with other roles need placement.engines_sleep: true (vLLM sleep mode)")
